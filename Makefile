@@ -1,0 +1,33 @@
+# Two commands: `make demo` and `make test`. Both create .venv and install on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PRESET ?= demo
+
+.PHONY: demo test install bench-data bench-models clean
+
+install: $(STAMP)
+
+# Re-install only when a dependency file changes. pip (not uv) so the local CPU torch wheel is used.
+$(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m pipelines.run --config $(PRESET)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench-data: $(STAMP)
+	$(PY) -m pipelines.bench data --events 5000000 --json bench/data.json
+
+bench-models: $(STAMP)
+	$(PY) -m pipelines.bench models --json bench/models.json
+
+clean:
+	rm -rf lake wandb bench/*.json .pytest_cache

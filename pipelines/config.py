@@ -1,0 +1,106 @@
+"""Typed configuration of the pipeline: one frozen dataclass per section.
+
+Presets live in ``pipelines/configs/*.yaml``; every CLI takes ``--config PRESET`` plus
+``--section.key=value`` overrides (see ``components.config_loader``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where Ray runs. ``address=None`` starts an embedded local instance."""
+
+    address: str | None = None
+    # Logical CPUs of the embedded instance. More than the physical cores on purpose:
+    # Ray Data needs free slots beside training workers (STACK.md: 2 workers + num_cpus=2 hangs).
+    num_cpus: int = 4
+    enable_progress_bars: bool = True
+
+
+@dataclass(frozen=True)
+class LakeConfig:
+    """The Delta Lake: a local folder or an object-store URI (s3://, gs://, abfss://)."""
+
+    root: str = "lake"
+    # Events and sequences are partitioned by ``bucket = hash(user_id) % num_buckets``
+    # so every per-user step is bucket-local (no shuffle).
+    num_buckets: int = 8
+
+
+@dataclass(frozen=True)
+class EventsFileConfig:
+    """A user's own behaviour log (CSV or Parquet) and how its columns map to ours."""
+
+    path: str | None = None
+    format: Literal["auto", "csv", "parquet"] = "auto"
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    ts_col: str = "timestamp"
+    value_col: str | None = "value"
+    # How timestamps are given: integer seconds/milliseconds since epoch, or ISO-8601 text.
+    ts_unit: Literal["s", "ms", "iso"] = "s"
+    items_path: str | None = None
+    item_id_col: str = "item_id"
+    item_genres_col: str | None = "genres"
+    item_year_col: str | None = "year"
+    users_path: str | None = None
+    user_id_col: str = "user_id"
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Seeded latent-interest generator (Zipf items, drifting interests, sessions)."""
+
+    seed: int = 0
+    num_events: int = 200_000
+    num_users: int = 2_000
+    num_items: int = 20_000
+    num_interests: int = 32
+    interests_per_user: int = 4
+    zipf_exponent: float = 1.1
+    # Per-user history length follows a power law; heavy users reach max_history.
+    history_alpha: float = 1.3
+    max_history: int = 12_000
+    mean_session_len: float = 12.0
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    source: Literal["movielens", "events", "synthetic"] = "movielens"
+    movielens_dir: str = "../shared/data/movielens-latest-small"
+    download_if_missing: bool = True
+    events: EventsFileConfig = field(default_factory=EventsFileConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    value_min: float = 0.0
+    value_max: float = 5.0
+    # Above this fraction of rejected rows the run fails and commits nothing.
+    max_reject_frac: float = 0.01
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    max_seq_len: int = 2000
+    candidates_per_group: int = 32
+    # Real events per group; the rest of the candidates are sampled negatives.
+    max_positives_per_group: int = 16
+    session_gap_s: int = 1800
+    valid_frac: float = 0.1
+    test_frac: float = 0.1
+    like_threshold: float = 4.0
+    min_seq_len: int = 1
+    tags_per_item: int = 3
+    negatives_seed: int = 0
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Root config; one section per pipeline stage."""
+
+    ray: RayConfig = field(default_factory=RayConfig)
+    lake: LakeConfig = field(default_factory=LakeConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
