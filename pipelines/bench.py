@@ -1,0 +1,30 @@
+"""Benchmarks: ``python -m pipelines.bench {data,models} ... --json PATH``.
+
+Each benchmark measures against a baseline run in the same process and reports ratios,
+because the machines are shared and noisy. See README for the measured numbers.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: python -m pipelines.bench {data,models} [options] --json PATH"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    kind, rest = argv[0], argv[1:]
+    if kind == "data":
+        from pipelines.bench_data import main as run
+    elif kind == "models":
+        from pipelines.bench_models import main as run
+    else:
+        print(f"unknown benchmark {kind!r}; {usage}", file=sys.stderr)
+        return 2
+    return run(rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
