@@ -1,0 +1,44 @@
+"""The config loader: presets, overrides, and clear rejection of unknown keys and wrong types."""
+
+from __future__ import annotations
+
+import pytest
+
+from components.config_loader import ConfigError, load_config, parse_overrides
+from pipelines.config import PipelineConfig
+
+
+def test_demo_preset_loads_with_overrides():
+    cfg = load_config(PipelineConfig, "demo", ["--features.max_seq_len=4000", "--ray.address=auto"])
+    assert cfg.features.max_seq_len == 4000
+    assert cfg.ray.address == "auto"
+    assert cfg.ingest.source == "movielens"
+
+
+def test_configs_are_frozen():
+    cfg = load_config(PipelineConfig, "demo")
+    with pytest.raises(AttributeError):
+        cfg.features.max_seq_len = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--features.max_seq_lenn=3", "features.max_seq_lenn"),
+    ("--feature.max_seq_len=3", "feature"),
+    ("--features.max_seq_len=abc", "features.max_seq_len: expected an integer"),
+    ("--features.max_seq_len=true", "expected an integer"),
+    ("--ingest.source=kafka", "ingest.source"),
+    ("--features.valid_frac=[1]", "features.valid_frac: expected a number"),
+    ("features.max_seq_len", "--section.key=value"),
+])
+def test_bad_overrides_rejected_with_path(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(PipelineConfig, "demo", [override])
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ConfigError, match="demo"):
+        load_config(PipelineConfig, "nope")
+
+
+def test_override_parsing_nests_and_types():
+    assert parse_overrides(["--a.b.c=1", "--a.d=x", "--e=null"]) == {"a": {"b": {"c": 1}, "d": "x"}, "e": None}
