@@ -57,10 +57,11 @@ class SparseArch(nn.Module):
         unknown = sorted(set(ids) - set(FEATURE_TABLES))
         if unknown:
             raise KeyError(f"unknown sparse feature(s) {unknown}; known: {sorted(FEATURE_TABLES)}")
-        keys = list(ids)
         batch = next(iter(ids.values())).shape[0]
-        # One jagged row per group holding all of that group's ids of the feature.
-        per_row = [ids[k].reshape(batch, -1) for k in keys]
+        # EmbeddingCollection wants every feature: absent ones get empty rows.
+        # One jagged row per group holds all of that group's ids of a feature.
+        keys = list(FEATURE_TABLES)
+        per_row = [ids[k].reshape(batch, -1) if k in ids else torch.empty(batch, 0, dtype=torch.long) for k in keys]
         kjt = KeyedJaggedTensor.from_lengths_sync(
             keys=keys,
             values=torch.cat([p.reshape(-1) for p in per_row]),
@@ -68,4 +69,4 @@ class SparseArch(nn.Module):
         )
         out = self.embedding_collection(kjt)
         dim = self.config.embedding_dim
-        return {k: out[k].values().view(*ids[k].shape, dim) for k in keys}
+        return {k: out[k].values().view(*ids[k].shape, dim) for k in ids}
