@@ -1,10 +1,57 @@
-"""Delta Lake helpers shared by the pipelines: table locations and the user-bucket hash."""
+"""Delta Lake helpers shared by the pipelines: table locations, the user-bucket hash,
+the lake tables' schemas (docs/DATA.md) and atomic read/write helpers.
+
+Every write is one Delta commit: data files are written first and become visible only
+when the commit lands in ``_delta_log``. A writer that dies before its commit leaves the
+table at its previous version (the orphan files are never read and ``vacuum`` removes
+them). Two writers racing on one table: Delta's optimistic concurrency lets appends both
+commit, and rejects an overwrite whose input was changed underneath it; that rejection
+is raised here as :class:`LakeWriteError`, naming the table.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import deltalake
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+
+logger = logging.getLogger(__name__)
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+# Vocabulary convention shared with components/transforms.py: 0 = padding, 1 = OOV.
+FIRST_INDEX = 2
+
+EVENTS_SCHEMA = pa.schema([
+    ("user_id", pa.int64()),
+    ("item_id", pa.int64()),
+    ("ts", pa.int64()),
+    ("value", pa.float32()),
+    ("bucket", pa.int32()),
+])
+ITEMS_SCHEMA = pa.schema([
+    ("item_id", pa.int64()),
+    ("item_idx", pa.int32()),
+    ("title", pa.string()),
+    ("genre_mask", pa.int32()),
+    ("year", pa.int16()),
+    ("tag_ids", pa.list_(pa.int32())),
+])
+USERS_SCHEMA = pa.schema([("user_id", pa.int64()), ("user_idx", pa.int32())])
+
+
+class LakeError(RuntimeError):
+    """A Delta table could not be read or written; the message names the table."""
+
+
+class LakeWriteError(LakeError):
+    """A commit failed (e.g. a concurrent writer committed first); the table is unchanged."""
 
 
 def mix64(values: np.ndarray) -> np.ndarray:
@@ -26,3 +73,195 @@ def user_bucket(user_ids: np.ndarray, num_buckets: int) -> np.ndarray:
 def table_uri(root: str, name: str) -> str:
     """Location of table ``name`` under the lake root (local folder or object-store URI)."""
     return f"{root.rstrip('/')}/{name}"
+
+
+# ---------------------------------------------------------------- table builders
+
+def events_table(
+    user_id: np.ndarray, item_id: np.ndarray, ts: np.ndarray, value: np.ndarray, num_buckets: int
+) -> pa.Table:
+    """Events in EVENTS_SCHEMA, sorted by (bucket, user_id, ts, item_id).
+
+    The sort makes the table's content a pure function of its input (idempotent re-runs
+    write identical data) and gives every file tight user/ts statistics.
+    """
+    user_id = np.asarray(user_id, np.int64)
+    bucket = user_bucket(user_id, num_buckets)
+    table = pa.table({
+        "user_id": user_id,
+        "item_id": np.asarray(item_id, np.int64),
+        "ts": np.asarray(ts, np.int64),
+        "value": np.asarray(value, np.float32),
+        "bucket": bucket,
+    }, schema=EVENTS_SCHEMA)
+    keys = [("bucket", "ascending"), ("user_id", "ascending"), ("ts", "ascending"),
+            ("item_id", "ascending")]
+    return table.take(pc.sort_indices(table, sort_keys=keys))
+
+
+def items_table(
+    item_id: np.ndarray,
+    genre_mask: np.ndarray,
+    year: np.ndarray,
+    tag_ids: Sequence[Sequence[int]] | pa.Array,
+    title: Sequence[str | None] | pa.Array | None = None,
+) -> pa.Table:
+    """Items in ITEMS_SCHEMA: sorted by item_id, ``item_idx = 2 + rank`` (0 pad, 1 OOV).
+
+    Raises ValueError on duplicate item ids (the vocabulary must be a bijection).
+    """
+    item_id = np.asarray(item_id, np.int64)
+    n = len(item_id)
+    if title is None:
+        title = pa.nulls(n, pa.string())
+    table = pa.table({
+        "item_id": item_id,
+        "item_idx": np.zeros(n, np.int32),
+        "title": pa.array(title, pa.string()),
+        "genre_mask": np.asarray(genre_mask, np.int32),
+        "year": np.asarray(year, np.int16),
+        "tag_ids": pa.array(tag_ids, pa.list_(pa.int32())),
+    }, schema=ITEMS_SCHEMA)
+    table = table.take(pc.sort_indices(table["item_id"]))
+    sorted_ids = table["item_id"].to_numpy()
+    if n > 1 and np.any(sorted_ids[1:] == sorted_ids[:-1]):
+        dup = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]][0]
+        raise ValueError(f"duplicate item_id {dup} in the items table")
+    idx = pa.array(np.arange(FIRST_INDEX, n + FIRST_INDEX, dtype=np.int32))
+    return table.set_column(1, "item_idx", idx)
+
+
+def users_table(user_ids: np.ndarray) -> pa.Table:
+    """Users in USERS_SCHEMA: unique ids sorted, ``user_idx = 2 + rank`` (0 pad, 1 OOV)."""
+    unique = np.unique(np.asarray(user_ids, np.int64))
+    idx = np.arange(FIRST_INDEX, len(unique) + FIRST_INDEX, dtype=np.int32)
+    return pa.table({"user_id": unique, "user_idx": idx}, schema=USERS_SCHEMA)
+
+
+# ---------------------------------------------------------------- Delta I/O
+
+def write_table(
+    uri: str,
+    data: pa.Table | pa.RecordBatchReader,
+    mode: Literal["overwrite", "append", "error"] = "overwrite",
+    partition_by: Sequence[str] | None = None,
+    storage_options: Mapping[str, str] | None = None,
+    custom_metadata: Mapping[str, str] | None = None,
+    target_file_size: int | None = None,
+) -> int:
+    """Write ``data`` to the Delta table at ``uri`` as ONE commit; return the new version.
+
+    ``overwrite`` replaces content, schema and partitioning in one atomic version, so a
+    re-run is idempotent. A reader (``pa.RecordBatchReader``) is streamed: files are
+    written as batches arrive and nothing is visible before the final commit.
+    """
+    commit = None
+    if custom_metadata:
+        commit = deltalake.CommitProperties(custom_metadata=dict(custom_metadata))
+    try:
+        deltalake.write_deltalake(
+            uri, data, mode=mode,
+            partition_by=list(partition_by) if partition_by else None,
+            schema_mode="overwrite" if mode == "overwrite" else None,
+            storage_options=dict(storage_options) if storage_options else None,
+            commit_properties=commit,
+            target_file_size=target_file_size,
+        )
+    except CommitFailedError as exc:
+        first_line = str(exc).splitlines()[0]
+        raise LakeWriteError(
+            f"commit to Delta table {uri} failed, table unchanged "
+            f"(a concurrent writer committed first?): {first_line}"
+        ) from exc
+    version = table_version(uri, storage_options)
+    assert version is not None
+    logger.info("wrote %s (mode=%s) -> version %d", uri, mode, version)
+    return version
+
+
+def _open(uri: str, version: int | None = None,
+          storage_options: Mapping[str, str] | None = None) -> deltalake.DeltaTable:
+    try:
+        return deltalake.DeltaTable(
+            uri, version=version, storage_options=dict(storage_options) if storage_options else None
+        )
+    except TableNotFoundError as exc:
+        raise LakeError(f"no Delta table at {uri} (run the ingest stage first?)") from exc
+    except Exception as exc:  # deltalake raises plain errors for a missing version
+        raise LakeError(f"cannot open Delta table {uri} at version {version}: {exc}") from exc
+
+
+def read_table(
+    uri: str,
+    version: int | None = None,
+    columns: Sequence[str] | None = None,
+    filters: pc.Expression | None = None,
+    storage_options: Mapping[str, str] | None = None,
+) -> pa.Table:
+    """Read a Delta table (optionally an older ``version``, some ``columns``, a row filter)."""
+    table = _open(uri, version, storage_options)
+    dataset = table.to_pyarrow_dataset()
+    return dataset.to_table(columns=list(columns) if columns else None, filter=filters)
+
+
+def table_version(uri: str, storage_options: Mapping[str, str] | None = None) -> int | None:
+    """Current version of the Delta table at ``uri``; None when there is no table."""
+    opts = dict(storage_options) if storage_options else None
+    if not deltalake.DeltaTable.is_deltatable(uri, storage_options=opts):
+        return None
+    return _open(uri, storage_options=storage_options).version()
+
+
+def commit_metadata(uri: str, version: int | None = None,
+                    storage_options: Mapping[str, str] | None = None) -> dict[str, str]:
+    """String fields of a commit's info (default: the latest), including the custom metadata
+    that ``write_table(custom_metadata=...)`` stored, e.g. the items table's ``genres``."""
+    table = _open(uri, storage_options=storage_options)
+    target = table.version() if version is None else version
+    for entry in table.history():
+        if entry.get("version") == target:
+            return {k: v for k, v in entry.items() if isinstance(v, str)}
+    return {}
+
+
+def column_range(
+    uri: str, column: str, version: int | None = None,
+    storage_options: Mapping[str, str] | None = None,
+) -> tuple[int | float, int | float] | None:
+    """(min, max) of a numeric column from the Delta log's file statistics; None if empty.
+
+    Reads only the transaction log (no data files) when every file has statistics, so it
+    is cheap at any table size; falls back to scanning the column otherwise.
+    """
+    table = _open(uri, version, storage_options)
+    actions = pa.table(table.get_add_actions(flatten=True))
+    if actions.num_rows == 0:
+        return None
+    lo_col, hi_col = f"min.{column}", f"max.{column}"
+    names = actions.column_names
+    if lo_col in names and hi_col in names and actions[lo_col].null_count == 0:
+        lo, hi = pc.min(actions[lo_col]).as_py(), pc.max(actions[hi_col]).as_py()
+        return lo, hi
+    logger.info("no statistics for %s in %s; scanning the column", column, uri)
+    values = table.to_pyarrow_dataset().to_table(columns=[column])[column]
+    if len(values) == values.null_count:
+        return None
+    bounds = pc.min_max(values)
+    return bounds["min"].as_py(), bounds["max"].as_py()
+
+
+def events_time_range(uri: str, version: int | None = None,
+                      storage_options: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """(first ts, last ts) of the events table in seconds, from the Delta log only."""
+    bounds = column_range(uri, "ts", version, storage_options)
+    return None if bounds is None else (int(bounds[0]), int(bounds[1]))
+
+
+def row_count(uri: str, version: int | None = None,
+              storage_options: Mapping[str, str] | None = None) -> int:
+    """Number of rows of a Delta table, from the log's per-file record counts."""
+    table = _open(uri, version, storage_options)
+    actions = pa.table(table.get_add_actions(flatten=True))
+    if "num_records" in actions.column_names and actions["num_records"].null_count == 0:
+        return int(pc.sum(actions["num_records"]).as_py() or 0)
+    return table.to_pyarrow_dataset().count_rows()

@@ -29,6 +29,8 @@ class LakeConfig:
     # Events and sequences are partitioned by ``bucket = hash(user_id) % num_buckets``
     # so every per-user step is bucket-local (no shuffle).
     num_buckets: int = 8
+    # Passed to deltalake for object stores (e.g. AWS_REGION); empty for a local folder.
+    storage_options: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class EventsFileConfig:
     item_id_col: str = "item_id"
     item_genres_col: str | None = "genres"
     item_year_col: str | None = "year"
+    item_title_col: str | None = None
     users_path: str | None = None
     user_id_col: str = "user_id"
 
@@ -70,15 +73,23 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class IngestConfig:
+    """Where raw events come from and how strictly rows are validated (pipelines/ingest.py)."""
+
     source: Literal["movielens", "events", "synthetic"] = "movielens"
     movielens_dir: str = "../shared/data/movielens-latest-small"
     download_if_missing: bool = True
+    # Where ml-latest-small.zip is unpacked when movielens_dir is absent.
+    download_dir: str = "~/.cache/ultrarank"
     events: EventsFileConfig = field(default_factory=EventsFileConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     value_min: float = 0.0
     value_max: float = 5.0
     # Above this fraction of rejected rows the run fails and commits nothing.
     max_reject_frac: float = 0.01
+    # Rejected rows logged as examples.
+    reject_samples: int = 5
+    # Tag vocabulary cap (most frequent tags; the rest are dropped from items.tag_ids).
+    max_tag_vocab: int = 5000
 
 
 @dataclass(frozen=True)
