@@ -1,0 +1,181 @@
+"""Product-key memory core, MSN gate and LMN: exactness against brute force, grads, stats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.memory import LMN, MSN, LMNConfig, MSNConfig, PKMConfig, ProductKeyMemory, pkm_topk
+
+
+def tiny_pkm(**overrides) -> PKMConfig:
+    base = dict(input_dim=12, num_slots=64, key_dim=8, num_heads=2, topk=4, value_dim=6)
+    return PKMConfig(**{**base, **overrides})
+
+
+def dense_reference(pkm: ProductKeyMemory, x: torch.Tensor) -> torch.Tensor:
+    """Brute force over all S slots: score every product key, top-k, softmax, weighted sum."""
+    cfg = pkm.cfg
+    q = pkm.query(x).view(-1, cfg.num_heads, cfg.key_dim)
+    q1, q2 = q.chunk(2, -1)
+    if cfg.use_norm:
+        q1, q2 = torch.nn.functional.normalize(q1, dim=-1), torch.nn.functional.normalize(q2, dim=-1)
+    keys = pkm.sub_keys()
+    s1 = torch.einsum("bhd,hnd->bhn", q1, keys[:, 0])
+    s2 = torch.einsum("bhd,hnd->bhn", q2, keys[:, 1])
+    full = (s1[..., :, None] + s2[..., None, :]).flatten(-2)  # (B, H, S), slot = i1 * n + i2
+    scores, idx = full.topk(cfg.topk, -1)
+    w = torch.softmax(scores * pkm.log_scale.exp(), -1)
+    return (pkm.values.weight[idx] * w[..., None]).sum((1, 2))
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(2, 9), k=st.integers(1, 9), h=st.integers(1, 3), seed=st.integers(0, 10_000))
+def test_pkm_topk_equals_brute_force(n, k, h, seed):
+    k = min(k, n)
+    g = torch.Generator().manual_seed(seed)
+    q1, q2 = torch.randn(5, h, 3, generator=g), torch.randn(5, h, 3, generator=g)
+    keys1, keys2 = torch.randn(h, n, 3, generator=g), torch.randn(h, n, 3, generator=g)
+    scores, idx = pkm_topk(q1, q2, keys1, keys2, k)
+    s1, s2 = torch.einsum("bhd,hnd->bhn", q1, keys1), torch.einsum("bhd,hnd->bhn", q2, keys2)
+    # (a) against the k*k candidate set built from each half's top-k
+    t1, i1 = s1.topk(k, -1)
+    t2, i2 = s2.topk(k, -1)
+    cand = (t1[..., :, None] + t2[..., None, :]).flatten(-2)
+    torch.testing.assert_close(scores, cand.topk(k, -1).values)
+    # (b) against all n*n slots: the product trick is exact for every k
+    full = (s1[..., :, None] + s2[..., None, :]).flatten(-2)
+    best, best_idx = full.topk(k, -1)
+    torch.testing.assert_close(scores, best)
+    assert torch.equal(idx.sort(-1).values, best_idx.sort(-1).values)
+    torch.testing.assert_close(full.gather(-1, idx), scores)  # indices point at their scores
+
+
+@pytest.mark.parametrize("overrides", [{}, {"use_norm": False}, {"key_expansion": 5}, {"topk": 8}])
+def test_pkm_read_equals_dense_reference(overrides):
+    torch.manual_seed(0)
+    pkm = ProductKeyMemory(tiny_pkm(**overrides))
+    x = torch.randn(7, 12)
+    torch.testing.assert_close(pkm(x), dense_reference(pkm, x), atol=1e-5, rtol=1e-5)
+    assert pkm(torch.randn(2, 3, 12)).shape == (2, 3, 6)
+
+
+def test_gradients_reach_keys_values_and_query_net():
+    torch.manual_seed(1)
+    pkm = ProductKeyMemory(tiny_pkm(key_expansion=4, topk=3))
+    with torch.inference_mode():  # a serving-style read first must not poison later training
+        pkm(torch.randn(2, 12))
+    pkm(torch.randn(16, 12)).pow(2).sum().backward()
+    for name, p in pkm.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    values = set(map(id, pkm.value_parameters()))
+    assert values == {id(pkm.values.weight)}
+    assert values.isdisjoint(map(id, pkm.key_query_parameters()))
+    assert len(pkm.key_query_parameters()) + 1 == len(list(pkm.parameters()))
+
+
+def test_sparse_value_gradients():
+    pkm = ProductKeyMemory(tiny_pkm(use_sparse_grad=True))
+    pkm(torch.randn(4, 12)).sum().backward()
+    assert pkm.values.weight.grad.is_sparse
+    torch.optim.SparseAdam(pkm.value_parameters(), lr=1e-2).step()
+
+
+def test_usage_stats_grow_and_reset():
+    torch.manual_seed(2)
+    pkm = ProductKeyMemory(tiny_pkm(num_slots=256, topk=2))
+    with torch.no_grad():
+        pkm(torch.randn(4, 12))
+        few = pkm.usage_stats()
+        pkm(torch.randn(400, 12))
+        many = pkm.usage_stats()
+    assert few["reads"] == 4 and many["reads"] == 404
+    assert 0 < few["hit_fraction"] < many["hit_fraction"] <= 1
+    assert 0 < few["entropy"] < many["entropy"] <= torch.log(torch.tensor(256.0)).item() + 1e-9
+    assert 0 < many["normalized_entropy"] <= 1
+    pkm.reset_usage()
+    assert pkm.usage_stats() == {"reads": 0.0, "entropy": 0.0, "normalized_entropy": 0.0, "hit_fraction": 0.0}
+
+
+def test_million_slot_read_shapes():
+    cfg = PKMConfig(input_dim=16, num_slots=1024 ** 2, key_dim=16, num_heads=4, topk=8, value_dim=4)
+    pkm = ProductKeyMemory(cfg)
+    with torch.no_grad():
+        out = pkm(torch.randn(32, 16))
+    assert out.shape == (32, 4) and torch.isfinite(out).all()
+    assert int(pkm.slot_hits.sum()) == 32 * 4 * 8
+
+
+def test_config_errors_are_named():
+    with pytest.raises(ValueError, match="perfect square"):
+        PKMConfig(num_slots=1000)
+    with pytest.raises(ValueError, match="topk"):
+        PKMConfig(num_slots=64, topk=9)
+    with pytest.raises(ValueError, match="hidden_dim"):
+        LMNConfig(hidden_dim=32, memory=tiny_pkm())
+    with pytest.raises(ValueError, match="memory input"):
+        ProductKeyMemory(tiny_pkm())(torch.randn(3, 5))
+
+
+def test_msn_gate_range_and_broadcasting():
+    torch.manual_seed(3)
+    msn = MSN(MSNConfig(token_dim=8, memory=tiny_pkm(), gate_init_std=3.0))
+    b, n, t = 3, 4, 5
+    tokens, group_tokens = torch.randn(b, t, 8), torch.randn(b, n, t, 8)
+    gate = msn.gate(torch.randn(b, t, 12))
+    assert gate.shape == (b, t, 8) and (gate > 0).all() and (gate < 2).all()
+    pooled = torch.randn(b, 12)
+    torch.testing.assert_close(msn(tokens, pooled), tokens * msn.gate(pooled)[:, None])
+    assert msn(group_tokens, pooled).shape == (b, n, t, 8)
+    per_token = torch.randn(b, t, 12)
+    torch.testing.assert_close(msn(group_tokens, per_token), group_tokens * msn.gate(per_token)[:, None])
+    assert msn(group_tokens, torch.randn(b, n, t, 12)).shape == (b, n, t, 8)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        msn(tokens, torch.randn(b, t + 1, 12))
+    msn(group_tokens, per_token).sum().backward()
+    assert msn.memory.values.weight.grad.abs().sum() > 0
+
+
+def test_msn_gate_starts_near_identity():
+    msn = MSN(MSNConfig(token_dim=8, memory=tiny_pkm()))
+    gate = msn.gate(torch.randn(10, 12))
+    assert (gate - 1).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("target", ["item", "next_item"])
+def test_lmn_memory_loss_decreases(target):
+    torch.manual_seed(4)
+    lmn = LMN(LMNConfig(item_dim=8, user_dim=4, token_dim=6, hidden_dim=12,
+                        memory=tiny_pkm(num_slots=256, topk=4), target=target))
+    items, user = torch.randn(8, 10, 8), torch.randn(8, 4)
+    mask = torch.arange(10)[None] >= torch.randint(0, 10, (8, 1))
+    opt = torch.optim.Adam([{"params": lmn.memory.value_parameters(), "lr": 5e-2},
+                            {"params": [p for p in lmn.parameters() if p is not lmn.memory.values.weight],
+                             "lr": 1e-2}])
+    losses = []
+    for _ in range(25):
+        loss = lmn.memory_loss(items, user, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_lmn_user_and_group_tokens():
+    torch.manual_seed(5)
+    lmn = LMN(LMNConfig(item_dim=8, user_dim=4, token_dim=6, hidden_dim=12, memory=tiny_pkm()))
+    user, recent, cand = torch.randn(2, 4), torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    mask = torch.tensor([[True, True, True], [False, True, True]])
+    with torch.no_grad():
+        u = lmn.user_token(user, recent, mask)
+        g = lmn.group_tokens(user, cand)
+        perm = torch.tensor([4, 2, 0, 1, 3])
+        torch.testing.assert_close(lmn.group_tokens(user, cand[:, perm]), g[:, perm])
+        # Masked recent items do not affect the USER token.
+        other = recent.clone()
+        other[1, 0] = 100.0
+        torch.testing.assert_close(lmn.user_token(user, other, mask), u)
+    assert u.shape == (2, 6) and g.shape == (2, 5, 6)
