@@ -1,0 +1,243 @@
+"""Group-construction pieces that the Ray features job and its single-process reference share.
+
+Only what must be bit-identical between the two lives here: the deterministic group id,
+the time-split cut-off definition (plus the exact, memory-bounded distributed way of finding
+it), and the deterministic popularity negative sampler. Sessionisation, sequence building
+and feature joins are written twice on purpose (pipelines/features.py and
+pipelines/features_reference.py) so the reference is an independent oracle.
+
+Everything is vectorised NumPy over whole columns; nothing here touches Ray or storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from components.lake import mix64
+
+INT64_MAX = np.iinfo(np.int64).max
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MASK63 = np.uint64(0x7FFFFFFFFFFFFFFF)
+SPLITS = ("train", "valid", "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# Group ids
+# ---------------------------------------------------------------------------------------------
+def group_ids(user_ids: np.ndarray, first_event_pos: np.ndarray) -> np.ndarray:
+    """Deterministic non-negative int64 id of the group starting at a user's event ``first_event_pos``.
+
+    ``first_event_pos`` is the 0-based index of the group's first event in the user's history
+    ordered by (ts, item_id, value). A 63-bit hash: collisions are ~ groups^2 / 2^64, negligible.
+    """
+    with np.errstate(over="ignore"):
+        user_key = mix64(np.asarray(user_ids, dtype=np.int64))
+        mixed = mix64((user_key ^ np.asarray(first_event_pos, dtype=np.int64).view(np.uint64)).view(np.int64))
+    return (mixed & _MASK63).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Time-split cut-offs
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TimeCutoffs:
+    """Global split boundaries on request time: train < valid_start_ts <= valid < test_start_ts <= test."""
+
+    valid_start_ts: int
+    test_start_ts: int
+
+
+def cutoff_ranks(num_events: int, valid_frac: float, test_frac: float) -> tuple[int, int]:
+    """0-based ranks (in all event ts sorted ascending) of the valid and test start times.
+
+    ``valid_start = ts_sorted[floor(n * (1 - valid_frac - test_frac))]`` and
+    ``test_start = ts_sorted[floor(n * (1 - test_frac))]``; a rank >= n means "no such split".
+    """
+    if num_events < 1:
+        raise ValueError(f"cannot compute time cut-offs of an empty events table (num_events={num_events})")
+    if not (0.0 <= valid_frac < 1.0 and 0.0 <= test_frac < 1.0 and valid_frac + test_frac < 1.0):
+        raise ValueError(
+            f"features.valid_frac ({valid_frac}) and features.test_frac ({test_frac}) must be in [0, 1) "
+            "with a sum below 1"
+        )
+    valid_rank = int(np.floor(num_events * (1.0 - valid_frac - test_frac)))
+    test_rank = int(np.floor(num_events * (1.0 - test_frac)))
+    return valid_rank, test_rank
+
+
+def cutoffs_from_values(num_events: int, ranks: tuple[int, int], values: dict[int, int]) -> TimeCutoffs:
+    """TimeCutoffs from the order statistics ``values[rank]`` (ranks >= n become INT64_MAX)."""
+    valid_rank, test_rank = ranks
+    pick = lambda rank: INT64_MAX if rank >= num_events else int(values[rank])  # noqa: E731
+    return TimeCutoffs(valid_start_ts=pick(valid_rank), test_start_ts=pick(test_rank))
+
+
+# Exact order statistics over data spread across buckets, in three small passes whose
+# memory is bounded by the time span (bins), never by the number of events:
+#   1. every bucket reports (count, min, max)                  -> histogram_shift
+#   2. every bucket reports a sparse histogram of (ts-min)>>shift -> locate_ranks
+#   3. every bucket reports the distinct ts (with counts) inside the located bins -> pick_ranks
+def histogram_shift(ts_min: int, ts_max: int, max_bins: int = 1 << 20) -> int:
+    """Smallest bit shift such that ``(ts_max - ts_min) >> shift < max_bins``."""
+    span = int(ts_max) - int(ts_min)
+    shift = 0
+    while (span >> shift) >= max_bins:
+        shift += 1
+    return shift
+
+
+def ts_histogram(ts: np.ndarray, ts_min: int, shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse histogram: (bin ids, counts) of ``(ts - ts_min) >> shift``."""
+    bins = (np.asarray(ts, dtype=np.int64) - np.int64(ts_min)) >> np.int64(shift)
+    return np.unique(bins, return_counts=True)
+
+
+def merge_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Sum sparse (keys, counts) pairs into one sorted sparse histogram."""
+    keys = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
+    counts = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    return uniq, np.bincount(inverse, weights=counts, minlength=len(uniq)).astype(np.int64)
+
+
+def locate_ranks(bins: np.ndarray, counts: np.ndarray, ranks: list[int]) -> dict[int, tuple[int, int]]:
+    """For each rank (< total), the bin that holds it and the rank within that bin."""
+    cum = np.cumsum(counts)
+    located = {}
+    for rank in ranks:
+        if rank >= (cum[-1] if len(cum) else 0):
+            continue
+        i = int(np.searchsorted(cum, rank, side="right"))
+        before = int(cum[i - 1]) if i else 0
+        located[rank] = (int(bins[i]), rank - before)
+    return located
+
+
+def values_in_bins(ts: np.ndarray, ts_min: int, shift: int, bins: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ts (with counts) falling into any of ``bins``: at most 2^shift values per bin."""
+    ts = np.asarray(ts, dtype=np.int64)
+    inside = np.isin((ts - np.int64(ts_min)) >> np.int64(shift), np.asarray(bins, dtype=np.int64))
+    return np.unique(ts[inside], return_counts=True)
+
+
+def pick_ranks(
+    located: dict[int, tuple[int, int]], ts_min: int, shift: int, values: np.ndarray, counts: np.ndarray
+) -> dict[int, int]:
+    """Order statistic of each located rank from the merged distinct values of its bin."""
+    out = {}
+    value_bins = (values - np.int64(ts_min)) >> np.int64(shift)
+    for rank, (bin_id, within) in located.items():
+        in_bin = value_bins == bin_id
+        cum = np.cumsum(counts[in_bin])
+        out[rank] = int(values[in_bin][np.searchsorted(cum, within, side="right")])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Popularity negatives
+# ---------------------------------------------------------------------------------------------
+def negative_cdf(item_counts: np.ndarray, power: float = 0.75) -> np.ndarray:
+    """Cumulative sampling weights over item_idx: ``count ** power``; pad (0) and OOV (1) never drawn."""
+    weights = np.asarray(item_counts, dtype=np.float64) ** power
+    weights[:2] = 0.0
+    return np.cumsum(weights)
+
+
+def _uniforms(stream: np.ndarray, draw: np.ndarray) -> np.ndarray:
+    """Counter-based U[0, 1): a pure function of (stream key, draw index), so any batching agrees."""
+    with np.errstate(over="ignore"):
+        x = stream + (draw.astype(np.uint64) + np.uint64(1)) * _GOLDEN
+    return (mix64(x.view(np.int64)) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _dense_rows(offsets: np.ndarray, values: np.ndarray, fill: int) -> np.ndarray:
+    """Ragged rows -> (R, max_len) int64 matrix padded with ``fill``."""
+    lengths = np.diff(offsets)
+    out = np.full((lengths.size, int(lengths.max(initial=0))), fill, dtype=np.int64)
+    row = np.repeat(np.arange(lengths.size), lengths)
+    out[row, np.arange(row.size) - np.repeat(offsets[:-1] - offsets[0], lengths)] = values
+    return out
+
+
+def _accept_draws(blocked: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """(A, m) bool: draw is the first occurrence of its item in its row and not in ``blocked``.
+
+    One row-wise sort of ``[blocked | draws]`` keyed by (item, column): the first element of a
+    run of equal items wins, so a draw is accepted only if no blocked entry and no earlier
+    draw of its row holds the same item. No hashing: cheap for many short rows.
+    """
+    nb, m = blocked.shape[1], draws.shape[1]
+    width = 1 << int(nb + m - 1).bit_length()                     # column fits in the low bits
+    code = np.concatenate([blocked, draws], axis=1) * width + np.arange(nb + m)
+    code.sort(axis=1)
+    item, col = code // width, code % width                        # floor division: -1 pads stay -1
+    first = np.ones(code.shape, dtype=bool)
+    first[:, 1:] = item[:, 1:] != item[:, :-1]
+    rows, cols = np.nonzero(first & (col >= nb))
+    accepted = np.zeros(draws.shape, dtype=bool)
+    accepted[rows, col[rows, cols] - nb] = True
+    return accepted
+
+
+def sample_negatives(
+    gids: np.ndarray,
+    num_needed: np.ndarray,
+    pos_offsets: np.ndarray,
+    pos_items: np.ndarray,
+    cdf: np.ndarray,
+    seed: int,
+    draws_per_round: int = 32,
+    max_draws: int = 1024,
+    chunk_groups: int = 32768,
+) -> np.ndarray:
+    """Deterministic popularity negatives, dense ``(G, max(num_needed))`` int32, 0-padded.
+
+    Group g takes the first ``num_needed[g]`` distinct items, in draw order, among draws
+    ``j = 0 .. max_draws-1`` of ``item ~ cdf`` seeded by ``(seed, gids[g], j)``, skipping its
+    positives ``pos_items[pos_offsets[g]-pos_offsets[0] : pos_offsets[g+1]-pos_offsets[0]]``.
+    That definition depends only on the group, so results do not change with batching,
+    ``draws_per_round`` or ``chunk_groups``. A group that cannot be filled (tiny catalogue)
+    keeps 0 (padding) in its remaining slots.
+    """
+    gids = np.asarray(gids, dtype=np.int64)
+    need = np.asarray(num_needed, dtype=np.int64)
+    pos_offsets = np.asarray(pos_offsets, dtype=np.int64)
+    width = int(need.max(initial=0))
+    out = np.zeros((gids.size, width), dtype=np.int32)
+    if width == 0 or len(cdf) == 0 or float(cdf[-1]) <= 0.0:
+        return out
+    positives = _dense_rows(pos_offsets, np.asarray(pos_items, dtype=np.int64), fill=-1)
+    with np.errstate(over="ignore"):
+        streams = mix64(gids ^ mix64(np.array([seed], dtype=np.int64)).view(np.int64)[0])
+    for lo in range(0, gids.size, chunk_groups):
+        hi = min(lo + chunk_groups, gids.size)
+        out[lo:hi] = _fill_negatives(streams[lo:hi], need[lo:hi], positives[lo:hi], cdf, width,
+                                     draws_per_round, max_draws)
+    return out
+
+
+def _fill_negatives(streams: np.ndarray, need: np.ndarray, positives: np.ndarray, cdf: np.ndarray,
+                    width: int, draws_per_round: int, max_draws: int) -> np.ndarray:
+    """Rounds of draws for one chunk of groups (see sample_negatives)."""
+    out = np.zeros((streams.size, width), dtype=np.int32)
+    taken = np.zeros(streams.size, dtype=np.int64)
+    total, last_item = float(cdf[-1]), len(cdf) - 1
+    active = np.flatnonzero(need > 0)
+    for start in range(0, max_draws, draws_per_round):
+        if active.size == 0:
+            break
+        m = min(draws_per_round, max_draws - start)
+        j = np.arange(start, start + m, dtype=np.int64)
+        u = _uniforms(streams[active][:, None], j[None, :])                      # (A, m)
+        draws = np.minimum(np.searchsorted(cdf, u * total, side="right"), last_item)
+        blocked = np.concatenate([positives[active], np.where(out[active] > 0, out[active], -1)], axis=1)
+        accepted = _accept_draws(blocked, draws)
+        slot = taken[active][:, None] + np.cumsum(accepted, axis=1) - 1          # (A, m)
+        keep = accepted & (slot < need[active][:, None])
+        rows, cols = np.nonzero(keep)
+        out[active[rows], slot[rows, cols]] = draws[rows, cols]
+        taken[active] += keep.sum(axis=1)
+        active = active[taken[active] < need[active]]
+    return out

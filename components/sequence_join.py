@@ -1,0 +1,134 @@
+"""Loader side of the samples contract: resolve each group's sequence reference into lists.
+
+A sample row holds ``(user_id, seq_end)``; its behaviour sequence is the last ``max_seq_len``
+events of that user's ``sequences`` row before position ``seq_end`` (docs/DATA.md). Storing the
+reference instead of a copy keeps the samples table linear in the history length; this module
+materialises the slices bucket by bucket, so memory is bounded by one bucket's sequences
+plus one output block, never by the number of users or groups.
+
+Resolved rows carry every sample column plus ``seq_item_idx``, ``seq_action``, ``seq_ts``
+(oldest first), the input of ``components.collate``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from components import lake
+
+logger = logging.getLogger(__name__)
+
+SEQUENCE_COLUMNS = {"item_idx": "seq_item_idx", "action": "seq_action", "ts": "seq_ts"}
+
+
+class SequenceJoinError(ValueError):
+    """Samples and sequences do not fit together; the message names the user and the field."""
+
+
+def _list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """(absolute offsets into ``values``, values) of a list column."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return array.offsets.to_numpy().astype(np.int64), array.values
+
+
+def _user_rows(samples: pa.Table, sequences: pa.Table) -> np.ndarray:
+    """Row of ``sequences`` for every sample's user (error naming a user without a sequence)."""
+    seq_users = sequences["user_id"].to_numpy()
+    order = np.argsort(seq_users, kind="stable")
+    sorted_users = seq_users[order]
+    if sorted_users.size > 1 and np.any(sorted_users[1:] == sorted_users[:-1]):
+        dup = sorted_users[1:][sorted_users[1:] == sorted_users[:-1]][0]
+        raise SequenceJoinError(f"sequences has more than one row for user_id {dup}")
+    wanted = samples["user_id"].to_numpy()
+    pos = np.minimum(np.searchsorted(sorted_users, wanted), max(sorted_users.size - 1, 0))
+    found = sorted_users[pos] == wanted if sorted_users.size else np.zeros(wanted.size, bool)
+    if not found.all():
+        raise SequenceJoinError(f"no sequence for user_id {wanted[~found][0]} (sample rows reference it)")
+    return order[pos]
+
+
+def resolve_sequences(samples: pa.Table, sequences: pa.Table, max_seq_len: int) -> pa.Table:
+    """Sample rows + the sequences of their users -> rows with ``seq_*`` lists.
+
+    Row i gets ``sequences.*[max(0, seq_end - max_seq_len) : seq_end]`` of its user, so every
+    event in it is strictly before the row's request (seq_end counts exactly those events).
+    """
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    for name, table, cols in (("samples", samples, ("user_id", "seq_end")),
+                              ("sequences", sequences, ("user_id", *SEQUENCE_COLUMNS))):
+        missing = [c for c in cols if c not in table.column_names]
+        if missing:
+            raise SequenceJoinError(f"{name} is missing column(s) {missing}; has {table.column_names}")
+    seq_end = samples["seq_end"].to_numpy().astype(np.int64)
+    if samples.num_rows == 0:
+        rows = np.empty(0, np.int64)
+    else:
+        rows = _user_rows(samples, sequences)
+    length = np.minimum(seq_end, max_seq_len)                      # events kept per row
+    out_offsets = pa.array(np.concatenate([[0], np.cumsum(length)]), pa.int32())
+    resolved = samples
+    for src, dst in SEQUENCE_COLUMNS.items():
+        offsets, values = _list_parts(sequences[src])
+        available = offsets[rows + 1] - offsets[rows]
+        bad = (seq_end < 0) | (seq_end > available)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise SequenceJoinError(
+                f"seq_end {seq_end[i]} of user_id {samples['user_id'][i].as_py()} is outside its "
+                f"sequence of {available[i]} events ({src})"
+            )
+        start = offsets[rows] + seq_end - length                    # first kept event per row
+        take = np.repeat(start - (out_offsets.to_numpy()[:-1]), length) + np.arange(int(length.sum()))
+        resolved = resolved.append_column(
+            dst, pa.ListArray.from_arrays(out_offsets, values.take(pa.array(take, pa.int64()))))
+    return resolved
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data: per-bucket resolution
+# ---------------------------------------------------------------------------------------------
+def _resolve_bucket(batch: dict[str, np.ndarray], job: dict) -> Iterator[pa.Table]:
+    """Ray Data UDF: one bucket's samples of a split, resolved in blocks of ``rows_per_block``."""
+    for bucket in batch["bucket"].tolist():
+        bucket_filter = pc.field("bucket") == pa.scalar(bucket, pa.int32())
+        samples = lake.read_table(job["samples_uri"], job["samples_version"],
+                                  filters=bucket_filter & (pc.field("split") == job["split"]))
+        sequences = lake.read_table(job["sequences_uri"], job["sequences_version"],
+                                    columns=["user_id", *SEQUENCE_COLUMNS], filters=bucket_filter)
+        for start in range(0, samples.num_rows, job["rows_per_block"]):
+            part = samples.slice(start, job["rows_per_block"])
+            yield resolve_sequences(part, sequences, job["max_seq_len"])
+
+
+def load_groups(lake_root: str, split: str, max_seq_len: int, rows_per_block: int = 1024):
+    """Ray Dataset of resolved group rows of ``split`` (train/valid/test), one bucket per task.
+
+    Table versions are pinned when this is called, so a concurrent features run cannot mix
+    two versions into one epoch.
+    """
+    import ray
+    from deltalake import DeltaTable
+
+    if split not in ("train", "valid", "test"):
+        raise ValueError(f"split must be one of train/valid/test, got {split!r}")
+    root = lake_root if "://" in lake_root else os.path.abspath(lake_root)
+    samples_uri, sequences_uri = lake.table_uri(root, "samples"), lake.table_uri(root, "sequences")
+    samples_version, sequences_version = lake.table_version(samples_uri), lake.table_version(sequences_uri)
+    if samples_version is None or sequences_version is None:
+        raise lake.LakeError(f"no samples/sequences tables under {root} (run the features stage first)")
+    parts = DeltaTable(samples_uri, version=samples_version).partitions([("split", "=", split)])
+    buckets = sorted({int(p["bucket"]) for p in parts})
+    if not buckets:
+        raise lake.LakeError(f"samples table {samples_uri} has no rows of split {split!r}")
+    job = {"samples_uri": samples_uri, "sequences_uri": sequences_uri, "split": split,
+           "samples_version": samples_version, "sequences_version": sequences_version,
+           "max_seq_len": max_seq_len, "rows_per_block": rows_per_block}
+    return (ray.data.from_items([{"bucket": b} for b in buckets], override_num_blocks=len(buckets))
+            .map_batches(_resolve_bucket, batch_size=1, batch_format="numpy", fn_kwargs={"job": job}))

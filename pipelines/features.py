@@ -1,0 +1,427 @@
+"""Features stage: Delta ``events`` (+ ``items``, ``users``) -> Delta ``sequences`` and ``samples``.
+
+``python -m pipelines.features --config demo [--features.max_seq_len=...]``
+
+One Ray Data pass over a dataset of bucket ids (docs/DATA.md): each task reads ONE bucket of
+events (a partition of the events table), sorts it by (user_id, ts, item_id, value), builds
+the users' sequences and groups with vectorised NumPy, writes Parquet files for both output
+tables and returns only their file metadata; the driver then makes ONE atomic Delta commit
+per table. No shuffle, and a task's memory grows with its bucket, not with the number of
+users: ``lake.num_buckets`` (set at ingest) is the memory knob.
+
+Global inputs every bucket needs are computed first by small Ray tasks over the ``ts`` and
+``item_id`` columns only: item popularity (for negatives) and the exact time-split cut-offs
+(memory bounded by the time span, see components/groups.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+
+from components import groups, lake
+from components.config_loader import ConfigError, load_config
+from components.transforms import OOV, action_bucket
+from pipelines.config import FeaturesConfig, PipelineConfig
+from pipelines.ray_runtime import ray_runtime
+
+logger = logging.getLogger(__name__)
+
+EVENT_COLUMNS = ["user_id", "item_id", "ts", "value"]
+SEQUENCES_SCHEMA = pa.schema([
+    ("user_id", pa.int64()), ("bucket", pa.int32()), ("item_idx", pa.list_(pa.int32())),
+    ("action", pa.list_(pa.int8())), ("ts", pa.list_(pa.int64())),
+])
+SAMPLES_SCHEMA = pa.schema([
+    ("group_id", pa.int64()), ("user_id", pa.int64()), ("user_idx", pa.int32()), ("bucket", pa.int32()),
+    ("split", pa.string()), ("request_ts", pa.int64()), ("seq_end", pa.int32()),
+    ("cand_item_idx", pa.list_(pa.int32())), ("label_engage", pa.list_(pa.int8())),
+    ("label_like", pa.list_(pa.int8())), ("cand_genre_mask", pa.list_(pa.int32())),
+    ("cand_year", pa.list_(pa.int16())), ("cand_tags", pa.list_(pa.int32())),
+])
+SEQUENCES_PARTITION = ["bucket"]
+SAMPLES_PARTITION = ["split", "bucket"]
+
+
+def validate_features_config(cfg: FeaturesConfig) -> None:
+    """Reject settings that would build wrong groups, naming the offending key."""
+    if cfg.candidates_per_group < 1:
+        raise ConfigError(f"features.candidates_per_group must be >= 1, got {cfg.candidates_per_group}")
+    if not 1 <= cfg.max_positives_per_group <= cfg.candidates_per_group:
+        raise ConfigError(
+            f"features.max_positives_per_group ({cfg.max_positives_per_group}) must be in "
+            f"[1, candidates_per_group={cfg.candidates_per_group}]"
+        )
+    for name in ("max_seq_len", "tags_per_item"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"features.{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.session_gap_s < 0 or cfg.min_seq_len < 0:
+        raise ConfigError("features.session_gap_s and features.min_seq_len must be >= 0")
+    try:
+        groups.cutoff_ranks(1, cfg.valid_frac, cfg.test_frac)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Global context shipped to every bucket task
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BucketContext:
+    """What every bucket task needs besides its own rows (shipped once through the object store).
+
+    Sized by the item catalogue, never by the number of users: user indices are read per bucket.
+    """
+
+    features: FeaturesConfig
+    item_ids: np.ndarray        # (V,) int64 raw ids, sorted
+    item_idx: np.ndarray        # (V,) int32 vocabulary index of item_ids
+    genre_mask: np.ndarray      # (V+2,) int32 by item_idx (0 for pad/OOV)
+    year: np.ndarray            # (V+2,) int16 by item_idx
+    tags: np.ndarray            # (V+2, tags_per_item) int32 by item_idx, 0-padded
+    negative_cdf: np.ndarray    # (V+2,) float64 cumulative popularity^0.75 weights
+    cutoffs: groups.TimeCutoffs
+
+
+def lookup(sorted_keys: np.ndarray, values: np.ndarray, query: np.ndarray, default: int) -> np.ndarray:
+    """``values[k]`` where ``sorted_keys[k] == query``, else ``default`` (vectorised dictionary)."""
+    if sorted_keys.size == 0:
+        return np.full(len(query), default, dtype=values.dtype)
+    pos = np.minimum(np.searchsorted(sorted_keys, query), sorted_keys.size - 1)
+    return np.where(sorted_keys[pos] == query, values[pos], default).astype(values.dtype)
+
+
+def item_arrays(items: pa.Table, tags_per_item: int) -> dict[str, np.ndarray]:
+    """Items table -> raw-id dictionary and side features indexed by item_idx."""
+    items = items.sort_by("item_id")
+    idx = items["item_idx"].to_numpy().astype(np.int64)
+    size = int(idx.max(initial=OOV)) + 1
+    genre = np.zeros(size, np.int32)
+    genre[idx] = pc.fill_null(items["genre_mask"], 0).to_numpy()
+    year = np.zeros(size, np.int16)
+    year[idx] = pc.fill_null(items["year"], 0).to_numpy()
+    tag_col = items["tag_ids"].combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(tag_col), 0).to_numpy().astype(np.int64)
+    flat = pc.list_flatten(tag_col).to_numpy().astype(np.int32)
+    row = np.repeat(np.arange(len(idx)), lengths)
+    within = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    tags = np.zeros((size, tags_per_item), np.int32)
+    keep = within < tags_per_item
+    tags[idx[row[keep]], within[keep]] = flat[keep]
+    return {"item_ids": items["item_id"].to_numpy(), "item_idx": idx.astype(np.int32),
+            "genre_mask": genre, "year": year, "tags": tags}
+
+
+# ---------------------------------------------------------------------------------------------
+# Global statistics: three small passes over (ts, item_id) per bucket
+# ---------------------------------------------------------------------------------------------
+def _bucket_filter(bucket: int) -> pc.Expression:
+    return pc.field("bucket") == pa.scalar(bucket, pa.int32())
+
+
+@ray.remote(num_cpus=1)
+def _pass_counts(events_uri: str, version: int, bucket: int) -> tuple:
+    t = lake.read_table(events_uri, version, ["ts", "item_id"], _bucket_filter(bucket))
+    ts = t["ts"].to_numpy()
+    items, counts = np.unique(t["item_id"].to_numpy(), return_counts=True)
+    return (ts.size, int(ts.min()) if ts.size else 0, int(ts.max()) if ts.size else 0, items, counts)
+
+
+@ray.remote(num_cpus=1)
+def _pass_histogram(events_uri: str, version: int, bucket: int, ts_min: int, shift: int) -> tuple:
+    ts = lake.read_table(events_uri, version, ["ts"], _bucket_filter(bucket))["ts"].to_numpy()
+    return groups.ts_histogram(ts, ts_min, shift)
+
+
+@ray.remote(num_cpus=1)
+def _pass_bin_values(events_uri: str, version: int, bucket: int, ts_min: int, shift: int, bins: list) -> tuple:
+    ts = lake.read_table(events_uri, version, ["ts"], _bucket_filter(bucket))["ts"].to_numpy()
+    return groups.values_in_bins(ts, ts_min, shift, bins)
+
+
+def global_stats(events_uri: str, version: int, buckets: list[int], cfg: FeaturesConfig
+                 ) -> tuple[groups.TimeCutoffs, np.ndarray, np.ndarray, int]:
+    """(cut-offs, item ids, their event counts, number of events) over the whole events table."""
+    first = ray.get([_pass_counts.remote(events_uri, version, b) for b in buckets])
+    nonempty = [f for f in first if f[0]]
+    n = sum(f[0] for f in first)
+    ranks = groups.cutoff_ranks(n, cfg.valid_frac, cfg.test_frac)
+    ts_min, ts_max = min(f[1] for f in nonempty), max(f[2] for f in nonempty)
+    shift = groups.histogram_shift(ts_min, ts_max)
+    hist = groups.merge_counts(ray.get(
+        [_pass_histogram.remote(events_uri, version, b, ts_min, shift) for b in buckets]))
+    located = groups.locate_ranks(*hist, [r for r in ranks if r < n])
+    values: dict[int, int] = {}
+    if located:
+        bins = sorted({bin_id for bin_id, _ in located.values()})
+        merged = groups.merge_counts(ray.get(
+            [_pass_bin_values.remote(events_uri, version, b, ts_min, shift, bins) for b in buckets]))
+        values = groups.pick_ranks(located, ts_min, shift, *merged)
+    item_ids, item_counts = groups.merge_counts([(f[3], f[4]) for f in first])
+    return groups.cutoffs_from_values(n, ranks, values), item_ids, item_counts, n
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-bucket build (pure: events of one bucket -> sequences rows and sample rows)
+# ---------------------------------------------------------------------------------------------
+def _run_starts(new_run: np.ndarray) -> np.ndarray:
+    """For every position, the index where its run (new_run True at run starts) began."""
+    return np.maximum.accumulate(np.where(new_run, np.arange(new_run.size), 0))
+
+
+def _list_column(values: np.ndarray, offsets: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, value_type))
+
+
+def _masked_lists(dense: np.ndarray, valid: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    """Rows of ``dense`` (G, W) keeping the ``valid`` slots, in order, as a list column."""
+    offsets = np.concatenate([[0], np.cumsum(valid.sum(axis=1))])
+    return _list_column(dense[valid], offsets, value_type)
+
+
+def _sort_events(events: pa.Table, ctx: BucketContext) -> dict[str, np.ndarray]:
+    user = events["user_id"].to_numpy()
+    item = events["item_id"].to_numpy()
+    ts = events["ts"].to_numpy()
+    value = events["value"].to_numpy()
+    order = np.lexsort((value, item, ts, user))  # deterministic ties: ts, then item_id, then value
+    user, item, ts, value = user[order], item[order], ts[order], value[order]
+    new_user = np.ones(user.size, dtype=bool)
+    new_user[1:] = user[1:] != user[:-1]
+    return {"user": user, "ts": ts, "value": value, "new_user": new_user,
+            "item_idx": lookup(ctx.item_ids, ctx.item_idx, item, OOV)}
+
+
+def build_sequences(ev: dict[str, np.ndarray], bucket: int) -> pa.Table:
+    """One row per user: full time-ordered history."""
+    starts = np.flatnonzero(ev["new_user"])
+    offsets = np.append(starts, ev["user"].size)
+    return pa.table([
+        pa.array(ev["user"][starts], pa.int64()),
+        pa.array(np.full(starts.size, bucket, np.int32)),
+        _list_column(ev["item_idx"], offsets, pa.int32()),
+        _list_column(action_bucket(ev["value"]), offsets, pa.int8()),
+        _list_column(ev["ts"], offsets, pa.int64()),
+    ], schema=SEQUENCES_SCHEMA)
+
+
+def _group_bounds(ev: dict[str, np.ndarray], cfg: FeaturesConfig) -> tuple[np.ndarray, ...]:
+    """(start, end, seq_end, user_start) of the kept groups: session chunks with enough history."""
+    ts, new_user = ev["ts"], ev["new_user"]
+    n = ts.size
+    idx = np.arange(n)
+    gap = np.diff(ts, prepend=ts[:1])
+    new_session = new_user | (gap > cfg.session_gap_s)
+    new_chunk = (idx - _run_starts(new_session)) % cfg.max_positives_per_group == 0
+    user_start = _run_starts(new_user)
+    same_ts_start = _run_starts(new_user | (gap != 0))
+    start = np.flatnonzero(new_chunk)
+    end = np.append(start[1:], n) if start.size else start
+    seq_end = same_ts_start[start] - user_start[start]  # events strictly before the request
+    keep = seq_end >= cfg.min_seq_len
+    return start[keep], end[keep], seq_end[keep], user_start[start[keep]]
+
+
+def build_samples(ev: dict[str, np.ndarray], users: pa.Table, bucket: int, ctx: BucketContext) -> pa.Table:
+    """One row per kept group: candidates (positives, then negatives), labels, side features."""
+    cfg = ctx.features
+    start, end, seq_end, user_start = _group_bounds(ev, cfg)
+    num_groups, width = start.size, cfg.candidates_per_group
+    n_pos = end - start
+    pos_offsets = np.concatenate([[0], np.cumsum(n_pos)])
+    row = np.repeat(np.arange(num_groups), n_pos)
+    col = np.arange(row.size) - np.repeat(pos_offsets[:-1], n_pos)
+    pos_event = np.repeat(start, n_pos) + col
+    user = ev["user"][start]
+    gid = groups.group_ids(user, start - user_start)
+    negatives = groups.sample_negatives(
+        gid, width - n_pos, pos_offsets, ev["item_idx"][pos_event], ctx.negative_cdf, cfg.negatives_seed)
+    cand = np.zeros((num_groups, width), np.int32)                       # (G, C)
+    cand[row, col] = ev["item_idx"][pos_event]
+    neg_col = n_pos[:, None] + np.arange(negatives.shape[1])[None, :]   # (G, W_neg)
+    fits = neg_col < width
+    cand[np.nonzero(fits)[0], neg_col[fits]] = negatives[fits]
+    engage = np.zeros((num_groups, width), np.int8)
+    engage[row, col] = 1
+    like = np.zeros((num_groups, width), np.int8)
+    like[row, col] = ev["value"][pos_event].astype(np.float64) >= cfg.like_threshold
+    valid = cand != 0                                                    # 0 = catalogue ran out
+    request_ts = ev["ts"][start]
+    split = np.where(request_ts < ctx.cutoffs.valid_start_ts, 0,
+                     np.where(request_ts < ctx.cutoffs.test_start_ts, 1, 2))
+    tags = ctx.tags[cand].reshape(num_groups, width * cfg.tags_per_item)  # (G, C*T)
+    return pa.table([
+        pa.array(gid, pa.int64()), pa.array(user, pa.int64()),
+        pa.array(lookup(users["user_id"].to_numpy(), users["user_idx"].to_numpy(), user, OOV), pa.int32()),
+        pa.array(np.full(num_groups, bucket, np.int32)),
+        pa.DictionaryArray.from_arrays(pa.array(split, pa.int8()), pa.array(groups.SPLITS)).cast(pa.string()),
+        pa.array(request_ts, pa.int64()), pa.array(seq_end, pa.int32()),
+        _masked_lists(cand, valid, pa.int32()), _masked_lists(engage, valid, pa.int8()),
+        _masked_lists(like, valid, pa.int8()), _masked_lists(ctx.genre_mask[cand], valid, pa.int32()),
+        _masked_lists(ctx.year[cand], valid, pa.int16()),
+        _masked_lists(tags, np.repeat(valid, cfg.tags_per_item, axis=1), pa.int32()),
+    ], schema=SAMPLES_SCHEMA)
+
+
+def build_bucket(events: pa.Table, users: pa.Table, bucket: int, ctx: BucketContext) -> tuple[pa.Table, pa.Table]:
+    """Events of one bucket (+ user_id -> user_idx of at least its users) -> (sequences, samples) rows."""
+    ev = _sort_events(events, ctx)
+    return build_sequences(ev, bucket), build_samples(ev, users.sort_by("user_id"), bucket, ctx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers write Parquet, the driver commits once per table
+# ---------------------------------------------------------------------------------------------
+def write_part(table: pa.Table, table_uri: str, partition: dict[str, str], name: str) -> dict:
+    """Write one data file of a Delta table (partition columns live in the path, not the file)."""
+    rel_dir = "/".join(f"{k}={v}" for k, v in partition.items())
+    rel_path = f"{rel_dir}/{name}.parquet" if rel_dir else f"{name}.parquet"
+    fs, root = pafs.FileSystem.from_uri(table_uri)
+    fs.create_dir(f"{root}/{rel_dir}" if rel_dir else root, recursive=True)
+    pq.write_table(table.drop_columns(list(partition)), f"{root}/{rel_path}", filesystem=fs)
+    return {"path": rel_path, "size": fs.get_file_info(f"{root}/{rel_path}").size,
+            "partition": json.dumps(partition), "num_rows": table.num_rows}
+
+
+def commit_overwrite(table_uri: str, schema: pa.Schema, partition_by: list[str], parts: list[dict]) -> int:
+    """ONE atomic Delta commit replacing the table's content with ``parts``; returns the version."""
+    from deltalake import DeltaTable, Schema
+    from deltalake.transaction import AddAction, create_table_with_add_actions
+
+    now_ms = int(time.time() * 1000)
+    actions = [AddAction(p["path"], int(p["size"]), json.loads(p["partition"]), now_ms, True,
+                         json.dumps({"numRecords": int(p["num_rows"])})) for p in parts]
+    if DeltaTable.is_deltatable(table_uri):
+        DeltaTable(table_uri).create_write_transaction(actions, mode="overwrite", schema=schema,
+                                                       partition_by=partition_by)
+    else:
+        create_table_with_add_actions(table_uri, Schema.from_arrow(schema), actions, mode="overwrite",
+                                      partition_by=partition_by)
+    version = lake.table_version(table_uri)
+    logger.info("committed %d file(s) to %s -> version %s", len(actions), table_uri, version)
+    return int(version)
+
+
+def _process_buckets(batch: dict[str, np.ndarray], job: dict) -> dict[str, list]:
+    """Ray Data UDF: build and write every bucket of ``batch``; return the written files."""
+    ctx: BucketContext = ray.get(job["ctx"][0])
+    rows: list[dict] = []
+    for bucket in batch["bucket"].tolist():
+        events = lake.read_table(job["events_uri"], job["version"], EVENT_COLUMNS, _bucket_filter(bucket))
+        # The users table is not bucketed: stream it through a filter so memory stays per bucket.
+        bucket_users = pc.field("user_id").isin(pc.unique(events["user_id"]))
+        users = lake.read_table(job["users_uri"], job["users_version"], ["user_id", "user_idx"], bucket_users)
+        sequences, samples = build_bucket(events, users, bucket, ctx)
+        name = f"part-{bucket:05d}-{job['job_id']}"
+        rows.append({"table": "sequences", **write_part(
+            sequences, job["sequences_uri"], {"bucket": str(bucket)}, name)})
+        for split in groups.SPLITS:
+            part = samples.filter(pc.field("split") == split)
+            if part.num_rows:
+                rows.append({"table": "samples", **write_part(
+                    part, job["samples_uri"], {"split": split, "bucket": str(bucket)}, name)})
+    return {key: [r[key] for r in rows] for key in ("table", "path", "size", "partition", "num_rows")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+def lake_root(root: str) -> str:
+    """Absolute local path (Arrow filesystems need one) or the object-store URI unchanged."""
+    return root if "://" in root else os.path.abspath(root)
+
+
+def event_buckets(events_uri: str, version: int) -> list[int]:
+    """Bucket ids present in the events table (from the Delta log, no data read)."""
+    from deltalake import DeltaTable
+
+    dt = DeltaTable(events_uri, version=version)
+    if "bucket" not in dt.metadata().partition_columns:
+        raise lake.LakeError(f"events table {events_uri} must be partitioned by 'bucket' (docs/DATA.md)")
+    return sorted({int(p["bucket"]) for p in dt.partitions()})
+
+
+def build_context(root: str, cfg: FeaturesConfig, stats: tuple) -> BucketContext:
+    """Read the items on the driver and assemble the shared per-bucket context."""
+    cutoffs, raw_item_ids, raw_counts, _ = stats
+    items = item_arrays(lake.read_table(lake.table_uri(root, "items")), cfg.tags_per_item)
+    counts = np.zeros(items["genre_mask"].size, np.int64)
+    counted_idx = lookup(items["item_ids"], items["item_idx"], raw_item_ids, OOV)
+    np.add.at(counts, counted_idx, raw_counts)
+    return BucketContext(features=cfg, **items, negative_cdf=groups.negative_cdf(counts), cutoffs=cutoffs)
+
+
+def run_features(config: PipelineConfig) -> dict:
+    """Build and commit ``sequences`` and ``samples`` from the lake's events (Ray must be up)."""
+    cfg = config.features
+    validate_features_config(cfg)
+    root = lake_root(config.lake.root)
+    events_uri = lake.table_uri(root, "events")
+    version = lake.table_version(events_uri)
+    if version is None:
+        raise lake.LakeError(f"no Delta table at {events_uri} (run the ingest stage first)")
+    buckets = event_buckets(events_uri, version)
+    clock = time.perf_counter()
+    stats = global_stats(events_uri, version, buckets, cfg)
+    ctx_ref = ray.put(build_context(root, cfg, stats))
+    stats_s, clock = time.perf_counter() - clock, time.perf_counter()
+    users_uri = lake.table_uri(root, "users")
+    users_version = lake.table_version(users_uri)
+    if users_version is None:
+        raise lake.LakeError(f"no Delta table at {users_uri} (run the ingest stage first)")
+    job = {"ctx": [ctx_ref], "events_uri": events_uri, "version": version, "job_id": uuid.uuid4().hex,
+           "users_uri": users_uri, "users_version": users_version,
+           "sequences_uri": lake.table_uri(root, "sequences"), "samples_uri": lake.table_uri(root, "samples")}
+    written = (ray.data.from_items([{"bucket": b} for b in buckets], override_num_blocks=len(buckets))
+               .map_batches(_process_buckets, batch_size=1, batch_format="numpy", fn_kwargs={"job": job},
+                            num_cpus=1)
+               .take_all())
+    job_s, clock = time.perf_counter() - clock, time.perf_counter()
+    for table, schema, partition_by in (("sequences", SEQUENCES_SCHEMA, SEQUENCES_PARTITION),
+                                        ("samples", SAMPLES_SCHEMA, SAMPLES_PARTITION)):
+        commit_overwrite(job[f"{table}_uri"], schema, partition_by, [w for w in written if w["table"] == table])
+    summary = {"events": stats[3], "events_version": version, "buckets": len(buckets), "stats_s": round(stats_s, 3),
+               "buckets_s": round(job_s, 3), "commit_s": round(time.perf_counter() - clock, 3),
+               "valid_start_ts": stats[0].valid_start_ts, "test_start_ts": stats[0].test_start_ts}
+    for split in groups.SPLITS:
+        summary[f"groups_{split}"] = sum(int(w["num_rows"]) for w in written
+                                         if w["table"] == "samples" and f'"{split}"' in w["partition"])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.features", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="preset name (pipelines/configs) or YAML path")
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = load_config(PipelineConfig, args.config, overrides)
+        validate_features_config(config.features)
+    except ConfigError as exc:
+        print(f"features: config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with ray_runtime(config.ray):
+            summary = run_features(config)
+    except lake.LakeError as exc:
+        print(f"features: failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""Single-process reference of the features stage (polars): the oracle for pipelines/features.py.
+
+It reads the whole events table at once and builds the same ``sequences`` and ``samples``
+tables with independent code (polars window expressions instead of NumPy run arithmetic,
+a full sort instead of the distributed order statistics, joins instead of array lookups).
+Only the pieces that must be bit-identical come from components/groups.py: the group id,
+the cut-off rank definition and the seeded negative sampler.
+
+``python -m pipelines.features_reference --config demo --out-root lake_ref``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from components import groups, lake
+from components.config_loader import load_config
+from components.transforms import OOV, action_bucket
+from pipelines.config import FeaturesConfig, PipelineConfig
+from pipelines.features import (
+    SAMPLES_PARTITION, SAMPLES_SCHEMA, SEQUENCES_PARTITION, SEQUENCES_SCHEMA, lake_root,
+    validate_features_config,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def reference_cutoffs(ts: np.ndarray, cfg: FeaturesConfig) -> groups.TimeCutoffs:
+    """Exact cut-offs by a full partial sort of every event time."""
+    ranks = groups.cutoff_ranks(ts.size, cfg.valid_frac, cfg.test_frac)
+    wanted = sorted({r for r in ranks if r < ts.size})
+    picked = np.partition(ts, wanted) if wanted else ts
+    return groups.cutoffs_from_values(ts.size, ranks, {r: int(picked[r]) for r in wanted})
+
+
+def ordered_events(events: pl.DataFrame, items: pl.DataFrame, cfg: FeaturesConfig) -> pl.DataFrame:
+    """Events with item_idx/action, sorted, annotated with position, group and seq_end."""
+    gap = pl.col("ts") - pl.col("ts").shift(1)
+    new_user = (pl.col("user_id") != pl.col("user_id").shift(1)).fill_null(True)
+    return (
+        events.join(items.select("item_id", "item_idx"), on="item_id", how="left", maintain_order="left")
+        .with_columns(pl.col("item_idx").fill_null(OOV).cast(pl.Int32))
+        .sort(["user_id", "ts", "item_id", "value"])
+        .with_columns(
+            pos=pl.int_range(pl.len()).over("user_id"),
+            session=(new_user | (gap > cfg.session_gap_s).fill_null(True)).cum_sum(),
+            action=pl.col("value").map_batches(lambda v: pl.Series(action_bucket(v.to_numpy())),
+                                               return_dtype=pl.Int8),
+        )
+        .with_columns(
+            chunk=((pl.int_range(pl.len()).over("session") % cfg.max_positives_per_group) == 0).cum_sum(),
+            seq_end=pl.col("pos").min().over(["user_id", "ts"]),
+        )
+    )
+
+
+def popularity_cdf(ev: pl.DataFrame, num_idx: int) -> np.ndarray:
+    counts = ev.group_by("item_idx").len()
+    dense = np.zeros(num_idx, np.int64)
+    dense[counts["item_idx"].to_numpy()] = counts["len"].to_numpy()
+    return groups.negative_cdf(dense)
+
+
+def item_features(items: pl.DataFrame, tags_per_item: int) -> pl.DataFrame:
+    """item_idx -> genre_mask, year, exactly ``tags_per_item`` tags (truncated / 0-padded).
+
+    Pad (0) and OOV (1) rows are added with all-zero features.
+    """
+    zeros = pl.lit(pl.Series([[0] * tags_per_item], dtype=pl.List(pl.Int32)))
+    pad_and_oov = pl.DataFrame({"item_idx": [0, OOV], "genre_mask": [0, 0], "year": [0, 0],
+                                "tag_ids": [[], []]},
+                               schema={"item_idx": pl.Int32, "genre_mask": pl.Int32, "year": pl.Int16,
+                                       "tag_ids": pl.List(pl.Int32)})
+    items = pl.concat([pad_and_oov, items.select(pad_and_oov.columns).cast(pad_and_oov.schema)])
+    return items.select(
+        "item_idx",
+        pl.col("genre_mask").fill_null(0).cast(pl.Int32),
+        pl.col("year").fill_null(0).cast(pl.Int16),
+        tags=pl.concat_list(pl.col("tag_ids").fill_null([]).cast(pl.List(pl.Int32)), zeros)
+        .list.head(tags_per_item),
+    )
+
+
+def reference_groups(ev: pl.DataFrame, cdf: np.ndarray, cfg: FeaturesConfig) -> pl.DataFrame:
+    """One row per kept group with its candidate list and labels (before side features)."""
+    g = (
+        ev.group_by("chunk", maintain_order=True)
+        .agg(pl.col("user_id").first(), pl.col("bucket").first(), request_ts=pl.col("ts").first(),
+             first_pos=pl.col("pos").first(), seq_end=pl.col("seq_end").first(),
+             pos_items=pl.col("item_idx"), pos_values=pl.col("value"))
+        .filter(pl.col("seq_end") >= cfg.min_seq_len)
+    )
+    n_pos = g["pos_items"].list.len().to_numpy().astype(np.int64)
+    gid = groups.group_ids(g["user_id"].to_numpy(), g["first_pos"].to_numpy())
+    pos_offsets = np.concatenate([[0], np.cumsum(n_pos)])
+    flat_pos = g["pos_items"].explode().to_numpy()
+    negatives = groups.sample_negatives(gid, cfg.candidates_per_group - n_pos, pos_offsets, flat_pos, cdf,
+                                        cfg.negatives_seed)
+    found = negatives != 0
+    neg_lists = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(found.sum(axis=1))]), pa.int32()),
+                                         pa.array(negatives[found], pa.int32()))
+    return g.with_columns(
+        group_id=pl.Series(gid),
+        neg_items=pl.Series(neg_lists),
+    ).with_columns(
+        cand_item_idx=pl.concat_list("pos_items", "neg_items"),
+        label_engage=pl.concat_list(pl.col("pos_items").list.eval(pl.element() * 0 + 1),
+                                    pl.col("neg_items").list.eval(pl.element() * 0)).cast(pl.List(pl.Int8)),
+        label_like=pl.concat_list(
+            pl.col("pos_values").list.eval(pl.element().cast(pl.Float64) >= cfg.like_threshold),
+            pl.col("neg_items").list.eval(pl.element() * 0 != 0),
+        ).cast(pl.List(pl.Int8)),
+    )
+
+
+def with_side_features(g: pl.DataFrame, feats: pl.DataFrame, cutoffs: groups.TimeCutoffs) -> pl.DataFrame:
+    """Join item side features per candidate (explode, join, re-aggregate) and assign splits."""
+    cands = (
+        g.select("group_id", "cand_item_idx").with_row_index("row").explode("cand_item_idx")
+        .with_columns(slot=pl.int_range(pl.len()).over("row"))
+        .join(feats, left_on="cand_item_idx", right_on="item_idx", how="left", maintain_order="left")
+        .sort(["row", "slot"])
+        .group_by("row", maintain_order=True)
+        .agg(cand_genre_mask=pl.col("genre_mask"), cand_year=pl.col("year"),
+             cand_tags=pl.col("tags").explode())
+    )
+    split = (pl.when(pl.col("request_ts") < cutoffs.valid_start_ts).then(pl.lit("train"))
+             .when(pl.col("request_ts") < cutoffs.test_start_ts).then(pl.lit("valid")).otherwise(pl.lit("test")))
+    return g.with_row_index("row").join(cands, on="row", how="left", maintain_order="left").with_columns(split=split)
+
+
+def reference_tables(events: pa.Table, items: pa.Table, users: pa.Table, cfg: FeaturesConfig
+                     ) -> tuple[pa.Table, pa.Table]:
+    """(sequences, samples) in the contract's schemas, rows in no particular order."""
+    validate_features_config(cfg)
+    items_df = pl.from_arrow(items)
+    ev = ordered_events(pl.from_arrow(events), items_df, cfg)
+    cutoffs = reference_cutoffs(events["ts"].to_numpy(), cfg)
+    cdf = popularity_cdf(ev, int(items_df["item_idx"].max() or OOV) + 1)
+    sequences = ev.group_by("user_id", maintain_order=True).agg(
+        pl.col("bucket").first(), pl.col("item_idx"), pl.col("action"), pl.col("ts"))
+    g = with_side_features(reference_groups(ev, cdf, cfg), item_features(items_df, cfg.tags_per_item), cutoffs)
+    samples = g.join(pl.from_arrow(users).select("user_id", "user_idx"), on="user_id", how="left",
+                     maintain_order="left").with_columns(pl.col("user_idx").fill_null(OOV))
+    return (sequences.select(SEQUENCES_SCHEMA.names).to_arrow().cast(SEQUENCES_SCHEMA),
+            samples.select(SAMPLES_SCHEMA.names).to_arrow().cast(SAMPLES_SCHEMA))
+
+
+def run_reference(config: PipelineConfig, out_root: str | None = None) -> dict:
+    """Read the lake at ``config.lake.root``, write sequences/samples under ``out_root`` (default: same lake)."""
+    root = lake_root(config.lake.root)
+    out = lake_root(out_root) if out_root else root
+    events = lake.read_table(lake.table_uri(root, "events"), columns=["user_id", "item_id", "ts", "value", "bucket"])
+    items = lake.read_table(lake.table_uri(root, "items"))
+    users = lake.read_table(lake.table_uri(root, "users"), columns=["user_id", "user_idx"])
+    sequences, samples = reference_tables(events, items, users, config.features)
+    lake.write_table(lake.table_uri(out, "sequences"), sequences, partition_by=SEQUENCES_PARTITION)
+    lake.write_table(lake.table_uri(out, "samples"), samples, partition_by=SAMPLES_PARTITION)
+    return {"events": events.num_rows, "users": sequences.num_rows, "groups": samples.num_rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.features_reference", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="preset name (pipelines/configs) or YAML path")
+    parser.add_argument("--out-root", default=None, help="lake root to write sequences/samples to (default: lake.root)")
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    summary = run_reference(load_config(PipelineConfig, args.config, overrides), args.out_root)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

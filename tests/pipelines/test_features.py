@@ -1,0 +1,170 @@
+"""Features stage: hand-built groups, the Ray job against the reference, the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from components import groups, lake
+from components.config_loader import ConfigError
+from components.sequence_join import resolve_sequences
+from components.transforms import action_bucket
+from pipelines.bench_data import compare_lakes, synthetic_lake
+from pipelines.config import FeaturesConfig, LakeConfig, PipelineConfig
+from pipelines.features import (
+    SAMPLES_SCHEMA, SEQUENCES_SCHEMA, BucketContext, build_bucket, item_arrays, main, run_features,
+    validate_features_config,
+)
+from pipelines.features_reference import reference_tables, run_reference
+
+# ----------------------------------------------------------------------------- hand-built bucket
+# user 1: two sessions (gap 4890 s > 1800 s); a ts tie at 100 (items 10 and 5) and at 5010.
+HAND_EVENTS = [  # (user, ts, item, value)
+    (1, 100, 10, 4.0), (1, 5010, 14, 3.0), (1, 100, 5, 2.0), (1, 110, 11, 5.0),
+    (1, 5000, 12, 1.0), (1, 5010, 13, 4.5), (2, 300, 99, 4.0), (2, 4000, 20, 1.0),
+]
+ITEM_IDS = np.array([5, 10, 11, 12, 13, 14, *range(20, 30)], np.int64)  # item_idx 2.. in this order
+HAND_CFG = FeaturesConfig(candidates_per_group=6, max_positives_per_group=2, session_gap_s=1800,
+                          tags_per_item=2, like_threshold=4.0, min_seq_len=1)
+HAND_USERS = pa.table({"user_id": np.array([2, 1, 5], np.int64), "user_idx": np.array([8, 7, 9], np.int32)})
+
+
+def _items_table() -> pa.Table:
+    idx = np.arange(2, ITEM_IDS.size + 2, dtype=np.int32)
+    tags = [[int(i), int(i) + 100, int(i) + 200] if i % 2 else [int(i)] for i in idx]
+    return pa.table({"item_id": ITEM_IDS, "item_idx": idx, "title": pa.nulls(idx.size, pa.string()),
+                     "genre_mask": idx * 3, "year": (1990 + idx).astype(np.int16),
+                     "tag_ids": pa.array(tags, pa.list_(pa.int32()))})
+
+
+def _hand_context(cutoffs: groups.TimeCutoffs) -> BucketContext:
+    items = item_arrays(_items_table(), HAND_CFG.tags_per_item)
+    counts = np.ones(ITEM_IDS.size + 2, np.int64)
+    return BucketContext(features=HAND_CFG, **items, negative_cdf=groups.negative_cdf(counts), cutoffs=cutoffs)
+
+
+def _events(rows) -> pa.Table:
+    user, ts, item, value = map(np.array, zip(*rows))
+    return pa.table({"user_id": user.astype(np.int64), "item_id": item.astype(np.int64),
+                     "ts": ts.astype(np.int64), "value": value.astype(np.float32)})
+
+
+def test_hand_built_sequences_and_groups():
+    cutoffs = groups.TimeCutoffs(valid_start_ts=5000, test_start_ts=5010)
+    sequences, samples = build_bucket(_events(HAND_EVENTS), HAND_USERS, 3, _hand_context(cutoffs))
+    assert sequences.schema == SEQUENCES_SCHEMA and samples.schema == SAMPLES_SCHEMA
+    seq = sequences.to_pylist()
+    # time order, ties by item_id (5 before 10 at ts 100); item 99 is out of vocabulary (1).
+    assert seq[0]["item_idx"] == [2, 3, 4, 5, 6, 7] and seq[0]["ts"] == [100, 100, 110, 5000, 5010, 5010]
+    assert seq[0]["action"] == action_bucket(np.array([2.0, 4.0, 5.0, 1.0, 4.5, 3.0])).tolist()
+    assert seq[1]["item_idx"] == [1, 8] and seq[0]["bucket"] == 3
+    rows = samples.to_pylist()
+    first_event_pos = np.array([2, 3, 5, 1])  # the 5010 group starts at event 5 but sees only 4
+    np.testing.assert_array_equal(samples["group_id"].to_numpy(),
+                                  groups.group_ids(samples["user_id"].to_numpy(), first_event_pos))
+    # Groups: session chunks of <= 2 events; the first chunk of each user has no history (dropped).
+    got = [(r["user_id"], r["request_ts"], r["seq_end"], r["split"]) for r in rows]
+    assert got == [(1, 110, 2, "train"), (1, 5000, 3, "valid"), (1, 5010, 4, "test"), (2, 4000, 1, "train")]
+    expected_pos = [([4], [1]), ([5, 6], [0, 1]), ([7], [0]), ([8], [0])]
+    for row, (pos, like) in zip(rows, expected_pos):
+        cands, n = row["cand_item_idx"], len(pos)
+        assert len(cands) == HAND_CFG.candidates_per_group and cands[:n] == pos
+        assert row["label_engage"] == [1] * n + [0] * (len(cands) - n)
+        assert row["label_like"] == like + [0] * (len(cands) - n)
+        negatives = cands[n:]
+        assert len(set(negatives)) == len(negatives) and not set(negatives) & set(pos)
+        assert min(negatives) >= 2
+        assert row["cand_genre_mask"] == [3 * c for c in cands]
+        assert row["cand_year"] == [1990 + c for c in cands]
+        assert row["cand_tags"] == sum(([c, c + 100] if c % 2 else [c, 0] for c in cands), [])
+        assert row["user_idx"] == {1: 7, 2: 8}[row["user_id"]]
+    # Every sequence event is strictly before its request, even across the ts tie at 5010.
+    resolved = resolve_sequences(samples, sequences, max_seq_len=2)
+    for row in resolved.to_pylist():
+        assert all(t < row["request_ts"] for t in row["seq_ts"]) and len(row["seq_ts"]) == min(2, row["seq_end"])
+
+
+def test_bucket_build_equals_reference_on_hand_events():
+    events = _events(HAND_EVENTS)
+    ref_seq, ref_samples = reference_tables(events.append_column("bucket", pa.array([3] * 8, pa.int32())),
+                                            _items_table(), HAND_USERS, HAND_CFG)
+    counts = np.zeros(ITEM_IDS.size + 2, np.int64)
+    np.add.at(counts, [3, 7, 2, 4, 5, 6, 1, 8], 1)    # event popularity by item_idx, as the reference sees it
+    # Default fractions: ranks floor(8 * 0.8) = 6 and floor(8 * 0.9) = 7 of the sorted times -> 5010, 5010.
+    ctx = BucketContext(**{**_hand_context(groups.TimeCutoffs(5010, 5010)).__dict__,
+                           "negative_cdf": groups.negative_cdf(counts)})
+    sequences, samples = build_bucket(events, HAND_USERS, 3, ctx)
+    assert sequences.equals(ref_seq.sort_by("user_id"))
+    assert samples.sort_by("group_id").equals(ref_samples.sort_by("group_id"))
+
+
+def test_validate_features_config_names_the_key():
+    with pytest.raises(ConfigError, match="max_positives_per_group"):
+        validate_features_config(FeaturesConfig(candidates_per_group=4, max_positives_per_group=8))
+    with pytest.raises(ValueError, match="valid_frac"):
+        validate_features_config(FeaturesConfig(valid_frac=0.7, test_frac=0.5))
+
+
+# ----------------------------------------------------------------------------- Ray job
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("features") / "lake")
+    synthetic_lake(root, num_events=4000, num_buckets=4, seed=1, max_history=400)
+    return root
+
+
+def test_ray_job_equals_reference_and_has_no_leakage(ray_session, synthetic_root, tmp_path):
+    config = PipelineConfig(lake=LakeConfig(root=synthetic_root, num_buckets=4),
+                            features=FeaturesConfig(max_positives_per_group=8, candidates_per_group=16))
+    summary = run_features(config)
+    run_reference(config, str(tmp_path / "ref"))
+    assert compare_lakes(synthetic_root, str(tmp_path / "ref")) == []
+
+    events = lake.read_table(lake.table_uri(synthetic_root, "events"))
+    ts = np.sort(events["ts"].to_numpy())
+    assert summary["valid_start_ts"] == ts[int(ts.size * 0.8)] and summary["test_start_ts"] == ts[int(ts.size * 0.9)]
+    samples = lake.read_table(lake.table_uri(synthetic_root, "samples"))
+    sequences = lake.read_table(lake.table_uri(synthetic_root, "sequences"))
+    assert sequences.num_rows == np.unique(events["user_id"].to_numpy()).size
+    assert sum(len(x) for x in sequences["ts"].to_pylist()) == events.num_rows
+    split, request = samples["split"].to_numpy(zero_copy_only=False), samples["request_ts"].to_numpy()
+    assert (request[split == "train"] < summary["valid_start_ts"]).all()
+    valid = request[split == "valid"]
+    assert ((valid >= summary["valid_start_ts"]) & (valid < summary["test_start_ts"])).all()
+    assert (request[split == "test"] >= summary["test_start_ts"]).all()
+    resolved = resolve_sequences(samples, sequences, max_seq_len=10**6)
+    for row in resolved.slice(0, 300).to_pylist():
+        user_ts = events.filter(pc.equal(events["user_id"], row["user_id"]))["ts"].to_numpy()
+        assert row["seq_end"] == (user_ts < row["request_ts"]).sum() >= 1
+        assert sorted(row["seq_ts"]) == row["seq_ts"] and max(row["seq_ts"]) < row["request_ts"]
+        assert len(row["cand_item_idx"]) == 16 and 1 <= sum(row["label_engage"]) <= 8
+        assert row["request_ts"] in user_ts
+
+
+def test_main_end_to_end_overwrites_atomically(ray_session, synthetic_root, tmp_path):
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(f"lake:\n  root: {synthetic_root}\n  num_buckets: 4\n"
+                      "features:\n  candidates_per_group: 8\n  max_positives_per_group: 4\n")
+    assert main(["--config", str(preset), "--features.max_seq_len=50"]) == 0
+    samples_uri = lake.table_uri(synthetic_root, "samples")
+    version, rows = lake.table_version(samples_uri), lake.read_table(samples_uri).num_rows
+    assert main(["--config", str(preset)]) == 0                      # a re-run is one new version
+    assert lake.table_version(samples_uri) == version + 1
+    assert lake.read_table(samples_uri).num_rows == rows
+    assert {len(c) for c in lake.read_table(samples_uri)["cand_item_idx"].to_pylist()} == {8}
+    assert main(["--config", str(preset), "--features.max_positives_per_group=99"]) == 2
+    assert main(["--config", str(preset), "--features.bogus=1"]) == 2
+    assert lake.table_version(samples_uri) == version + 1              # failed runs commit nothing
+
+
+def test_missing_events_table_is_named(ray_session, tmp_path):
+    with pytest.raises(lake.LakeError, match="events"):
+        run_features(PipelineConfig(lake=LakeConfig(root=str(tmp_path / "nowhere"))))
+
+
+def test_empty_bucket_builds_empty_tables():
+    sequences, samples = build_bucket(_events(HAND_EVENTS).slice(0, 0), HAND_USERS, 0,
+                                      _hand_context(groups.TimeCutoffs(0, 0)))
+    assert sequences.num_rows == samples.num_rows == 0 and samples.schema == SAMPLES_SCHEMA
