@@ -63,3 +63,22 @@ class GroupBatch:
             name: getattr(self, name).index_select(1, index)
             for name in cand if getattr(self, name) is not None
         })
+
+    def per_candidate(self) -> "GroupBatch":
+        """B*N groups of ONE candidate each (user fields repeated): the no-reuse layout.
+
+        Row ``b * N + n`` holds group b's user side and its candidate n.
+        """
+        n = self.num_candidates
+        user = {"user_id", "user_dense", "seq_item", "seq_action", "seq_gap", "seq_len"}
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                out[f.name] = None
+            elif f.name in user:
+                out[f.name] = value.repeat_interleave(n, dim=0)
+            else:
+                out[f.name] = value.reshape(self.batch_size * n, 1, *value.shape[2:])
+        return GroupBatch(**out)
+

@@ -1,0 +1,279 @@
+"""The full ranker: sequence encoder -> memory -> token-mixing backbone -> task heads.
+
+    encode_user(batch)               -> UserState      # once per group (B rows)
+    score_candidates(state, batch)   -> RankerOutput   # candidates (B*N rows)
+    forward(batch) = score_candidates(encode_user(batch), batch)
+
+Everything candidate-independent lives in ``UserState``: the embedded user, the LONGER
+KV cache and summary tokens, the MSN gate, the user tokens and, with UG-Sep, the
+per-layer user-token states of the backbone. ``forward_reference`` is the no-reuse
+oracle: every candidate is run as its own group (the whole user side recomputed per
+candidate) through the backbone's masked reference path; the two must agree in fp32
+within 1e-5 (tests/models/test_ranker.py).
+
+Token layout (MODELS.md §1; a token is USER only if every input is user-side):
+  user:  user (id emb ++ dense), seq_0..seq_2 (LONGER summary or pooled windows), [lmn_user]
+  group: [global], item (id emb), item_side (genres, year, tags), cross_seq (LONGER
+         candidate output or item ⊙ sequence mean), cross_user (item ⊙ user), [lmn_group]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from models.batch import NUM_GENRES, NUM_YEAR_BUCKETS, GroupBatch
+from models.layers import AuxLosses, BackboneOutput
+from models.longer import LongerConfig, LongerEncoder, LongerUserState
+from models.memory import LMN, MSN, LMNConfig, MSNConfig, PKMConfig
+from models.rankmixer import FeatureGroup, RankMixer, RankMixerConfig, SemanticTokenizer, TokenizerConfig
+from models.sparse import SparseArch, SparseConfig
+from models.task import RankerOutput
+from models.tokenmixer_large import TokenMixerLarge, TokenMixerLargeConfig
+from models.ugsep import UGSepBackbone, UGSepConfig, UserTokenStates
+
+NUM_SEQ_TOKENS = 3       # LONGER: CLS + user-global + mean of recent outputs; pooling: 3 windows
+POOL_WINDOWS = (8, 64)   # pooling encoder: means of the last 8, last 64 and all events
+YEAR_DIM = 8
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """The full model; every variant of MODELS.md §7 is a setting of these fields (models/variants.py).
+
+    ``num_tokens``/``dim``/``heads`` of the backbone configs are derived from the token
+    layout and ``dim``; the values written there are ignored.
+    """
+
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    dim: int = 64
+    backbone: Literal["rankmixer", "tokenmixer_large"] = "tokenmixer_large"
+    rankmixer: RankMixerConfig = field(default_factory=lambda: RankMixerConfig(num_tokens=8, dim=64))
+    tokenmixer_large: TokenMixerLargeConfig = field(
+        default_factory=lambda: TokenMixerLargeConfig(num_tokens=8, dim=64, num_layers=2, expansion=2.0))
+    use_global_token: bool = True          # TokenMixer-Large's global token (RankMixer has none)
+    use_ugsep: bool = False
+    use_compensation: bool = True
+    sequence_encoder: Literal["pooling", "longer"] = "longer"
+    longer: LongerConfig = field(default_factory=lambda: LongerConfig(num_recent=32, num_self_layers=1))
+    use_msn: bool = False
+    msn_memory: PKMConfig = field(default_factory=lambda: PKMConfig(num_slots=4096, topk=8, key_dim=32))
+    use_lmn: bool = False
+    lmn: LMNConfig = field(default_factory=lambda: LMNConfig(memory=PKMConfig(num_slots=4096, topk=8, key_dim=32)))
+    lmn_recent: int = 16                   # recent behaviours read by LMN (user token, memory loss)
+    lmn_loss_weight: float = 0.1
+    head_hidden: int = 64
+    num_tasks: int = 2
+
+    def __post_init__(self) -> None:
+        if self.backbone == "rankmixer" and self.dim % self.num_tokens:
+            t = self.num_tokens
+            raise ValueError(f"RankerConfig: RankMixer mixes with H = T heads, so dim={self.dim} must be a "
+                             f"multiple of the {t} tokens of this layout (e.g. dim={t * -(-self.dim // t)})")
+
+    @property
+    def use_longer(self) -> bool:
+        return self.sequence_encoder == "longer"
+
+    @property
+    def seq_dim(self) -> int:
+        return self.longer.d_model if self.use_longer else self.sparse.embedding_dim
+
+    @property
+    def user_dim(self) -> int:
+        """Width of the user vector: id embedding ++ user dense features (models/batch.py)."""
+        return self.sparse.embedding_dim + 3
+
+    def feature_groups(self) -> tuple[FeatureGroup, ...]:
+        e, s = self.sparse.embedding_dim, self.seq_dim
+        groups = [FeatureGroup("user", self.user_dim, "user")]
+        groups += [FeatureGroup(f"seq_{i}", s, "user") for i in range(NUM_SEQ_TOKENS)]
+        if self.use_lmn:
+            groups.append(FeatureGroup("lmn_user", self.dim, "user"))
+        groups += [FeatureGroup("item", e, "group"), FeatureGroup("item_side", NUM_GENRES + YEAR_DIM + e, "group"),
+                   FeatureGroup("cross_seq", s, "group"), FeatureGroup("cross_user", e, "group")]
+        if self.use_lmn:
+            groups.append(FeatureGroup("lmn_group", self.dim, "group"))
+        return tuple(groups)
+
+    def tokenizer_config(self) -> TokenizerConfig:
+        use_global = self.use_global_token and self.backbone == "tokenmixer_large"
+        return TokenizerConfig(groups=self.feature_groups(), dim=self.dim, use_global_token=use_global)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokenizer_config().num_tokens()
+
+    def backbone_config(self) -> TokenMixerLargeConfig | RankMixerConfig:
+        t, d = self.num_tokens, self.dim
+        if self.backbone == "rankmixer":
+            return replace(self.rankmixer, num_tokens=t, dim=d)
+        # H = T when it divides D, else the largest divisor of D below T (mixing stays exact).
+        heads = max(h for h in range(1, t + 1) if d % h == 0)
+        return replace(self.tokenmixer_large, num_tokens=t, dim=d, heads=heads, num_tasks=self.num_tasks)
+
+
+@dataclass
+class UserState:
+    """Candidate-independent computation of B groups; cacheable per user (serving)."""
+
+    user_vec: Tensor                        # (B, E + 3)
+    user_features: dict[str, Tensor]        # user-side tokenizer inputs, each (B, F)
+    x_user: Tensor                          # (B, T_u, D) user tokens (gated by MSN if on)
+    seq_mean: Tensor                        # (B, seq_dim) sequence summary for the pooled cross
+    gate: Tensor | None = None              # (B, D) MSN gate
+    longer: LongerUserState | None = None
+    backbone: UserTokenStates | None = None
+    aux: AuxLosses = field(default_factory=AuxLosses)
+
+    def nbytes(self) -> int:
+        """Approximate bytes held (serving cache budget)."""
+        tensors = [self.user_vec, self.x_user, self.seq_mean, *self.user_features.values()]
+        tensors += [self.gate] if self.gate is not None else []
+        if self.backbone is not None:
+            tensors += [*self.backbone.tokens, *self.backbone.contents, self.backbone.output]
+        total = sum(t.numel() * t.element_size() for t in tensors)
+        return total + (self.longer.nbytes() if self.longer is not None else 0)
+
+
+def _masked_mean(x: Tensor, mask: Tensor, dim: int) -> Tensor:
+    w = mask.unsqueeze(-1).to(x.dtype)
+    return (x * w).sum(dim) / w.sum(dim).clamp_min(1.0)
+
+
+class Ranker(nn.Module):
+    """The composed ranker (see module docstring)."""
+
+    def __init__(self, cfg: RankerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        e, d = cfg.sparse.embedding_dim, cfg.dim
+        self.sparse_arch = SparseArch(cfg.sparse)
+        self.year_emb = nn.Embedding(NUM_YEAR_BUCKETS, YEAR_DIM)
+        self.user_cross = nn.Linear(cfg.user_dim, e)
+        if cfg.use_longer:
+            self.longer_cfg = replace(cfg.longer, item_dim=e)
+            self.longer = LongerEncoder(self.longer_cfg)
+            self.longer_user = nn.Linear(cfg.user_dim, cfg.seq_dim)     # user-global token
+            self.longer_cand = nn.Linear(e, cfg.seq_dim)                # candidate token
+        self.msn = MSN(MSNConfig(token_dim=d, memory=replace(cfg.msn_memory, input_dim=cfg.user_dim + cfg.seq_dim))
+                       ) if cfg.use_msn else None
+        self.lmn = LMN(replace(cfg.lmn, item_dim=e, user_dim=cfg.user_dim, token_dim=d)) if cfg.use_lmn else None
+        self.tokenizer = SemanticTokenizer(cfg.tokenizer_config())
+        backbone_cfg = cfg.backbone_config()
+        if cfg.use_ugsep:
+            ug = UGSepConfig(num_user_tokens=self.tokenizer.cfg.num_tokens("user"),
+                             use_compensation=cfg.use_compensation, backbone=cfg.backbone,
+                             **{cfg.backbone: backbone_cfg})
+            self.backbone: nn.Module = UGSepBackbone(ug)
+        else:
+            self.backbone = TokenMixerLarge(backbone_cfg) if cfg.backbone == "tokenmixer_large" \
+                else RankMixer(backbone_cfg)
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, 1))
+            for _ in range(cfg.num_tasks))
+
+    # ------------------------------------------------------------------ user side
+    def _sequence(self, batch: GroupBatch, seq_emb: Tensor, user_vec: Tensor
+                  ) -> tuple[Tensor, LongerUserState | None]:
+        """Sequence summary tokens (B, 3, seq_dim) and the LONGER cache (or None when pooling)."""
+        if self.cfg.use_longer:
+            glob = self.longer_user(user_vec).unsqueeze(1)                          # (B, 1, S)
+            state = self.longer.encode_user(seq_emb, batch.seq_action, batch.seq_gap, batch.seq_len, glob)
+            return state.summary_tokens(), state                                     # (B, 3, S)
+        length = seq_emb.shape[1]
+        pos_from_end = torch.arange(length - 1, -1, -1, device=seq_emb.device)      # 0 = most recent
+        valid = pos_from_end.unsqueeze(0) < batch.seq_len.unsqueeze(1)              # (B, L)
+        windows = [valid & (pos_from_end < w).unsqueeze(0) for w in POOL_WINDOWS] + [valid]
+        return torch.stack([_masked_mean(seq_emb, m, 1) for m in windows], 1), None
+
+    def _recent(self, batch: GroupBatch, seq_emb: Tensor) -> tuple[Tensor, Tensor]:
+        """The last ``lmn_recent`` behaviours (B, r, E) and their validity mask (B, r)."""
+        r = min(self.cfg.lmn_recent, seq_emb.shape[1])
+        pos_from_end = torch.arange(r - 1, -1, -1, device=seq_emb.device)
+        return seq_emb[:, -r:], pos_from_end.unsqueeze(0) < batch.seq_len.unsqueeze(1)
+
+    def encode_user(self, batch: GroupBatch, with_backbone: bool = True) -> UserState:
+        """Everything candidate-independent, at batch B. ``with_backbone=False`` skips the
+        UG-Sep user path (the reference recomputes it per candidate)."""
+        emb = self.sparse_arch({"seq_item": batch.seq_item, "user": batch.user_id})
+        user_vec = torch.cat([emb["user"], batch.user_dense], -1)                   # (B, E + 3)
+        seq_tokens, longer_state = self._sequence(batch, emb["seq_item"], user_vec)
+        features = {"user": user_vec, **{f"seq_{i}": seq_tokens[:, i] for i in range(NUM_SEQ_TOKENS)}}
+        aux = AuxLosses()
+        if self.lmn is not None:
+            recent, recent_mask = self._recent(batch, emb["seq_item"])
+            features["lmn_user"] = self.lmn.user_token(user_vec, recent, recent_mask)
+            if self.training:
+                aux.add("lmn_memory_loss",
+                        self.cfg.lmn_loss_weight * self.lmn.memory_loss(recent, user_vec, recent_mask))
+        seq_mean = seq_tokens[:, -1]
+        gate = self.msn.gate(torch.cat([user_vec, seq_mean], -1)) if self.msn is not None else None
+        x_user = self.tokenizer(features, side="user")                              # (B, T_u, D)
+        if gate is not None:
+            x_user = x_user * gate.unsqueeze(1)
+        states = self.backbone.forward_user(x_user) if self.cfg.use_ugsep and with_backbone else None
+        return UserState(user_vec, features, x_user, seq_mean, gate, longer_state, states, aux)
+
+    # ------------------------------------------------------------------ candidate side
+    def _group_features(self, state: UserState, batch: GroupBatch) -> dict[str, Tensor]:
+        emb = self.sparse_arch({"cand_item": batch.cand_item, "cand_tag": batch.cand_tags})
+        item = emb["cand_item"]                                                     # (B, N, E)
+        tags = _masked_mean(emb["cand_tag"], batch.cand_tags > 0, 2)                # (B, N, E)
+        side = torch.cat([batch.cand_genres, self.year_emb(batch.cand_year), tags], -1)
+        if self.cfg.use_longer:
+            cross_seq = self.longer.score(state.longer, self.longer_cand(item))     # (B, N, S)
+        else:
+            cross_seq = item * state.seq_mean.unsqueeze(1)
+        cross_user = item * self.user_cross(state.user_vec).unsqueeze(1)
+        features = {"item": item, "item_side": side, "cross_seq": cross_seq, "cross_user": cross_user}
+        if self.lmn is not None:
+            features["lmn_group"] = self.lmn.group_tokens(state.user_vec, item)
+        return features
+
+    def score_candidates(self, state: UserState, batch: GroupBatch, reference: bool = False) -> RankerOutput:
+        """Logits (B, N, tasks) of the candidates of ``batch`` given the groups' user state.
+
+        ``reference=True`` runs the UG-Sep backbone through its masked per-candidate path.
+        """
+        features = {**state.user_features, **self._group_features(state, batch)}
+        x_group = self.tokenizer(features, side="group")                            # (B, N, T_g, D)
+        if state.gate is not None:
+            x_group = x_group * state.gate[:, None, None]
+        out = self._backbone(state, x_group, reference)
+        logits = torch.cat([head(out.pooled) for head in self.heads], -1)          # (B, N, tasks)
+        logits = logits * batch.cand_mask.unsqueeze(-1).to(logits.dtype)
+        aux = AuxLosses()
+        aux.merge(state.aux)
+        aux.merge(out.aux)
+        return RankerOutput(logits=logits, aux_logits=list(out.shallow_logits), aux_losses=dict(aux.losses))
+
+    def _backbone(self, state: UserState, x_group: Tensor, reference: bool) -> BackboneOutput:
+        if self.cfg.use_ugsep and not reference:
+            return self.backbone.forward_group(state.backbone, x_group)
+        if self.cfg.use_ugsep:
+            return self.backbone(state.x_user, x_group)
+        b, n = x_group.shape[:2]
+        x_user = state.x_user.unsqueeze(1).expand(b, n, *state.x_user.shape[1:])
+        return self.backbone(torch.cat([x_user, x_group], dim=-2))                  # (B, N, T, D) in
+
+    # ------------------------------------------------------------------ entry points
+    def forward(self, batch: GroupBatch) -> RankerOutput:
+        return self.score_candidates(self.encode_user(batch), batch)
+
+    def forward_reference(self, batch: GroupBatch) -> RankerOutput:
+        """No reuse: each candidate is its own group, the user side recomputed for it."""
+        b, n = batch.batch_size, batch.num_candidates
+        flat = batch.per_candidate()                                                # B*N groups of 1
+        out = self.score_candidates(self.encode_user(flat, with_backbone=False), flat, reference=True)
+        reshape = lambda t: t.reshape(b, n, *t.shape[2:])
+        return RankerOutput(logits=reshape(out.logits), aux_logits=[reshape(a) for a in out.aux_logits],
+                            aux_losses=out.aux_losses)
+
+    def memory_value_parameters(self) -> list[nn.Parameter]:
+        """PKM value tables, which train with their own (higher) learning rate (MODELS.md §6)."""
+        return [p for m in (self.msn, self.lmn) if m is not None for p in m.memory.value_parameters()]
+
