@@ -1,6 +1,6 @@
 """W8A16 weight-only quantization (UG-Sep, arXiv 2602.10455; MODELS.md §4).
 
-Weights become symmetric int8 with one fp32 scale per output channel; activations stay
+Weights become symmetric int8 with one fp16 scale per output channel; activations stay
 16/32-bit and weights are dequantised inside the matmul. Embedding tables are left alone.
 
 What gets quantized by ``quantize_w8a16`` (the opt-in contract for other layers)
@@ -86,6 +86,9 @@ def quantize_int8(weight: Tensor, reduce_dim: int) -> tuple[Tensor, Tensor]:
     return q, scale.squeeze(reduce_dim)
 
 
+SCALE_DTYPE = torch.float16  # per-channel scales of the quantized layers
+
+
 @functools.lru_cache(maxsize=None)
 def int8pack_supported(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch._weight_int8pack_mm`` runs for activations of ``dtype`` on ``device_type``."""
@@ -141,7 +144,8 @@ class QuantizedLinear(_W8Module):
         super().__init__(kernel, activation_dtype)
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scale", torch.ones(out_features))
+        # fp16 scales: half the bytes of fp32, and 11 mantissa bits keep dequantisation within 0.6 scale.
+        self.register_buffer("scale", torch.ones(out_features, dtype=SCALE_DTYPE))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
@@ -189,7 +193,7 @@ class QuantizedPerTokenLinear(_W8Module):
         super().__init__(kernel, activation_dtype)
         self.num_tokens, self.d_in, self.d_out = num_tokens, d_in, d_out
         self.register_buffer("qweight", torch.zeros(num_tokens, d_out, d_in, dtype=torch.int8))
-        self.register_buffer("scale", torch.ones(num_tokens, d_out))
+        self.register_buffer("scale", torch.ones(num_tokens, d_out, dtype=SCALE_DTYPE))
         self.register_buffer("bias", torch.zeros(num_tokens, d_out) if bias else None)
 
     @classmethod
@@ -301,12 +305,17 @@ def quantize_w8a16(model: nn.Module, config: QuantConfig = QuantConfig(), inplac
 
 
 def weight_bytes(model: nn.Module, include_sparse: bool = False) -> int:
-    """Bytes of every parameter and buffer (shared tensors once), embedding tables excluded by default."""
+    """Bytes of every parameter and weight buffer (shared tensors once), embedding tables excluded by default.
+
+    Integer buffers other than int8 (e.g. PKM slot-hit counters) are statistics, not weights.
+    """
     sparse_ids = set() if include_sparse else sparse_tensor_ids(model)
     seen: set[int] = set()
     total = 0
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) in seen or id(tensor) in sparse_ids:
+            continue
+        if not (tensor.is_floating_point() or tensor.dtype == torch.int8):
             continue
         seen.add(id(tensor))
         total += tensor.numel() * tensor.element_size()

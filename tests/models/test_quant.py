@@ -79,7 +79,8 @@ def test_quantized_linear_reference_path_is_close_to_float() -> None:
         out, ref = quant(x), linear(x)
     assert out.shape == (5, 7, 128)
     assert relative_error(ref, out) < 1e-2
-    torch.testing.assert_close(quant.weight, linear.weight, atol=float(quant.scale.max()) / 2 + 1e-6, rtol=0)
+    # Rounding to the int8 grid (scale / 2) plus the fp16 scale's own rounding (127 * scale * 2**-11).
+    torch.testing.assert_close(quant.weight, linear.weight, atol=float(quant.scale.max()) * 0.6 + 1e-6, rtol=0)
 
 
 @needs_int8pack

@@ -1,0 +1,238 @@
+"""Model micro-benchmarks: ``python -m pipelines.bench models [--quick] --json PATH``.
+
+Every figure is a ratio against a baseline measured in the same run (shared, noisy
+machines): user-side reuse vs per-candidate recomputation, LONGER KV cache vs none,
+TokenMixer-Large FLOP/s vs the measured peak GEMM FLOP/s, a 1M-slot MSN read vs the
+ranker forward, sparse vs all-experts MoE, W8A16 vs fp32 weights. Times are the best of
+several runs after a warm-up. On a CUDA device the timed models run in bf16 (the
+exactness check stays fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from models.batch import GroupBatch
+from models.cost import count_parameters, flops_per_candidate, measure_peak_matmul_flops
+from models.layers import AuxLosses
+from models.longer import LongerConfig, LongerEncoder
+from models.memory import MSN, MSNConfig, PKMConfig
+from models.quant import quantize_w8a16, relative_error, weight_bytes
+from models.ranker import Ranker, RankerConfig
+from models.sparse import SparseConfig
+from models.task import RankingTask
+from models.tokenmixer_large import SparseMoEConfig, SparsePerTokenMoE, TokenMixerLarge, TokenMixerLargeConfig, \
+    flops_per_sample
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchSizes:
+    """Sizes of one bench run; ``--quick`` shrinks everything but the issue's N and L."""
+
+    batch_groups: int = 2
+    num_candidates: int = 256
+    seq_len: int = 2000
+    embedding_dim: int = 32
+    dim: int = 64
+    tml_tokens: int = 16
+    tml_dim: int = 512
+    tml_layers: int = 4
+    tml_batch: int = 1024
+    moe_dim: int = 256
+    moe_batch: int = 1024
+    pkm_slots: int = 1 << 20
+    repeats: int = 5
+    peak_seconds: float = 2.0
+
+
+QUICK = BenchSizes(batch_groups=1, tml_dim=256, tml_layers=2, tml_batch=256, moe_batch=256, repeats=3,
+                   peak_seconds=0.5)
+
+
+def best_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Best wall time of ``fn`` over ``repeats`` runs (CUDA-synchronised)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        sync()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            sync()
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def random_groups(sizes: BenchSizes, vocab: SparseConfig, device: torch.device, seed: int = 0) -> GroupBatch:
+    """Full-length random groups (every sequence slot real; labels for a short training)."""
+    g = torch.Generator().manual_seed(seed)
+    b, n, length = sizes.batch_groups, sizes.num_candidates, sizes.seq_len
+    ints = lambda low, high, *shape: torch.randint(low, high, shape, generator=g)
+    batch = GroupBatch(
+        user_id=ints(2, vocab.user_vocab, b), user_dense=torch.rand(b, 3, generator=g),
+        seq_item=ints(2, vocab.item_vocab, b, length), seq_action=ints(1, 11, b, length),
+        seq_gap=ints(1, 31, b, length), seq_len=torch.full((b,), length),
+        cand_item=ints(2, vocab.item_vocab, b, n), cand_genres=(torch.rand(b, n, 20, generator=g) > 0.8).float(),
+        cand_year=ints(0, 32, b, n), cand_tags=ints(0, vocab.tag_vocab, b, n, 3),
+        cand_mask=torch.ones(b, n, dtype=torch.bool), labels=ints(0, 2, b, n, 2).float())
+    return batch.to(device)
+
+
+def bench_ranker_config(sizes: BenchSizes) -> RankerConfig:
+    """The full ranker: LONGER + MSN + LMN + TokenMixer-Large with UG-Sep."""
+    sparse = SparseConfig(item_vocab=100_000, user_vocab=10_000, tag_vocab=2_000, embedding_dim=sizes.embedding_dim)
+    return RankerConfig(sparse=sparse, dim=sizes.dim, use_ugsep=True, use_msn=True, use_lmn=True,
+                        longer=LongerConfig(num_recent=100, num_self_layers=2, max_seq_len=max(sizes.seq_len, 2000)))
+
+
+def bench_reuse(sizes: BenchSizes, device: torch.device) -> dict:
+    """encode_user once per group vs the whole model recomputed per candidate (same outputs)."""
+    torch.manual_seed(0)
+    cfg = bench_ranker_config(sizes)
+    model = Ranker(cfg).to(device).eval()
+    batch = random_groups(sizes, cfg.sparse, device)
+    with torch.inference_mode():
+        diff = (model(batch).logits - model.forward_reference(batch).logits).abs().max().item()
+    reuse_s = best_seconds(lambda: model(batch), sizes.repeats)
+    full_s = best_seconds(lambda: model.forward_reference(batch), max(1, sizes.repeats // 2))
+    params = count_parameters(model)
+    return {"reuse_speedup": full_s / reuse_s, "reuse_max_abs_diff": diff, "ranker_forward_s": reuse_s,
+            "ranker_full_recompute_s": full_s, "ranker_params_dense": params["dense"],
+            "ranker_params_sparse": params["sparse"],
+            "ranker_flops_per_candidate": flops_per_candidate(model, batch),
+            "ranker_user_state_bytes_per_group": model.encode_user(batch).nbytes() // sizes.batch_groups}
+
+
+def bench_kv_cache(sizes: BenchSizes, device: torch.device) -> dict:
+    """LONGER alone: encode_user (KV cache) + score vs the full stack per candidate."""
+    torch.manual_seed(0)
+    cfg = LongerConfig(item_dim=sizes.embedding_dim, d_model=sizes.dim, num_recent=100, num_self_layers=2,
+                       max_seq_len=max(sizes.seq_len, 2000))
+    enc = LongerEncoder(cfg).to(device).eval()
+    b, n, length = sizes.batch_groups, sizes.num_candidates, sizes.seq_len
+    seq = torch.randn(b, length, cfg.item_dim, device=device)
+    act = torch.randint(1, 11, (b, length), device=device)
+    gap = torch.randint(1, 31, (b, length), device=device)
+    lens = torch.full((b,), length, device=device)
+    cand = torch.randn(b, n, cfg.d_model, device=device)
+    cached = lambda: enc.score(enc.encode_user(seq, act, gap, lens), cand)
+    full = lambda: enc(seq, act, gap, lens, cand)
+    with torch.inference_mode():
+        diff = (cached() - full()).abs().max().item()
+    cached_s = best_seconds(cached, sizes.repeats)
+    full_s = best_seconds(full, max(1, sizes.repeats // 2))
+    return {"kv_cache_speedup": full_s / cached_s, "kv_cache_max_abs_diff": diff, "longer_cached_s": cached_s,
+            "longer_full_s": full_s}
+
+
+def bench_mfu(sizes: BenchSizes, device: torch.device, dtype: torch.dtype) -> dict:
+    """TokenMixer-Large forward FLOP/s over the measured peak GEMM FLOP/s (same dtype)."""
+    torch.manual_seed(0)
+    cfg = TokenMixerLargeConfig(num_tokens=sizes.tml_tokens, dim=sizes.tml_dim, num_layers=sizes.tml_layers,
+                                expansion=4.0)
+    model = TokenMixerLarge(cfg).to(device=device, dtype=dtype).eval()
+    x = torch.randn(sizes.tml_batch, cfg.num_tokens, cfg.dim, device=device, dtype=dtype)
+    seconds = best_seconds(lambda: model(x), sizes.repeats)
+    achieved = flops_per_sample(cfg) * sizes.tml_batch / seconds
+    peak = measure_peak_matmul_flops(dtype, seconds=sizes.peak_seconds, device=device)
+    return {"mfu_backbone": achieved / peak, "backbone_flops_per_s": achieved, "peak_matmul_flops_per_s": peak,
+            "mfu_config": f"T={cfg.num_tokens} D={cfg.dim} L={cfg.num_layers} exp=4 batch={sizes.tml_batch}"}
+
+
+def bench_pkm(sizes: BenchSizes, device: torch.device, ranker_forward_s: float) -> dict:
+    """A 1M-slot MSN read as the ranker does it (user-side query, once per group) and per candidate."""
+    torch.manual_seed(0)
+    cfg = bench_ranker_config(sizes)
+    memory = PKMConfig(input_dim=cfg.user_dim + cfg.seq_dim, num_slots=sizes.pkm_slots, topk=16, key_dim=64)
+    msn = MSN(MSNConfig(token_dim=cfg.dim, memory=replace(memory, track_usage=False))).to(device).eval()
+    per_group = torch.randn(sizes.batch_groups, memory.input_dim, device=device)
+    per_cand = torch.randn(sizes.batch_groups * sizes.num_candidates, memory.input_dim, device=device)
+    group_s = best_seconds(lambda: msn.gate(per_group), sizes.repeats)
+    cand_s = best_seconds(lambda: msn.gate(per_cand), sizes.repeats)
+    return {"pkm_overhead_frac": group_s / ranker_forward_s, "pkm_read_per_group_s": group_s,
+            "pkm_overhead_frac_if_per_candidate": cand_s / ranker_forward_s, "pkm_slots": sizes.pkm_slots}
+
+
+def bench_moe(sizes: BenchSizes, device: torch.device, dtype: torch.dtype) -> dict:
+    """Sparse-Pertoken MoE at 1:4 activation (E=8, k=2): real dispatch vs every expert computed."""
+    torch.manual_seed(0)
+    moe = SparsePerTokenMoE(sizes.tml_tokens, sizes.moe_dim, SparseMoEConfig(num_experts=8, top_k=2), 0.01)
+    moe = moe.to(device=device, dtype=dtype).eval()
+    x = torch.randn(sizes.moe_batch, sizes.tml_tokens, sizes.moe_dim, device=device, dtype=dtype)
+    with torch.inference_mode():
+        diff = (moe(x) - moe.forward_dense_reference(x)).abs().max().item()
+    sparse_s = best_seconds(lambda: moe(x, aux=AuxLosses()), sizes.repeats)
+    dense_s = best_seconds(lambda: moe.forward_dense_reference(x), sizes.repeats)
+    return {"moe_sparse_speedup": dense_s / sparse_s, "moe_max_abs_diff": diff, "moe_sparse_s": sparse_s,
+            "moe_dense_s": dense_s}
+
+
+def bench_w8a16(sizes: BenchSizes, device: torch.device) -> dict:
+    """Weight-only int8 of a (briefly) trained ranker: weight bytes and output error vs fp32."""
+    torch.manual_seed(0)
+    small = replace(sizes, num_candidates=32, seq_len=256, batch_groups=4)
+    model = Ranker(bench_ranker_config(small)).to(device)
+    batch = random_groups(small, model.cfg.sparse, device, seed=1)
+    task, optimizer = RankingTask(model), torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(10):
+        optimizer.zero_grad()
+        task(batch)[0].backward()
+        optimizer.step()
+    model.eval()
+    quantized = quantize_w8a16(model)
+    with torch.inference_mode():
+        ref, approx = model(batch).logits, quantized(batch).logits
+    float_s = best_seconds(lambda: model(batch), sizes.repeats)
+    quant_s = best_seconds(lambda: quantized(batch), sizes.repeats)
+    return {"w8a16_weight_bytes_ratio": weight_bytes(quantized) / weight_bytes(model),
+            "w8a16_max_rel_err": relative_error(ref, approx), "w8a16_latency_ratio": quant_s / float_s}
+
+
+def run(sizes: BenchSizes, device: torch.device) -> dict:
+    timed_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    results: dict = {"device": str(device), "timed_dtype": str(timed_dtype).removeprefix("torch."),
+                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                     "machine": platform.machine(), "sizes": sizes.__dict__}
+    steps = [("reuse", lambda: bench_reuse(sizes, device)), ("kv_cache", lambda: bench_kv_cache(sizes, device)),
+             ("mfu", lambda: bench_mfu(sizes, device, timed_dtype)),
+             ("pkm", lambda: bench_pkm(sizes, device, results["ranker_forward_s"])),
+             ("moe", lambda: bench_moe(sizes, device, timed_dtype)), ("w8a16", lambda: bench_w8a16(sizes, device))]
+    for name, step in steps:
+        start = time.perf_counter()
+        results.update(step())
+        logger.info("bench models: %s done in %.1f s", name, time.perf_counter() - start)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.bench models", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, under a minute on 2 cores")
+    parser.add_argument("--json", required=True, help="where to write the results")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    started = time.perf_counter()
+    results = run(QUICK if args.quick else BenchSizes(), device)
+    results["quick"], results["total_s"] = args.quick, time.perf_counter() - started
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    keys = ("reuse_speedup", "reuse_max_abs_diff", "kv_cache_speedup", "mfu_backbone", "pkm_overhead_frac",
+            "moe_sparse_speedup", "w8a16_weight_bytes_ratio", "w8a16_max_rel_err")
+    print(json.dumps({k: results[k] for k in keys}, indent=2))
+    return 0
