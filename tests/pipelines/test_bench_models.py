@@ -1,0 +1,44 @@
+"""The models bench at tiny sizes: every contracted key present, exactness holds, JSON written."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from pipelines.bench_models import BenchSizes, run
+from pipelines.bench import main
+
+import torch
+
+KEYS = ("reuse_speedup", "reuse_max_abs_diff", "kv_cache_speedup", "mfu_backbone", "pkm_overhead_frac",
+        "moe_sparse_speedup", "w8a16_weight_bytes_ratio", "w8a16_max_rel_err")
+
+TINY = BenchSizes(batch_groups=1, num_candidates=8, seq_len=64, embedding_dim=16, dim=32, tml_tokens=8,
+                  tml_dim=64, tml_layers=2, tml_batch=32, moe_dim=32, moe_batch=32, pkm_slots=4096,
+                  repeats=1, peak_seconds=0.05)
+
+
+def test_tiny_run_reports_every_key_and_exactness():
+    results = run(TINY, torch.device("cpu"))
+    for key in KEYS:
+        assert math.isfinite(results[key]) and results[key] >= 0, key
+    assert results["reuse_max_abs_diff"] <= 1e-5
+    assert results["kv_cache_max_abs_diff"] <= 1e-5
+    assert results["moe_max_abs_diff"] <= 1e-4
+    assert 0.25 <= results["w8a16_weight_bytes_ratio"] < 0.5
+    assert 0 < results["mfu_backbone"] < 2
+    json.dumps(results)
+
+
+def test_cli_rejects_unknown_benchmark(capsys):
+    assert main(["nope", "--json", "x.json"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
+
+
+def test_cli_requires_json(capsys):
+    try:
+        main(["models", "--quick"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    assert "--json" in capsys.readouterr().err
+
