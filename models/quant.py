@@ -240,13 +240,14 @@ class QuantizedPerTokenLinear(_W8Module):
 
 
 class Int8Dequantize(nn.Module):
-    """Parametrization of a (G, d_in, d_out) weight stored as int8 + (G, d_out) scales."""
+    """Parametrization of a (..., d_in, d_out) weight stored as int8 + (..., d_out) scales."""
 
     def forward(self, qweight: Tensor, scale: Tensor) -> Tensor:
-        return qweight.to(scale.dtype) * scale.unsqueeze(1)  # (G, d_in, d_out)
+        return qweight.to(torch.float32) * scale.to(torch.float32).unsqueeze(-2)  # (..., d_in, d_out)
 
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
-        return quantize_int8(weight, reduce_dim=1)
+        q, scale = quantize_int8(weight, reduce_dim=-2)
+        return q, scale.to(SCALE_DTYPE)
 
 
 def _is_per_token_linear(module: nn.Module) -> bool:
@@ -271,13 +272,15 @@ def _swap_modules(module: nn.Module, prefix: str, config: QuantConfig, counts: d
 
 
 def _parametrize_3d_weights(model: nn.Module, config: QuantConfig, counts: dict[str, int]) -> None:
-    """Int8-store every remaining 3-D ``*weight`` parameter outside embedding tables."""
+    """Int8-store every remaining >= 3-D ``*weight`` parameter (or one a module lists in
+    ``quantizable_params``, e.g. MoE expert tensors (T, E, d_in, d_out)) outside embedding tables."""
     sparse_ids = sparse_tensor_ids(model)
     for path, module in list(model.named_modules()):
         if isinstance(module, _W8Module) or any(path.startswith(s) for s in config.skip if s):
             continue
         for name, param in list(module.named_parameters(recurse=False)):
-            if param.dim() != 3 or not name.endswith("weight") or id(param) in sparse_ids:
+            opted_in = name in getattr(type(module), "quantizable_params", ())
+            if param.dim() < 3 or not (name.endswith("weight") or opted_in) or id(param) in sparse_ids:
                 continue
             param.requires_grad_(False)  # int8 storage cannot carry gradients
             parametrize.register_parametrization(module, name, Int8Dequantize(), unsafe=True)

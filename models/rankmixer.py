@@ -183,6 +183,8 @@ class RankMixerConfig:
 class ReLUPerTokenMoE(nn.Module):
     """E GELU experts per token position with ReLU gates; dense-train / sparse-infer routers."""
 
+    quantizable_params = ("w_in", "w_out")  # (T, E, d_in, d_out) expert weights, for W8A16
+
     def __init__(self, num_tokens: int, dim: int, cfg: ReLUMoEConfig) -> None:
         super().__init__()
         self.cfg = cfg

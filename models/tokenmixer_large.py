@@ -128,6 +128,8 @@ def flops_per_sample(cfg: TokenMixerLargeConfig) -> int:
 class SparsePerTokenMoE(nn.Module):
     """E SwiGLU experts per token position + one shared expert, softmax top-k routing."""
 
+    quantizable_params = ("gate_up", "down")  # (T, E, d_in, d_out) expert weights, for W8A16
+
     def __init__(self, num_tokens: int, dim: int, cfg: SparseMoEConfig, down_init_std: float | None) -> None:
         super().__init__()
         self.cfg = cfg

@@ -330,12 +330,9 @@ def test_w8a16_stays_close_to_the_trained_float_model(variant: str) -> None:
     assert err <= 0.03, f"W8A16 (auto kernel: bf16 activations) relative error {err:.4f}"
     assert err_ref <= 0.015, f"W8A16 (reference kernel: fp32 activations) relative error {err_ref:.4f}"
     assert weight_bytes(quant, include_sparse=True) > weight_bytes(quant)  # tables untouched, still there
-    if not is_moe(variant):  # MoE expert weights: see the xfail below
-        assert ratio < 0.3, f"W8A16 keeps {ratio:.2f} of the float weight bytes"
+    assert ratio < 0.3, f"W8A16 keeps {ratio:.2f} of the float weight bytes"
 
 
-@pytest.mark.xfail(strict=True, reason="quantize_w8a16 only int8-stores 3-D '*weight' params; the 4-D MoE expert "
-                   "tensors (T, E, d, h) - SP-MoE gate_up/down, ReLU-MoE w_in/w_out - stay fp32 (ratio ~0.8)")
 @pytest.mark.parametrize("variant", ["tml_moe", "rankmixer_moe"])
 def test_w8a16_quantizes_moe_expert_weights(variant: str) -> None:
     model = MODELS[variant]
