@@ -15,20 +15,25 @@ from torch import nn
 from models.baselines import build_baseline
 from models.ranker import Ranker, RankerConfig
 
-# Each ranker variant is a nested update of RankerConfig fields.
+# Each ranker variant is a nested update of RankerConfig fields. Every variant sets all the
+# switches (backbone, sequence encoder, UG-Sep, memories), so the base config only gives sizes.
+_OFF = {"use_ugsep": False, "use_msn": False, "use_lmn": False, "sequence_encoder": "pooling"}
 RANKER_VARIANTS: dict[str, dict[str, Any]] = {
-    "rankmixer": {"backbone": "rankmixer", "sequence_encoder": "pooling"},
-    "rankmixer_moe": {"backbone": "rankmixer", "sequence_encoder": "pooling",
+    "rankmixer": {**_OFF, "backbone": "rankmixer"},
+    "rankmixer_moe": {**_OFF, "backbone": "rankmixer",
                       "rankmixer": {"moe": {"num_experts": 4, "target_active_ratio": 0.5}}},
-    "tokenmixer_large": {"sequence_encoder": "pooling"},
-    "tokenmixer_large_moe": {"sequence_encoder": "pooling",
+    "tokenmixer_large": {**_OFF, "backbone": "tokenmixer_large"},
+    "tokenmixer_large_moe": {**_OFF, "backbone": "tokenmixer_large",
                              "tokenmixer_large": {"moe": {"num_experts": 4, "top_k": 1}}},
-    "ugsep": {"sequence_encoder": "pooling", "use_ugsep": True},
-    "ugsep_nocomp": {"sequence_encoder": "pooling", "use_ugsep": True, "use_compensation": False},
-    "longer": {"use_ugsep": True},
-    "msn": {"use_ugsep": True, "use_msn": True},
-    "lmn": {"use_ugsep": True, "use_lmn": True},
-    "full": {"use_ugsep": True, "use_msn": True, "use_lmn": True},
+    "ugsep": {**_OFF, "backbone": "tokenmixer_large", "use_ugsep": True, "use_compensation": True},
+    "ugsep_nocomp": {**_OFF, "backbone": "tokenmixer_large", "use_ugsep": True, "use_compensation": False},
+    "longer": {**_OFF, "backbone": "tokenmixer_large", "use_ugsep": True, "sequence_encoder": "longer"},
+    "msn": {**_OFF, "backbone": "tokenmixer_large", "use_ugsep": True, "sequence_encoder": "longer",
+            "use_msn": True},
+    "lmn": {**_OFF, "backbone": "tokenmixer_large", "use_ugsep": True, "sequence_encoder": "longer",
+            "use_lmn": True},
+    "full": {**_OFF, "backbone": "tokenmixer_large", "use_ugsep": True, "sequence_encoder": "longer",
+             "use_msn": True, "use_lmn": True},
 }
 BASELINE_VARIANTS = ("dlrm_mlp", "dcnv2", "din")
 VARIANTS = (*BASELINE_VARIANTS, *RANKER_VARIANTS)

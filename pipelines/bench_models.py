@@ -32,6 +32,7 @@ from models.sparse import SparseConfig
 from models.task import RankingTask
 from models.tokenmixer_large import SparseMoEConfig, SparsePerTokenMoE, TokenMixerLarge, TokenMixerLargeConfig, \
     flops_per_sample
+from models.variants import VARIANTS, ModelConfig, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +207,19 @@ def bench_w8a16(sizes: BenchSizes, device: torch.device) -> dict:
             "w8a16_max_rel_err": relative_error(ref, approx), "w8a16_latency_ratio": quant_s / float_s}
 
 
+def bench_variants(sizes: BenchSizes, device: torch.device) -> dict:
+    """Parameters (dense/sparse) and forward FLOPs per candidate of every variant (MODELS.md §7)."""
+    base = bench_ranker_config(sizes)
+    batch = random_groups(replace(sizes, batch_groups=1), base.sparse, device)
+    rows = {}
+    for name in VARIANTS:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(variant=name, ranker=base)).to(device).eval()
+        with torch.inference_mode():
+            rows[name] = {**count_parameters(model), "flops_per_candidate": flops_per_candidate(model, batch)}
+    return {"variants": rows}
+
+
 def run(sizes: BenchSizes, device: torch.device) -> dict:
     timed_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results: dict = {"device": str(device), "timed_dtype": str(timed_dtype).removeprefix("torch."),
@@ -214,7 +228,8 @@ def run(sizes: BenchSizes, device: torch.device) -> dict:
     steps = [("reuse", lambda: bench_reuse(sizes, device)), ("kv_cache", lambda: bench_kv_cache(sizes, device)),
              ("mfu", lambda: bench_mfu(sizes, device, timed_dtype)),
              ("pkm", lambda: bench_pkm(sizes, device, results["ranker_forward_s"])),
-             ("moe", lambda: bench_moe(sizes, device, timed_dtype)), ("w8a16", lambda: bench_w8a16(sizes, device))]
+             ("moe", lambda: bench_moe(sizes, device, timed_dtype)), ("w8a16", lambda: bench_w8a16(sizes, device)),
+             ("variants", lambda: bench_variants(sizes, device))]
     for name, step in steps:
         start = time.perf_counter()
         results.update(step())

@@ -27,6 +27,8 @@ def test_tiny_run_reports_every_key_and_exactness():
     assert results["moe_max_abs_diff"] <= 1e-4
     assert 0.25 <= results["w8a16_weight_bytes_ratio"] < 0.5
     assert 0 < results["mfu_backbone"] < 2
+    assert set(results["variants"]) >= {"dlrm_mlp", "rankmixer", "tokenmixer_large_moe", "full"}
+    assert all(row["flops_per_candidate"] > 0 and row["dense"] > 0 for row in results["variants"].values())
     json.dumps(results)
 
 
