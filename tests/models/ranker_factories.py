@@ -70,7 +70,8 @@ def make_ranker(variant: str = "tml_longer", seed: int = 0) -> Ranker:
 
 
 def random_groups(seed: int = 0, batch: int = 3, cands: int = 4, seq: int = 12, n_tags: int = 3,
-                  min_seq_len: int = 0) -> GroupBatch:
+                  min_seq_len: int = 0, num_items: int = NUM_ITEMS, num_users: int = NUM_USERS,
+                  num_tags: int = NUM_TAGS) -> GroupBatch:
     """A random, well-formed group batch: left-padded sequences, right-padded candidates, labels.
 
     ``seq_len`` is drawn in ``[min_seq_len, seq]`` (0 = a user with no history) and every
@@ -86,16 +87,16 @@ def random_groups(seed: int = 0, batch: int = 3, cands: int = 4, seq: int = 12, 
     n_real = ints(1, cands + 1, (batch,))
     cand_mask = torch.arange(cands) < n_real.unsqueeze(1)  # (B, N)
     return GroupBatch(
-        user_id=ints(2, NUM_USERS, (batch,)),
+        user_id=ints(2, num_users, (batch,)),
         user_dense=torch.rand(batch, 3, generator=g),
-        seq_item=ints(2, NUM_ITEMS, (batch, seq)) * valid,
+        seq_item=ints(2, num_items, (batch, seq)) * valid,
         seq_action=ints(1, NUM_ACTIONS, (batch, seq)) * valid,
         seq_gap=ints(1, NUM_GAP_BUCKETS, (batch, seq)) * valid,
         seq_len=seq_len,
-        cand_item=ints(2, NUM_ITEMS, (batch, cands)) * cand_mask,
+        cand_item=ints(2, num_items, (batch, cands)) * cand_mask,
         cand_genres=(torch.rand(batch, cands, NUM_GENRES, generator=g) < 0.2).float() * cand_mask.unsqueeze(-1),
         cand_year=ints(0, NUM_YEAR_BUCKETS, (batch, cands)) * cand_mask,
-        cand_tags=ints(0, NUM_TAGS, (batch, cands, n_tags)) * cand_mask.unsqueeze(-1),
+        cand_tags=ints(0, num_tags, (batch, cands, n_tags)) * cand_mask.unsqueeze(-1),
         cand_mask=cand_mask,
         labels=(torch.rand(batch, cands, 2, generator=g) < 0.5).float(),
     )

@@ -12,49 +12,20 @@ from hypothesis import strategies as st
 from models.baselines import (
     BASELINES, DCNConfig, DCNv2, DIN, DINConfig, DLRMConfig, DLRMMLP, FeatureConfig, SplitLinear, build_baseline,
 )
-from models.batch import NUM_ACTIONS, NUM_GAP_BUCKETS, NUM_GENRES, NUM_YEAR_BUCKETS, GroupBatch
+from models.batch import GroupBatch
 from models.task import masked_bce
+from tests.models.ranker_factories import random_groups
 
 NUM_ITEMS, NUM_USERS, NUM_TAGS = 64, 50, 20
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
-    barriers make them ~20x slower; restore the setting so other tests are unaffected."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 TINY_FEATURES = FeatureConfig(emb_dim=8, recent_len=4)
 
 
 def random_batch(seed: int = 0, batch: int = 3, cands: int = 5, seq: int = 7, n_tags: int = 3,
                  num_items: int = NUM_ITEMS) -> GroupBatch:
-    """A random, well-formed group batch: left-padded sequences, right-padded candidates."""
-    g = torch.Generator().manual_seed(seed)
-
-    def ints(low: int, high: int, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.randint(low, high, shape, generator=g)
-
-    seq_len = ints(0, seq + 1, (batch,))
-    valid = torch.arange(seq) >= (seq - seq_len).unsqueeze(1)  # (B, L)
-    n_real = ints(1, cands + 1, (batch,))
-    cand_mask = torch.arange(cands) < n_real.unsqueeze(1)  # (B, N)
-    return GroupBatch(
-        user_id=ints(2, NUM_USERS, (batch,)),
-        user_dense=torch.rand(batch, 3, generator=g),
-        seq_item=ints(2, num_items, (batch, seq)) * valid,
-        seq_action=ints(1, NUM_ACTIONS, (batch, seq)) * valid,
-        seq_gap=ints(1, NUM_GAP_BUCKETS, (batch, seq)) * valid,
-        seq_len=seq_len,
-        cand_item=ints(2, num_items, (batch, cands)) * cand_mask,
-        cand_genres=(torch.rand(batch, cands, NUM_GENRES, generator=g) < 0.2).float() * cand_mask.unsqueeze(-1),
-        cand_year=ints(0, NUM_YEAR_BUCKETS, (batch, cands)) * cand_mask,
-        cand_tags=ints(0, NUM_TAGS, (batch, cands, n_tags)) * cand_mask.unsqueeze(-1),
-        cand_mask=cand_mask,
-        labels=(torch.rand(batch, cands, 2, generator=g) < 0.5).float(),
-    )
+    """A random, well-formed group batch at the baselines' vocabulary sizes."""
+    return random_groups(seed, batch, cands, seq, n_tags, num_items=num_items, num_users=NUM_USERS,
+                         num_tags=NUM_TAGS)
 
 
 def tiny_model(name: str) -> torch.nn.Module:

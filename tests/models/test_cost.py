@@ -15,13 +15,6 @@ from models.layers import PerTokenLinear
 from tests.models.test_baselines import NUM_ITEMS, NUM_TAGS, NUM_USERS, random_batch
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 class Tiny(nn.Module):
     """Known costs: sparse 10*4 + 6*4 = 64; dense (4*8+8) + (2*8*3+2*3) + 6*2 = 106.

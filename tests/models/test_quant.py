@@ -20,14 +20,6 @@ needs_int8pack = pytest.mark.skipif(not int8pack_supported("cpu", torch.bfloat16
                                     reason="torch._weight_int8pack_mm unavailable on this CPU build")
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Small GEMMs on a shared 2-core machine: one thread avoids OpenMP barrier stalls."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 class TokenModel(nn.Module):
     """A per-token stack like the backbones: PFFN, SwiGLU, a linear head."""

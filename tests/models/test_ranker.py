@@ -37,14 +37,6 @@ sizes_st = dict(seed=st.integers(0, 10_000), batch=st.integers(1, 3), cands=st.i
                 seq=st.integers(1, 40))
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models gain nothing from intra-op threads on the shared 2-core machine; restore after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 # ---------------------------------------------------------------- helpers
 def run(model: Ranker, batch: GroupBatch, reference: bool = False) -> RankerOutput:
