@@ -11,7 +11,9 @@ is raised here as :class:`LakeWriteError`, naming the table.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -19,6 +21,8 @@ import deltalake
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -265,3 +269,34 @@ def row_count(uri: str, version: int | None = None,
     if "num_records" in actions.column_names and actions["num_records"].null_count == 0:
         return int(pc.sum(actions["num_records"]).as_py() or 0)
     return table.to_pyarrow_dataset().count_rows()
+
+
+# ---- distributed writes: workers write data files, the driver makes ONE commit ----
+def write_data_file(table: pa.Table, table_uri: str, partition: dict[str, str], name: str) -> dict:
+    """Write one data file of a Delta table (partition columns live in the path, not the file)."""
+    rel_dir = "/".join(f"{k}={v}" for k, v in partition.items())
+    rel_path = f"{rel_dir}/{name}.parquet" if rel_dir else f"{name}.parquet"
+    fs, root = pafs.FileSystem.from_uri(table_uri)
+    fs.create_dir(f"{root}/{rel_dir}" if rel_dir else root, recursive=True)
+    pq.write_table(table.drop_columns(list(partition)), f"{root}/{rel_path}", filesystem=fs)
+    return {"path": rel_path, "size": fs.get_file_info(f"{root}/{rel_path}").size,
+            "partition": json.dumps(partition), "num_rows": table.num_rows}
+
+
+def commit_files_overwrite(table_uri: str, schema: pa.Schema, partition_by: list[str], parts: list[dict]) -> int:
+    """ONE atomic Delta commit replacing the table's content with ``parts``; returns the version."""
+    from deltalake import DeltaTable, Schema
+    from deltalake.transaction import AddAction, create_table_with_add_actions
+
+    now_ms = int(time.time() * 1000)
+    actions = [AddAction(p["path"], int(p["size"]), json.loads(p["partition"]), now_ms, True,
+                         json.dumps({"numRecords": int(p["num_rows"])})) for p in parts]
+    if DeltaTable.is_deltatable(table_uri):
+        DeltaTable(table_uri).create_write_transaction(actions, mode="overwrite", schema=schema,
+                                                       partition_by=partition_by)
+    else:
+        create_table_with_add_actions(table_uri, Schema.from_arrow(schema), actions, mode="overwrite",
+                                      partition_by=partition_by)
+    version = table_version(table_uri)
+    logger.info("committed %d file(s) to %s -> version %s", len(actions), table_uri, version)
+    return int(version)

@@ -28,8 +28,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 
 from components import groups, lake
@@ -283,38 +281,8 @@ def build_bucket(events: pa.Table, users: pa.Table, bucket: int, ctx: BucketCont
 
 
 # ---------------------------------------------------------------------------------------------
-# Workers write Parquet, the driver commits once per table
+# Workers write Parquet (components/lake.py), the driver commits once per table
 # ---------------------------------------------------------------------------------------------
-def write_part(table: pa.Table, table_uri: str, partition: dict[str, str], name: str) -> dict:
-    """Write one data file of a Delta table (partition columns live in the path, not the file)."""
-    rel_dir = "/".join(f"{k}={v}" for k, v in partition.items())
-    rel_path = f"{rel_dir}/{name}.parquet" if rel_dir else f"{name}.parquet"
-    fs, root = pafs.FileSystem.from_uri(table_uri)
-    fs.create_dir(f"{root}/{rel_dir}" if rel_dir else root, recursive=True)
-    pq.write_table(table.drop_columns(list(partition)), f"{root}/{rel_path}", filesystem=fs)
-    return {"path": rel_path, "size": fs.get_file_info(f"{root}/{rel_path}").size,
-            "partition": json.dumps(partition), "num_rows": table.num_rows}
-
-
-def commit_overwrite(table_uri: str, schema: pa.Schema, partition_by: list[str], parts: list[dict]) -> int:
-    """ONE atomic Delta commit replacing the table's content with ``parts``; returns the version."""
-    from deltalake import DeltaTable, Schema
-    from deltalake.transaction import AddAction, create_table_with_add_actions
-
-    now_ms = int(time.time() * 1000)
-    actions = [AddAction(p["path"], int(p["size"]), json.loads(p["partition"]), now_ms, True,
-                         json.dumps({"numRecords": int(p["num_rows"])})) for p in parts]
-    if DeltaTable.is_deltatable(table_uri):
-        DeltaTable(table_uri).create_write_transaction(actions, mode="overwrite", schema=schema,
-                                                       partition_by=partition_by)
-    else:
-        create_table_with_add_actions(table_uri, Schema.from_arrow(schema), actions, mode="overwrite",
-                                      partition_by=partition_by)
-    version = lake.table_version(table_uri)
-    logger.info("committed %d file(s) to %s -> version %s", len(actions), table_uri, version)
-    return int(version)
-
-
 def _process_buckets(batch: dict[str, np.ndarray], job: dict) -> dict[str, list]:
     """Ray Data UDF: build and write every bucket of ``batch``; return the written files."""
     ctx: BucketContext = ray.get(job["ctx"][0])
@@ -326,12 +294,12 @@ def _process_buckets(batch: dict[str, np.ndarray], job: dict) -> dict[str, list]
         users = lake.read_table(job["users_uri"], job["users_version"], ["user_id", "user_idx"], bucket_users)
         sequences, samples = build_bucket(events, users, bucket, ctx)
         name = f"part-{bucket:05d}-{job['job_id']}"
-        rows.append({"table": "sequences", **write_part(
+        rows.append({"table": "sequences", **lake.write_data_file(
             sequences, job["sequences_uri"], {"bucket": str(bucket)}, name)})
         for split in groups.SPLITS:
             part = samples.filter(pc.field("split") == split)
             if part.num_rows:
-                rows.append({"table": "samples", **write_part(
+                rows.append({"table": "samples", **lake.write_data_file(
                     part, job["samples_uri"], {"split": split, "bucket": str(bucket)}, name)})
     return {key: [r[key] for r in rows] for key in ("table", "path", "size", "partition", "num_rows")}
 
@@ -392,7 +360,7 @@ def run_features(config: PipelineConfig) -> dict:
     job_s, clock = time.perf_counter() - clock, time.perf_counter()
     for table, schema, partition_by in (("sequences", SEQUENCES_SCHEMA, SEQUENCES_PARTITION),
                                         ("samples", SAMPLES_SCHEMA, SAMPLES_PARTITION)):
-        commit_overwrite(job[f"{table}_uri"], schema, partition_by, [w for w in written if w["table"] == table])
+        lake.commit_files_overwrite(job[f"{table}_uri"], schema, partition_by, [w for w in written if w["table"] == table])
     summary = {"events": stats[3], "events_version": version, "buckets": len(buckets), "stats_s": round(stats_s, 3),
                "buckets_s": round(job_s, 3), "commit_s": round(time.perf_counter() - clock, 3),
                "valid_start_ts": stats[0].valid_start_ts, "test_start_ts": stats[0].test_start_ts}
