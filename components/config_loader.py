@@ -41,7 +41,10 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
         name: _coerce(hints[name], value, f"{path}.{name}" if path else name)
         for name, value in data.items()
     }
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:  # a dataclass's own __post_init__ check
+        raise ConfigError(f"{path or cls.__name__}: {exc}") from exc
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -26,11 +26,25 @@ class LakeConfig:
     """The Delta Lake: a local folder or an object-store URI (s3://, gs://, abfss://)."""
 
     root: str = "lake"
-    # Events and sequences are partitioned by ``bucket = hash(user_id) % num_buckets``
-    # so every per-user step is bucket-local (no shuffle).
-    num_buckets: int = 8
+    # Events and sequences are partitioned by ``bucket = hash(user_id) % num_buckets`` so every
+    # per-user step is bucket-local (no shuffle), and a task's memory is one bucket's. 0 = auto:
+    # enough buckets that each holds about ``events_per_bucket`` events (at least ``min_buckets``).
+    num_buckets: int = 0
+    events_per_bucket: int = 1_000_000
+    min_buckets: int = 8
     # Passed to deltalake for object stores (e.g. AWS_REGION); empty for a local folder.
     storage_options: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_buckets < 0 or self.events_per_bucket < 1 or self.min_buckets < 1:
+            raise ValueError(f"num_buckets must be >= 0 (0 = auto), events_per_bucket and min_buckets >= 1; "
+                             f"got {self.num_buckets}, {self.events_per_bucket}, {self.min_buckets}")
+
+    def buckets_for(self, num_events: int) -> int:
+        """The bucket count used for ``num_events`` events (``num_buckets`` unless auto)."""
+        if self.num_buckets:
+            return self.num_buckets
+        return max(self.min_buckets, -(-num_events // self.events_per_bucket))
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,12 @@ class IngestConfig:
     reject_samples: int = 5
     # Tag vocabulary cap (most frequent tags; the rest are dropped from items.tag_ids).
     max_tag_vocab: int = 5000
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_reject_frac <= 1.0:
+            raise ValueError(f"max_reject_frac must be in [0, 1], got {self.max_reject_frac}")
+        if not self.value_min < self.value_max:
+            raise ValueError(f"value_min ({self.value_min}) must be < value_max ({self.value_max})")
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,8 @@ def build_tables(cfg: PipelineConfig, source: SourceData) -> tuple[dict[str, pa.
     user_id = clean["user_id"].to_numpy()
     item_id = clean["item_id"].to_numpy()
     events = events_table(user_id, item_id, clean["ts"].to_numpy(),
-                          pc.cast(clean["value"], pa.float32()).to_numpy(), cfg.lake.num_buckets)
+                          pc.cast(clean["value"], pa.float32()).to_numpy(),
+                          cfg.lake.buckets_for(clean.num_rows))
     extra_users = source.user_ids if source.user_ids is not None else np.zeros(0, np.int64)
     tables = {
         "items": _complete_items(source.items.select(list(ITEM_ATTR_COLUMNS)), item_id),

@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(config)
+    except ConfigError as exc:  # e.g. settings the synthetic generator cannot honour
+        print(f"run: config error: {exc}", file=sys.stderr)
+        return 2
     except (IngestError, lake.LakeError) as exc:
         print(f"run: failed: {exc}", file=sys.stderr)
         return 1

@@ -29,6 +29,9 @@ def test_configs_are_frozen():
     ("--ingest.source=kafka", "ingest.source"),
     ("--features.valid_frac=[1]", "features.valid_frac: expected a number"),
     ("features.max_seq_len", "--section.key=value"),
+    ("--lake.num_buckets=-1", "lake: num_buckets must be >= 0"),
+    ("--ingest.max_reject_frac=-1", "ingest: max_reject_frac must be in"),
+    ("--ingest.value_max=-3", "ingest: value_min"),
 ])
 def test_bad_overrides_rejected_with_path(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
@@ -42,3 +45,12 @@ def test_unknown_preset_lists_known_ones():
 
 def test_override_parsing_nests_and_types():
     assert parse_overrides(["--a.b.c=1", "--a.d=x", "--e=null"]) == {"a": {"b": {"c": 1}, "d": "x"}, "e": None}
+
+
+def test_auto_bucket_count_scales_with_events():
+    cfg = load_config(PipelineConfig, "demo")
+    assert cfg.lake.num_buckets == 0  # auto
+    assert cfg.lake.buckets_for(100_000) == cfg.lake.min_buckets
+    assert cfg.lake.buckets_for(20_000_000) == 20
+    fixed = load_config(PipelineConfig, "demo", ["--lake.num_buckets=3"])
+    assert fixed.lake.buckets_for(20_000_000) == 3

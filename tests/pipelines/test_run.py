@@ -28,3 +28,12 @@ def test_run_synthetic_end_to_end(ray_session, tmp_path, capsys):
 def test_run_rejects_bad_override(capsys):
     assert main(["--config", "demo", "--features.candidates_per_group=zero"]) == 2
     assert "features.candidates_per_group" in capsys.readouterr().err
+
+
+def test_run_config_the_generator_cannot_honour_exits_2(tmp_path, capsys):
+    code = main(["--config", "demo", f"--lake.root={tmp_path / 'lake'}", "--ingest.source=synthetic",
+                 "--ingest.synthetic.num_items=1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "num_items" in err and "Traceback" not in err
+    assert not (tmp_path / "lake").exists()
