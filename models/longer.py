@@ -174,10 +174,7 @@ class LongerUserState:
 
     def summary_tokens(self) -> torch.Tensor:
         """Pooled user summary (B, G + 1, D): the global outputs + mean of valid recent outputs."""
-        g = self.num_globals
-        recent, valid = self.user_tokens[:, g:], self.token_valid[:, g:, None]
-        mean = (recent * valid).sum(1) / valid.sum(1).clamp(min=1)  # (B, D)
-        return torch.cat([self.user_tokens[:, :g], mean[:, None]], 1)
+        return summarize(self.user_tokens, self.token_valid, self.num_globals)
 
     def nbytes(self) -> int:
         """Bytes held by the cache (for byte-budgeted LRU caches in serving)."""
@@ -206,6 +203,14 @@ class LongerUserState:
             valid.append(torch.cat([F.pad(s.key_valid[layer], (0, p)) for s, p in zip(states, pads)]))
         return LongerUserState(kv, valid, torch.cat([s.user_tokens for s in states]),
                                torch.cat([s.token_valid for s in states]), states[0].num_globals)
+
+
+def summarize(user_tokens: torch.Tensor, token_valid: torch.Tensor, num_globals: int) -> torch.Tensor:
+    """(..., G + k, D) user-side outputs -> (..., G + 1, D): globals + mean of the valid recent ones."""
+    g = num_globals
+    recent, valid = user_tokens[..., g:, :], token_valid[..., g:, None]
+    mean = (recent * valid).sum(-2) / valid.sum(-2).clamp(min=1)  # (..., D)
+    return torch.cat([user_tokens[..., :g, :], mean.unsqueeze(-2)], -2)
 
 
 def hybrid_mask(kind: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
@@ -350,10 +355,12 @@ class LongerEncoder(nn.Module):
 
     def forward(self, seq_emb: torch.Tensor, seq_action: torch.Tensor, seq_gap: torch.Tensor,
                 seq_len: torch.Tensor, cand_tokens: torch.Tensor, user_globals: torch.Tensor | None = None,
-                return_user_tokens: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                return_user_tokens: bool = False,
+                return_summary: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Reference without cache: the complete stack runs once per candidate, that candidate
         being the only candidate token. Returns (B, N, D) candidate outputs, and with
-        ``return_user_tokens`` also each run's user-side outputs (B, N, G + k, D).
+        ``return_user_tokens`` also each run's user-side outputs (B, N, G + k, D), or with
+        ``return_summary`` each run's ``summarize``-d user tokens (B, N, G + 1, D).
         """
         self._check_inputs(seq_emb, seq_action, seq_gap, seq_len, user_globals)
         if cand_tokens.dim() != 3 or cand_tokens.shape[0] != seq_emb.shape[0] \
@@ -365,13 +372,16 @@ class LongerEncoder(nn.Module):
         glob = self._globals(user_globals, b)
         # One row per (group, candidate): the stack runs as if that candidate were alone.
         glob, seq, seq_valid = (t.repeat_interleave(n, 0) for t in (glob, seq, seq_valid))
-        out, _, _, _ = self._run_stack(glob, seq, seq_valid, cand_tokens.reshape(b * n, 1, d))
+        out, _, _, valid = self._run_stack(glob, seq, seq_valid, cand_tokens.reshape(b * n, 1, d))
         out = self.out_norm(out)  # (B*N, G+1+k, D)
         g = glob.shape[1]
         cand_out = out[:, g].view(b, n, d)
-        if not return_user_tokens:
+        if not (return_user_tokens or return_summary):
             return cand_out
-        user = torch.cat([out[:, :g], out[:, g + 1:]], 1)
+        user = torch.cat([out[:, :g], out[:, g + 1:]], 1)  # the candidate's own column dropped
+        if return_summary:
+            user_valid = torch.cat([valid[:, :g], valid[:, g + 1:]], 1)
+            return cand_out, summarize(user, user_valid, g).view(b, n, g + 1, d)
         return cand_out, user.view(b, n, -1, d)
 
 

@@ -128,6 +128,8 @@ class UserState:
     longer: LongerUserState | None = None
     backbone: UserTokenStates | None = None
     aux: AuxLosses = field(default_factory=AuxLosses)
+    # Reference path only: LONGER's candidate outputs from the full stack, no KV cache (B, 1, S).
+    reference_cross_seq: Tensor | None = None
 
     def nbytes(self) -> int:
         """Approximate bytes held (serving cache budget)."""
@@ -184,11 +186,25 @@ class Ranker(nn.Module):
             glob = self.longer_user(user_vec).unsqueeze(1)                          # (B, 1, S)
             state = self.longer.encode_user(seq_emb, batch.seq_action, batch.seq_gap, batch.seq_len, glob)
             return state.summary_tokens(), state                                     # (B, 3, S)
+        return self._pooled_sequence(batch, seq_emb), None
+
+    def _pooled_sequence(self, batch: GroupBatch, seq_emb: Tensor) -> Tensor:
+        """Means of the last 8, last 64 and all valid events: (B, 3, E)."""
         length = seq_emb.shape[1]
         pos_from_end = torch.arange(length - 1, -1, -1, device=seq_emb.device)      # 0 = most recent
         valid = pos_from_end.unsqueeze(0) < batch.seq_len.unsqueeze(1)              # (B, L)
         windows = [valid & (pos_from_end < w).unsqueeze(0) for w in POOL_WINDOWS] + [valid]
-        return torch.stack([_masked_mean(seq_emb, m, 1) for m in windows], 1), None
+        return torch.stack([_masked_mean(seq_emb, m, 1) for m in windows], 1)
+
+    def _longer_reference(self, batch: GroupBatch, seq_emb: Tensor, user_vec: Tensor) -> tuple[Tensor, Tensor]:
+        """One-candidate groups through LONGER's full stack (no KV cache): summary, candidate output."""
+        if batch.num_candidates != 1:
+            raise ValueError("the LONGER reference path takes groups of one candidate (GroupBatch.per_candidate)")
+        cand = self.longer_cand(self.sparse_arch({"cand_item": batch.cand_item})["cand_item"])  # (B, 1, S)
+        glob = self.longer_user(user_vec).unsqueeze(1)
+        cross, summary = self.longer(seq_emb, batch.seq_action, batch.seq_gap, batch.seq_len, cand, glob,
+                                     return_summary=True)                            # (B,1,S), (B,1,3,S)
+        return summary[:, 0], cross
 
     def _recent(self, batch: GroupBatch, seq_emb: Tensor) -> tuple[Tensor, Tensor]:
         """The last ``lmn_recent`` behaviours (B, r, E) and their validity mask (B, r)."""
@@ -196,12 +212,21 @@ class Ranker(nn.Module):
         pos_from_end = torch.arange(r - 1, -1, -1, device=seq_emb.device)
         return seq_emb[:, -r:], pos_from_end.unsqueeze(0) < batch.seq_len.unsqueeze(1)
 
-    def encode_user(self, batch: GroupBatch, with_backbone: bool = True) -> UserState:
-        """Everything candidate-independent, at batch B. ``with_backbone=False`` skips the
-        UG-Sep user path (the reference recomputes it per candidate)."""
+    def encode_user(self, batch: GroupBatch, reference: bool = False) -> UserState:
+        """Everything candidate-independent, at batch B.
+
+        ``reference=True`` (groups of one candidate only) is the no-reuse oracle: LONGER runs
+        its full stack with the candidate inside instead of the KV cache, and the UG-Sep user
+        path is left to the backbone's masked reference.
+        """
         emb = self.sparse_arch({"seq_item": batch.seq_item, "user": batch.user_id})
         user_vec = torch.cat([emb["user"], batch.user_dense], -1)                   # (B, E + 3)
-        seq_tokens, longer_state = self._sequence(batch, emb["seq_item"], user_vec)
+        reference_cross = None
+        if reference and self.cfg.use_longer:
+            seq_tokens, reference_cross = self._longer_reference(batch, emb["seq_item"], user_vec)
+            longer_state = None
+        else:
+            seq_tokens, longer_state = self._sequence(batch, emb["seq_item"], user_vec)
         features = {"user": user_vec, **{f"seq_{i}": seq_tokens[:, i] for i in range(NUM_SEQ_TOKENS)}}
         aux = AuxLosses()
         if self.lmn is not None:
@@ -215,8 +240,8 @@ class Ranker(nn.Module):
         x_user = self.tokenizer(features, side="user")                              # (B, T_u, D)
         if gate is not None:
             x_user = x_user * gate.unsqueeze(1)
-        states = self.backbone.forward_user(x_user) if self.cfg.use_ugsep and with_backbone else None
-        return UserState(user_vec, features, x_user, seq_mean, gate, longer_state, states, aux)
+        states = self.backbone.forward_user(x_user) if self.cfg.use_ugsep and not reference else None
+        return UserState(user_vec, features, x_user, seq_mean, gate, longer_state, states, aux, reference_cross)
 
     # ------------------------------------------------------------------ candidate side
     def _group_features(self, state: UserState, batch: GroupBatch) -> dict[str, Tensor]:
@@ -224,7 +249,9 @@ class Ranker(nn.Module):
         item = emb["cand_item"]                                                     # (B, N, E)
         tags = _masked_mean(emb["cand_tag"], batch.cand_tags > 0, 2)                # (B, N, E)
         side = torch.cat([batch.cand_genres, self.year_emb(batch.cand_year), tags], -1)
-        if self.cfg.use_longer:
+        if state.reference_cross_seq is not None:
+            cross_seq = state.reference_cross_seq                                    # (B, 1, S)
+        elif self.cfg.use_longer:
             cross_seq = self.longer.score(state.longer, self.longer_cand(item))     # (B, N, S)
         else:
             cross_seq = item * state.seq_mean.unsqueeze(1)
@@ -253,6 +280,9 @@ class Ranker(nn.Module):
 
     def _backbone(self, state: UserState, x_group: Tensor, reference: bool) -> BackboneOutput:
         if self.cfg.use_ugsep and not reference:
+            if state.backbone is None:
+                raise ValueError("score_candidates: this state came from encode_user(reference=True); "
+                                 "score it with reference=True")
             return self.backbone.forward_group(state.backbone, x_group)
         if self.cfg.use_ugsep:
             return self.backbone(state.x_user, x_group)
@@ -265,10 +295,11 @@ class Ranker(nn.Module):
         return self.score_candidates(self.encode_user(batch), batch)
 
     def forward_reference(self, batch: GroupBatch) -> RankerOutput:
-        """No reuse: each candidate is its own group, the user side recomputed for it."""
+        """No reuse: each candidate is its own group, the user side recomputed for it, LONGER's
+        full stack (no KV cache) and the UG-Sep masked reference path."""
         b, n = batch.batch_size, batch.num_candidates
         flat = batch.per_candidate()                                                # B*N groups of 1
-        out = self.score_candidates(self.encode_user(flat, with_backbone=False), flat, reference=True)
+        out = self.score_candidates(self.encode_user(flat, reference=True), flat, reference=True)
         reshape = lambda t: t.reshape(b, n, *t.shape[2:])
         return RankerOutput(logits=reshape(out.logits), aux_logits=[reshape(a) for a in out.aux_logits],
                             aux_losses=out.aux_losses)

@@ -199,6 +199,26 @@ def test_ugsep_user_tokens_of_the_backbone_come_from_user_inputs_only(variant: s
         torch.testing.assert_close(mine[1:2], single, **TOL)
 
 
+
+@pytest.mark.parametrize("variant", ["ugsep", "ugsep_msn_lmn", "tml_longer"])
+def test_reference_user_side_computed_with_the_candidate_inside_matches_the_cached_state(variant: str) -> None:
+    """The no-reuse path sees each candidate INSIDE LONGER's full stack and the masked backbone;
+    its user-side results must still equal the cached, candidate-free ones, for any candidates.
+    (A leaking mask in LONGER or UG-Sep makes the reference's user side depend on the candidate.)"""
+    model, data = MODELS[variant], random_groups(7, batch=2, cands=3, seq=20, min_seq_len=4)
+    n, t_u = data.num_candidates, model.tokenizer.cfg.num_tokens("user")
+    for cands_seed in (8, 9):
+        batch = with_candidates_of(data, random_groups(cands_seed, batch=2, cands=3, seq=20))
+        flat = batch.per_candidate()
+        with torch.no_grad():
+            state, ref = model.encode_user(batch), model.encode_user(flat, reference=True)
+            for name, value in state.user_features.items():
+                torch.testing.assert_close(ref.user_features[name], value.repeat_interleave(n, 0), **TOL)
+            if model.cfg.use_ugsep:
+                x_group = model.tokenizer({**ref.user_features, **model._group_features(ref, flat)}, side="group")
+                masked = model.backbone(ref.x_user, x_group).tokens[:, 0, :t_u]  # (B*N, T_u, D)
+                torch.testing.assert_close(masked, state.backbone.output.repeat_interleave(n, 0), **TOL)
+
 # ---------------------------------------------------------------- 3. candidate-permutation equivariance
 @pytest.mark.parametrize("variant", ALL)
 @settings(max_examples=8, deadline=None)
