@@ -111,7 +111,8 @@ def collate_groups(table: pa.Table, config: CollateConfig = CollateConfig()) -> 
     genres, _ = _list_parts(table, "cand_genre_mask")
     years, _ = _list_parts(table, "cand_year")
     tags, tag_len = _list_parts(table, "cand_tags")
-    n_tags = int(tag_len[0] // max(cand_len[0], 1)) if batch_size else 0
+    first = int(np.argmax(cand_len > 0))  # a row with candidates fixes the tags per candidate
+    n_tags = int(tag_len[first] // cand_len[first]) if cand_len.any() else 0
     if not np.array_equal(tag_len, cand_len * n_tags):
         raise CollateError("cand_tags must hold the same number of tags for every candidate")
 

@@ -88,3 +88,13 @@ def test_iter_torch_batches_with_collate_fn(ray_session):
     direct = collate_groups(_rows())
     assert torch.equal(batches[0].seq_item, direct.seq_item)
     assert torch.equal(batches[0].labels, direct.labels)
+
+
+def test_first_row_without_candidates_is_fine():
+    table = _rows()
+    empty = {name: [[]] if pa.types.is_list(table.schema.field(name).type) else [table.column(name)[0].as_py()]
+             for name in table.column_names}
+    rows = pa.concat_tables([pa.table(empty, schema=table.schema), table])
+    batch = collate_groups(rows)
+    assert batch.cand_mask[0].tolist() == [False, False, False]
+    assert batch.cand_tags.shape == (3, 3, 2)

@@ -26,7 +26,8 @@ def test_tiny_run_reports_every_key_and_exactness():
     assert results["kv_cache_max_abs_diff"] <= 1e-5
     assert results["moe_max_abs_diff"] <= 1e-4
     assert 0.25 <= results["w8a16_weight_bytes_ratio"] < 0.5
-    assert 0 < results["mfu_backbone"] < 2
+    assert 0 <= results["w8a16_p99_per_logit_rel_err"] < 1.0
+    assert 0 < results["mfu_backbone"] < 1.0  # above 1 the peak was mis-measured
     assert set(results["variants"]) >= {"dlrm_mlp", "rankmixer", "tokenmixer_large_moe", "full"}
     assert all(row["flops_per_candidate"] > 0 and row["dense"] > 0 for row in results["variants"].values())
     json.dumps(results)
