@@ -67,6 +67,12 @@ def cutoff_ranks(num_events: int, valid_frac: float, test_frac: float) -> tuple[
     return valid_rank, test_rank
 
 
+def split_codes(ts: np.ndarray, cutoffs: TimeCutoffs) -> np.ndarray:
+    """int8 index into ``SPLITS`` (0 train, 1 valid, 2 test) of each time against the cut-offs."""
+    ts = np.asarray(ts)
+    return ((ts >= cutoffs.valid_start_ts).astype(np.int8) + (ts >= cutoffs.test_start_ts)).astype(np.int8)
+
+
 def cutoffs_from_values(num_events: int, ranks: tuple[int, int], values: dict[int, int]) -> TimeCutoffs:
     """TimeCutoffs from the order statistics ``values[rank]`` (ranks >= n become INT64_MAX)."""
     valid_rank, test_rank = ranks
@@ -139,9 +145,18 @@ def pick_ranks(
 # Popularity negatives
 # ---------------------------------------------------------------------------------------------
 def negative_cdf(item_counts: np.ndarray, power: float = 0.75) -> np.ndarray:
-    """Cumulative sampling weights over item_idx: ``count ** power``; pad (0) and OOV (1) never drawn."""
+    """Cumulative sampling weights over item_idx: ``count ** power``; pad (0) and OOV (1) never drawn.
+
+    The features stage passes TRAIN-period counts (events with ts < valid_start_ts), so
+    popularity never looks into the valid/test periods; an item unseen in train has weight 0.
+    When no catalogue item has a count (no train event at all, e.g. ``valid_frac + test_frac``
+    so large that the valid cut-off is the first event), every item 2.. gets weight 1: uniform
+    negatives still carry no information from the future.
+    """
     weights = np.asarray(item_counts, dtype=np.float64) ** power
     weights[:2] = 0.0
+    if weights.size > 2 and not weights[2:].any():
+        weights[2:] = 1.0
     return np.cumsum(weights)
 
 

@@ -228,6 +228,19 @@ def commit_metadata(uri: str, version: int | None = None,
     return {}
 
 
+def find_version(uri: str, key: str, value: str, max_version: int | None = None,
+                 storage_options: Mapping[str, str] | None = None) -> int | None:
+    """Newest version (<= ``max_version`` when given) whose commit info has ``key == value``.
+
+    Walks the table history in the Delta log (no data read); None when no commit matches,
+    e.g. the matching commit was never made or its log entry has been cleaned up.
+    """
+    matches = [int(entry["version"]) for entry in _open(uri, storage_options=storage_options).history()
+               if entry.get(key) == value and entry.get("version") is not None]
+    matches = [v for v in matches if max_version is None or v <= max_version]
+    return max(matches) if matches else None
+
+
 def column_range(
     uri: str, column: str, version: int | None = None,
     storage_options: Mapping[str, str] | None = None,
@@ -283,20 +296,30 @@ def write_data_file(table: pa.Table, table_uri: str, partition: dict[str, str], 
             "partition": json.dumps(partition), "num_rows": table.num_rows}
 
 
-def commit_files_overwrite(table_uri: str, schema: pa.Schema, partition_by: list[str], parts: list[dict]) -> int:
-    """ONE atomic Delta commit replacing the table's content with ``parts``; returns the version."""
+def commit_files_overwrite(table_uri: str, schema: pa.Schema, partition_by: list[str], parts: list[dict],
+                           custom_metadata: Mapping[str, str] | None = None) -> int:
+    """ONE atomic Delta commit replacing the table's content with ``parts``; returns the version.
+
+    ``custom_metadata`` lands in the commit's info (read it back with :func:`commit_metadata`
+    or :func:`find_version`), e.g. the id of the job that wrote the files.
+    """
     from deltalake import DeltaTable, Schema
     from deltalake.transaction import AddAction, create_table_with_add_actions
 
     now_ms = int(time.time() * 1000)
     actions = [AddAction(p["path"], int(p["size"]), json.loads(p["partition"]), now_ms, True,
                          json.dumps({"numRecords": int(p["num_rows"])})) for p in parts]
-    if DeltaTable.is_deltatable(table_uri):
-        DeltaTable(table_uri).create_write_transaction(actions, mode="overwrite", schema=schema,
-                                                       partition_by=partition_by)
-    else:
-        create_table_with_add_actions(table_uri, Schema.from_arrow(schema), actions, mode="overwrite",
-                                      partition_by=partition_by)
+    commit = deltalake.CommitProperties(custom_metadata=dict(custom_metadata)) if custom_metadata else None
+    try:
+        if DeltaTable.is_deltatable(table_uri):
+            DeltaTable(table_uri).create_write_transaction(actions, mode="overwrite", schema=schema,
+                                                           partition_by=partition_by, commit_properties=commit)
+        else:
+            create_table_with_add_actions(table_uri, Schema.from_arrow(schema), actions, mode="overwrite",
+                                          partition_by=partition_by, commit_properties=commit)
+    except CommitFailedError as exc:
+        raise LakeWriteError(f"commit to Delta table {table_uri} failed, table unchanged: "
+                             f"{str(exc).splitlines()[0]}") from exc
     version = table_version(table_uri)
     logger.info("committed %d file(s) to %s -> version %s", len(actions), table_uri, version)
     return int(version)

@@ -107,11 +107,46 @@ def _resolve_bucket(batch: dict[str, np.ndarray], job: dict) -> Iterator[pa.Tabl
             yield resolve_sequences(part, sequences, job["max_seq_len"])
 
 
-def load_groups(lake_root: str, split: str, max_seq_len: int, rows_per_block: int = 1024):
+def pinned_versions(root: str) -> tuple[int, int, dict[str, str]]:
+    """(samples version, sequences version of the SAME features run, the samples commit info).
+
+    The newest ``samples`` version is pinned and its ``job_id`` looked up in the ``sequences``
+    history (pipelines/features.py records it in both commits). Two overlapping features runs,
+    or a run that died between its two commits, leave the latest versions of the two tables
+    from different runs; resolving one run's (user, seq_end) against another run's sequences
+    would silently slice the wrong events (possibly from after the request).
+    """
+    samples_uri, sequences_uri = lake.table_uri(root, "samples"), lake.table_uri(root, "sequences")
+    samples_version, sequences_latest = lake.table_version(samples_uri), lake.table_version(sequences_uri)
+    if samples_version is None or sequences_latest is None:
+        raise lake.LakeError(f"no samples/sequences tables under {root} (run the features stage first)")
+    info = lake.commit_metadata(samples_uri, samples_version)
+    job_id = info.get("job_id")
+    if job_id is None:
+        raise lake.LakeError(f"samples table {samples_uri} version {samples_version} records no job_id "
+                             f"in its commit info, so the matching sequences table {sequences_uri} version "
+                             "is unknown (re-run the features stage)")
+    sequences_version = lake.find_version(sequences_uri, "job_id", job_id)
+    if sequences_version is None:
+        raise lake.LakeError(f"samples table {samples_uri} version {samples_version} was written by features "
+                             f"job {job_id}, but no version of the sequences table {sequences_uri} was "
+                             "(a run crashed or overlapped another, or the log was cleaned; re-run features)")
+    if sequences_version != sequences_latest:
+        logger.warning("sequences %s: latest version %d is from another features run; using version %d "
+                       "(job %s) to match samples version %d", sequences_uri, sequences_latest,
+                       sequences_version, job_id, samples_version)
+    return samples_version, sequences_version, info
+
+
+def load_groups(lake_root: str, split: str, max_seq_len: int | None = None, rows_per_block: int = 1024):
     """Ray Dataset of resolved group rows of ``split`` (train/valid/test), one bucket per task.
 
-    Table versions are pinned when this is called, so a concurrent features run cannot mix
-    two versions into one epoch.
+    Sequences are truncated HERE (the features job stores full histories): each row keeps
+    the last ``max_seq_len`` events before its request. ``None`` means the value the features
+    run recorded in the samples commit (``features.max_seq_len``); an explicit value wins.
+    Table versions are pinned when this is called, ``samples`` at its latest version and
+    ``sequences`` at the version written by the same features run (:func:`pinned_versions`),
+    so neither a concurrent nor a half-finished features run can mix two runs into one epoch.
     """
     import ray
     from deltalake import DeltaTable
@@ -120,9 +155,14 @@ def load_groups(lake_root: str, split: str, max_seq_len: int, rows_per_block: in
         raise ValueError(f"split must be one of train/valid/test, got {split!r}")
     root = lake_root if "://" in lake_root else os.path.abspath(lake_root)
     samples_uri, sequences_uri = lake.table_uri(root, "samples"), lake.table_uri(root, "sequences")
-    samples_version, sequences_version = lake.table_version(samples_uri), lake.table_version(sequences_uri)
-    if samples_version is None or sequences_version is None:
-        raise lake.LakeError(f"no samples/sequences tables under {root} (run the features stage first)")
+    samples_version, sequences_version, info = pinned_versions(root)
+    if max_seq_len is None:
+        if "max_seq_len" not in info:
+            raise lake.LakeError(f"samples table {samples_uri} version {samples_version} records no "
+                                 "max_seq_len; pass max_seq_len to load_groups")
+        max_seq_len = int(info["max_seq_len"])
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
     parts = DeltaTable(samples_uri, version=samples_version).partitions([("split", "=", split)])
     buckets = sorted({int(p["bucket"]) for p in parts})
     if not buckets:

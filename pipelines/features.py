@@ -10,8 +10,12 @@ per table. No shuffle, and a task's memory grows with its bucket, not with the n
 users: ``lake.num_buckets`` (set at ingest) is the memory knob.
 
 Global inputs every bucket needs are computed first by small Ray tasks over the ``ts`` and
-``item_id`` columns only: item popularity (for negatives) and the exact time-split cut-offs
-(memory bounded by the time span, see components/groups.py).
+``item_id`` columns only: the exact time-split cut-offs (memory bounded by the time span, see
+components/groups.py), then item popularity over the train period (for negatives).
+
+Both commits carry ``run_metadata`` (job id, events version, loader settings) in their Delta
+commit info; ``sequences`` commits first and ``components.sequence_join.load_groups`` pairs
+the two tables by job id. Sequences are stored in full: ``max_seq_len`` applies at load time.
 """
 
 from __future__ import annotations
@@ -132,10 +136,16 @@ def _bucket_filter(bucket: int) -> pc.Expression:
 
 @ray.remote(num_cpus=1)
 def _pass_counts(events_uri: str, version: int, bucket: int) -> tuple:
-    t = lake.read_table(events_uri, version, ["ts", "item_id"], _bucket_filter(bucket))
-    ts = t["ts"].to_numpy()
-    items, counts = np.unique(t["item_id"].to_numpy(), return_counts=True)
-    return (ts.size, int(ts.min()) if ts.size else 0, int(ts.max()) if ts.size else 0, items, counts)
+    ts = lake.read_table(events_uri, version, ["ts"], _bucket_filter(bucket))["ts"].to_numpy()
+    return (ts.size, int(ts.min()) if ts.size else 0, int(ts.max()) if ts.size else 0)
+
+
+@ray.remote(num_cpus=1)
+def _pass_train_items(events_uri: str, version: int, bucket: int, valid_start_ts: int) -> tuple:
+    """(item ids, counts) of the bucket's TRAIN-period events: popularity must not see the future."""
+    train = _bucket_filter(bucket) & (pc.field("ts") < pa.scalar(valid_start_ts, pa.int64()))
+    items = lake.read_table(events_uri, version, ["item_id"], train)["item_id"].to_numpy()
+    return np.unique(items, return_counts=True)
 
 
 @ray.remote(num_cpus=1)
@@ -152,10 +162,13 @@ def _pass_bin_values(events_uri: str, version: int, bucket: int, ts_min: int, sh
 
 def global_stats(events_uri: str, version: int, buckets: list[int], cfg: FeaturesConfig
                  ) -> tuple[groups.TimeCutoffs, np.ndarray, np.ndarray, int]:
-    """(cut-offs, item ids, their event counts, number of events) over the whole events table."""
+    """(cut-offs, item ids, their TRAIN-period event counts, number of events) of the events table."""
     first = ray.get([_pass_counts.remote(events_uri, version, b) for b in buckets])
     nonempty = [f for f in first if f[0]]
     n = sum(f[0] for f in first)
+    if n == 0:
+        raise lake.LakeError(f"events table {events_uri} (version {version}) has no rows "
+                             f"({len(buckets)} bucket partition(s)); nothing to build features from")
     ranks = groups.cutoff_ranks(n, cfg.valid_frac, cfg.test_frac)
     ts_min, ts_max = min(f[1] for f in nonempty), max(f[2] for f in nonempty)
     shift = groups.histogram_shift(ts_min, ts_max)
@@ -168,8 +181,10 @@ def global_stats(events_uri: str, version: int, buckets: list[int], cfg: Feature
         merged = groups.merge_counts(ray.get(
             [_pass_bin_values.remote(events_uri, version, b, ts_min, shift, bins) for b in buckets]))
         values = groups.pick_ranks(located, ts_min, shift, *merged)
-    item_ids, item_counts = groups.merge_counts([(f[3], f[4]) for f in first])
-    return groups.cutoffs_from_values(n, ranks, values), item_ids, item_counts, n
+    cutoffs = groups.cutoffs_from_values(n, ranks, values)
+    item_ids, item_counts = groups.merge_counts(ray.get(
+        [_pass_train_items.remote(events_uri, version, b, cutoffs.valid_start_ts) for b in buckets]))
+    return cutoffs, item_ids, item_counts, n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,14 +231,21 @@ def build_sequences(ev: dict[str, np.ndarray], bucket: int) -> pa.Table:
     ], schema=SEQUENCES_SCHEMA)
 
 
-def _group_bounds(ev: dict[str, np.ndarray], cfg: FeaturesConfig) -> tuple[np.ndarray, ...]:
-    """(start, end, seq_end, user_start) of the kept groups: session chunks with enough history."""
+def _group_bounds(ev: dict[str, np.ndarray], cfg: FeaturesConfig, cutoffs: groups.TimeCutoffs
+                  ) -> tuple[np.ndarray, ...]:
+    """(start, end, seq_end, user_start) of the kept groups: session chunks with enough history.
+
+    A chunk never crosses a split cut-off: otherwise a group requested before valid_start_ts
+    (a train group) could carry positives from the valid period as labels.
+    """
     ts, new_user = ev["ts"], ev["new_user"]
     n = ts.size
     idx = np.arange(n)
     gap = np.diff(ts, prepend=ts[:1])
-    new_session = new_user | (gap > cfg.session_gap_s)
-    new_chunk = (idx - _run_starts(new_session)) % cfg.max_positives_per_group == 0
+    event_split = groups.split_codes(ts, cutoffs)
+    new_split = np.diff(event_split, prepend=event_split[:1]) != 0
+    new_run = new_user | (gap > cfg.session_gap_s) | new_split
+    new_chunk = (idx - _run_starts(new_run)) % cfg.max_positives_per_group == 0
     user_start = _run_starts(new_user)
     same_ts_start = _run_starts(new_user | (gap != 0))
     start = np.flatnonzero(new_chunk)
@@ -236,7 +258,7 @@ def _group_bounds(ev: dict[str, np.ndarray], cfg: FeaturesConfig) -> tuple[np.nd
 def build_samples(ev: dict[str, np.ndarray], users: pa.Table, bucket: int, ctx: BucketContext) -> pa.Table:
     """One row per kept group: candidates (positives, then negatives), labels, side features."""
     cfg = ctx.features
-    start, end, seq_end, user_start = _group_bounds(ev, cfg)
+    start, end, seq_end, user_start = _group_bounds(ev, cfg, ctx.cutoffs)
     num_groups, width = start.size, cfg.candidates_per_group
     n_pos = end - start
     pos_offsets = np.concatenate([[0], np.cumsum(n_pos)])
@@ -258,8 +280,7 @@ def build_samples(ev: dict[str, np.ndarray], users: pa.Table, bucket: int, ctx: 
     like[row, col] = ev["value"][pos_event].astype(np.float64) >= cfg.like_threshold
     valid = cand != 0                                                    # 0 = catalogue ran out
     request_ts = ev["ts"][start]
-    split = np.where(request_ts < ctx.cutoffs.valid_start_ts, 0,
-                     np.where(request_ts < ctx.cutoffs.test_start_ts, 1, 2))
+    split = groups.split_codes(request_ts, ctx.cutoffs)
     tags = ctx.tags[cand].reshape(num_groups, width * cfg.tags_per_item)  # (G, C*T)
     return pa.table([
         pa.array(gid, pa.int64()), pa.array(user, pa.int64()),
@@ -332,6 +353,13 @@ def build_context(root: str, cfg: FeaturesConfig, stats: tuple) -> BucketContext
     return BucketContext(features=cfg, **items, negative_cdf=groups.negative_cdf(counts), cutoffs=cutoffs)
 
 
+def run_metadata(job_id: str, events_version: int, cfg: FeaturesConfig) -> dict[str, str]:
+    """Commit info of BOTH output tables of one run (docs/DATA.md): how the loader pairs
+    ``samples`` with the ``sequences`` of the same run and learns the run's settings."""
+    return {"job_id": job_id, "events_version": str(events_version), "max_seq_len": str(cfg.max_seq_len),
+            "candidates_per_group": str(cfg.candidates_per_group)}
+
+
 def run_features(config: PipelineConfig) -> dict:
     """Build and commit ``sequences`` and ``samples`` from the lake's events (Ray must be up)."""
     cfg = config.features
@@ -358,11 +386,15 @@ def run_features(config: PipelineConfig) -> dict:
                             num_cpus=1)
                .take_all())
     job_s, clock = time.perf_counter() - clock, time.perf_counter()
+    metadata = run_metadata(job["job_id"], version, cfg)
+    # sequences first: a samples commit is only ever made after its sequences commit landed.
     for table, schema, partition_by in (("sequences", SEQUENCES_SCHEMA, SEQUENCES_PARTITION),
                                         ("samples", SAMPLES_SCHEMA, SAMPLES_PARTITION)):
-        lake.commit_files_overwrite(job[f"{table}_uri"], schema, partition_by, [w for w in written if w["table"] == table])
-    summary = {"events": stats[3], "events_version": version, "buckets": len(buckets), "stats_s": round(stats_s, 3),
-               "buckets_s": round(job_s, 3), "commit_s": round(time.perf_counter() - clock, 3),
+        lake.commit_files_overwrite(job[f"{table}_uri"], schema, partition_by,
+                                    [w for w in written if w["table"] == table], custom_metadata=metadata)
+    summary = {"events": stats[3], "events_version": version, "job_id": job["job_id"], "buckets": len(buckets),
+               "stats_s": round(stats_s, 3), "buckets_s": round(job_s, 3),
+               "commit_s": round(time.perf_counter() - clock, 3),
                "valid_start_ts": stats[0].valid_start_ts, "test_start_ts": stats[0].test_start_ts}
     for split in groups.SPLITS:
         summary[f"groups_{split}"] = sum(int(w["num_rows"]) for w in written

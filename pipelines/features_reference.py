@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import uuid
 
 import numpy as np
 import polars as pl
@@ -24,7 +25,7 @@ from components.config_loader import load_config
 from components.transforms import OOV, action_bucket
 from pipelines.config import FeaturesConfig, PipelineConfig
 from pipelines.features import (
-    SAMPLES_PARTITION, SAMPLES_SCHEMA, SEQUENCES_PARTITION, SEQUENCES_SCHEMA, lake_root,
+    SAMPLES_PARTITION, SAMPLES_SCHEMA, SEQUENCES_PARTITION, SEQUENCES_SCHEMA, lake_root, run_metadata,
     validate_features_config,
 )
 
@@ -39,17 +40,29 @@ def reference_cutoffs(ts: np.ndarray, cfg: FeaturesConfig) -> groups.TimeCutoffs
     return groups.cutoffs_from_values(ts.size, ranks, {r: int(picked[r]) for r in wanted})
 
 
-def ordered_events(events: pl.DataFrame, items: pl.DataFrame, cfg: FeaturesConfig) -> pl.DataFrame:
-    """Events with item_idx/action, sorted, annotated with position, group and seq_end."""
+def split_expr(ts: pl.Expr, cutoffs: groups.TimeCutoffs) -> pl.Expr:
+    """"train" / "valid" / "test" of a time column against the cut-offs."""
+    return (pl.when(ts < cutoffs.valid_start_ts).then(pl.lit("train"))
+            .when(ts < cutoffs.test_start_ts).then(pl.lit("valid")).otherwise(pl.lit("test")))
+
+
+def ordered_events(events: pl.DataFrame, items: pl.DataFrame, cfg: FeaturesConfig,
+                   cutoffs: groups.TimeCutoffs) -> pl.DataFrame:
+    """Events with item_idx/action, sorted, annotated with position, group and seq_end.
+
+    A "session" here also ends where the event's own split changes, so no group's positives
+    cross a time cut-off.
+    """
     gap = pl.col("ts") - pl.col("ts").shift(1)
     new_user = (pl.col("user_id") != pl.col("user_id").shift(1)).fill_null(True)
+    new_split = (pl.col("event_split") != pl.col("event_split").shift(1)).fill_null(True)
     return (
         events.join(items.select("item_id", "item_idx"), on="item_id", how="left", maintain_order="left")
-        .with_columns(pl.col("item_idx").fill_null(OOV).cast(pl.Int32))
+        .with_columns(pl.col("item_idx").fill_null(OOV).cast(pl.Int32), event_split=split_expr(pl.col("ts"), cutoffs))
         .sort(["user_id", "ts", "item_id", "value"])
         .with_columns(
             pos=pl.int_range(pl.len()).over("user_id"),
-            session=(new_user | (gap > cfg.session_gap_s).fill_null(True)).cum_sum(),
+            session=(new_user | (gap > cfg.session_gap_s).fill_null(True) | new_split).cum_sum(),
             action=pl.col("value").map_batches(lambda v: pl.Series(action_bucket(v.to_numpy())),
                                                return_dtype=pl.Int8),
         )
@@ -60,8 +73,9 @@ def ordered_events(events: pl.DataFrame, items: pl.DataFrame, cfg: FeaturesConfi
     )
 
 
-def popularity_cdf(ev: pl.DataFrame, num_idx: int) -> np.ndarray:
-    counts = ev.group_by("item_idx").len()
+def popularity_cdf(ev: pl.DataFrame, num_idx: int, cutoffs: groups.TimeCutoffs) -> np.ndarray:
+    """Negative-sampling CDF from the item counts of TRAIN-period events only (ts < valid_start_ts)."""
+    counts = ev.filter(pl.col("ts") < cutoffs.valid_start_ts).group_by("item_idx").len()
     dense = np.zeros(num_idx, np.int64)
     dense[counts["item_idx"].to_numpy()] = counts["len"].to_numpy()
     return groups.negative_cdf(dense)
@@ -130,19 +144,20 @@ def with_side_features(g: pl.DataFrame, feats: pl.DataFrame, cutoffs: groups.Tim
         .agg(cand_genre_mask=pl.col("genre_mask"), cand_year=pl.col("year"),
              cand_tags=pl.col("tags").explode())
     )
-    split = (pl.when(pl.col("request_ts") < cutoffs.valid_start_ts).then(pl.lit("train"))
-             .when(pl.col("request_ts") < cutoffs.test_start_ts).then(pl.lit("valid")).otherwise(pl.lit("test")))
-    return g.with_row_index("row").join(cands, on="row", how="left", maintain_order="left").with_columns(split=split)
+    return (g.with_row_index("row").join(cands, on="row", how="left", maintain_order="left")
+            .with_columns(split=split_expr(pl.col("request_ts"), cutoffs)))
 
 
 def reference_tables(events: pa.Table, items: pa.Table, users: pa.Table, cfg: FeaturesConfig
                      ) -> tuple[pa.Table, pa.Table]:
     """(sequences, samples) in the contract's schemas, rows in no particular order."""
     validate_features_config(cfg)
+    if events.num_rows == 0:
+        raise lake.LakeError("events table has no rows; nothing to build features from")
     items_df = pl.from_arrow(items)
-    ev = ordered_events(pl.from_arrow(events), items_df, cfg)
     cutoffs = reference_cutoffs(events["ts"].to_numpy(), cfg)
-    cdf = popularity_cdf(ev, int(items_df["item_idx"].max() or OOV) + 1)
+    ev = ordered_events(pl.from_arrow(events), items_df, cfg, cutoffs)
+    cdf = popularity_cdf(ev, int(items_df["item_idx"].max() or OOV) + 1, cutoffs)
     sequences = ev.group_by("user_id", maintain_order=True).agg(
         pl.col("bucket").first(), pl.col("item_idx"), pl.col("action"), pl.col("ts"))
     g = with_side_features(reference_groups(ev, cdf, cfg), item_features(items_df, cfg.tags_per_item), cutoffs)
@@ -156,12 +171,19 @@ def run_reference(config: PipelineConfig, out_root: str | None = None) -> dict:
     """Read the lake at ``config.lake.root``, write sequences/samples under ``out_root`` (default: same lake)."""
     root = lake_root(config.lake.root)
     out = lake_root(out_root) if out_root else root
-    events = lake.read_table(lake.table_uri(root, "events"), columns=["user_id", "item_id", "ts", "value", "bucket"])
+    events_uri = lake.table_uri(root, "events")
+    events_version = lake.table_version(events_uri)
+    if events_version is None:
+        raise lake.LakeError(f"no Delta table at {events_uri} (run the ingest stage first)")
+    events = lake.read_table(events_uri, events_version, columns=["user_id", "item_id", "ts", "value", "bucket"])
     items = lake.read_table(lake.table_uri(root, "items"))
     users = lake.read_table(lake.table_uri(root, "users"), columns=["user_id", "user_idx"])
     sequences, samples = reference_tables(events, items, users, config.features)
-    lake.write_table(lake.table_uri(out, "sequences"), sequences, partition_by=SEQUENCES_PARTITION)
-    lake.write_table(lake.table_uri(out, "samples"), samples, partition_by=SAMPLES_PARTITION)
+    metadata = run_metadata(f"reference-{uuid.uuid4().hex}", events_version, config.features)
+    lake.write_table(lake.table_uri(out, "sequences"), sequences, partition_by=SEQUENCES_PARTITION,
+                     custom_metadata=metadata)
+    lake.write_table(lake.table_uri(out, "samples"), samples, partition_by=SAMPLES_PARTITION,
+                     custom_metadata=metadata)
     return {"events": events.num_rows, "users": sequences.num_rows, "groups": samples.num_rows}
 
 

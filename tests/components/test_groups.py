@@ -130,5 +130,15 @@ def test_sampler_tiny_catalogue_pads_with_zero():
                                   np.array([3]), cdf, seed=0)
     assert sorted(out[0, :2].tolist()) == [2, 4] and out[0, 2:].tolist() == [0, 0, 0]
     empty = groups.sample_negatives(np.array([11], np.int64), np.array([4]), np.array([0, 0]),
-                                    np.array([], np.int64), groups.negative_cdf(np.zeros(4)), seed=0)
-    assert empty.tolist() == [[0, 0, 0, 0]]
+                                    np.array([], np.int64), groups.negative_cdf(np.zeros(2)), seed=0)
+    assert empty.tolist() == [[0, 0, 0, 0]]                     # no catalogue item at all
+
+
+def test_negative_cdf_without_train_counts_falls_back_to_uniform():
+    # Only pad/OOV were counted (no train-period event hit the catalogue): every item weighs 1.
+    np.testing.assert_array_equal(groups.negative_cdf(np.array([7, 3, 0, 0, 0])), [0, 0, 1, 2, 3])
+    out = groups.sample_negatives(np.array([11], np.int64), np.array([3]), np.array([0, 1]),
+                                  np.array([3]), groups.negative_cdf(np.zeros(6)), seed=0)
+    assert sorted(out[0].tolist()) == [2, 4, 5]
+    # An item unseen in train keeps weight 0 as long as some item has a count.
+    np.testing.assert_array_equal(groups.negative_cdf(np.array([0, 0, 0, 16])), [0, 0, 0, 8])

@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from components.lake import (
-    EVENTS_SCHEMA, ITEMS_SCHEMA, LakeError, LakeWriteError, column_range, commit_metadata,
-    events_table, events_time_range, items_table, read_table, row_count, table_version,
-    user_bucket, users_table, write_table,
+    EVENTS_SCHEMA, ITEMS_SCHEMA, LakeError, LakeWriteError, column_range, commit_files_overwrite,
+    commit_metadata, events_table, events_time_range, find_version, items_table, read_table, row_count,
+    table_version, user_bucket, users_table, write_data_file, write_table,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,6 +105,22 @@ def test_commit_metadata_and_missing_table_errors(tmp_path):
         read_table(str(tmp_path / "nothing"))
     with pytest.raises(LakeError, match="version 7"):
         read_table(uri, version=7)
+
+
+def test_commit_files_overwrite_records_metadata_and_find_version(tmp_path):
+    uri = str(tmp_path / "t")
+    schema = pa.schema([("x", pa.int64()), ("part", pa.string())])
+    for i, job in enumerate(["a", "b", "a", "c"]):
+        part = write_data_file(pa.table({"x": [i], "part": ["p"]}, schema=schema), uri, {"part": "p"}, f"f{i}")
+        assert commit_files_overwrite(uri, schema, ["part"], [part], custom_metadata={"job_id": job}) == i
+    assert commit_metadata(uri, 1)["job_id"] == "b" and commit_metadata(uri)["job_id"] == "c"
+    assert find_version(uri, "job_id", "a") == 2                 # the newest matching commit
+    assert find_version(uri, "job_id", "a", max_version=1) == 0
+    assert find_version(uri, "job_id", "zzz") is None
+    part = write_data_file(pa.table({"x": [9], "part": ["p"]}, schema=schema), uri, {"part": "p"}, "f9")
+    assert commit_files_overwrite(uri, schema, ["part"], [part]) == 4   # metadata stays optional
+    assert "job_id" not in commit_metadata(uri)
+    assert read_table(uri)["x"].to_pylist() == [9]
 
 
 @settings(max_examples=10, deadline=None)

@@ -66,6 +66,13 @@ def test_errors_name_the_problem():
         resolve_sequences(_samples([7], [1]), seqs, 0)
 
 
+def _shifted_items(sequences: pa.Table, shift: int) -> pa.Table:
+    """Same users and lengths, different item_idx: what another features run could have written."""
+    col = sequences["item_idx"].combine_chunks()
+    moved = pa.ListArray.from_arrays(col.offsets, pa.compute.add(col.values, shift))
+    return sequences.set_column(sequences.schema.get_field_index("item_idx"), "item_idx", moved)
+
+
 def test_load_groups_resolves_every_bucket(ray_session, tmp_path):
     from components.collate import collate_groups
     from pipelines.bench_data import synthetic_lake
@@ -74,16 +81,47 @@ def test_load_groups_resolves_every_bucket(ray_session, tmp_path):
 
     root = str(tmp_path / "lake")
     synthetic_lake(root, num_events=2000, num_buckets=3, seed=2, max_history=300)
-    run_features(PipelineConfig(lake=LakeConfig(root=root, num_buckets=3),
-                                features=FeaturesConfig(candidates_per_group=8, max_positives_per_group=4)))
+    run_features(PipelineConfig(lake=LakeConfig(root=root, num_buckets=3), features=FeaturesConfig(
+        candidates_per_group=8, max_positives_per_group=4, max_seq_len=5)))
     blocks = ray_session.get(load_groups(root, "train", max_seq_len=6, rows_per_block=50).to_arrow_refs())
     got = pa.concat_tables(blocks).sort_by("group_id")
     samples = lake.read_table(lake.table_uri(root, "samples"), filters=pa.compute.field("split") == "train")
     sequences = lake.read_table(lake.table_uri(root, "sequences"))
     expected = resolve_sequences(samples, sequences, 6).sort_by("group_id")
     assert got.select(expected.column_names).equals(expected)
-    assert max(len(s) for s in got["seq_item_idx"].to_pylist()) == 6
+    assert max(len(s) for s in got["seq_item_idx"].to_pylist()) == 6          # explicit argument wins
     batch = collate_groups(got.slice(0, 16))
     assert tuple(batch.seq_item.shape) == (16, 6) and tuple(batch.cand_item.shape) == (16, 8)
+    # Default: the max_seq_len the features run recorded in the samples commit (5).
+    default = pa.concat_tables(ray_session.get(load_groups(root, "valid").to_arrow_refs()))
+    assert max(len(s) for s in default["seq_item_idx"].to_pylist()) == 5
     with pytest.raises(ValueError, match="split"):
         load_groups(root, "training", 6)
+
+
+def test_load_groups_pairs_samples_with_the_sequences_of_the_same_run(ray_session, tmp_path):
+    from pipelines.bench_data import synthetic_lake
+    from pipelines.config import FeaturesConfig, LakeConfig, PipelineConfig
+    from pipelines.features import SEQUENCES_PARTITION, run_features
+
+    root = str(tmp_path / "lake")
+    synthetic_lake(root, num_events=1500, num_buckets=2, seed=3, max_history=200)
+    run_features(PipelineConfig(lake=LakeConfig(root=root, num_buckets=2), features=FeaturesConfig(
+        candidates_per_group=4, max_positives_per_group=4, max_seq_len=8)))            # run A
+    seq_uri, samples_uri = lake.table_uri(root, "sequences"), lake.table_uri(root, "samples")
+    sequences_a = lake.read_table(seq_uri)
+    expected = resolve_sequences(lake.read_table(samples_uri, filters=pa.compute.field("split") == "train"),
+                                 sequences_a, 8).sort_by("group_id")
+    # Run B commits its sequences after run A's samples, then dies before its samples commit.
+    lake.write_table(seq_uri, _shifted_items(sequences_a, 1000), partition_by=SEQUENCES_PARTITION,
+                     custom_metadata={"job_id": "run-b"})
+    got = pa.concat_tables(ray_session.get(load_groups(root, "train").to_arrow_refs())).sort_by("group_id")
+    assert got.select(expected.column_names).equals(expected)                      # run A's sequences
+    # A samples version whose run has no sequences version: a clear error naming both tables.
+    samples_a = lake.read_table(samples_uri)
+    lake.write_table(samples_uri, samples_a, partition_by=["split", "bucket"], custom_metadata={"job_id": "run-c"})
+    with pytest.raises(lake.LakeError, match=r"samples table .*run-c.* sequences table"):
+        load_groups(root, "train")
+    lake.write_table(samples_uri, samples_a, partition_by=["split", "bucket"])      # no job id at all
+    with pytest.raises(lake.LakeError, match=r"samples table .*no job_id.*sequences table"):
+        load_groups(root, "train")

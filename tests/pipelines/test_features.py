@@ -52,7 +52,7 @@ def _events(rows) -> pa.Table:
 
 
 def test_hand_built_sequences_and_groups():
-    cutoffs = groups.TimeCutoffs(valid_start_ts=5000, test_start_ts=5010)
+    cutoffs = groups.TimeCutoffs(valid_start_ts=5000, test_start_ts=6000)
     sequences, samples = build_bucket(_events(HAND_EVENTS), HAND_USERS, 3, _hand_context(cutoffs))
     assert sequences.schema == SEQUENCES_SCHEMA and samples.schema == SAMPLES_SCHEMA
     seq = sequences.to_pylist()
@@ -66,7 +66,7 @@ def test_hand_built_sequences_and_groups():
                                   groups.group_ids(samples["user_id"].to_numpy(), first_event_pos))
     # Groups: session chunks of <= 2 events; the first chunk of each user has no history (dropped).
     got = [(r["user_id"], r["request_ts"], r["seq_end"], r["split"]) for r in rows]
-    assert got == [(1, 110, 2, "train"), (1, 5000, 3, "valid"), (1, 5010, 4, "test"), (2, 4000, 1, "train")]
+    assert got == [(1, 110, 2, "train"), (1, 5000, 3, "valid"), (1, 5010, 4, "valid"), (2, 4000, 1, "train")]
     expected_pos = [([4], [1]), ([5, 6], [0, 1]), ([7], [0]), ([8], [0])]
     for row, (pos, like) in zip(rows, expected_pos):
         cands, n = row["cand_item_idx"], len(pos)
@@ -91,12 +91,45 @@ def test_bucket_build_equals_reference_on_hand_events():
     ref_seq, ref_samples = reference_tables(events.append_column("bucket", pa.array([3] * 8, pa.int32())),
                                             _items_table(), HAND_USERS, HAND_CFG)
     counts = np.zeros(ITEM_IDS.size + 2, np.int64)
-    np.add.at(counts, [3, 7, 2, 4, 5, 6, 1, 8], 1)    # event popularity by item_idx, as the reference sees it
+    np.add.at(counts, [3, 2, 4, 5, 1, 8], 1)    # popularity of the train-period events (ts < 5010) by item_idx
     # Default fractions: ranks floor(8 * 0.8) = 6 and floor(8 * 0.9) = 7 of the sorted times -> 5010, 5010.
     ctx = BucketContext(**{**_hand_context(groups.TimeCutoffs(5010, 5010)).__dict__,
                            "negative_cdf": groups.negative_cdf(counts)})
     sequences, samples = build_bucket(events, HAND_USERS, 3, ctx)
     assert sequences.equals(ref_seq.sort_by("user_id"))
+    assert samples.sort_by("group_id").equals(ref_samples.sort_by("group_id"))
+
+
+# One user: an early event, then one session of 12 events every 10 s straddling both cut-offs.
+# Fractions chosen so the reference finds valid_start = 1030 (rank 4) and test_start = 1070 (rank 8).
+STRADDLE_CFG = FeaturesConfig(candidates_per_group=6, max_positives_per_group=4, session_gap_s=500,
+                              tags_per_item=2, min_seq_len=1, valid_frac=0.3, test_frac=0.35)
+STRADDLE_TS = [0, *range(1000, 1120, 10)]
+
+
+def test_chunks_never_cross_a_split_cutoff_and_negatives_use_train_popularity():
+    events = _events([(7, t, int(item), 3.0) for t, item in zip(STRADDLE_TS, ITEM_IDS)])
+    cutoffs = groups.TimeCutoffs(valid_start_ts=1030, test_start_ts=1070)
+    train_idx = [2, 3, 4, 5]                  # items of the events before 1030 (item_idx = 2 + position)
+    counts = np.zeros(ITEM_IDS.size + 2, np.int64)
+    counts[train_idx] = 1
+    ctx = BucketContext(**{**_hand_context(cutoffs).__dict__, "features": STRADDLE_CFG,
+                           "negative_cdf": groups.negative_cdf(counts)})
+    _, samples = build_bucket(events, HAND_USERS, 0, ctx)
+    # Without the split rule the chunks would be [1000..1030] (train, with a valid positive) and
+    # [1040..1070] (valid, with a test positive).
+    got = [(r["request_ts"], r["seq_end"], r["split"]) for r in samples.to_pylist()]
+    assert got == [(1000, 1, "train"), (1030, 4, "valid"), (1070, 8, "test"), (1110, 12, "test")]
+    ts_of_idx = dict(zip(range(2, 2 + len(STRADDLE_TS)), STRADDLE_TS))
+    for row in samples.to_pylist():
+        n_pos = sum(row["label_engage"])
+        pos_ts = np.array([ts_of_idx[i] for i in row["cand_item_idx"][:n_pos]])
+        assert pos_ts.min() == row["request_ts"]
+        assert all(groups.SPLITS[int(t >= 1030) + int(t >= 1070)] == row["split"] for t in pos_ts), row
+        # negatives come from train-period popularity only: never an item first seen after 1030
+        assert set(row["cand_item_idx"][n_pos:]) <= set(train_idx)
+    bucketed = events.append_column("bucket", pa.array([0] * len(STRADDLE_TS), pa.int32()))
+    _, ref_samples = reference_tables(bucketed, _items_table(), HAND_USERS, STRADDLE_CFG)
     assert samples.sort_by("group_id").equals(ref_samples.sort_by("group_id"))
 
 
@@ -134,6 +167,17 @@ def test_ray_job_equals_reference_and_has_no_leakage(ray_session, synthetic_root
     valid = request[split == "valid"]
     assert ((valid >= summary["valid_start_ts"]) & (valid < summary["test_start_ts"])).all()
     assert (request[split == "test"] >= summary["test_start_ts"]).all()
+    # Both commits name the run, the events version read and the loader settings.
+    for name in ("sequences", "samples"):
+        info = lake.commit_metadata(lake.table_uri(synthetic_root, name))
+        assert info["job_id"] == summary["job_id"] and info["max_seq_len"] == str(config.features.max_seq_len)
+        assert info["events_version"] == str(summary["events_version"]) and info["candidates_per_group"] == "16"
+    # Negatives come from train-period popularity: never an item seen only at/after valid_start_ts.
+    items = lake.read_table(lake.table_uri(synthetic_root, "items"))
+    train_items = events.filter(pc.less(events["ts"], summary["valid_start_ts"]))["item_id"]
+    train_idx = set(items.filter(pc.is_in(items["item_id"], train_items))["item_idx"].to_pylist())
+    for cands, engage in zip(samples["cand_item_idx"].to_pylist(), samples["label_engage"].to_pylist()):
+        assert set(cands[sum(engage):]) <= train_idx
     resolved = resolve_sequences(samples, sequences, max_seq_len=10**6)
     for row in resolved.slice(0, 300).to_pylist():
         user_ts = events.filter(pc.equal(events["user_id"], row["user_id"]))["ts"].to_numpy()
@@ -149,6 +193,7 @@ def test_main_end_to_end_overwrites_atomically(ray_session, synthetic_root, tmp_
                       "features:\n  candidates_per_group: 8\n  max_positives_per_group: 4\n")
     assert main(["--config", str(preset), "--features.max_seq_len=50"]) == 0
     samples_uri = lake.table_uri(synthetic_root, "samples")
+    assert lake.commit_metadata(samples_uri)["max_seq_len"] == "50"   # the loader's default truncation
     version, rows = lake.table_version(samples_uri), lake.read_table(samples_uri).num_rows
     assert main(["--config", str(preset)]) == 0                      # a re-run is one new version
     assert lake.table_version(samples_uri) == version + 1
@@ -162,6 +207,18 @@ def test_main_end_to_end_overwrites_atomically(ray_session, synthetic_root, tmp_
 def test_missing_events_table_is_named(ray_session, tmp_path):
     with pytest.raises(lake.LakeError, match="events"):
         run_features(PipelineConfig(lake=LakeConfig(root=str(tmp_path / "nowhere"))))
+
+
+def test_events_table_without_rows_is_a_clear_error(ray_session, tmp_path):
+    root = str(tmp_path / "lake")
+    uri = lake.table_uri(root, "events")       # one bucket partition holding an empty file
+    part = lake.write_data_file(lake.EVENTS_SCHEMA.empty_table(), uri, {"bucket": "0"}, "empty")
+    lake.commit_files_overwrite(uri, lake.EVENTS_SCHEMA, ["bucket"], [part])
+    with pytest.raises(lake.LakeError, match="events table .* has no rows"):
+        run_features(PipelineConfig(lake=LakeConfig(root=root)))
+    empty = lake.EVENTS_SCHEMA.empty_table()
+    with pytest.raises(lake.LakeError, match="events table has no rows"):
+        reference_tables(empty, _items_table(), HAND_USERS, HAND_CFG)
 
 
 def test_empty_bucket_builds_empty_tables():
