@@ -89,9 +89,18 @@ def collate_groups(table: pa.Table, config: CollateConfig = CollateConfig()) -> 
         missing += [c for c in LABEL_COLUMNS if c not in table.column_names]
     if missing:
         raise CollateError(f"batch is missing column(s) {missing}; has {table.column_names}")
+    user = _user_side(table, config)
+    cand = _candidate_side(table, config.with_labels)
+    labels = cand.pop("labels", None)
+    return GroupBatch(user_id=torch.from_numpy(table.column("user_idx").to_numpy().astype(np.int64)),
+                      **{k: torch.from_numpy(v) for k, v in {**user, **cand}.items()},
+                      labels=None if labels is None else torch.from_numpy(labels))
+
+
+def _user_side(table: pa.Table, config: CollateConfig) -> dict[str, np.ndarray]:
+    """Left-padded, truncated sequence arrays and the request-time user features."""
     batch_size = table.num_rows
     request_ts = table.column("request_ts").to_numpy().astype(np.int64)
-
     seq = {name: _list_parts(table, name) for name in ("seq_item_idx", "seq_action", "seq_ts")}
     lengths = seq["seq_item_idx"][1]
     for name, (_, other) in seq.items():
@@ -102,41 +111,35 @@ def collate_groups(table: pa.Table, config: CollateConfig = CollateConfig()) -> 
     width = config.pad_seq_to or max(int(kept.max(initial=0)), 1)
     if kept.max(initial=0) > width:
         raise CollateError(f"sequence of length {kept.max()} does not fit pad_seq_to={width}")
-    row_ts = np.repeat(request_ts, kept)
-    gaps = transforms.gap_bucket(row_ts, seq["seq_ts"])
     actions = seq["seq_action"].astype(np.int64)
+    seq_gap = _left_pad(transforms.gap_bucket(np.repeat(request_ts, kept), seq["seq_ts"]), kept, width, np.int64)
+    action_sum = np.bincount(np.repeat(np.arange(batch_size), kept), weights=actions, minlength=batch_size)
+    return {"user_dense": user_dense_features(kept, action_sum, seq_gap[:, -1]),
+            "seq_item": _left_pad(seq["seq_item_idx"], kept, width, np.int64),
+            "seq_action": _left_pad(actions, kept, width, np.int64),
+            "seq_gap": seq_gap, "seq_len": kept.astype(np.int64)}
 
+
+def _candidate_side(table: pa.Table, with_labels: bool) -> dict[str, np.ndarray]:
+    """Right-padded candidate arrays (+ labels), with the mask of real slots."""
     cand_item, cand_len = _list_parts(table, "cand_item_idx")
     num_cand = max(int(cand_len.max(initial=0)), 1)
-    genres, _ = _list_parts(table, "cand_genre_mask")
-    years, _ = _list_parts(table, "cand_year")
     tags, tag_len = _list_parts(table, "cand_tags")
     first = int(np.argmax(cand_len > 0))  # a row with candidates fixes the tags per candidate
     n_tags = int(tag_len[first] // cand_len[first]) if cand_len.any() else 0
     if not np.array_equal(tag_len, cand_len * n_tags):
         raise CollateError("cand_tags must hold the same number of tags for every candidate")
-
-    action_sum = np.bincount(np.repeat(np.arange(batch_size), kept), weights=actions, minlength=batch_size)
-    seq_gap = _left_pad(gaps, kept, width, np.int64)
-    tags_padded = _right_pad(tags, tag_len, num_cand * n_tags, np.int64).reshape(batch_size, num_cand, n_tags)
-
-    batch = GroupBatch(
-        user_id=torch.from_numpy(table.column("user_idx").to_numpy().astype(np.int64)),
-        user_dense=torch.from_numpy(user_dense_features(kept, action_sum, seq_gap[:, -1])),
-        seq_item=torch.from_numpy(_left_pad(seq["seq_item_idx"], kept, width, np.int64)),
-        seq_action=torch.from_numpy(_left_pad(actions, kept, width, np.int64)),
-        seq_gap=torch.from_numpy(seq_gap),
-        seq_len=torch.from_numpy(kept.astype(np.int64)),
-        cand_item=torch.from_numpy(_right_pad(cand_item, cand_len, num_cand, np.int64)),
-        cand_genres=torch.from_numpy(transforms.genre_multi_hot(_right_pad(genres, cand_len, num_cand, np.int64))),
-        cand_year=torch.from_numpy(transforms.year_bucket(_right_pad(years, cand_len, num_cand, np.int64))),
-        cand_tags=torch.from_numpy(tags_padded),
-        cand_mask=torch.from_numpy(_right_pad(np.ones(cand_item.size, bool), cand_len, num_cand, bool)),
-    )
-    if config.with_labels:
-        labels = [_right_pad(_list_parts(table, c)[0], cand_len, num_cand, np.float32) for c in LABEL_COLUMNS]
-        batch.labels = torch.from_numpy(np.stack(labels, axis=-1))
-    return batch
+    pad = lambda name, dtype: _right_pad(_list_parts(table, name)[0], cand_len, num_cand, dtype)
+    out = {
+        "cand_item": _right_pad(cand_item, cand_len, num_cand, np.int64),
+        "cand_genres": transforms.genre_multi_hot(pad("cand_genre_mask", np.int64)),
+        "cand_year": transforms.year_bucket(pad("cand_year", np.int64)),
+        "cand_tags": _right_pad(tags, tag_len, num_cand * n_tags, np.int64).reshape(table.num_rows, num_cand, n_tags),
+        "cand_mask": _right_pad(np.ones(cand_item.size, bool), cand_len, num_cand, bool),
+    }
+    if with_labels:
+        out["labels"] = np.stack([pad(c, np.float32) for c in LABEL_COLUMNS], axis=-1)
+    return out
 
 
 def _keep_recent(values: np.ndarray, lengths: np.ndarray, max_len: int) -> np.ndarray:
