@@ -95,6 +95,9 @@ def read_file(path: str | Path, fmt: str = "auto", text_columns: Sequence[str] =
     return table
 
 
+_OPTIONAL_COLUMN_KEYS = {"value_col", "item_genres_col", "item_year_col", "item_title_col"}
+
+
 def require_columns(table: pa.Table, columns: Mapping[str | None, str | None], path: str) -> None:
     """InputFileError naming the first required column the file lacks.
 
@@ -103,7 +106,9 @@ def require_columns(table: pa.Table, columns: Mapping[str | None, str | None], p
     """
     for column, key in columns.items():
         if column is not None and column not in table.column_names:
-            hint = f"; set {key} (null if the file has no such column)" if key else ""
+            # Only optional columns (their config type admits None) can be switched off.
+            optional = key is not None and key.rsplit(".", 1)[-1] in _OPTIONAL_COLUMN_KEYS
+            hint = f"; set {key}" + (" (null if the file has no such column)" if optional else "") if key else ""
             raise InputFileError(path, f"column not found (file has {table.column_names}){hint}",
                                  column)
 

@@ -145,6 +145,9 @@ def _parse_iso(values: pa.ChunkedArray | pa.Array) -> pa.Array:
 def coerce_ts(values: pa.ChunkedArray | pa.Array, unit: str, path: str, column: str) -> pa.Array:
     """Timestamp column -> int64 seconds since epoch; null where unparseable.
 
+    Fractional seconds (float or text numbers) are floored to the second, as event
+    order within a second is not kept anyway (ties are ordered by item id downstream).
+
     ``unit`` is "s" or "ms" for numbers, "iso" for text. Native Arrow timestamp/date
     columns (Parquet) are converted whatever the unit says.
     """
