@@ -5,8 +5,14 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+# CI runs the same examples every time (no flaky new counter-examples on a submission);
+# locally hypothesis keeps exploring.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
