@@ -42,7 +42,7 @@ def token_mix(x: Tensor, heads: int) -> Tensor:
     ``x``: (..., T, D) -> (..., H, T*D/H). With H = T the shape is kept and the map is
     its own inverse (a transpose of the (T, H) slice grid).
     """
-    num_tokens, dim = x.shape[-2], x.shape[-1]
+    dim = x.shape[-1]
     if heads <= 0 or dim % heads:
         raise ValueError(f"token_mix: heads={heads} must be positive and divide the token width {dim}")
     sliced = x.unflatten(-1, (heads, dim // heads))  # (..., T, H, D/H)

@@ -14,7 +14,6 @@ import logging
 import sys
 import time
 
-import numpy as np
 import pyarrow as pa
 
 from components import lake

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from components.lake import (
-    EVENTS_SCHEMA, ITEMS_SCHEMA, LakeError, LakeWriteError, column_range, commit_files_overwrite,
+    EVENTS_SCHEMA, ITEMS_SCHEMA, LakeError, column_range, commit_files_overwrite,
     commit_metadata, events_table, events_time_range, find_version, items_table, read_table, row_count,
     table_version, user_bucket, users_table, write_data_file, write_table,
 )
