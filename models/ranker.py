@@ -35,7 +35,6 @@ from models.task import RankerOutput
 from models.tokenmixer_large import TokenMixerLarge, TokenMixerLargeConfig
 from models.ugsep import UGSepBackbone, UGSepConfig, UserTokenStates
 
-NUM_SEQ_TOKENS = 3       # LONGER: CLS + user-global + mean of recent outputs; pooling: 3 windows
 POOL_WINDOWS = (8, 64)   # pooling encoder: means of the last 8, last 64 and all events
 YEAR_DIM = 8
 
@@ -83,6 +82,11 @@ class RankerConfig:
         return self.longer.d_model if self.use_longer else self.sparse.embedding_dim
 
     @property
+    def num_seq_tokens(self) -> int:
+        """LONGER: its CLS tokens + the user-global token + the mean of recent outputs; pooling: 3 windows."""
+        return self.longer.num_cls + 2 if self.use_longer else len(POOL_WINDOWS) + 1
+
+    @property
     def user_dim(self) -> int:
         """Width of the user vector: id embedding ++ user dense features (models/batch.py)."""
         return self.sparse.embedding_dim + 3
@@ -90,7 +94,7 @@ class RankerConfig:
     def feature_groups(self) -> tuple[FeatureGroup, ...]:
         e, s = self.sparse.embedding_dim, self.seq_dim
         groups = [FeatureGroup("user", self.user_dim, "user")]
-        groups += [FeatureGroup(f"seq_{i}", s, "user") for i in range(NUM_SEQ_TOKENS)]
+        groups += [FeatureGroup(f"seq_{i}", s, "user") for i in range(self.num_seq_tokens)]
         if self.use_lmn:
             groups.append(FeatureGroup("lmn_user", self.dim, "user"))
         groups += [FeatureGroup("item", e, "group"), FeatureGroup("item_side", NUM_GENRES + YEAR_DIM + e, "group"),
@@ -181,11 +185,11 @@ class Ranker(nn.Module):
     # ------------------------------------------------------------------ user side
     def _sequence(self, batch: GroupBatch, seq_emb: Tensor, user_vec: Tensor
                   ) -> tuple[Tensor, LongerUserState | None]:
-        """Sequence summary tokens (B, 3, seq_dim) and the LONGER cache (or None when pooling)."""
+        """Sequence summary tokens (B, num_seq_tokens, seq_dim) and the LONGER cache (None when pooling)."""
         if self.cfg.use_longer:
             glob = self.longer_user(user_vec).unsqueeze(1)                          # (B, 1, S)
             state = self.longer.encode_user(seq_emb, batch.seq_action, batch.seq_gap, batch.seq_len, glob)
-            return state.summary_tokens(), state                                     # (B, 3, S)
+            return state.summary_tokens(), state                                     # (B, G + 1, S)
         return self._pooled_sequence(batch, seq_emb), None
 
     def _pooled_sequence(self, batch: GroupBatch, seq_emb: Tensor) -> Tensor:
@@ -203,7 +207,7 @@ class Ranker(nn.Module):
         cand = self.longer_cand(self.sparse_arch({"cand_item": batch.cand_item})["cand_item"])  # (B, 1, S)
         glob = self.longer_user(user_vec).unsqueeze(1)
         cross, summary = self.longer(seq_emb, batch.seq_action, batch.seq_gap, batch.seq_len, cand, glob,
-                                     return_summary=True)                            # (B,1,S), (B,1,3,S)
+                                     return_summary=True)                            # (B,1,S), (B,1,G+1,S)
         return summary[:, 0], cross
 
     def _recent(self, batch: GroupBatch, seq_emb: Tensor) -> tuple[Tensor, Tensor]:
@@ -227,7 +231,7 @@ class Ranker(nn.Module):
             longer_state = None
         else:
             seq_tokens, longer_state = self._sequence(batch, emb["seq_item"], user_vec)
-        features = {"user": user_vec, **{f"seq_{i}": seq_tokens[:, i] for i in range(NUM_SEQ_TOKENS)}}
+        features = {"user": user_vec, **{f"seq_{i}": seq_tokens[:, i] for i in range(self.cfg.num_seq_tokens)}}
         aux = AuxLosses()
         if self.lmn is not None:
             recent, recent_mask = self._recent(batch, emb["seq_item"])
