@@ -12,7 +12,7 @@ candidate) through the backbone's masked reference path; the two must agree in f
 within 1e-5 (tests/models/test_ranker.py).
 
 Token layout (MODELS.md §1; a token is USER only if every input is user-side):
-  user:  user (id emb ++ dense), seq_0..seq_2 (LONGER summary or pooled windows), [lmn_user]
+  user:  user (id emb ++ dense), seq_* (LONGER summary tokens or pooled windows), [lmn_user]
   group: [global], item (id emb), item_side (genres, year, tags), cross_seq (LONGER
          candidate output or item ⊙ sequence mean), cross_user (item ⊙ user), [lmn_group]
 """
