@@ -43,6 +43,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
     }
     try:
         return cls(**kwargs)
+    except ConfigError:  # already names its keys
+        raise
     except (ValueError, TypeError) as exc:  # a dataclass's own __post_init__ check
         raise ConfigError(f"{path or cls.__name__}: {exc}") from exc
 

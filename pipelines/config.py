@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from components import groups
+from components.config_loader import ConfigError
+
 
 @dataclass(frozen=True)
 class RayConfig:
@@ -125,6 +128,29 @@ class FeaturesConfig:
     min_seq_len: int = 1
     tags_per_item: int = 3
     negatives_seed: int = 0
+
+    def __post_init__(self) -> None:
+        validate_features_config(self)
+
+
+def validate_features_config(cfg: FeaturesConfig) -> None:
+    """Reject settings that would build wrong groups, naming the offending key."""
+    if cfg.candidates_per_group < 1:
+        raise ConfigError(f"features.candidates_per_group must be >= 1, got {cfg.candidates_per_group}")
+    if not 1 <= cfg.max_positives_per_group <= cfg.candidates_per_group:
+        raise ConfigError(
+            f"features.max_positives_per_group ({cfg.max_positives_per_group}) must be in "
+            f"[1, candidates_per_group={cfg.candidates_per_group}]"
+        )
+    for name in ("max_seq_len", "tags_per_item"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"features.{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.session_gap_s < 0 or cfg.min_seq_len < 0:
+        raise ConfigError("features.session_gap_s and features.min_seq_len must be >= 0")
+    try:
+        groups.cutoff_ranks(1, cfg.valid_frac, cfg.test_frac)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,8 +34,8 @@ import pyarrow.compute as pc
 import ray
 
 from components import groups, lake
-from components.config_loader import ConfigError, load_config
 from components.transforms import OOV, action_bucket
+from pipelines.cli import pipeline_main
 from pipelines.config import FeaturesConfig, PipelineConfig
 from pipelines.ray_runtime import ray_runtime
 
@@ -56,26 +55,6 @@ SAMPLES_SCHEMA = pa.schema([
 ])
 SEQUENCES_PARTITION = ["bucket"]
 SAMPLES_PARTITION = ["split", "bucket"]
-
-
-def validate_features_config(cfg: FeaturesConfig) -> None:
-    """Reject settings that would build wrong groups, naming the offending key."""
-    if cfg.candidates_per_group < 1:
-        raise ConfigError(f"features.candidates_per_group must be >= 1, got {cfg.candidates_per_group}")
-    if not 1 <= cfg.max_positives_per_group <= cfg.candidates_per_group:
-        raise ConfigError(
-            f"features.max_positives_per_group ({cfg.max_positives_per_group}) must be in "
-            f"[1, candidates_per_group={cfg.candidates_per_group}]"
-        )
-    for name in ("max_seq_len", "tags_per_item"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"features.{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.session_gap_s < 0 or cfg.min_seq_len < 0:
-        raise ConfigError("features.session_gap_s and features.min_seq_len must be >= 0")
-    try:
-        groups.cutoff_ranks(1, cfg.valid_frac, cfg.test_frac)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +342,6 @@ def run_metadata(job_id: str, events_version: int, cfg: FeaturesConfig) -> dict[
 def run_features(config: PipelineConfig) -> dict:
     """Build and commit ``sequences`` and ``samples`` from the lake's events (Ray must be up)."""
     cfg = config.features
-    validate_features_config(cfg)
     root = lake_root(config.lake.root)
     events_uri = lake.table_uri(root, "events")
     version = lake.table_version(events_uri)
@@ -402,25 +380,14 @@ def run_features(config: PipelineConfig) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.features", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="preset name (pipelines/configs) or YAML path")
-    args, overrides = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        config = load_config(PipelineConfig, args.config, overrides)
-        validate_features_config(config.features)
-    except ConfigError as exc:
-        print(f"features: config error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        with ray_runtime(config.ray):
-            summary = run_features(config)
-    except lake.LakeError as exc:
-        print(f"features: failed: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary))
+def _main(config: PipelineConfig, args: argparse.Namespace) -> int:
+    with ray_runtime(config.ray):
+        print(json.dumps(run_features(config)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return pipeline_main("pipelines.features", __doc__.splitlines()[0], argv, _main, failures=(lake.LakeError,))
 
 
 if __name__ == "__main__":

@@ -21,12 +21,11 @@ import polars as pl
 import pyarrow as pa
 
 from components import groups, lake
-from components.config_loader import load_config
 from components.transforms import OOV, action_bucket
+from pipelines.cli import pipeline_main
 from pipelines.config import FeaturesConfig, PipelineConfig
 from pipelines.features import (
     SAMPLES_PARTITION, SAMPLES_SCHEMA, SEQUENCES_PARTITION, SEQUENCES_SCHEMA, lake_root, run_metadata,
-    validate_features_config,
 )
 
 logger = logging.getLogger(__name__)
@@ -151,7 +150,6 @@ def with_side_features(g: pl.DataFrame, feats: pl.DataFrame, cutoffs: groups.Tim
 def reference_tables(events: pa.Table, items: pa.Table, users: pa.Table, cfg: FeaturesConfig
                      ) -> tuple[pa.Table, pa.Table]:
     """(sequences, samples) in the contract's schemas, rows in no particular order."""
-    validate_features_config(cfg)
     if events.num_rows == 0:
         raise lake.LakeError("events table has no rows; nothing to build features from")
     items_df = pl.from_arrow(items)
@@ -188,14 +186,16 @@ def run_reference(config: PipelineConfig, out_root: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.features_reference", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="preset name (pipelines/configs) or YAML path")
-    parser.add_argument("--out-root", default=None, help="lake root to write sequences/samples to (default: lake.root)")
-    args, overrides = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    summary = run_reference(load_config(PipelineConfig, args.config, overrides), args.out_root)
-    print(json.dumps(summary))
-    return 0
+    def body(config: PipelineConfig, args: argparse.Namespace) -> int:
+        print(json.dumps(run_reference(config, args.out_root)))
+        return 0
+
+    def out_root(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--out-root", default=None, help="lake root to write sequences/samples to "
+                                                               "(default: lake.root)")
+
+    return pipeline_main("pipelines.features_reference", __doc__.splitlines()[0], argv, body,
+                         failures=(lake.LakeError,), add_arguments=out_root)
 
 
 if __name__ == "__main__":

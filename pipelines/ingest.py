@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from components.config_loader import ConfigError, load_config
 from components.ingest_sources import (
     ITEM_ATTR_COLUMNS, SourceData, read_events_source, read_movielens, read_synthetic,
     resolve_movielens_dir,
@@ -40,6 +38,7 @@ from components.lake import (
     LakeError, events_table, items_table, table_uri, users_table, write_table,
 )
 from components.validation import IngestError, ValidationReport, check_reject_threshold, validate_events
+from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
@@ -141,38 +140,18 @@ def run_ingest(cfg: PipelineConfig) -> IngestResult:
     return IngestResult(commits=commits, report=report)
 
 
-def _parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.ingest",
-        description="Raw events -> Delta tables events, items, users.",
-        epilog="Any other --section.key=value overrides the preset.")
-    parser.add_argument("--config", default=None, help="preset name or YAML path (e.g. demo)")
-    args, overrides = parser.parse_known_args(argv)
-    return args.config, overrides
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; prints ``table version rows`` per table. 0 ok, 1 bad data, 2 bad config."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        preset, overrides = _parse_args(argv)
-        cfg = load_config(PipelineConfig, preset, overrides)
-    except ConfigError as exc:
-        print(f"ingest: config error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        result = run_ingest(cfg)
-    except ConfigError as exc:
-        print(f"ingest: config error: {exc}", file=sys.stderr)
-        return 2
-    except (IngestError, LakeError) as exc:
-        print(f"ingest: failed: {exc}", file=sys.stderr)
-        return 1
+def _main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    result = run_ingest(cfg)
     print(f"{'table':<8} {'version':>7} {'rows':>10}")
     for commit in result.commits:
         print(f"{commit.name:<8} {commit.version:>7} {commit.rows:>10}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; prints ``table version rows`` per table. 0 ok, 1 bad data, 2 bad config."""
+    return pipeline_main("pipelines.ingest", "Raw events -> Delta tables events, items, users.", argv, _main,
+                         failures=(IngestError, LakeError))
 
 
 if __name__ == "__main__":

@@ -9,19 +9,17 @@ append here.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 
 import pyarrow as pa
 
 from components import lake
 from components.collate import CollateConfig, collate_groups
-from components.config_loader import ConfigError, load_config
 from components.validation import IngestError
+from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig
-from pipelines.features import lake_root, run_features, validate_features_config
+from pipelines.features import lake_root, run_features
 from pipelines.ingest import run_ingest
 from pipelines.ray_runtime import ray_runtime
 
@@ -80,25 +78,8 @@ def run(config: PipelineConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.run", description=__doc__.splitlines()[0],
-                                     epilog="Any other --section.key=value overrides the preset.")
-    parser.add_argument("--config", default="demo", help="preset name (pipelines/configs) or YAML path")
-    args, overrides = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(PipelineConfig, args.config, overrides)
-        validate_features_config(config.features)
-    except ConfigError as exc:
-        print(f"run: config error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        return run(config)
-    except ConfigError as exc:  # e.g. settings the synthetic generator cannot honour
-        print(f"run: config error: {exc}", file=sys.stderr)
-        return 2
-    except (IngestError, lake.LakeError) as exc:
-        print(f"run: failed: {exc}", file=sys.stderr)
-        return 1
+    return pipeline_main("pipelines.run", __doc__.splitlines()[0], argv, lambda config, _: run(config),
+                         default_preset="demo", failures=(IngestError, lake.LakeError))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,48 @@
+"""The shared shape of every pipeline entry point: ``--config PRESET`` + ``--section.key=value``.
+
+Exit codes are the same everywhere: 0 done, 1 the run failed on its data or the lake,
+2 the configuration is wrong (unknown key, wrong type, a setting that cannot be honoured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from components.config_loader import ConfigError, load_config
+from pipelines.config import PipelineConfig
+
+
+def pipeline_main(
+    prog: str,
+    description: str,
+    argv: list[str] | None,
+    body: Callable[[PipelineConfig, argparse.Namespace], int],
+    *,
+    default_preset: str | None = None,
+    failures: tuple[type[Exception], ...] = (),
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """Parse, configure logging, load the config and run ``body(config, args)``.
+
+    ``failures`` are the project's own error types that mean "the run failed" (exit 1,
+    one line on stderr, no traceback).
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description,
+                                     epilog="Any other --section.key=value overrides the preset.")
+    parser.add_argument("--config", default=default_preset, help="preset name (pipelines/configs) or YAML path")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = prog.rsplit(".", 1)[-1]
+    try:
+        return body(load_config(PipelineConfig, args.config, overrides), args)
+    except ConfigError as exc:
+        print(f"{name}: config error: {exc}", file=sys.stderr)
+        return 2
+    except failures as exc:
+        print(f"{name}: failed: {exc}", file=sys.stderr)
+        return 1
