@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PRESET ?= demo
 
-.PHONY: demo test install bench-data bench-models clean
+.PHONY: demo test lint format install bench-data bench-models clean
 
 install: $(STAMP)
 
@@ -22,6 +22,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# ruff lint + format check (configured in pyproject.toml); `make format` rewrites in place.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench-data: $(STAMP)
 	$(PY) -m pipelines.bench data --events 5000000 --json bench/data.json

@@ -19,8 +19,15 @@ from models.batch import GroupBatch
 
 # Columns the collator reads; a missing one is named in the error.
 REQUIRED_COLUMNS = (
-    "user_idx", "request_ts", "seq_item_idx", "seq_action", "seq_ts",
-    "cand_item_idx", "cand_genre_mask", "cand_year", "cand_tags",
+    "user_idx",
+    "request_ts",
+    "seq_item_idx",
+    "seq_action",
+    "seq_ts",
+    "cand_item_idx",
+    "cand_genre_mask",
+    "cand_year",
+    "cand_tags",
 )
 LABEL_COLUMNS = ("label_engage", "label_like")
 NUM_USER_DENSE = 3
@@ -38,7 +45,7 @@ def _list_parts(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     if column.null_count:
         raise CollateError(f"column {name!r} has {column.null_count} null rows")
     offsets = column.offsets.to_numpy()
-    values = column.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+    values = column.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
     return values, np.diff(offsets)
 
 
@@ -66,11 +73,14 @@ def _right_pad(values: np.ndarray, lengths: np.ndarray, width: int, dtype: np.dt
 def user_dense_features(seq_len: np.ndarray, action_sum: np.ndarray, last_gap_bucket: np.ndarray) -> np.ndarray:
     """Request-time user features (B, 3): history size, mean action, recency. Shared with serving."""
     n = np.maximum(seq_len, 1).astype(np.float32)
-    return np.stack([
-        np.log1p(seq_len.astype(np.float32)) / 10.0,
-        np.where(seq_len > 0, action_sum / n, 0.0).astype(np.float32) / 10.0,
-        last_gap_bucket.astype(np.float32) / 32.0,
-    ], axis=1).astype(np.float32)
+    return np.stack(
+        [
+            np.log1p(seq_len.astype(np.float32)) / 10.0,
+            np.where(seq_len > 0, action_sum / n, 0.0).astype(np.float32) / 10.0,
+            last_gap_bucket.astype(np.float32) / 32.0,
+        ],
+        axis=1,
+    ).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -92,9 +102,11 @@ def collate_groups(table: pa.Table, config: CollateConfig = CollateConfig()) -> 
     user = _user_side(table, config)
     cand = _candidate_side(table, config.with_labels)
     labels = cand.pop("labels", None)
-    return GroupBatch(user_id=torch.from_numpy(table.column("user_idx").to_numpy().astype(np.int64)),
-                      **{k: torch.from_numpy(v) for k, v in {**user, **cand}.items()},
-                      labels=None if labels is None else torch.from_numpy(labels))
+    return GroupBatch(
+        user_id=torch.from_numpy(table.column("user_idx").to_numpy().astype(np.int64)),
+        **{k: torch.from_numpy(v) for k, v in {**user, **cand}.items()},
+        labels=None if labels is None else torch.from_numpy(labels),
+    )
 
 
 def _user_side(table: pa.Table, config: CollateConfig) -> dict[str, np.ndarray]:
@@ -114,10 +126,13 @@ def _user_side(table: pa.Table, config: CollateConfig) -> dict[str, np.ndarray]:
     actions = seq["seq_action"].astype(np.int64)
     seq_gap = _left_pad(transforms.gap_bucket(np.repeat(request_ts, kept), seq["seq_ts"]), kept, width, np.int64)
     action_sum = np.bincount(np.repeat(np.arange(batch_size), kept), weights=actions, minlength=batch_size)
-    return {"user_dense": user_dense_features(kept, action_sum, seq_gap[:, -1]),
-            "seq_item": _left_pad(seq["seq_item_idx"], kept, width, np.int64),
-            "seq_action": _left_pad(actions, kept, width, np.int64),
-            "seq_gap": seq_gap, "seq_len": kept.astype(np.int64)}
+    return {
+        "user_dense": user_dense_features(kept, action_sum, seq_gap[:, -1]),
+        "seq_item": _left_pad(seq["seq_item_idx"], kept, width, np.int64),
+        "seq_action": _left_pad(actions, kept, width, np.int64),
+        "seq_gap": seq_gap,
+        "seq_len": kept.astype(np.int64),
+    }
 
 
 def _candidate_side(table: pa.Table, with_labels: bool) -> dict[str, np.ndarray]:

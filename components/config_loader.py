@@ -37,10 +37,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
             f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
             f"valid keys{' of ' + path if path else ''}: {', '.join(sorted(fields))}"
         )
-    kwargs = {
-        name: _coerce(hints[name], value, f"{path}.{name}" if path else name)
-        for name, value in data.items()
-    }
+    kwargs = {name: _coerce(hints[name], value, f"{path}.{name}" if path else name) for name, value in data.items()}
     try:
         return cls(**kwargs)
     except ConfigError:  # already names its keys

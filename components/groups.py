@@ -184,10 +184,10 @@ def _accept_draws(blocked: np.ndarray, draws: np.ndarray) -> np.ndarray:
     draw of its row holds the same item. No hashing: cheap for many short rows.
     """
     nb, m = blocked.shape[1], draws.shape[1]
-    width = 1 << int(nb + m - 1).bit_length()                     # column fits in the low bits
+    width = 1 << int(nb + m - 1).bit_length()  # column fits in the low bits
     code = np.concatenate([blocked, draws], axis=1) * width + np.arange(nb + m)
     code.sort(axis=1)
-    item, col = code // width, code % width                        # floor division: -1 pads stay -1
+    item, col = code // width, code % width  # floor division: -1 pads stay -1
     first = np.ones(code.shape, dtype=bool)
     first[:, 1:] = item[:, 1:] != item[:, :-1]
     rows, cols = np.nonzero(first & (col >= nb))
@@ -228,13 +228,21 @@ def sample_negatives(
         streams = mix64(gids ^ mix64(np.array([seed], dtype=np.int64)).view(np.int64)[0])
     for lo in range(0, gids.size, chunk_groups):
         hi = min(lo + chunk_groups, gids.size)
-        out[lo:hi] = _fill_negatives(streams[lo:hi], need[lo:hi], positives[lo:hi], cdf, width,
-                                     draws_per_round, max_draws)
+        out[lo:hi] = _fill_negatives(
+            streams[lo:hi], need[lo:hi], positives[lo:hi], cdf, width, draws_per_round, max_draws
+        )
     return out
 
 
-def _fill_negatives(streams: np.ndarray, need: np.ndarray, positives: np.ndarray, cdf: np.ndarray,
-                    width: int, draws_per_round: int, max_draws: int) -> np.ndarray:
+def _fill_negatives(
+    streams: np.ndarray,
+    need: np.ndarray,
+    positives: np.ndarray,
+    cdf: np.ndarray,
+    width: int,
+    draws_per_round: int,
+    max_draws: int,
+) -> np.ndarray:
     """Rounds of draws for one chunk of groups (see sample_negatives)."""
     out = np.zeros((streams.size, width), dtype=np.int32)
     taken = np.zeros(streams.size, dtype=np.int64)
@@ -245,11 +253,11 @@ def _fill_negatives(streams: np.ndarray, need: np.ndarray, positives: np.ndarray
             break
         m = min(draws_per_round, max_draws - start)
         j = np.arange(start, start + m, dtype=np.int64)
-        u = _uniforms(streams[active][:, None], j[None, :])                      # (A, m)
+        u = _uniforms(streams[active][:, None], j[None, :])  # (A, m)
         draws = np.minimum(np.searchsorted(cdf, u * total, side="right"), last_item)
         blocked = np.concatenate([positives[active], np.where(out[active] > 0, out[active], -1)], axis=1)
         accepted = _accept_draws(blocked, draws)
-        slot = taken[active][:, None] + np.cumsum(accepted, axis=1) - 1          # (A, m)
+        slot = taken[active][:, None] + np.cumsum(accepted, axis=1) - 1  # (A, m)
         keep = accepted & (slot < need[active][:, None])
         rows, cols = np.nonzero(keep)
         out[active[rows], slot[rows, cols]] = draws[rows, cols]

@@ -43,14 +43,15 @@ ITEM_ATTR_COLUMNS = ("item_id", "title", "genre_mask", "year", "tag_ids")
 class SourceData:
     """What a reader produced; validated and turned into lake tables by pipelines/ingest."""
 
-    name: str                       # for messages: the events file, or "synthetic"
-    events: pa.Table                # user_id int64, item_id int64, ts int64 (s), value float (nullable)
-    items: pa.Table                 # ITEM_ATTR_COLUMNS (item_idx is assigned at write time)
+    name: str  # for messages: the events file, or "synthetic"
+    events: pa.Table  # user_id int64, item_id int64, ts int64 (s), value float (nullable)
+    items: pa.Table  # ITEM_ATTR_COLUMNS (item_idx is assigned at write time)
     user_ids: np.ndarray | None = None  # users known beyond the events (a users file)
     metadata: dict[str, str] = field(default_factory=dict)  # stored with the items commit
 
 
 # ---------------------------------------------------------------- files
+
 
 def _format(path: Path, fmt: str) -> str:
     if fmt != "auto":
@@ -109,8 +110,7 @@ def require_columns(table: pa.Table, columns: Mapping[str | None, str | None], p
             # Only optional columns (their config type admits None) can be switched off.
             optional = key is not None and key.rsplit(".", 1)[-1] in _OPTIONAL_COLUMN_KEYS
             hint = f"; set {key}" + (" (null if the file has no such column)" if optional else "") if key else ""
-            raise InputFileError(path, f"column not found (file has {table.column_names}){hint}",
-                                 column)
+            raise InputFileError(path, f"column not found (file has {table.column_names}){hint}", column)
 
 
 def _strict_ids(values: pa.ChunkedArray, path: str, column: str) -> np.ndarray:
@@ -119,15 +119,19 @@ def _strict_ids(values: pa.ChunkedArray, path: str, column: str) -> np.ndarray:
     bad = pc.or_kleene(pc.is_null(ids), pc.less(ids, 0)).fill_null(True).to_numpy(zero_copy_only=False)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise InputFileError(path, f"{int(bad.sum())} missing/negative/non-integer ids "
-                                   f"(first at data row {row + 1}: {values[row].as_py()!r})", column)
+        raise InputFileError(
+            path,
+            f"{int(bad.sum())} missing/negative/non-integer ids (first at data row {row + 1}: {values[row].as_py()!r})",
+            column,
+        )
     return ids.to_numpy()
 
 
 # ---------------------------------------------------------------- item attributes
 
+
 def genre_masks(genres_text: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list[str]]:
-    """"A|B|C" text per item -> (int32 bit masks, genre vocabulary by frequency, <= NUM_GENRES)."""
+    """ "A|B|C" text per item -> (int32 bit masks, genre vocabulary by frequency, <= NUM_GENRES)."""
     if isinstance(genres_text, pa.ChunkedArray):
         genres_text = genres_text.combine_chunks()
     text = pc.fill_null(genres_text, "")
@@ -140,8 +144,12 @@ def genre_masks(genres_text: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, li
     names, freq = counts.field("values").to_pylist(), counts.field("counts").to_numpy()
     ranked = sorted(zip(names, freq), key=lambda nf: (-nf[1], nf[0]))
     if len(ranked) > NUM_GENRES:
-        logger.warning("%d genres; keeping the %d most frequent, dropping %s", len(ranked),
-                       NUM_GENRES, [n for n, _ in ranked[NUM_GENRES:]])
+        logger.warning(
+            "%d genres; keeping the %d most frequent, dropping %s",
+            len(ranked),
+            NUM_GENRES,
+            [n for n, _ in ranked[NUM_GENRES:]],
+        )
     vocab = [name for name, _ in ranked[:NUM_GENRES]]
     bit = pc.index_in(flat, pa.array(vocab, pa.string()))
     known = pc.is_valid(bit).to_numpy(zero_copy_only=False)
@@ -158,8 +166,11 @@ def title_years(titles: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 def top_tags(
-    tag_item: np.ndarray, tag_text: pa.ChunkedArray | pa.Array, item_ids: np.ndarray,
-    tags_per_item: int, max_vocab: int,
+    tag_item: np.ndarray,
+    tag_text: pa.ChunkedArray | pa.Array,
+    item_ids: np.ndarray,
+    tags_per_item: int,
+    max_vocab: int,
 ) -> tuple[pa.ListArray, int]:
     """Per item of ``item_ids``: its ``tags_per_item`` most frequent tags as vocabulary indices.
 
@@ -168,12 +179,19 @@ def top_tags(
     """
     norm = pc.utf8_lower(pc.utf8_trim_whitespace(pc.fill_null(tag_text, "")))
     tags = pa.table({"item": tag_item, "tag": norm}).filter(pc.greater(pc.utf8_length(norm), 0))
-    counts = tags.group_by("tag").aggregate([("tag", "count")]).sort_by(
-        [("tag_count", "descending"), ("tag", "ascending")]).slice(0, max_vocab)
+    counts = (
+        tags.group_by("tag")
+        .aggregate([("tag", "count")])
+        .sort_by([("tag_count", "descending"), ("tag", "ascending")])
+        .slice(0, max_vocab)
+    )
     idx = pc.index_in(tags["tag"], counts["tag"])
     tags = tags.append_column("tag_idx", pc.add(idx, FIRST_INDEX)).filter(pc.is_valid(idx))
-    per = tags.group_by(["item", "tag_idx"]).aggregate([("tag_idx", "count")]).sort_by(
-        [("item", "ascending"), ("tag_idx_count", "descending"), ("tag_idx", "ascending")])
+    per = (
+        tags.group_by(["item", "tag_idx"])
+        .aggregate([("tag_idx", "count")])
+        .sort_by([("item", "ascending"), ("tag_idx_count", "descending"), ("tag_idx", "ascending")])
+    )
     item = per["item"].to_numpy()
     tag_idx = per["tag_idx"].to_numpy().astype(np.int32)
     first = np.searchsorted(item, item, side="left")
@@ -191,16 +209,19 @@ def _item_attrs(item_id, title, genre_mask, year, tag_ids=None) -> pa.Table:
     n = len(item_id)
     if tag_ids is None:
         tag_ids = pa.ListArray.from_arrays(np.zeros(n + 1, np.int32), pa.array([], pa.int32()))
-    return pa.table({
-        "item_id": pa.array(item_id, pa.int64()),
-        "title": pa.nulls(n, pa.string()) if title is None else pa.array(title, pa.string()),
-        "genre_mask": pa.array(genre_mask, pa.int32()),
-        "year": pa.array(year, pa.int16()),
-        "tag_ids": tag_ids,
-    })
+    return pa.table(
+        {
+            "item_id": pa.array(item_id, pa.int64()),
+            "title": pa.nulls(n, pa.string()) if title is None else pa.array(title, pa.string()),
+            "genre_mask": pa.array(genre_mask, pa.int32()),
+            "year": pa.array(year, pa.int16()),
+            "tag_ids": tag_ids,
+        }
+    )
 
 
 # ---------------------------------------------------------------- sources
+
 
 def resolve_movielens_dir(movielens_dir: str, download_if_missing: bool, download_dir: str) -> Path:
     """The MovieLens folder; downloaded (ml-latest-small.zip) into ``download_dir`` when absent."""
@@ -208,8 +229,10 @@ def resolve_movielens_dir(movielens_dir: str, download_if_missing: bool, downloa
     if (folder / "ratings.csv").is_file():
         return folder
     if not download_if_missing:
-        raise InputFileError(str(folder / "ratings.csv"), "MovieLens folder not found; set "
-                             "ingest.movielens_dir or ingest.download_if_missing=true")
+        raise InputFileError(
+            str(folder / "ratings.csv"),
+            "MovieLens folder not found; set ingest.movielens_dir or ingest.download_if_missing=true",
+        )
     cache = Path(download_dir).expanduser()
     target = cache / "ml-latest-small"
     if (target / "ratings.csv").is_file():
@@ -222,8 +245,7 @@ def resolve_movielens_dir(movielens_dir: str, download_if_missing: bool, downloa
         with zipfile.ZipFile(partial) as archive:
             archive.extractall(cache)  # the archive holds one folder, ml-latest-small/
     except (urllib.error.URLError, OSError, zipfile.BadZipFile) as exc:
-        raise InputFileError(str(folder), f"not found, and downloading {MOVIELENS_URL} "
-                                          f"failed: {exc}") from exc
+        raise InputFileError(str(folder), f"not found, and downloading {MOVIELENS_URL} failed: {exc}") from exc
     finally:
         partial.unlink(missing_ok=True)
     return target
@@ -234,12 +256,14 @@ def read_movielens(folder: Path, tags_per_item: int, max_tag_vocab: int) -> Sour
     path = str(folder / "ratings.csv")
     ratings = read_file(path, "csv", text_columns=("userId", "movieId", "rating", "timestamp"))
     require_columns(ratings, dict.fromkeys(["userId", "movieId", "rating", "timestamp"]), path)
-    events = pa.table({
-        "user_id": coerce_ids(ratings["userId"], path, "userId"),
-        "item_id": coerce_ids(ratings["movieId"], path, "movieId"),
-        "ts": coerce_ts(ratings["timestamp"], "s", path, "timestamp"),
-        "value": coerce_values(ratings["rating"], path, "rating"),
-    })
+    events = pa.table(
+        {
+            "user_id": coerce_ids(ratings["userId"], path, "userId"),
+            "item_id": coerce_ids(ratings["movieId"], path, "movieId"),
+            "ts": coerce_ts(ratings["timestamp"], "s", path, "timestamp"),
+            "value": coerce_values(ratings["rating"], path, "rating"),
+        }
+    )
     mpath = str(folder / "movies.csv")
     movies = read_file(mpath, "csv")
     require_columns(movies, dict.fromkeys(["movieId", "title", "genres"]), mpath)
@@ -251,10 +275,14 @@ def read_movielens(folder: Path, tags_per_item: int, max_tag_vocab: int) -> Sour
         tags = read_file(tpath, "csv")
         require_columns(tags, dict.fromkeys(["movieId", "tag"]), str(tpath))
         tag_item = _strict_ids(tags["movieId"], str(tpath), "movieId")
-        tag_ids, n_tags = top_tags(tag_item, pc.cast(tags["tag"], pa.string()), item_id,
-                                   tags_per_item, max_tag_vocab)
-    items = _item_attrs(item_id, pc.cast(movies["title"], pa.string()), mask,
-                        title_years(pc.cast(movies["title"], pa.string())), tag_ids)
+        tag_ids, n_tags = top_tags(tag_item, pc.cast(tags["tag"], pa.string()), item_id, tags_per_item, max_tag_vocab)
+    items = _item_attrs(
+        item_id,
+        pc.cast(movies["title"], pa.string()),
+        mask,
+        title_years(pc.cast(movies["title"], pa.string())),
+        tag_ids,
+    )
     meta = {"genres": "|".join(genres), "num_tags": str(n_tags)}
     return SourceData(name=path, events=events, items=items, metadata=meta)
 
@@ -265,10 +293,16 @@ def _read_items_file(cfg: EventsFileConfig) -> tuple[pa.Table | None, dict[str, 
     path = cfg.items_path
     table = read_file(path)
     key = "ingest.events."
-    require_columns(table, {
-        cfg.item_id_col: key + "item_id_col", cfg.item_genres_col: key + "item_genres_col",
-        cfg.item_year_col: key + "item_year_col", cfg.item_title_col: key + "item_title_col",
-    }, path)
+    require_columns(
+        table,
+        {
+            cfg.item_id_col: key + "item_id_col",
+            cfg.item_genres_col: key + "item_genres_col",
+            cfg.item_year_col: key + "item_year_col",
+            cfg.item_title_col: key + "item_title_col",
+        },
+        path,
+    )
     n = table.num_rows
     item_id = _strict_ids(table[cfg.item_id_col], path, cfg.item_id_col)
     if len(np.unique(item_id)) != n:
@@ -276,10 +310,10 @@ def _read_items_file(cfg: EventsFileConfig) -> tuple[pa.Table | None, dict[str, 
     mask, genres = np.zeros(n, np.int32), []
     if cfg.item_genres_col is not None:
         column = table[cfg.item_genres_col]
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
-                or pa.types.is_null(column.type)):
-            raise InputFileError(path, f"expected '|'-separated text, got {column.type}",
-                                 cfg.item_genres_col)
+        if not (
+            pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)
+        ):
+            raise InputFileError(path, f"expected '|'-separated text, got {column.type}", cfg.item_genres_col)
         mask, genres = genre_masks(pc.cast(column, pa.string()))
     year = np.zeros(n, np.int16)
     if cfg.item_year_col is not None:
@@ -294,23 +328,33 @@ def _read_items_file(cfg: EventsFileConfig) -> tuple[pa.Table | None, dict[str, 
 def read_events_source(cfg: EventsFileConfig) -> SourceData:
     """A generic events file (CSV/Parquet) mapped by ``cfg``, plus optional items/users files."""
     if cfg.path is None:
-        raise InputFileError("<ingest.events.path>", "no events file configured; set "
-                             "--ingest.events.path=FILE")
+        raise InputFileError("<ingest.events.path>", "no events file configured; set --ingest.events.path=FILE")
     path = cfg.path
     mapped = [cfg.user_col, cfg.item_col, cfg.ts_col, cfg.value_col]
     table = read_file(path, cfg.format, text_columns=[c for c in mapped if c is not None])
     key = "ingest.events."
-    require_columns(table, {cfg.user_col: key + "user_col", cfg.item_col: key + "item_col",
-                            cfg.ts_col: key + "ts_col", cfg.value_col: key + "value_col"}, path)
+    require_columns(
+        table,
+        {
+            cfg.user_col: key + "user_col",
+            cfg.item_col: key + "item_col",
+            cfg.ts_col: key + "ts_col",
+            cfg.value_col: key + "value_col",
+        },
+        path,
+    )
     n = table.num_rows
-    value = (coerce_values(table[cfg.value_col], path, cfg.value_col)
-             if cfg.value_col is not None else pa.array(np.ones(n)))
-    events = pa.table({
-        "user_id": coerce_ids(table[cfg.user_col], path, cfg.user_col),
-        "item_id": coerce_ids(table[cfg.item_col], path, cfg.item_col),
-        "ts": coerce_ts(table[cfg.ts_col], cfg.ts_unit, path, cfg.ts_col),
-        "value": value,
-    })
+    value = (
+        coerce_values(table[cfg.value_col], path, cfg.value_col) if cfg.value_col is not None else pa.array(np.ones(n))
+    )
+    events = pa.table(
+        {
+            "user_id": coerce_ids(table[cfg.user_col], path, cfg.user_col),
+            "item_id": coerce_ids(table[cfg.item_col], path, cfg.item_col),
+            "ts": coerce_ts(table[cfg.ts_col], cfg.ts_unit, path, cfg.ts_col),
+            "value": value,
+        }
+    )
     items, meta = _read_items_file(cfg)
     if items is None:
         items = _item_attrs(np.zeros(0, np.int64), None, np.zeros(0, np.int32), np.zeros(0, np.int16))
@@ -329,7 +373,5 @@ def read_synthetic(cfg: SyntheticConfig) -> SourceData:
     except ValueError as exc:
         raise ConfigError(f"ingest.{exc}") from exc
     items = generate_items(cfg, world).select(list(ITEM_ATTR_COLUMNS))
-    meta = {"genres": "|".join(f"g{g:02d}" for g in range(NUM_GENRES)),
-            "num_tags": str(cfg.num_interests)}
-    return SourceData(name="synthetic", events=generate_events(cfg, world), items=items,
-                      metadata=meta)
+    meta = {"genres": "|".join(f"g{g:02d}" for g in range(NUM_GENRES)), "num_tags": str(cfg.num_interests)}
+    return SourceData(name="synthetic", events=generate_events(cfg, world), items=items, metadata=meta)

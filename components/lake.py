@@ -32,21 +32,25 @@ _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 # Vocabulary convention shared with components/transforms.py: 0 = padding, 1 = OOV.
 FIRST_INDEX = 2
 
-EVENTS_SCHEMA = pa.schema([
-    ("user_id", pa.int64()),
-    ("item_id", pa.int64()),
-    ("ts", pa.int64()),
-    ("value", pa.float32()),
-    ("bucket", pa.int32()),
-])
-ITEMS_SCHEMA = pa.schema([
-    ("item_id", pa.int64()),
-    ("item_idx", pa.int32()),
-    ("title", pa.string()),
-    ("genre_mask", pa.int32()),
-    ("year", pa.int16()),
-    ("tag_ids", pa.list_(pa.int32())),
-])
+EVENTS_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("item_id", pa.int64()),
+        ("ts", pa.int64()),
+        ("value", pa.float32()),
+        ("bucket", pa.int32()),
+    ]
+)
+ITEMS_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.int64()),
+        ("item_idx", pa.int32()),
+        ("title", pa.string()),
+        ("genre_mask", pa.int32()),
+        ("year", pa.int16()),
+        ("tag_ids", pa.list_(pa.int32())),
+    ]
+)
 USERS_SCHEMA = pa.schema([("user_id", pa.int64()), ("user_idx", pa.int32())])
 
 
@@ -81,6 +85,7 @@ def table_uri(root: str, name: str) -> str:
 
 # ---------------------------------------------------------------- table builders
 
+
 def events_table(
     user_id: np.ndarray, item_id: np.ndarray, ts: np.ndarray, value: np.ndarray, num_buckets: int
 ) -> pa.Table:
@@ -91,15 +96,17 @@ def events_table(
     """
     user_id = np.asarray(user_id, np.int64)
     bucket = user_bucket(user_id, num_buckets)
-    table = pa.table({
-        "user_id": user_id,
-        "item_id": np.asarray(item_id, np.int64),
-        "ts": np.asarray(ts, np.int64),
-        "value": np.asarray(value, np.float32),
-        "bucket": bucket,
-    }, schema=EVENTS_SCHEMA)
-    keys = [("bucket", "ascending"), ("user_id", "ascending"), ("ts", "ascending"),
-            ("item_id", "ascending")]
+    table = pa.table(
+        {
+            "user_id": user_id,
+            "item_id": np.asarray(item_id, np.int64),
+            "ts": np.asarray(ts, np.int64),
+            "value": np.asarray(value, np.float32),
+            "bucket": bucket,
+        },
+        schema=EVENTS_SCHEMA,
+    )
+    keys = [("bucket", "ascending"), ("user_id", "ascending"), ("ts", "ascending"), ("item_id", "ascending")]
     return table.take(pc.sort_indices(table, sort_keys=keys))
 
 
@@ -118,14 +125,17 @@ def items_table(
     n = len(item_id)
     if title is None:
         title = pa.nulls(n, pa.string())
-    table = pa.table({
-        "item_id": item_id,
-        "item_idx": np.zeros(n, np.int32),
-        "title": pa.array(title, pa.string()),
-        "genre_mask": np.asarray(genre_mask, np.int32),
-        "year": np.asarray(year, np.int16),
-        "tag_ids": pa.array(tag_ids, pa.list_(pa.int32())),
-    }, schema=ITEMS_SCHEMA)
+    table = pa.table(
+        {
+            "item_id": item_id,
+            "item_idx": np.zeros(n, np.int32),
+            "title": pa.array(title, pa.string()),
+            "genre_mask": np.asarray(genre_mask, np.int32),
+            "year": np.asarray(year, np.int16),
+            "tag_ids": pa.array(tag_ids, pa.list_(pa.int32())),
+        },
+        schema=ITEMS_SCHEMA,
+    )
     table = table.take(pc.sort_indices(table["item_id"]))
     sorted_ids = table["item_id"].to_numpy()
     if n > 1 and np.any(sorted_ids[1:] == sorted_ids[:-1]):
@@ -143,6 +153,7 @@ def users_table(user_ids: np.ndarray) -> pa.Table:
 
 
 # ---------------------------------------------------------------- Delta I/O
+
 
 def write_table(
     uri: str,
@@ -164,7 +175,9 @@ def write_table(
         commit = deltalake.CommitProperties(custom_metadata=dict(custom_metadata))
     try:
         deltalake.write_deltalake(
-            uri, data, mode=mode,
+            uri,
+            data,
+            mode=mode,
             partition_by=list(partition_by) if partition_by else None,
             schema_mode="overwrite" if mode == "overwrite" else None,
             storage_options=dict(storage_options) if storage_options else None,
@@ -174,8 +187,7 @@ def write_table(
     except CommitFailedError as exc:
         first_line = str(exc).splitlines()[0]
         raise LakeWriteError(
-            f"commit to Delta table {uri} failed, table unchanged "
-            f"(a concurrent writer committed first?): {first_line}"
+            f"commit to Delta table {uri} failed, table unchanged (a concurrent writer committed first?): {first_line}"
         ) from exc
     version = table_version(uri, storage_options)
     assert version is not None
@@ -183,8 +195,9 @@ def write_table(
     return version
 
 
-def _open(uri: str, version: int | None = None,
-          storage_options: Mapping[str, str] | None = None) -> deltalake.DeltaTable:
+def _open(
+    uri: str, version: int | None = None, storage_options: Mapping[str, str] | None = None
+) -> deltalake.DeltaTable:
     try:
         return deltalake.DeltaTable(
             uri, version=version, storage_options=dict(storage_options) if storage_options else None
@@ -216,8 +229,9 @@ def table_version(uri: str, storage_options: Mapping[str, str] | None = None) ->
     return _open(uri, storage_options=storage_options).version()
 
 
-def commit_metadata(uri: str, version: int | None = None,
-                    storage_options: Mapping[str, str] | None = None) -> dict[str, str]:
+def commit_metadata(
+    uri: str, version: int | None = None, storage_options: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """String fields of a commit's info (default: the latest), including the custom metadata
     that ``write_table(custom_metadata=...)`` stored, e.g. the items table's ``genres``."""
     table = _open(uri, storage_options=storage_options)
@@ -228,21 +242,27 @@ def commit_metadata(uri: str, version: int | None = None,
     return {}
 
 
-def find_version(uri: str, key: str, value: str, max_version: int | None = None,
-                 storage_options: Mapping[str, str] | None = None) -> int | None:
+def find_version(
+    uri: str, key: str, value: str, max_version: int | None = None, storage_options: Mapping[str, str] | None = None
+) -> int | None:
     """Newest version (<= ``max_version`` when given) whose commit info has ``key == value``.
 
     Walks the table history in the Delta log (no data read); None when no commit matches,
     e.g. the matching commit was never made or its log entry has been cleaned up.
     """
-    matches = [int(entry["version"]) for entry in _open(uri, storage_options=storage_options).history()
-               if entry.get(key) == value and entry.get("version") is not None]
+    matches = [
+        int(entry["version"])
+        for entry in _open(uri, storage_options=storage_options).history()
+        if entry.get(key) == value and entry.get("version") is not None
+    ]
     matches = [v for v in matches if max_version is None or v <= max_version]
     return max(matches) if matches else None
 
 
 def column_range(
-    uri: str, column: str, version: int | None = None,
+    uri: str,
+    column: str,
+    version: int | None = None,
     storage_options: Mapping[str, str] | None = None,
 ) -> tuple[int | float, int | float] | None:
     """(min, max) of a numeric column from the Delta log's file statistics; None if empty.
@@ -267,15 +287,15 @@ def column_range(
     return bounds["min"].as_py(), bounds["max"].as_py()
 
 
-def events_time_range(uri: str, version: int | None = None,
-                      storage_options: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+def events_time_range(
+    uri: str, version: int | None = None, storage_options: Mapping[str, str] | None = None
+) -> tuple[int, int] | None:
     """(first ts, last ts) of the events table in seconds, from the Delta log only."""
     bounds = column_range(uri, "ts", version, storage_options)
     return None if bounds is None else (int(bounds[0]), int(bounds[1]))
 
 
-def row_count(uri: str, version: int | None = None,
-              storage_options: Mapping[str, str] | None = None) -> int:
+def row_count(uri: str, version: int | None = None, storage_options: Mapping[str, str] | None = None) -> int:
     """Number of rows of a Delta table, from the log's per-file record counts."""
     table = _open(uri, version, storage_options)
     actions = pa.table(table.get_add_actions(flatten=True))
@@ -292,12 +312,21 @@ def write_data_file(table: pa.Table, table_uri: str, partition: dict[str, str], 
     fs, root = pafs.FileSystem.from_uri(table_uri)
     fs.create_dir(f"{root}/{rel_dir}" if rel_dir else root, recursive=True)
     pq.write_table(table.drop_columns(list(partition)), f"{root}/{rel_path}", filesystem=fs)
-    return {"path": rel_path, "size": fs.get_file_info(f"{root}/{rel_path}").size,
-            "partition": json.dumps(partition), "num_rows": table.num_rows}
+    return {
+        "path": rel_path,
+        "size": fs.get_file_info(f"{root}/{rel_path}").size,
+        "partition": json.dumps(partition),
+        "num_rows": table.num_rows,
+    }
 
 
-def commit_files_overwrite(table_uri: str, schema: pa.Schema, partition_by: list[str], parts: list[dict],
-                           custom_metadata: Mapping[str, str] | None = None) -> int:
+def commit_files_overwrite(
+    table_uri: str,
+    schema: pa.Schema,
+    partition_by: list[str],
+    parts: list[dict],
+    custom_metadata: Mapping[str, str] | None = None,
+) -> int:
     """ONE atomic Delta commit replacing the table's content with ``parts``; returns the version.
 
     ``custom_metadata`` lands in the commit's info (read it back with :func:`commit_metadata`
@@ -307,19 +336,36 @@ def commit_files_overwrite(table_uri: str, schema: pa.Schema, partition_by: list
     from deltalake.transaction import AddAction, create_table_with_add_actions
 
     now_ms = int(time.time() * 1000)
-    actions = [AddAction(p["path"], int(p["size"]), json.loads(p["partition"]), now_ms, True,
-                         json.dumps({"numRecords": int(p["num_rows"])})) for p in parts]
+    actions = [
+        AddAction(
+            p["path"],
+            int(p["size"]),
+            json.loads(p["partition"]),
+            now_ms,
+            True,
+            json.dumps({"numRecords": int(p["num_rows"])}),
+        )
+        for p in parts
+    ]
     commit = deltalake.CommitProperties(custom_metadata=dict(custom_metadata)) if custom_metadata else None
     try:
         if DeltaTable.is_deltatable(table_uri):
-            DeltaTable(table_uri).create_write_transaction(actions, mode="overwrite", schema=schema,
-                                                           partition_by=partition_by, commit_properties=commit)
+            DeltaTable(table_uri).create_write_transaction(
+                actions, mode="overwrite", schema=schema, partition_by=partition_by, commit_properties=commit
+            )
         else:
-            create_table_with_add_actions(table_uri, Schema.from_arrow(schema), actions, mode="overwrite",
-                                          partition_by=partition_by, commit_properties=commit)
+            create_table_with_add_actions(
+                table_uri,
+                Schema.from_arrow(schema),
+                actions,
+                mode="overwrite",
+                partition_by=partition_by,
+                commit_properties=commit,
+            )
     except CommitFailedError as exc:
-        raise LakeWriteError(f"commit to Delta table {table_uri} failed, table unchanged: "
-                             f"{str(exc).splitlines()[0]}") from exc
+        raise LakeWriteError(
+            f"commit to Delta table {table_uri} failed, table unchanged: {str(exc).splitlines()[0]}"
+        ) from exc
     version = table_version(table_uri)
     logger.info("committed %d file(s) to %s -> version %s", len(actions), table_uri, version)
     return int(version)

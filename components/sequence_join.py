@@ -61,8 +61,10 @@ def resolve_sequences(samples: pa.Table, sequences: pa.Table, max_seq_len: int) 
     """
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
-    for name, table, cols in (("samples", samples, ("user_id", "seq_end")),
-                              ("sequences", sequences, ("user_id", *SEQUENCE_COLUMNS))):
+    for name, table, cols in (
+        ("samples", samples, ("user_id", "seq_end")),
+        ("sequences", sequences, ("user_id", *SEQUENCE_COLUMNS)),
+    ):
         missing = [c for c in cols if c not in table.column_names]
         if missing:
             raise SequenceJoinError(f"{name} is missing column(s) {missing}; has {table.column_names}")
@@ -71,7 +73,7 @@ def resolve_sequences(samples: pa.Table, sequences: pa.Table, max_seq_len: int) 
         rows = np.empty(0, np.int64)
     else:
         rows = _user_rows(samples, sequences)
-    length = np.minimum(seq_end, max_seq_len)                      # events kept per row
+    length = np.minimum(seq_end, max_seq_len)  # events kept per row
     out_offsets = pa.array(np.concatenate([[0], np.cumsum(length)]), pa.int32())
     resolved = samples
     for src, dst in SEQUENCE_COLUMNS.items():
@@ -84,10 +86,11 @@ def resolve_sequences(samples: pa.Table, sequences: pa.Table, max_seq_len: int) 
                 f"seq_end {seq_end[i]} of user_id {samples['user_id'][i].as_py()} is outside its "
                 f"sequence of {available[i]} events ({src})"
             )
-        start = offsets[rows] + seq_end - length                    # first kept event per row
+        start = offsets[rows] + seq_end - length  # first kept event per row
         take = np.repeat(start - (out_offsets.to_numpy()[:-1]), length) + np.arange(int(length.sum()))
         resolved = resolved.append_column(
-            dst, pa.ListArray.from_arrays(out_offsets, values.take(pa.array(take, pa.int64()))))
+            dst, pa.ListArray.from_arrays(out_offsets, values.take(pa.array(take, pa.int64())))
+        )
     return resolved
 
 
@@ -98,10 +101,15 @@ def _resolve_bucket(batch: dict[str, np.ndarray], job: dict) -> Iterator[pa.Tabl
     """Ray Data UDF: one bucket's samples of a split, resolved in blocks of ``rows_per_block``."""
     for bucket in batch["bucket"].tolist():
         bucket_filter = pc.field("bucket") == pa.scalar(bucket, pa.int32())
-        samples = lake.read_table(job["samples_uri"], job["samples_version"],
-                                  filters=bucket_filter & (pc.field("split") == job["split"]))
-        sequences = lake.read_table(job["sequences_uri"], job["sequences_version"],
-                                    columns=["user_id", *SEQUENCE_COLUMNS], filters=bucket_filter)
+        samples = lake.read_table(
+            job["samples_uri"], job["samples_version"], filters=bucket_filter & (pc.field("split") == job["split"])
+        )
+        sequences = lake.read_table(
+            job["sequences_uri"],
+            job["sequences_version"],
+            columns=["user_id", *SEQUENCE_COLUMNS],
+            filters=bucket_filter,
+        )
         for start in range(0, samples.num_rows, job["rows_per_block"]):
             part = samples.slice(start, job["rows_per_block"])
             yield resolve_sequences(part, sequences, job["max_seq_len"])
@@ -123,18 +131,28 @@ def pinned_versions(root: str) -> tuple[int, int, dict[str, str]]:
     info = lake.commit_metadata(samples_uri, samples_version)
     job_id = info.get("job_id")
     if job_id is None:
-        raise lake.LakeError(f"samples table {samples_uri} version {samples_version} records no job_id "
-                             f"in its commit info, so the matching sequences table {sequences_uri} version "
-                             "is unknown (re-run the features stage)")
+        raise lake.LakeError(
+            f"samples table {samples_uri} version {samples_version} records no job_id "
+            f"in its commit info, so the matching sequences table {sequences_uri} version "
+            "is unknown (re-run the features stage)"
+        )
     sequences_version = lake.find_version(sequences_uri, "job_id", job_id)
     if sequences_version is None:
-        raise lake.LakeError(f"samples table {samples_uri} version {samples_version} was written by features "
-                             f"job {job_id}, but no version of the sequences table {sequences_uri} was "
-                             "(a run crashed or overlapped another, or the log was cleaned; re-run features)")
+        raise lake.LakeError(
+            f"samples table {samples_uri} version {samples_version} was written by features "
+            f"job {job_id}, but no version of the sequences table {sequences_uri} was "
+            "(a run crashed or overlapped another, or the log was cleaned; re-run features)"
+        )
     if sequences_version != sequences_latest:
-        logger.warning("sequences %s: latest version %d is from another features run; using version %d "
-                       "(job %s) to match samples version %d", sequences_uri, sequences_latest,
-                       sequences_version, job_id, samples_version)
+        logger.warning(
+            "sequences %s: latest version %d is from another features run; using version %d "
+            "(job %s) to match samples version %d",
+            sequences_uri,
+            sequences_latest,
+            sequences_version,
+            job_id,
+            samples_version,
+        )
     return samples_version, sequences_version, info
 
 
@@ -158,8 +176,10 @@ def load_groups(lake_root: str, split: str, max_seq_len: int | None = None, rows
     samples_version, sequences_version, info = pinned_versions(root)
     if max_seq_len is None:
         if "max_seq_len" not in info:
-            raise lake.LakeError(f"samples table {samples_uri} version {samples_version} records no "
-                                 "max_seq_len; pass max_seq_len to load_groups")
+            raise lake.LakeError(
+                f"samples table {samples_uri} version {samples_version} records no "
+                "max_seq_len; pass max_seq_len to load_groups"
+            )
         max_seq_len = int(info["max_seq_len"])
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
@@ -167,8 +187,15 @@ def load_groups(lake_root: str, split: str, max_seq_len: int | None = None, rows
     buckets = sorted({int(p["bucket"]) for p in parts})
     if not buckets:
         raise lake.LakeError(f"samples table {samples_uri} has no rows of split {split!r}")
-    job = {"samples_uri": samples_uri, "sequences_uri": sequences_uri, "split": split,
-           "samples_version": samples_version, "sequences_version": sequences_version,
-           "max_seq_len": max_seq_len, "rows_per_block": rows_per_block}
-    return (ray.data.from_items([{"bucket": b} for b in buckets], override_num_blocks=len(buckets))
-            .map_batches(_resolve_bucket, batch_size=1, batch_format="numpy", fn_kwargs={"job": job}))
+    job = {
+        "samples_uri": samples_uri,
+        "sequences_uri": sequences_uri,
+        "split": split,
+        "samples_version": samples_version,
+        "sequences_version": sequences_version,
+        "max_seq_len": max_seq_len,
+        "rows_per_block": rows_per_block,
+    }
+    return ray.data.from_items([{"bucket": b} for b in buckets], override_num_blocks=len(buckets)).map_batches(
+        _resolve_bucket, batch_size=1, batch_format="numpy", fn_kwargs={"job": job}
+    )

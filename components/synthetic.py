@@ -27,45 +27,49 @@ if TYPE_CHECKING:  # type only: components must not import pipelines at run time
 
 logger = logging.getLogger(__name__)
 
-MIN_HISTORY = 5               # every user has at least this many events
-EXPLORE_PROB = 0.15           # events drawn from global popularity instead of the interest
-T0_S = 1_483_228_800          # 2017-01-01: all histories start within [T0, T0 + 3 years)
+MIN_HISTORY = 5  # every user has at least this many events
+EXPLORE_PROB = 0.15  # events drawn from global popularity instead of the interest
+T0_S = 1_483_228_800  # 2017-01-01: all histories start within [T0, T0 + 3 years)
 WINDOW_S = 3 * 365 * 86_400
-SESSION_GAP_S = 1800          # sessions are separated by more than this (DATA features.session_gap_s)
-IN_SESSION_GAP_MAX_S = 1500   # ...and events inside a session are closer than this
+SESSION_GAP_S = 1800  # sessions are separated by more than this (DATA features.session_gap_s)
+IN_SESSION_GAP_MAX_S = 1500  # ...and events inside a session are closer than this
 
 
 @dataclass(frozen=True)
 class SyntheticWorld:
     """The latent structure behind the events (tests use it as ground truth)."""
 
-    item_ids: np.ndarray        # (I,) int64 raw ids
-    item_cluster: np.ndarray    # (I,) int32 interest cluster
-    item_pop: np.ndarray        # (I,) float64, sums to 1 (Zipf)
+    item_ids: np.ndarray  # (I,) int64 raw ids
+    item_cluster: np.ndarray  # (I,) int32 interest cluster
+    item_pop: np.ndarray  # (I,) float64, sums to 1 (Zipf)
     item_genre_mask: np.ndarray  # (I,) int32
-    item_year: np.ndarray       # (I,) int16
-    user_ids: np.ndarray        # (U,) int64 raw ids
+    item_year: np.ndarray  # (I,) int16
+    user_ids: np.ndarray  # (U,) int64 raw ids
     user_interests: np.ndarray  # (U, K) int32 cluster ids, distinct per user
-    history_len: np.ndarray     # (U,) int64, sums to num_events
+    history_len: np.ndarray  # (U,) int64, sums to num_events
 
 
 def _check(cfg: SyntheticConfig) -> None:
     if cfg.num_items < cfg.num_interests:
-        raise ValueError(f"synthetic.num_items ({cfg.num_items}) must be >= "
-                         f"synthetic.num_interests ({cfg.num_interests})")
+        raise ValueError(
+            f"synthetic.num_items ({cfg.num_items}) must be >= synthetic.num_interests ({cfg.num_interests})"
+        )
     if not 1 <= cfg.interests_per_user <= cfg.num_interests:
-        raise ValueError(f"synthetic.interests_per_user ({cfg.interests_per_user}) must be in "
-                         f"[1, num_interests={cfg.num_interests}]")
+        raise ValueError(
+            f"synthetic.interests_per_user ({cfg.interests_per_user}) must be in [1, num_interests={cfg.num_interests}]"
+        )
     need = cfg.max_history + (cfg.num_users - 1) * MIN_HISTORY
     if cfg.num_users < 1 or cfg.num_events < need:
-        raise ValueError(f"synthetic.num_events ({cfg.num_events}) must be >= max_history + "
-                         f"{MIN_HISTORY} per other user = {need}")
+        raise ValueError(
+            f"synthetic.num_events ({cfg.num_events}) must be >= max_history + {MIN_HISTORY} per other user = {need}"
+        )
     if cfg.num_events > cfg.num_users * cfg.max_history:
-        raise ValueError(f"synthetic.num_events ({cfg.num_events}) exceeds num_users x "
-                         f"max_history = {cfg.num_users * cfg.max_history}")
+        raise ValueError(
+            f"synthetic.num_events ({cfg.num_events}) exceeds num_users x "
+            f"max_history = {cfg.num_users * cfg.max_history}"
+        )
     if cfg.history_alpha <= 0 or cfg.zipf_exponent <= 0 or cfg.mean_session_len < 1:
-        raise ValueError("synthetic.history_alpha and zipf_exponent must be > 0 and "
-                         "mean_session_len >= 1")
+        raise ValueError("synthetic.history_alpha and zipf_exponent must be > 0 and mean_session_len >= 1")
 
 
 def history_lengths(cfg: SyntheticConfig, rng: np.random.Generator) -> np.ndarray:
@@ -106,14 +110,16 @@ def build_world(cfg: SyntheticConfig) -> SyntheticWorld:
     pop /= pop.sum()
     primary = rng.permutation(np.arange(n_clusters) % NUM_GENRES)
     secondary = rng.integers(0, NUM_GENRES, n_clusters)
-    genre = (1 << primary[cluster]) \
-        | np.where(rng.random(n_items) < 0.5, 1 << secondary[cluster], 0) \
+    genre = (
+        (1 << primary[cluster])
+        | np.where(rng.random(n_items) < 0.5, 1 << secondary[cluster], 0)
         | np.where(rng.random(n_items) < 0.1, 1 << rng.integers(0, NUM_GENRES, n_items), 0)
+    )
     cluster_year = rng.integers(1950, 2021, n_clusters)
     year = np.clip(np.rint(cluster_year[cluster] + rng.normal(0, 6, n_items)), 1920, 2024)
     n_users = cfg.num_users
     # K distinct clusters per user: the first K of a random permutation of all clusters.
-    interests = np.argsort(rng.random((n_users, n_clusters)), axis=1)[:, :cfg.interests_per_user]
+    interests = np.argsort(rng.random((n_users, n_clusters)), axis=1)[:, : cfg.interests_per_user]
     return SyntheticWorld(
         item_ids=np.arange(1, n_items + 1, dtype=np.int64),
         item_cluster=cluster,
@@ -180,8 +186,7 @@ def _timestamps(cfg, world, rng, user_e, starts, is_start) -> np.ndarray:
     idle[starts] = 0.0
     # Scale each user's idle time between sessions so the history ends at begin + span.
     n_between = np.bincount(user_e, weights=is_start, minlength=n_users) - 1
-    left = span - np.bincount(user_e, weights=within, minlength=n_users) \
-        - n_between * (SESSION_GAP_S + 1)
+    left = span - np.bincount(user_e, weights=within, minlength=n_users) - n_between * (SESSION_GAP_S + 1)
     scale = np.maximum(left, 0.0) / np.maximum(np.bincount(user_e, weights=idle, minlength=n_users), 1e-9)
     between = (SESSION_GAP_S + 1 + np.floor(idle * scale[user_e])) * is_start
     gap = (within + between).astype(np.int64)
@@ -206,13 +211,14 @@ def generate_events(cfg: SyntheticConfig, world: SyntheticWorld | None = None) -
     in_interest = (world.user_interests[user_e] == world.item_cluster[item_e][:, None]).any(axis=1)
     user_bias = rng.normal(0.0, 0.35, n_users)
     item_quality = rng.normal(0.0, 0.35, len(world.item_ids))
-    raw = (2.4 + 1.4 * in_interest + user_bias[user_e] + item_quality[item_e]
-           + rng.normal(0.0, 0.6, len(user_e)))
+    raw = 2.4 + 1.4 * in_interest + user_bias[user_e] + item_quality[item_e] + rng.normal(0.0, 0.6, len(user_e))
     value = np.clip(np.rint(raw * 2.0) / 2.0, 0.5, 5.0).astype(np.float32)
     ts = _timestamps(cfg, world, rng, user_e, starts, is_start)
-    return pa.table({
-        "user_id": world.user_ids[user_e],
-        "item_id": world.item_ids[item_e],
-        "ts": ts,
-        "value": value,
-    })
+    return pa.table(
+        {
+            "user_id": world.user_ids[user_e],
+            "item_id": world.item_ids[item_e],
+            "ts": ts,
+            "value": value,
+        }
+    )

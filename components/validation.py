@@ -27,8 +27,14 @@ TS_MAX_S = 7_258_118_400
 
 # Row checks in order; a row is counted under the FIRST reason it fails.
 REASONS = (
-    "invalid_user_id", "negative_user_id", "invalid_item_id", "negative_item_id",
-    "invalid_ts", "ts_out_of_range", "invalid_value", "value_out_of_range",
+    "invalid_user_id",
+    "negative_user_id",
+    "invalid_item_id",
+    "negative_item_id",
+    "invalid_ts",
+    "ts_out_of_range",
+    "invalid_value",
+    "value_out_of_range",
 )
 RAW_EVENT_COLUMNS = ("user_id", "item_id", "ts", "value")
 
@@ -68,11 +74,11 @@ class ValidationReport:
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in self.rejected.items() if v) or "none"
-        return (f"{self.num_rejected}/{self.total_rows} rows rejected "
-                f"({self.reject_frac:.2%}); by reason: {reasons}")
+        return f"{self.num_rejected}/{self.total_rows} rows rejected ({self.reject_frac:.2%}); by reason: {reasons}"
 
 
 # ---------------------------------------------------------------- column coercion
+
 
 def _flat(values: pa.ChunkedArray | pa.Array) -> pa.Array:
     return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
@@ -89,8 +95,9 @@ def _text_to(values: pa.ChunkedArray | pa.Array, dtype: pl.DataType) -> pa.Array
     return series.str.strip_chars().cast(dtype, strict=False).to_arrow()
 
 
-def _check_some_parsed(raw: pa.ChunkedArray | pa.Array, parsed: pa.Array, path: str,
-                       column: str, expected: str) -> None:
+def _check_some_parsed(
+    raw: pa.ChunkedArray | pa.Array, parsed: pa.Array, path: str, column: str, expected: str
+) -> None:
     # Every non-empty cell unparseable = the column is of the wrong kind, not a few bad rows.
     if len(raw) > raw.null_count and len(parsed) == parsed.null_count:
         raise InputFileError(path, f"expected {expected}, got values like {_preview(raw)}", column)
@@ -158,8 +165,9 @@ def coerce_ts(values: pa.ChunkedArray | pa.Array, unit: str, path: str, column: 
     is_text = pa.types.is_string(tp) or pa.types.is_large_string(tp)
     if unit == "iso":
         if not (is_text or pa.types.is_null(tp)):
-            raise InputFileError(path, f"ts_unit is 'iso' but the column is {tp}; "
-                                       "use ts_unit 's' or 'ms' for numbers", column)
+            raise InputFileError(
+                path, f"ts_unit is 'iso' but the column is {tp}; use ts_unit 's' or 'ms' for numbers", column
+            )
         parsed = _parse_iso(values)
         _check_some_parsed(values, parsed, path, column, "ISO-8601 date-times")
         return parsed
@@ -172,8 +180,9 @@ def coerce_ts(values: pa.ChunkedArray | pa.Array, unit: str, path: str, column: 
         return pc.divide(shifted, 1000)
     if is_text:
         numbers = _text_to(values, pl.Float64)
-        _check_some_parsed(values, numbers, path, column,
-                           f"numeric timestamps in {unit} (set ts_unit: iso for text dates)")
+        _check_some_parsed(
+            values, numbers, path, column, f"numeric timestamps in {unit} (set ts_unit: iso for text dates)"
+        )
     elif pa.types.is_floating(tp) or pa.types.is_null(tp):
         numbers = _flat(pc.cast(values, pa.float64()))
     else:
@@ -181,12 +190,12 @@ def coerce_ts(values: pa.ChunkedArray | pa.Array, unit: str, path: str, column: 
     finite = pc.if_else(pc.is_finite(numbers), numbers, pa.scalar(None, pa.float64()))
     seconds = pc.floor(pc.divide(finite, 1000.0)) if unit == "ms" else pc.floor(finite)
     # Clip before the cast so absurd numbers become out-of-range rows instead of overflow.
-    seconds = pc.max_element_wise(pc.min_element_wise(seconds, 2.0**62, skip_nulls=False),
-                                  -(2.0**62), skip_nulls=False)
+    seconds = pc.max_element_wise(pc.min_element_wise(seconds, 2.0**62, skip_nulls=False), -(2.0**62), skip_nulls=False)
     return pc.cast(seconds, pa.int64())
 
 
 # ---------------------------------------------------------------- row checks
+
 
 def _reason_masks(raw: pa.Table, value_min: float, value_max: float) -> dict[str, np.ndarray]:
     def arr(name: str, fill) -> np.ndarray:
@@ -208,7 +217,10 @@ def _reason_masks(raw: pa.Table, value_min: float, value_max: float) -> dict[str
 
 
 def validate_events(
-    raw: pa.Table, value_min: float, value_max: float, max_samples: int = 5,
+    raw: pa.Table,
+    value_min: float,
+    value_max: float,
+    max_samples: int = 5,
     row_offset: int = 1,
 ) -> tuple[pa.Table, ValidationReport]:
     """Split coerced raw events (user_id, item_id, ts, value; nullable) into clean rows and a report.
@@ -248,6 +260,5 @@ def check_reject_threshold(report: ValidationReport, max_reject_frac: float, sou
     """Raise RejectThresholdError when more than ``max_reject_frac`` of the rows were rejected."""
     if report.total_rows and report.reject_frac > max_reject_frac:
         raise RejectThresholdError(
-            f"{source}: {report.summary()} — above ingest.max_reject_frac={max_reject_frac}; "
-            "nothing was written"
+            f"{source}: {report.summary()} — above ingest.max_reject_frac={max_reject_frac}; nothing was written"
         )

@@ -59,19 +59,24 @@ def _check_range(name: str, ids: Tensor, size: int) -> None:
         return
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= size:
-        raise ValueError(f"{name} holds index {low if low < 0 else high} outside its table [0, {size}); "
-                         "map unknown ids to 1 (OOV) before the model")
+        raise ValueError(
+            f"{name} holds index {low if low < 0 else high} outside its table [0, {size}); "
+            "map unknown ids to 1 (OOV) before the model"
+        )
 
 
 class FeatureArch(nn.Module):
     """Embeddings and projections shared by the baselines (TorchRec's SparseArch + DenseArch role)."""
 
-    def __init__(self, num_items: int, num_users: int, num_tags: int, user_dense_dim: int,
-                 config: FeatureConfig) -> None:
+    def __init__(
+        self, num_items: int, num_users: int, num_tags: int, user_dense_dim: int, config: FeatureConfig
+    ) -> None:
         super().__init__()
         if min(num_items, num_users, num_tags) < 2:
-            raise ValueError(f"tables need >= 2 rows (0 pad, 1 OOV): num_items={num_items}, "
-                             f"num_users={num_users}, num_tags={num_tags}")
+            raise ValueError(
+                f"tables need >= 2 rows (0 pad, 1 OOV): num_items={num_items}, "
+                f"num_users={num_users}, num_tags={num_tags}"
+            )
         if config.recent_len < 1:
             raise ValueError(f"features.recent_len={config.recent_len} must be >= 1")
         d = config.emb_dim
@@ -96,8 +101,10 @@ class FeatureArch(nn.Module):
         _check_range("cand_year", batch.cand_year, NUM_YEAR_BUCKETS)
         _check_range("cand_tags", batch.cand_tags, self.num_tags)
         if batch.user_dense.shape[-1] != self.user_dense_dim:
-            raise ValueError(f"user_dense has {batch.user_dense.shape[-1]} features, model built "
-                             f"for user_dense_dim={self.user_dense_dim}")
+            raise ValueError(
+                f"user_dense has {batch.user_dense.shape[-1]} features, model built "
+                f"for user_dense_dim={self.user_dense_dim}"
+            )
         if batch.cand_genres.shape[-1] != NUM_GENRES:
             raise ValueError(f"cand_genres width {batch.cand_genres.shape[-1]} != NUM_GENRES={NUM_GENRES}")
         _check_range("seq_len", batch.seq_len, batch.seq_item.shape[1] + 1)
@@ -132,8 +139,10 @@ class FeatureArch(nn.Module):
         """(B, N, cand_dim): item id, year, mean tag embedding and genre projection."""
         tag_mask = (batch.cand_tags != 0).unsqueeze(-1).float()  # (B, N, n_tags, 1)
         tags = (self.tag_emb(batch.cand_tags) * tag_mask).sum(2) / tag_mask.sum(2).clamp_min(1.0)
-        return torch.cat([self.candidate_item(batch), self.year_emb(batch.cand_year), tags,
-                          self.genre_proj(batch.cand_genres)], dim=-1)
+        return torch.cat(
+            [self.candidate_item(batch), self.year_emb(batch.cand_year), tags, self.genre_proj(batch.cand_genres)],
+            dim=-1,
+        )
 
 
 def _relu_tower(dims: tuple[int, ...], dropout: float) -> nn.Sequential:
@@ -162,8 +171,15 @@ class DLRMConfig:
 class DLRMMLP(nn.Module):
     """The MLP baseline of RankMixer's comparison; the first layer's user half runs per group."""
 
-    def __init__(self, num_items: int, config: DLRMConfig | None = None, *, num_users: int = 1 << 16,
-                 num_tags: int = 1024, user_dense_dim: int = 3) -> None:
+    def __init__(
+        self,
+        num_items: int,
+        config: DLRMConfig | None = None,
+        *,
+        num_users: int = 1 << 16,
+        num_tags: int = 1024,
+        user_dense_dim: int = 3,
+    ) -> None:
         super().__init__()
         self.config = config = config or DLRMConfig()
         if not config.hidden:
@@ -202,8 +218,9 @@ class CrossNetwork(nn.Module):
     def __init__(self, user_dim: int, cand_dim: int, num_layers: int, rank: int | None) -> None:
         super().__init__()
         if num_layers < 1 or (rank is not None and rank < 1):
-            raise ValueError(f"cross network needs num_cross_layers >= 1 and cross_rank >= 1 or None, "
-                             f"got {num_layers}, {rank}")
+            raise ValueError(
+                f"cross network needs num_cross_layers >= 1 and cross_rank >= 1 or None, got {num_layers}, {rank}"
+            )
         dim = user_dim + cand_dim
         width, full = (rank or dim), rank is None
         # Full rank: down = W (with bias), up = identity. Low rank: down = Vᵀ, up = U (+ bias).
@@ -223,13 +240,22 @@ class CrossNetwork(nn.Module):
 class DCNv2(nn.Module):
     """DCNv2 (stacked: cross -> deep; parallel: cross ‖ deep) with per-group user halves."""
 
-    def __init__(self, num_items: int, config: DCNConfig | None = None, *, num_users: int = 1 << 16,
-                 num_tags: int = 1024, user_dense_dim: int = 3) -> None:
+    def __init__(
+        self,
+        num_items: int,
+        config: DCNConfig | None = None,
+        *,
+        num_users: int = 1 << 16,
+        num_tags: int = 1024,
+        user_dense_dim: int = 3,
+    ) -> None:
         super().__init__()
         self.config = config = config or DCNConfig()
         if config.structure not in ("stacked", "parallel") or not config.hidden:
-            raise ValueError(f"DCNConfig: structure={config.structure!r} must be 'stacked' or 'parallel' "
-                             f"and hidden={config.hidden} non-empty")
+            raise ValueError(
+                f"DCNConfig: structure={config.structure!r} must be 'stacked' or 'parallel' "
+                f"and hidden={config.hidden} non-empty"
+            )
         self.features = FeatureArch(num_items, num_users, num_tags, user_dense_dim, config.features)
         user_dim, cand_dim = self.features.user_dim, self.features.cand_dim
         self.cross = CrossNetwork(user_dim, cand_dim, config.num_cross_layers, config.cross_rank)
@@ -336,8 +362,15 @@ class DIN(nn.Module):
     (same function class): ``A s`` runs once per group, ``C c`` once per candidate.
     """
 
-    def __init__(self, num_items: int, config: DINConfig | None = None, *, num_users: int = 1 << 16,
-                 num_tags: int = 1024, user_dense_dim: int = 3) -> None:
+    def __init__(
+        self,
+        num_items: int,
+        config: DINConfig | None = None,
+        *,
+        num_users: int = 1 << 16,
+        num_tags: int = 1024,
+        user_dense_dim: int = 3,
+    ) -> None:
         super().__init__()
         self.config = config = config or DINConfig()
         if not config.attention_hidden or not config.hidden or config.max_attn_len < 1:
@@ -356,9 +389,11 @@ class DIN(nn.Module):
     def attention_pool(self, seq: Tensor, seq_mask: Tensor, query: Tensor, cand_mask: Tensor) -> Tensor:
         """``seq`` (B, L, d), ``query`` (B, N, d) -> interest vector (B, N, d) per candidate."""
         pair_mask = cand_mask.unsqueeze(2) & seq_mask.unsqueeze(1)  # (B, N, L)
-        hidden = (self.att_seq(seq).unsqueeze(1)                     # (B, 1, L, h) once per group
-                  + self.att_cand(query).unsqueeze(2)                # (B, N, 1, h)
-                  + self.att_cross(seq.unsqueeze(1) * query.unsqueeze(2)))  # (B, N, L, h)
+        hidden = (
+            self.att_seq(seq).unsqueeze(1)  # (B, 1, L, h) once per group
+            + self.att_cand(query).unsqueeze(2)  # (B, N, 1, h)
+            + self.att_cross(seq.unsqueeze(1) * query.unsqueeze(2))
+        )  # (B, N, L, h)
         scores = self.att_out(self.att_tower(hidden, pair_mask)).squeeze(-1)  # (B, N, L)
         weights = scores * pair_mask.to(scores.dtype)  # unnormalised, padding contributes 0
         return torch.einsum("bnl,bld->bnd", weights, seq)

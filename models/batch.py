@@ -17,27 +17,27 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 # Fixed vocabulary sizes of the categorical side features (shared by data and models).
-NUM_ACTIONS = 12          # 0 pad, 1..11 value buckets (ratings 0.5..5 -> 1..10, 11 = other)
-NUM_GAP_BUCKETS = 32      # log2 buckets of (request_ts - event_ts) in seconds, 0 = pad
-NUM_GENRES = 20           # genre multi-hot width
-NUM_YEAR_BUCKETS = 32     # 0 unknown, 1..31 five-year buckets
+NUM_ACTIONS = 12  # 0 pad, 1..11 value buckets (ratings 0.5..5 -> 1..10, 11 = other)
+NUM_GAP_BUCKETS = 32  # log2 buckets of (request_ts - event_ts) in seconds, 0 = pad
+NUM_GENRES = 20  # genre multi-hot width
+NUM_YEAR_BUCKETS = 32  # 0 unknown, 1..31 five-year buckets
 
 
 @dataclass
 class GroupBatch:
     """A batch of B groups; every tensor's leading dim is B."""
 
-    user_id: torch.Tensor        # (B,) int64, vocabulary index of the user (hashed into a table)
-    user_dense: torch.Tensor     # (B, F_ud) float32, user features known at request time
-    seq_item: torch.Tensor       # (B, L) int64, item index, left-padded with 0
-    seq_action: torch.Tensor     # (B, L) int64, action bucket 1..NUM_ACTIONS-1, 0 = pad
-    seq_gap: torch.Tensor        # (B, L) int64, time-gap bucket 1..NUM_GAP_BUCKETS-1, 0 = pad
-    seq_len: torch.Tensor        # (B,) int64, number of valid events (<= L)
-    cand_item: torch.Tensor      # (B, N) int64, item index, 0 = padding slot
-    cand_genres: torch.Tensor    # (B, N, NUM_GENRES) float32 multi-hot
-    cand_year: torch.Tensor      # (B, N) int64 year bucket
-    cand_tags: torch.Tensor      # (B, N, n_tags) int64 tag index, 0 = none
-    cand_mask: torch.Tensor      # (B, N) bool, True for real candidate slots
+    user_id: torch.Tensor  # (B,) int64, vocabulary index of the user (hashed into a table)
+    user_dense: torch.Tensor  # (B, F_ud) float32, user features known at request time
+    seq_item: torch.Tensor  # (B, L) int64, item index, left-padded with 0
+    seq_action: torch.Tensor  # (B, L) int64, action bucket 1..NUM_ACTIONS-1, 0 = pad
+    seq_gap: torch.Tensor  # (B, L) int64, time-gap bucket 1..NUM_GAP_BUCKETS-1, 0 = pad
+    seq_len: torch.Tensor  # (B,) int64, number of valid events (<= L)
+    cand_item: torch.Tensor  # (B, N) int64, item index, 0 = padding slot
+    cand_genres: torch.Tensor  # (B, N, NUM_GENRES) float32 multi-hot
+    cand_year: torch.Tensor  # (B, N) int64 year bucket
+    cand_tags: torch.Tensor  # (B, N, n_tags) int64 tag index, 0 = none
+    cand_mask: torch.Tensor  # (B, N) bool, True for real candidate slots
     labels: torch.Tensor | None = None  # (B, N, n_tasks) float32, tasks = ("engage", "like")
 
     TASKS = ("engage", "like")
@@ -50,21 +50,21 @@ class GroupBatch:
     def num_candidates(self) -> int:
         return int(self.cand_item.shape[1])
 
-    def to(self, device: torch.device | str) -> "GroupBatch":
-        return replace(self, **{
-            f.name: getattr(self, f.name).to(device)
-            for f in fields(self) if getattr(self, f.name) is not None
-        })
+    def to(self, device: torch.device | str) -> GroupBatch:
+        return replace(
+            self,
+            **{f.name: getattr(self, f.name).to(device) for f in fields(self) if getattr(self, f.name) is not None},
+        )
 
-    def candidate_slice(self, index: torch.Tensor) -> "GroupBatch":
+    def candidate_slice(self, index: torch.Tensor) -> GroupBatch:
         """Keep candidate slots ``index`` (1-D LongTensor) of every group, same order."""
         cand = {"cand_item", "cand_genres", "cand_year", "cand_tags", "cand_mask", "labels"}
-        return replace(self, **{
-            name: getattr(self, name).index_select(1, index)
-            for name in cand if getattr(self, name) is not None
-        })
+        return replace(
+            self,
+            **{name: getattr(self, name).index_select(1, index) for name in cand if getattr(self, name) is not None},
+        )
 
-    def per_candidate(self) -> "GroupBatch":
+    def per_candidate(self) -> GroupBatch:
         """B*N groups of ONE candidate each (user fields repeated): the no-reuse layout.
 
         Row ``b * N + n`` holds group b's user side and its candidate n.
@@ -81,4 +81,3 @@ class GroupBatch:
             else:
                 out[f.name] = value.reshape(self.batch_size * n, 1, *value.shape[2:])
         return GroupBatch(**out)
-

@@ -19,12 +19,18 @@ logger = logging.getLogger(__name__)
 
 # TorchRec table containers, matched by class name along the MRO so that this module never
 # imports torchrec (models/ stays importable without it) and sharded/fused variants count too.
-_TORCHREC_TABLE_CLASSES = frozenset({
-    "EmbeddingBagCollection", "EmbeddingCollection",
-    "ShardedEmbeddingBagCollection", "ShardedEmbeddingCollection",
-    "FusedEmbeddingBagCollection", "FusedEmbeddingCollection",
-    "ShardedQuantEmbeddingBagCollection", "ShardedQuantEmbeddingCollection",
-})
+_TORCHREC_TABLE_CLASSES = frozenset(
+    {
+        "EmbeddingBagCollection",
+        "EmbeddingCollection",
+        "ShardedEmbeddingBagCollection",
+        "ShardedEmbeddingCollection",
+        "FusedEmbeddingBagCollection",
+        "FusedEmbeddingCollection",
+        "ShardedQuantEmbeddingBagCollection",
+        "ShardedQuantEmbeddingCollection",
+    }
+)
 
 
 def is_sparse_module(module: nn.Module) -> bool:
@@ -120,6 +126,6 @@ def measure_peak_matmul_flops(
         best = min(best, end - start)
         if end >= deadline:
             break
-    peak = 2.0 * size ** 3 / best
+    peak = 2.0 * size**3 / best
     logger.info("peak matmul %s n=%d on %s: %.3g FLOP/s", dtype, size, device, peak)
     return peak

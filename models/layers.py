@@ -71,8 +71,10 @@ def per_token_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     """
     num_tokens, d_in, d_out = weight.shape
     if x.shape[-2:] != (num_tokens, d_in):
-        raise ValueError(f"per-token weight {tuple(weight.shape)} does not fit input {tuple(x.shape)}: "
-                         f"expected (..., {num_tokens}, {d_in})")
+        raise ValueError(
+            f"per-token weight {tuple(weight.shape)} does not fit input {tuple(x.shape)}: "
+            f"expected (..., {num_tokens}, {d_in})"
+        )
     lead = x.shape[:-2]
     rows = x.reshape(-1, num_tokens, d_in).transpose(0, 1)  # (T, M, d_in), a strided view
     if bias is None:
@@ -94,8 +96,9 @@ def _init_per_token(weight: Tensor, fan_in: int, std: float | None) -> None:
 class PerTokenLinear(nn.Module):
     """A separate ``Linear(d_in, d_out)`` for each of T token positions."""
 
-    def __init__(self, num_tokens: int, d_in: int, d_out: int, bias: bool = True,
-                 init_std: float | None = None) -> None:
+    def __init__(
+        self, num_tokens: int, d_in: int, d_out: int, bias: bool = True, init_std: float | None = None
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_tokens, d_in, d_out))
         self.bias = nn.Parameter(torch.zeros(num_tokens, d_out)) if bias else None
@@ -180,14 +183,14 @@ class ExpertDispatch:
     is ever dropped (exact, unlike capacity-factor routing).
     """
 
-    src: Tensor        # (n,) int64 input row of each assignment, in group-sorted order
-    dest: Tensor       # (n,) int64 slot in the flattened (G*C) buffer, same order
-    order: Tensor      # (n,) int64 sort permutation: sorted assignment i = caller's order[i]
+    src: Tensor  # (n,) int64 input row of each assignment, in group-sorted order
+    dest: Tensor  # (n,) int64 slot in the flattened (G*C) buffer, same order
+    order: Tensor  # (n,) int64 sort permutation: sorted assignment i = caller's order[i]
     num_groups: int
     capacity: int
 
     @staticmethod
-    def build(group_ids: Tensor, src_rows: Tensor, num_groups: int) -> "ExpertDispatch":
+    def build(group_ids: Tensor, src_rows: Tensor, num_groups: int) -> ExpertDispatch:
         """``group_ids``/``src_rows``: (n,) group and input row of every assignment."""
         # Order within a group does not matter (rows are independent, results are gathered
         # back by assignment), and the unstable CPU sort is ~100x faster than the stable one.
@@ -237,7 +240,7 @@ class AuxLosses:
     def add(self, name: str, value: Tensor) -> None:
         self.losses[name] = self.losses[name] + value if name in self.losses else value
 
-    def merge(self, other: "AuxLosses") -> None:
+    def merge(self, other: AuxLosses) -> None:
         for name, value in other.losses.items():
             self.add(name, value)
         self.metrics.update(other.metrics)

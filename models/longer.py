@@ -24,8 +24,9 @@ them once (the KV cache) and ``score`` runs only each candidate's own attention.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,34 +42,46 @@ USER, CAND, SEQ = 0, 1, 2  # token kinds of the hybrid mask
 class LongerConfig:
     """Sizes of the LONGER encoder (paper main config: merge 8 + InnerTrans + 100 recent)."""
 
-    item_dim: int = 64          # width E of the incoming item embeddings
-    d_model: int = 64           # token width D
+    item_dim: int = 64  # width E of the incoming item embeddings
+    d_model: int = 64  # token width D
     num_heads: int = 4
-    num_self_layers: int = 2    # self-causal layers after the cross-causal layer 1
-    merge_k: int = 8            # events per merged token (1 = no merge)
+    num_self_layers: int = 2  # self-causal layers after the cross-causal layer 1
+    merge_k: int = 8  # events per merged token (1 = no merge)
     merge_mode: Literal["concat", "inner_transformer"] = "inner_transformer"
     inner_heads: int = 2
-    num_recent: int = 100       # k most recent merged tokens used as layer-1 queries
+    num_recent: int = 100  # k most recent merged tokens used as layer-1 queries
     num_cls: int = 1
-    max_seq_len: int = 2000     # rows of the position table (events)
+    max_seq_len: int = 2000  # rows of the position table (events)
     action_dim: int = 8
     gap_dim: int = 8
     ffn_mult: int = 2
     use_checkpoint: bool = False  # torch.utils.checkpoint per block while training
 
     def __post_init__(self) -> None:
-        for name in ("item_dim", "d_model", "num_heads", "merge_k", "num_recent",
-                     "num_cls", "max_seq_len", "ffn_mult", "inner_heads"):
+        for name in (
+            "item_dim",
+            "d_model",
+            "num_heads",
+            "merge_k",
+            "num_recent",
+            "num_cls",
+            "max_seq_len",
+            "ffn_mult",
+            "inner_heads",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"LongerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_self_layers < 0:
             raise ValueError(f"LongerConfig.num_self_layers must be >= 0, got {self.num_self_layers}")
         if self.d_model % self.num_heads or self.d_model % self.inner_heads:
-            raise ValueError(f"LongerConfig.d_model={self.d_model} must be divisible by "
-                             f"num_heads={self.num_heads} and inner_heads={self.inner_heads}")
+            raise ValueError(
+                f"LongerConfig.d_model={self.d_model} must be divisible by "
+                f"num_heads={self.num_heads} and inner_heads={self.inner_heads}"
+            )
         if self.merge_mode not in ("concat", "inner_transformer"):
-            raise ValueError(f"LongerConfig.merge_mode must be 'concat' or 'inner_transformer', "
-                             f"got {self.merge_mode!r}")
+            raise ValueError(
+                f"LongerConfig.merge_mode must be 'concat' or 'inner_transformer', got {self.merge_mode!r}"
+            )
 
 
 class LongerBlock(nn.Module):
@@ -101,8 +114,9 @@ class LongerBlock(nn.Module):
         x = x + self.out_proj(attn.transpose(1, 2).reshape(b, t, h * dh))  # (B, T, D)
         return x + self.ffn(self.ffn_norm(x))
 
-    def forward(self, x: torch.Tensor, q_index: torch.Tensor, mask: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, q_index: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Tokens ``x[:, q_index]`` attend to all of ``x`` under ``mask`` (B, Q, T), True = visible.
 
         Returns the query outputs (B, Q, D) and the keys/values (B, h, T, dh) of ``x``.
@@ -112,8 +126,9 @@ class LongerBlock(nn.Module):
         attn = F.scaled_dot_product_attention(self.query(xq), k, v, attn_mask=mask[:, None])
         return self.finish(xq, attn), k, v
 
-    def forward_cached(self, c: torch.Tensor, k_user: torch.Tensor, v_user: torch.Tensor,
-                       key_valid: torch.Tensor) -> torch.Tensor:
+    def forward_cached(
+        self, c: torch.Tensor, k_user: torch.Tensor, v_user: torch.Tensor, key_valid: torch.Tensor
+    ) -> torch.Tensor:
         """Candidates ``c`` (B, N, D) attend to cached user keys (B, h, Ku, dh) and to themselves.
 
         One softmax over [user keys ++ own key]; candidates never see each other.
@@ -135,8 +150,7 @@ class TokenMerge(nn.Module):
     def __init__(self, cfg: LongerConfig) -> None:
         super().__init__()
         d = cfg.d_model
-        self.inner = (LongerBlock(d, cfg.inner_heads, cfg.ffn_mult)
-                      if cfg.merge_mode == "inner_transformer" else None)
+        self.inner = LongerBlock(d, cfg.inner_heads, cfg.ffn_mult) if cfg.merge_mode == "inner_transformer" else None
         self.proj = nn.Linear(cfg.merge_k * d, d)
 
     def forward(self, groups: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -163,9 +177,9 @@ class LongerUserState:
     """
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
-    key_valid: list[torch.Tensor]   # per layer (B, K_l) bool
-    user_tokens: torch.Tensor       # (B, G + k, D)
-    token_valid: torch.Tensor       # (B, G + k) bool
+    key_valid: list[torch.Tensor]  # per layer (B, K_l) bool
+    user_tokens: torch.Tensor  # (B, G + k, D)
+    token_valid: torch.Tensor  # (B, G + k) bool
     num_globals: int
 
     @property
@@ -181,16 +195,18 @@ class LongerUserState:
         ts = [t for kv in self.kv for t in kv] + self.key_valid + [self.user_tokens, self.token_valid]
         return sum(t.numel() * t.element_size() for t in ts)
 
-    def select(self, rows: torch.Tensor) -> "LongerUserState":
+    def select(self, rows: torch.Tensor) -> LongerUserState:
         """The state of users ``rows`` (1-D LongTensor), in that order."""
         return replace(
-            self, kv=[(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.kv],
+            self,
+            kv=[(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.kv],
             key_valid=[m.index_select(0, rows) for m in self.key_valid],
             user_tokens=self.user_tokens.index_select(0, rows),
-            token_valid=self.token_valid.index_select(0, rows))
+            token_valid=self.token_valid.index_select(0, rows),
+        )
 
     @staticmethod
-    def cat(states: list["LongerUserState"]) -> "LongerUserState":
+    def cat(states: list[LongerUserState]) -> LongerUserState:
         """Stack states of different users; shorter layer-1 key sets get masked filler keys."""
         if not states or len({s.num_globals for s in states}) != 1:
             raise ValueError("LongerUserState.cat needs >= 1 state, all with the same num_globals")
@@ -198,11 +214,17 @@ class LongerUserState:
         for layer in range(len(states[0].kv)):
             width = max(s.key_valid[layer].shape[1] for s in states)
             pads = [width - s.key_valid[layer].shape[1] for s in states]
-            kv.append(tuple(torch.cat([F.pad(s.kv[layer][i], (0, 0, 0, p)) for s, p in zip(states, pads)])
-                            for i in (0, 1)))
+            kv.append(
+                tuple(torch.cat([F.pad(s.kv[layer][i], (0, 0, 0, p)) for s, p in zip(states, pads)]) for i in (0, 1))
+            )
             valid.append(torch.cat([F.pad(s.key_valid[layer], (0, p)) for s, p in zip(states, pads)]))
-        return LongerUserState(kv, valid, torch.cat([s.user_tokens for s in states]),
-                               torch.cat([s.token_valid for s in states]), states[0].num_globals)
+        return LongerUserState(
+            kv,
+            valid,
+            torch.cat([s.user_tokens for s in states]),
+            torch.cat([s.token_valid for s in states]),
+            states[0].num_globals,
+        )
 
 
 def summarize(user_tokens: torch.Tensor, token_valid: torch.Tensor, num_globals: int) -> torch.Tensor:
@@ -213,8 +235,7 @@ def summarize(user_tokens: torch.Tensor, token_valid: torch.Tensor, num_globals:
     return torch.cat([user_tokens[..., :g, :], mean.unsqueeze(-2)], -2)
 
 
-def hybrid_mask(kind: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
-                q_index: torch.Tensor) -> torch.Tensor:
+def hybrid_mask(kind: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, q_index: torch.Tensor) -> torch.Tensor:
     """Visibility (B, Q, T) of tokens (kind, pos: (T,), valid: (B, T)) from queries ``q_index``.
 
     USER queries see user-side keys; SEQ queries see USER keys and SEQ keys at or before
@@ -224,9 +245,14 @@ def hybrid_mask(kind: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
     key_ids = torch.arange(kind.shape[0], device=kind.device)
     user_side = kind[None] != CAND  # (1, T)
     allowed = torch.where(
-        qk == USER, user_side,
-        torch.where(qk == CAND, user_side | (key_ids[None] == q_index[:, None]),
-                    (kind[None] == USER) | ((kind[None] == SEQ) & (pos[None] <= qp))))
+        qk == USER,
+        user_side,
+        torch.where(
+            qk == CAND,
+            user_side | (key_ids[None] == q_index[:, None]),
+            (kind[None] == USER) | ((kind[None] == SEQ) & (pos[None] <= qp)),
+        ),
+    )
     return allowed[None] & valid[:, None, :]  # (B, Q, T)
 
 
@@ -243,13 +269,18 @@ class LongerEncoder(nn.Module):
         self.pos_emb = nn.Embedding(cfg.max_seq_len, d)  # row 0 = most recent event
         self.merge = TokenMerge(cfg)
         self.cls = nn.Parameter(torch.randn(cfg.num_cls, d) * 0.02)
-        self.blocks = nn.ModuleList(LongerBlock(d, cfg.num_heads, cfg.ffn_mult)
-                                    for _ in range(1 + cfg.num_self_layers))
+        self.blocks = nn.ModuleList(LongerBlock(d, cfg.num_heads, cfg.ffn_mult) for _ in range(1 + cfg.num_self_layers))
         self.out_norm = nn.RMSNorm(d)
 
     # ---- inputs -------------------------------------------------------------------------
-    def _check_inputs(self, seq_emb: torch.Tensor, seq_action: torch.Tensor, seq_gap: torch.Tensor,
-                      seq_len: torch.Tensor, user_globals: torch.Tensor | None) -> None:
+    def _check_inputs(
+        self,
+        seq_emb: torch.Tensor,
+        seq_action: torch.Tensor,
+        seq_gap: torch.Tensor,
+        seq_len: torch.Tensor,
+        user_globals: torch.Tensor | None,
+    ) -> None:
         if seq_emb.dim() != 3 or seq_emb.shape[-1] != self.cfg.item_dim:
             raise ValueError(f"seq_emb must be (B, L, {self.cfg.item_dim}), got {tuple(seq_emb.shape)}")
         b, length = seq_emb.shape[:2]
@@ -263,15 +294,18 @@ class LongerEncoder(nn.Module):
         if length and (int(seq_gap.min()) < 0 or int(seq_gap.max()) >= NUM_GAP_BUCKETS):
             raise ValueError(f"seq_gap ids must lie in [0, {NUM_GAP_BUCKETS})")
         if b and (int(seq_len.min()) < 0 or int(seq_len.max()) > min(length, self.cfg.max_seq_len)):
-            raise ValueError(f"seq_len must lie in [0, min(L={length}, max_seq_len="
-                             f"{self.cfg.max_seq_len})], got max {int(seq_len.max())}")
-        if user_globals is not None and (user_globals.dim() != 3 or user_globals.shape[0] != b
-                                         or user_globals.shape[2] != self.cfg.d_model):
-            raise ValueError(f"user_globals must be (B={b}, m_u, {self.cfg.d_model}), "
-                             f"got {tuple(user_globals.shape)}")
+            raise ValueError(
+                f"seq_len must lie in [0, min(L={length}, max_seq_len="
+                f"{self.cfg.max_seq_len})], got max {int(seq_len.max())}"
+            )
+        if user_globals is not None and (
+            user_globals.dim() != 3 or user_globals.shape[0] != b or user_globals.shape[2] != self.cfg.d_model
+        ):
+            raise ValueError(f"user_globals must be (B={b}, m_u, {self.cfg.d_model}), got {tuple(user_globals.shape)}")
 
-    def embed_sequence(self, seq_emb: torch.Tensor, seq_action: torch.Tensor, seq_gap: torch.Tensor,
-                       seq_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_sequence(
+        self, seq_emb: torch.Tensor, seq_action: torch.Tensor, seq_gap: torch.Tensor, seq_len: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded events (B, L) -> merged tokens (B, M, D) and their validity (B, M).
 
         M = max(ceil(L / K), num_recent); groups are aligned at the most recent event.
@@ -303,9 +337,9 @@ class LongerEncoder(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def _run_stack(self, glob: torch.Tensor, seq: torch.Tensor, seq_valid: torch.Tensor,
-                   cand: torch.Tensor | None = None) -> tuple[
-                       torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor], torch.Tensor]:
+    def _run_stack(
+        self, glob: torch.Tensor, seq: torch.Tensor, seq_valid: torch.Tensor, cand: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor], torch.Tensor]:
         """Full hybrid stack over [globals ++ cand? ++ seq]; returns query outputs, K/V, validity."""
         b, g, _ = glob.shape
         c = 0 if cand is None else cand.shape[1]
@@ -314,8 +348,9 @@ class LongerEncoder(nn.Module):
         kind = torch.tensor([USER] * g + [CAND] * c + [SEQ] * m, device=dev)
         pos = torch.cat([torch.full((g + c,), -1, device=dev), torch.arange(m, device=dev)])
         valid = torch.cat([torch.ones(b, g + c, dtype=torch.bool, device=dev), seq_valid], 1)
-        q_index = torch.cat([torch.arange(g + c, device=dev),
-                             torch.arange(g + c + m - self.cfg.num_recent, g + c + m, device=dev)])
+        q_index = torch.cat(
+            [torch.arange(g + c, device=dev), torch.arange(g + c + m - self.cfg.num_recent, g + c + m, device=dev)]
+        )
         kvs, key_valid = [], []
         for block in self.blocks:
             x, k, v = self._maybe_checkpoint(block, x, q_index, hybrid_mask(kind, pos, valid, q_index))
@@ -327,8 +362,14 @@ class LongerEncoder(nn.Module):
         return x, kvs, key_valid, valid
 
     # ---- public API ---------------------------------------------------------------------
-    def encode_user(self, seq_emb: torch.Tensor, seq_action: torch.Tensor, seq_gap: torch.Tensor,
-                    seq_len: torch.Tensor, user_globals: torch.Tensor | None = None) -> LongerUserState:
+    def encode_user(
+        self,
+        seq_emb: torch.Tensor,
+        seq_action: torch.Tensor,
+        seq_gap: torch.Tensor,
+        seq_len: torch.Tensor,
+        user_globals: torch.Tensor | None = None,
+    ) -> LongerUserState:
         """All candidate-independent work: per-layer user-side K/V and outputs (the KV cache).
 
         seq_emb (B, L, E) embedded items, seq_action/seq_gap (B, L) ids, seq_len (B,),
@@ -342,10 +383,14 @@ class LongerEncoder(nn.Module):
 
     def score(self, state: LongerUserState, cand_tokens: torch.Tensor) -> torch.Tensor:
         """Candidate outputs (B, N, D): each candidate attends to the cache and to itself."""
-        if cand_tokens.dim() != 3 or cand_tokens.shape[0] != state.batch_size \
-                or cand_tokens.shape[2] != self.cfg.d_model:
-            raise ValueError(f"cand_tokens must be (B={state.batch_size}, N, {self.cfg.d_model}), "
-                             f"got {tuple(cand_tokens.shape)}")
+        if (
+            cand_tokens.dim() != 3
+            or cand_tokens.shape[0] != state.batch_size
+            or cand_tokens.shape[2] != self.cfg.d_model
+        ):
+            raise ValueError(
+                f"cand_tokens must be (B={state.batch_size}, N, {self.cfg.d_model}), got {tuple(cand_tokens.shape)}"
+            )
         if len(state.kv) != len(self.blocks):
             raise ValueError(f"state has {len(state.kv)} layers, encoder has {len(self.blocks)}")
         c = cand_tokens
@@ -353,20 +398,31 @@ class LongerEncoder(nn.Module):
             c = self._maybe_checkpoint(block.forward_cached, c, k, v, valid)
         return self.out_norm(c)
 
-    def forward(self, seq_emb: torch.Tensor, seq_action: torch.Tensor, seq_gap: torch.Tensor,
-                seq_len: torch.Tensor, cand_tokens: torch.Tensor, user_globals: torch.Tensor | None = None,
-                return_user_tokens: bool = False,
-                return_summary: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        seq_emb: torch.Tensor,
+        seq_action: torch.Tensor,
+        seq_gap: torch.Tensor,
+        seq_len: torch.Tensor,
+        cand_tokens: torch.Tensor,
+        user_globals: torch.Tensor | None = None,
+        return_user_tokens: bool = False,
+        return_summary: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Reference without cache: the complete stack runs once per candidate, that candidate
         being the only candidate token. Returns (B, N, D) candidate outputs, and with
         ``return_user_tokens`` also each run's user-side outputs (B, N, G + k, D), or with
         ``return_summary`` each run's ``summarize``-d user tokens (B, N, G + 1, D).
         """
         self._check_inputs(seq_emb, seq_action, seq_gap, seq_len, user_globals)
-        if cand_tokens.dim() != 3 or cand_tokens.shape[0] != seq_emb.shape[0] \
-                or cand_tokens.shape[2] != self.cfg.d_model:
-            raise ValueError(f"cand_tokens must be (B={seq_emb.shape[0]}, N, {self.cfg.d_model}), "
-                             f"got {tuple(cand_tokens.shape)}")
+        if (
+            cand_tokens.dim() != 3
+            or cand_tokens.shape[0] != seq_emb.shape[0]
+            or cand_tokens.shape[2] != self.cfg.d_model
+        ):
+            raise ValueError(
+                f"cand_tokens must be (B={seq_emb.shape[0]}, N, {self.cfg.d_model}), got {tuple(cand_tokens.shape)}"
+            )
         b, n, d = cand_tokens.shape
         seq, seq_valid = self.embed_sequence(seq_emb, seq_action, seq_gap, seq_len)
         glob = self._globals(user_globals, b)
@@ -378,15 +434,14 @@ class LongerEncoder(nn.Module):
         cand_out = out[:, g].view(b, n, d)
         if not (return_user_tokens or return_summary):
             return cand_out
-        user = torch.cat([out[:, :g], out[:, g + 1:]], 1)  # the candidate's own column dropped
+        user = torch.cat([out[:, :g], out[:, g + 1 :]], 1)  # the candidate's own column dropped
         if return_summary:
-            user_valid = torch.cat([valid[:, :g], valid[:, g + 1:]], 1)
+            user_valid = torch.cat([valid[:, :g], valid[:, g + 1 :]], 1)
             return cand_out, summarize(user, user_valid, g).view(b, n, g + 1, d)
         return cand_out, user.view(b, n, -1, d)
 
 
-def flops(cfg: LongerConfig, seq_len: int, num_candidates: int, num_user_globals: int = 0
-          ) -> dict[str, float]:
+def flops(cfg: LongerConfig, seq_len: int, num_candidates: int, num_user_globals: int = 0) -> dict[str, float]:
     """Matmul FLOPs (2mnk) per group: user side once, per candidate, cached total and full total.
 
     ``full`` is the no-cache reference (sequence features shared, attention stack per candidate).
@@ -404,8 +459,11 @@ def flops(cfg: LongerConfig, seq_len: int, num_candidates: int, num_user_globals
     user = block(g + r, g + m) + cfg.num_self_layers * block(g + r, g + r)
     proj = 8 * d * d + 4 * f * d * d  # q, k, v, out projections + FFN of one candidate token
     per_cand = (proj + 4 * (g + m + 1) * d) + cfg.num_self_layers * (proj + 4 * (g + r + 1) * d)
-    full_per_cand = (block(g + 1 + r, g + 1 + m)
-                     + cfg.num_self_layers * block(g + 1 + r, g + 1 + r))
-    return {"embed": float(embed), "user": float(embed + user), "per_candidate": float(per_cand),
-            "cached_total": float(embed + user + num_candidates * per_cand),
-            "full_total": float(embed + num_candidates * full_per_cand)}
+    full_per_cand = block(g + 1 + r, g + 1 + m) + cfg.num_self_layers * block(g + 1 + r, g + 1 + r)
+    return {
+        "embed": float(embed),
+        "user": float(embed + user),
+        "per_candidate": float(per_cand),
+        "cached_total": float(embed + user + num_candidates * per_cand),
+        "full_total": float(embed + num_candidates * full_per_cand),
+    }

@@ -26,15 +26,15 @@ class PKMConfig:
     """One product-key memory; ``num_slots`` must be a perfect square."""
 
     input_dim: int = 64
-    num_slots: int = 65_536     # S = n * n, n sub-keys per half
-    key_dim: int = 64           # query width per head (two halves of key_dim / 2)
+    num_slots: int = 65_536  # S = n * n, n sub-keys per half
+    key_dim: int = 64  # query width per head (two halves of key_dim / 2)
     num_heads: int = 4
     topk: int = 16
     value_dim: int = 64
-    use_norm: bool = True       # L2-normalise query halves and sub-keys (anti-collapse)
-    key_expansion: int = 0      # > 0: over-parameterised sub-keys = raw (n, r) @ W (r, key_dim/2)
+    use_norm: bool = True  # L2-normalise query halves and sub-keys (anti-collapse)
+    key_expansion: int = 0  # > 0: over-parameterised sub-keys = raw (n, r) @ W (r, key_dim/2)
     use_sparse_grad: bool = False  # sparse value gradients (pair with torch.optim.SparseAdam)
-    track_usage: bool = True    # accumulate slot-hit counts for usage statistics
+    track_usage: bool = True  # accumulate slot-hit counts for usage statistics
 
     @property
     def num_subkeys(self) -> int:
@@ -44,7 +44,7 @@ class PKMConfig:
         for name in ("input_dim", "num_slots", "key_dim", "num_heads", "topk", "value_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PKMConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_subkeys ** 2 != self.num_slots:
+        if self.num_subkeys**2 != self.num_slots:
             raise ValueError(f"PKMConfig.num_slots={self.num_slots} must be a perfect square")
         if self.key_dim % 2:
             raise ValueError(f"PKMConfig.key_dim={self.key_dim} must be even (two halves)")
@@ -66,8 +66,9 @@ def _pair_candidates(k: int, device: torch.device) -> tuple[torch.Tensor, torch.
         return i[keep], j[keep]
 
 
-def pkm_topk(q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor,
-             k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pkm_topk(
+    q1: torch.Tensor, q2: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k product keys. q1, q2 (..., H, d); keys1, keys2 (H, n, d).
 
     Returns scores (..., H, k) in descending order and slot indices i1 * n + i2 in [0, n*n).
@@ -106,9 +107,8 @@ class ProductKeyMemory(nn.Module):
         # Cosine scores live in [-2, 2]; a learned per-head scale sharpens the softmax.
         init = math.log(math.sqrt(half)) if cfg.use_norm else -math.log(math.sqrt(half))
         self.log_scale = nn.Parameter(torch.full((h, 1), init))
-        self.values = nn.EmbeddingBag(cfg.num_slots, cfg.value_dim, mode="sum",
-                                      sparse=cfg.use_sparse_grad)
-        nn.init.normal_(self.values.weight, std=cfg.value_dim ** -0.5)
+        self.values = nn.EmbeddingBag(cfg.num_slots, cfg.value_dim, mode="sum", sparse=cfg.use_sparse_grad)
+        nn.init.normal_(self.values.weight, std=cfg.value_dim**-0.5)
         self.register_buffer("slot_hits", torch.zeros(cfg.num_slots, dtype=torch.long), persistent=False)
         self.register_buffer("num_reads", torch.zeros((), dtype=torch.long), persistent=False)
 
@@ -165,9 +165,12 @@ class ProductKeyMemory(nn.Module):
         total = float(hits.sum())
         p = hits[hits > 0] / max(total, 1.0)
         entropy = float(-(p * p.log()).sum()) if total else 0.0
-        return {"reads": float(self.num_reads), "entropy": entropy,
-                "normalized_entropy": entropy / math.log(self.cfg.num_slots) if self.cfg.num_slots > 1 else 0.0,
-                "hit_fraction": float((hits > 0).double().mean())}
+        return {
+            "reads": float(self.num_reads),
+            "entropy": entropy,
+            "normalized_entropy": entropy / math.log(self.cfg.num_slots) if self.cfg.num_slots > 1 else 0.0,
+            "hit_fraction": float((hits > 0).double().mean()),
+        }
 
 
 # ---- MSN: memory read -> multiplicative gate on interaction tokens ---------------------------
@@ -202,14 +205,18 @@ class MSN(nn.Module):
 
     def forward(self, tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if tokens.dim() not in (3, 4) or tokens.shape[-1] != self.cfg.token_dim:
-            raise ValueError(f"tokens must be (B, T, {self.cfg.token_dim}) or (B, N, T, "
-                             f"{self.cfg.token_dim}), got {tuple(tokens.shape)}")
+            raise ValueError(
+                f"tokens must be (B, T, {self.cfg.token_dim}) or (B, N, T, "
+                f"{self.cfg.token_dim}), got {tuple(tokens.shape)}"
+            )
         lead, ctx_lead = tuple(tokens.shape[:-1]), tuple(context.shape[:-1])
         pooled = len(ctx_lead) == 1 and ctx_lead[0] == lead[0]
         shared = len(lead) == 3 and ctx_lead == (lead[0], lead[2])  # user-side per-token query
         if not (pooled or shared or ctx_lead == lead):
-            raise ValueError(f"context {tuple(context.shape)} does not broadcast to tokens "
-                             f"{tuple(tokens.shape)}: use (B, C), (B, T, C) or (B, N, T, C)")
+            raise ValueError(
+                f"context {tuple(context.shape)} does not broadcast to tokens "
+                f"{tuple(tokens.shape)}: use (B, C), (B, T, C) or (B, N, T, C)"
+            )
         g = self.gate(context)
         if pooled:
             g = g.view(g.shape[0], *([1] * (len(lead) - 1)), -1)  # (B, 1[, 1], D)
@@ -233,8 +240,9 @@ class LMNConfig:
 
     def __post_init__(self) -> None:
         if self.memory.input_dim != self.hidden_dim:
-            raise ValueError(f"LMNConfig.memory.input_dim={self.memory.input_dim} must equal "
-                             f"hidden_dim={self.hidden_dim}")
+            raise ValueError(
+                f"LMNConfig.memory.input_dim={self.memory.input_dim} must equal hidden_dim={self.hidden_dim}"
+            )
         if self.target not in ("item", "next_item"):
             raise ValueError(f"LMNConfig.target must be 'item' or 'next_item', got {self.target!r}")
 
@@ -250,8 +258,9 @@ class LMN(nn.Module):
     def __init__(self, cfg: LMNConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.query_mlp = nn.Sequential(nn.Linear(cfg.item_dim + cfg.user_dim, cfg.hidden_dim), nn.GELU(),
-                                       nn.Linear(cfg.hidden_dim, cfg.hidden_dim))
+        self.query_mlp = nn.Sequential(
+            nn.Linear(cfg.item_dim + cfg.user_dim, cfg.hidden_dim), nn.GELU(), nn.Linear(cfg.hidden_dim, cfg.hidden_dim)
+        )
         self.memory = ProductKeyMemory(cfg.memory)
         self.recon_head = nn.Linear(cfg.memory.value_dim, cfg.item_dim)
         self.user_proj = nn.Linear(cfg.memory.value_dim, cfg.token_dim)
@@ -261,8 +270,10 @@ class LMN(nn.Module):
         """Memory reads (B, X, value_dim) for items (B, X, item_dim) of users (B, user_dim)."""
         b, x, e = items.shape
         if e != self.cfg.item_dim or tuple(user.shape) != (b, self.cfg.user_dim):
-            raise ValueError(f"items must be (B, X, {self.cfg.item_dim}) and user (B, {self.cfg.user_dim}), "
-                             f"got {tuple(items.shape)} and {tuple(user.shape)}")
+            raise ValueError(
+                f"items must be (B, X, {self.cfg.item_dim}) and user (B, {self.cfg.user_dim}), "
+                f"got {tuple(items.shape)} and {tuple(user.shape)}"
+            )
         q = torch.cat([items, user[:, None].expand(b, x, -1)], -1)  # (B, X, E + U)
         return self.memory(self.query_mlp(q))
 

@@ -89,7 +89,7 @@ def quantize_int8(weight: Tensor, reduce_dim: int) -> tuple[Tensor, Tensor]:
 SCALE_DTYPE = torch.float16  # per-channel scales of the quantized layers
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def int8pack_supported(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch._weight_int8pack_mm`` runs for activations of ``dtype`` on ``device_type``."""
     if not hasattr(torch, "_weight_int8pack_mm"):
@@ -127,8 +127,7 @@ class _W8Module(nn.Module):
         if needs_grad and self.kernel == "int8pack":
             raise RuntimeError("the int8pack kernel has no backward; use kernel='reference' to train through it")
         dtype = self.activation_dtype
-        return (not needs_grad and int8pack_shape_ok(x.shape[-1], dtype)
-                and int8pack_supported(x.device.type, dtype))
+        return not needs_grad and int8pack_shape_ok(x.shape[-1], dtype) and int8pack_supported(x.device.type, dtype)
 
 
 def _int8pack_mm(rows: Tensor, qweight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -139,8 +138,14 @@ def _int8pack_mm(rows: Tensor, qweight: Tensor, scale: Tensor, dtype: torch.dtyp
 class QuantizedLinear(_W8Module):
     """``nn.Linear`` with int8 weight (out, in) and one fp32 scale per output row."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: Kernel = "auto",
-                 activation_dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        kernel: Kernel = "auto",
+        activation_dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
         super().__init__(kernel, activation_dtype)
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
@@ -149,8 +154,9 @@ class QuantizedLinear(_W8Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, kernel: Kernel = "auto",
-                   activation_dtype: torch.dtype = torch.bfloat16) -> "QuantizedLinear":
+    def from_float(
+        cls, linear: nn.Linear, kernel: Kernel = "auto", activation_dtype: torch.dtype = torch.bfloat16
+    ) -> QuantizedLinear:
         """Quantize a float ``nn.Linear`` (its weights are copied, not shared)."""
         out = cls(linear.in_features, linear.out_features, linear.bias is not None, kernel, activation_dtype)
         q, scale = quantize_int8(linear.weight, reduce_dim=1)
@@ -188,8 +194,15 @@ class QuantizedPerTokenLinear(_W8Module):
     (N, K) layout the int8pack kernel reads; ``weight`` dequantises back to (T, d_in, d_out).
     """
 
-    def __init__(self, num_tokens: int, d_in: int, d_out: int, bias: bool = True, kernel: Kernel = "auto",
-                 activation_dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(
+        self,
+        num_tokens: int,
+        d_in: int,
+        d_out: int,
+        bias: bool = True,
+        kernel: Kernel = "auto",
+        activation_dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
         super().__init__(kernel, activation_dtype)
         self.num_tokens, self.d_in, self.d_out = num_tokens, d_in, d_out
         self.register_buffer("qweight", torch.zeros(num_tokens, d_out, d_in, dtype=torch.int8))
@@ -197,8 +210,9 @@ class QuantizedPerTokenLinear(_W8Module):
         self.register_buffer("bias", torch.zeros(num_tokens, d_out) if bias else None)
 
     @classmethod
-    def from_float(cls, module: nn.Module, kernel: Kernel = "auto",
-                   activation_dtype: torch.dtype = torch.bfloat16) -> "QuantizedPerTokenLinear":
+    def from_float(
+        cls, module: nn.Module, kernel: Kernel = "auto", activation_dtype: torch.dtype = torch.bfloat16
+    ) -> QuantizedPerTokenLinear:
         """Quantize a module following the per-token linear contract (see module docstring)."""
         weight, bias = module.weight, getattr(module, "bias", None)
         if weight.dim() != 3:
@@ -222,21 +236,25 @@ class QuantizedPerTokenLinear(_W8Module):
         qweight, scale = self.qweight[tokens], self.scale[tokens]
         bias = None if self.bias is None else self.bias[tokens]
         if x.shape[-2:] != (qweight.shape[0], self.d_in):
-            raise ValueError(f"QuantizedPerTokenLinear expects (..., {qweight.shape[0]}, {self.d_in}), "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"QuantizedPerTokenLinear expects (..., {qweight.shape[0]}, {self.d_in}), got shape {tuple(x.shape)}"
+            )
         if not self._use_int8pack(x):
             weight = (qweight.float() * scale.unsqueeze(-1)).transpose(1, 2).to(x.dtype)
             return per_token_matmul(x, weight, None if bias is None else bias.to(x.dtype))
         dtype = self.activation_dtype
         rows = x.reshape(-1, *x.shape[-2:]).to(dtype).transpose(0, 1).contiguous()  # (T', M, d_in)
-        out = torch.stack([_int8pack_mm(rows[t], qweight[t], scale[t], dtype)
-                           for t in range(rows.shape[0])])  # (T', M, d_out)
+        out = torch.stack(
+            [_int8pack_mm(rows[t], qweight[t], scale[t], dtype) for t in range(rows.shape[0])]
+        )  # (T', M, d_out)
         out = out.transpose(0, 1).to(x.dtype).reshape(*x.shape[:-1], self.d_out)  # (..., T', d_out)
         return out if bias is None else out + bias.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"tokens={self.num_tokens}, in={self.d_in}, out={self.d_out}, "
-                f"bias={self.bias is not None}, kernel={self.kernel}")
+        return (
+            f"tokens={self.num_tokens}, in={self.d_in}, out={self.d_out}, "
+            f"bias={self.bias is not None}, kernel={self.kernel}"
+        )
 
 
 class Int8Dequantize(nn.Module):

@@ -35,7 +35,7 @@ from models.task import RankerOutput
 from models.tokenmixer_large import TokenMixerLarge, TokenMixerLargeConfig
 from models.ugsep import UGSepBackbone, UGSepConfig, UserTokenStates
 
-POOL_WINDOWS = (8, 64)   # pooling encoder: means of the last 8, last 64 and all events
+POOL_WINDOWS = (8, 64)  # pooling encoder: means of the last 8, last 64 and all events
 YEAR_DIM = 8
 
 
@@ -52,8 +52,9 @@ class RankerConfig:
     backbone: Literal["rankmixer", "tokenmixer_large"] = "tokenmixer_large"
     rankmixer: RankMixerConfig = field(default_factory=lambda: RankMixerConfig(num_tokens=8, dim=64))
     tokenmixer_large: TokenMixerLargeConfig = field(
-        default_factory=lambda: TokenMixerLargeConfig(num_tokens=8, dim=64, num_layers=2, expansion=2.0))
-    use_global_token: bool = True          # TokenMixer-Large's global token (RankMixer has none)
+        default_factory=lambda: TokenMixerLargeConfig(num_tokens=8, dim=64, num_layers=2, expansion=2.0)
+    )
+    use_global_token: bool = True  # TokenMixer-Large's global token (RankMixer has none)
     use_ugsep: bool = False
     use_compensation: bool = True
     sequence_encoder: Literal["pooling", "longer"] = "longer"
@@ -62,7 +63,7 @@ class RankerConfig:
     msn_memory: PKMConfig = field(default_factory=lambda: PKMConfig(num_slots=4096, topk=8, key_dim=32))
     use_lmn: bool = False
     lmn: LMNConfig = field(default_factory=lambda: LMNConfig(memory=PKMConfig(num_slots=4096, topk=8, key_dim=32)))
-    lmn_recent: int = 16                   # recent behaviours read by LMN (user token, memory loss)
+    lmn_recent: int = 16  # recent behaviours read by LMN (user token, memory loss)
     lmn_loss_weight: float = 0.1
     head_hidden: int = 64
     num_tasks: int = 2
@@ -70,8 +71,10 @@ class RankerConfig:
     def __post_init__(self) -> None:
         if self.backbone == "rankmixer" and self.dim % self.num_tokens:
             t = self.num_tokens
-            raise ValueError(f"RankerConfig: RankMixer mixes with H = T heads, so dim={self.dim} must be a "
-                             f"multiple of the {t} tokens of this layout (e.g. dim={t * -(-self.dim // t)})")
+            raise ValueError(
+                f"RankerConfig: RankMixer mixes with H = T heads, so dim={self.dim} must be a "
+                f"multiple of the {t} tokens of this layout (e.g. dim={t * -(-self.dim // t)})"
+            )
 
     @property
     def use_longer(self) -> bool:
@@ -97,8 +100,12 @@ class RankerConfig:
         groups += [FeatureGroup(f"seq_{i}", s, "user") for i in range(self.num_seq_tokens)]
         if self.use_lmn:
             groups.append(FeatureGroup("lmn_user", self.dim, "user"))
-        groups += [FeatureGroup("item", e, "group"), FeatureGroup("item_side", NUM_GENRES + YEAR_DIM + e, "group"),
-                   FeatureGroup("cross_seq", s, "group"), FeatureGroup("cross_user", e, "group")]
+        groups += [
+            FeatureGroup("item", e, "group"),
+            FeatureGroup("item_side", NUM_GENRES + YEAR_DIM + e, "group"),
+            FeatureGroup("cross_seq", s, "group"),
+            FeatureGroup("cross_user", e, "group"),
+        ]
         if self.use_lmn:
             groups.append(FeatureGroup("lmn_group", self.dim, "group"))
         return tuple(groups)
@@ -124,11 +131,11 @@ class RankerConfig:
 class UserState:
     """Candidate-independent computation of B groups; cacheable per user (serving)."""
 
-    user_vec: Tensor                        # (B, E + 3)
-    user_features: dict[str, Tensor]        # user-side tokenizer inputs, each (B, F)
-    x_user: Tensor                          # (B, T_u, D) user tokens (gated by MSN if on)
-    seq_mean: Tensor                        # (B, seq_dim) sequence summary for the pooled cross
-    gate: Tensor | None = None              # (B, D) MSN gate
+    user_vec: Tensor  # (B, E + 3)
+    user_features: dict[str, Tensor]  # user-side tokenizer inputs, each (B, F)
+    x_user: Tensor  # (B, T_u, D) user tokens (gated by MSN if on)
+    seq_mean: Tensor  # (B, seq_dim) sequence summary for the pooled cross
+    gate: Tensor | None = None  # (B, D) MSN gate
     longer: LongerUserState | None = None
     backbone: UserTokenStates | None = None
     aux: AuxLosses = field(default_factory=AuxLosses)
@@ -163,40 +170,47 @@ class Ranker(nn.Module):
         if cfg.use_longer:
             self.longer_cfg = replace(cfg.longer, item_dim=e)
             self.longer = LongerEncoder(self.longer_cfg)
-            self.longer_user = nn.Linear(cfg.user_dim, cfg.seq_dim)     # user-global token
-            self.longer_cand = nn.Linear(e, cfg.seq_dim)                # candidate token
-        self.msn = MSN(MSNConfig(token_dim=d, memory=replace(cfg.msn_memory, input_dim=cfg.user_dim + cfg.seq_dim))
-                       ) if cfg.use_msn else None
+            self.longer_user = nn.Linear(cfg.user_dim, cfg.seq_dim)  # user-global token
+            self.longer_cand = nn.Linear(e, cfg.seq_dim)  # candidate token
+        self.msn = (
+            MSN(MSNConfig(token_dim=d, memory=replace(cfg.msn_memory, input_dim=cfg.user_dim + cfg.seq_dim)))
+            if cfg.use_msn
+            else None
+        )
         self.lmn = LMN(replace(cfg.lmn, item_dim=e, user_dim=cfg.user_dim, token_dim=d)) if cfg.use_lmn else None
         self.tokenizer = SemanticTokenizer(cfg.tokenizer_config())
         backbone_cfg = cfg.backbone_config()
         if cfg.use_ugsep:
-            ug = UGSepConfig(num_user_tokens=self.tokenizer.cfg.num_tokens("user"),
-                             use_compensation=cfg.use_compensation, backbone=cfg.backbone,
-                             **{cfg.backbone: backbone_cfg})
+            ug = UGSepConfig(
+                num_user_tokens=self.tokenizer.cfg.num_tokens("user"),
+                use_compensation=cfg.use_compensation,
+                backbone=cfg.backbone,
+                **{cfg.backbone: backbone_cfg},
+            )
             self.backbone: nn.Module = UGSepBackbone(ug)
         else:
-            self.backbone = TokenMixerLarge(backbone_cfg) if cfg.backbone == "tokenmixer_large" \
-                else RankMixer(backbone_cfg)
+            self.backbone = (
+                TokenMixerLarge(backbone_cfg) if cfg.backbone == "tokenmixer_large" else RankMixer(backbone_cfg)
+            )
         self.heads = nn.ModuleList(
             nn.Sequential(nn.Linear(d, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, 1))
-            for _ in range(cfg.num_tasks))
+            for _ in range(cfg.num_tasks)
+        )
 
     # ------------------------------------------------------------------ user side
-    def _sequence(self, batch: GroupBatch, seq_emb: Tensor, user_vec: Tensor
-                  ) -> tuple[Tensor, LongerUserState | None]:
+    def _sequence(self, batch: GroupBatch, seq_emb: Tensor, user_vec: Tensor) -> tuple[Tensor, LongerUserState | None]:
         """Sequence summary tokens (B, num_seq_tokens, seq_dim) and the LONGER cache (None when pooling)."""
         if self.cfg.use_longer:
-            glob = self.longer_user(user_vec).unsqueeze(1)                          # (B, 1, S)
+            glob = self.longer_user(user_vec).unsqueeze(1)  # (B, 1, S)
             state = self.longer.encode_user(seq_emb, batch.seq_action, batch.seq_gap, batch.seq_len, glob)
-            return state.summary_tokens(), state                                     # (B, G + 1, S)
+            return state.summary_tokens(), state  # (B, G + 1, S)
         return self._pooled_sequence(batch, seq_emb), None
 
     def _pooled_sequence(self, batch: GroupBatch, seq_emb: Tensor) -> Tensor:
         """Means of the last 8, last 64 and all valid events: (B, 3, E)."""
         length = seq_emb.shape[1]
-        pos_from_end = torch.arange(length - 1, -1, -1, device=seq_emb.device)      # 0 = most recent
-        valid = pos_from_end.unsqueeze(0) < batch.seq_len.unsqueeze(1)              # (B, L)
+        pos_from_end = torch.arange(length - 1, -1, -1, device=seq_emb.device)  # 0 = most recent
+        valid = pos_from_end.unsqueeze(0) < batch.seq_len.unsqueeze(1)  # (B, L)
         windows = [valid & (pos_from_end < w).unsqueeze(0) for w in POOL_WINDOWS] + [valid]
         return torch.stack([_masked_mean(seq_emb, m, 1) for m in windows], 1)
 
@@ -206,8 +220,9 @@ class Ranker(nn.Module):
             raise ValueError("the LONGER reference path takes groups of one candidate (GroupBatch.per_candidate)")
         cand = self.longer_cand(self.sparse_arch({"cand_item": batch.cand_item})["cand_item"])  # (B, 1, S)
         glob = self.longer_user(user_vec).unsqueeze(1)
-        cross, summary = self.longer(seq_emb, batch.seq_action, batch.seq_gap, batch.seq_len, cand, glob,
-                                     return_summary=True)                            # (B,1,S), (B,1,G+1,S)
+        cross, summary = self.longer(
+            seq_emb, batch.seq_action, batch.seq_gap, batch.seq_len, cand, glob, return_summary=True
+        )  # (B,1,S), (B,1,G+1,S)
         return summary[:, 0], cross
 
     def _recent(self, batch: GroupBatch, seq_emb: Tensor) -> tuple[Tensor, Tensor]:
@@ -224,7 +239,7 @@ class Ranker(nn.Module):
         path is left to the backbone's masked reference.
         """
         emb = self.sparse_arch({"seq_item": batch.seq_item, "user": batch.user_id})
-        user_vec = torch.cat([emb["user"], batch.user_dense], -1)                   # (B, E + 3)
+        user_vec = torch.cat([emb["user"], batch.user_dense], -1)  # (B, E + 3)
         reference_cross = None
         if reference and self.cfg.use_longer:
             seq_tokens, reference_cross = self._longer_reference(batch, emb["seq_item"], user_vec)
@@ -237,11 +252,12 @@ class Ranker(nn.Module):
             recent, recent_mask = self._recent(batch, emb["seq_item"])
             features["lmn_user"] = self.lmn.user_token(user_vec, recent, recent_mask)
             if self.training:
-                aux.add("lmn_memory_loss",
-                        self.cfg.lmn_loss_weight * self.lmn.memory_loss(recent, user_vec, recent_mask))
+                aux.add(
+                    "lmn_memory_loss", self.cfg.lmn_loss_weight * self.lmn.memory_loss(recent, user_vec, recent_mask)
+                )
         seq_mean = seq_tokens[:, -1]
         gate = self.msn.gate(torch.cat([user_vec, seq_mean], -1)) if self.msn is not None else None
-        x_user = self.tokenizer(features, side="user")                              # (B, T_u, D)
+        x_user = self.tokenizer(features, side="user")  # (B, T_u, D)
         if gate is not None:
             x_user = x_user * gate.unsqueeze(1)
         states = self.backbone.forward_user(x_user) if self.cfg.use_ugsep and not reference else None
@@ -250,13 +266,13 @@ class Ranker(nn.Module):
     # ------------------------------------------------------------------ candidate side
     def _group_features(self, state: UserState, batch: GroupBatch) -> dict[str, Tensor]:
         emb = self.sparse_arch({"cand_item": batch.cand_item, "cand_tag": batch.cand_tags})
-        item = emb["cand_item"]                                                     # (B, N, E)
-        tags = _masked_mean(emb["cand_tag"], batch.cand_tags > 0, 2)                # (B, N, E)
+        item = emb["cand_item"]  # (B, N, E)
+        tags = _masked_mean(emb["cand_tag"], batch.cand_tags > 0, 2)  # (B, N, E)
         side = torch.cat([batch.cand_genres, self.year_emb(batch.cand_year), tags], -1)
         if state.reference_cross_seq is not None:
-            cross_seq = state.reference_cross_seq                                    # (B, 1, S)
+            cross_seq = state.reference_cross_seq  # (B, 1, S)
         elif self.cfg.use_longer:
-            cross_seq = self.longer.score(state.longer, self.longer_cand(item))     # (B, N, S)
+            cross_seq = self.longer.score(state.longer, self.longer_cand(item))  # (B, N, S)
         else:
             cross_seq = item * state.seq_mean.unsqueeze(1)
         cross_user = item * self.user_cross(state.user_vec).unsqueeze(1)
@@ -271,11 +287,11 @@ class Ranker(nn.Module):
         ``reference=True`` runs the UG-Sep backbone through its masked per-candidate path.
         """
         features = {**state.user_features, **self._group_features(state, batch)}
-        x_group = self.tokenizer(features, side="group")                            # (B, N, T_g, D)
+        x_group = self.tokenizer(features, side="group")  # (B, N, T_g, D)
         if state.gate is not None:
             x_group = x_group * state.gate[:, None, None]
         out = self._backbone(state, x_group, reference)
-        logits = torch.cat([head(out.pooled) for head in self.heads], -1)          # (B, N, tasks)
+        logits = torch.cat([head(out.pooled) for head in self.heads], -1)  # (B, N, tasks)
         logits = logits * batch.cand_mask.unsqueeze(-1).to(logits.dtype)
         aux = AuxLosses()
         aux.merge(state.aux)
@@ -285,14 +301,15 @@ class Ranker(nn.Module):
     def _backbone(self, state: UserState, x_group: Tensor, reference: bool) -> BackboneOutput:
         if self.cfg.use_ugsep and not reference:
             if state.backbone is None:
-                raise ValueError("score_candidates: this state came from encode_user(reference=True); "
-                                 "score it with reference=True")
+                raise ValueError(
+                    "score_candidates: this state came from encode_user(reference=True); score it with reference=True"
+                )
             return self.backbone.forward_group(state.backbone, x_group)
         if self.cfg.use_ugsep:
             return self.backbone(state.x_user, x_group)
         b, n = x_group.shape[:2]
         x_user = state.x_user.unsqueeze(1).expand(b, n, *state.x_user.shape[1:])
-        return self.backbone(torch.cat([x_user, x_group], dim=-2))                  # (B, N, T, D) in
+        return self.backbone(torch.cat([x_user, x_group], dim=-2))  # (B, N, T, D) in
 
     # ------------------------------------------------------------------ entry points
     def forward(self, batch: GroupBatch) -> RankerOutput:
@@ -302,13 +319,13 @@ class Ranker(nn.Module):
         """No reuse: each candidate is its own group, the user side recomputed for it, LONGER's
         full stack (no KV cache) and the UG-Sep masked reference path."""
         b, n = batch.batch_size, batch.num_candidates
-        flat = batch.per_candidate()                                                # B*N groups of 1
+        flat = batch.per_candidate()  # B*N groups of 1
         out = self.score_candidates(self.encode_user(flat, reference=True), flat, reference=True)
         reshape = lambda t: t.reshape(b, n, *t.shape[2:])
-        return RankerOutput(logits=reshape(out.logits), aux_logits=[reshape(a) for a in out.aux_logits],
-                            aux_losses=out.aux_losses)
+        return RankerOutput(
+            logits=reshape(out.logits), aux_logits=[reshape(a) for a in out.aux_logits], aux_losses=out.aux_losses
+        )
 
     def memory_value_parameters(self) -> list[nn.Parameter]:
         """PKM value tables, which train with their own (higher) learning rate (MODELS.md §6)."""
         return [p for m in (self.msn, self.lmn) if m is not None for p in m.memory.value_parameters()]
-

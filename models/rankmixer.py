@@ -24,8 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.layers import (ALL_TOKENS, AuxLosses, BackboneOutput, ExpertDispatch, PerTokenFFN,
-                           PerTokenLinear, select_tokens, token_mix)
+from models.layers import (
+    ALL_TOKENS,
+    AuxLosses,
+    BackboneOutput,
+    ExpertDispatch,
+    PerTokenFFN,
+    PerTokenLinear,
+    select_tokens,
+    token_mix,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +110,10 @@ class SemanticTokenizer(nn.Module):
             raise KeyError(f"SemanticTokenizer: missing features for group {group.name!r}; got {sorted(features)}")
         value = features[group.name]
         if value.shape[-1] != group.in_dim:
-            raise ValueError(f"SemanticTokenizer: group {group.name!r} expects last dim {group.in_dim}, "
-                             f"got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"SemanticTokenizer: group {group.name!r} expects last dim {group.in_dim}, "
+                f"got shape {tuple(value.shape)}"
+            )
         return value
 
     def _global_token(self, features: Mapping[str, Tensor], lead: torch.Size) -> Tensor:
@@ -173,11 +183,14 @@ class RankMixerConfig:
         if min(self.num_tokens, self.dim, self.num_layers) <= 0:
             raise ValueError(f"RankMixerConfig: num_tokens, dim, num_layers must be positive: {self}")
         if self.dim % self.num_tokens:
-            raise ValueError(f"RankMixerConfig: TokenMix uses H = T heads, so num_tokens={self.num_tokens} "
-                             f"must divide dim={self.dim}")
+            raise ValueError(
+                f"RankMixerConfig: TokenMix uses H = T heads, so num_tokens={self.num_tokens} "
+                f"must divide dim={self.dim}"
+            )
         if not 0.0 < self.moe.target_active_ratio <= 1.0:
-            raise ValueError(f"RankMixerConfig: moe.target_active_ratio must be in (0, 1], "
-                             f"got {self.moe.target_active_ratio}")
+            raise ValueError(
+                f"RankMixerConfig: moe.target_active_ratio must be in (0, 1], got {self.moe.target_active_ratio}"
+            )
 
 
 class ReLUPerTokenMoE(nn.Module):
@@ -191,7 +204,7 @@ class ReLUPerTokenMoE(nn.Module):
         e, self.hidden = cfg.num_experts, max(1, round(cfg.expert_expansion * dim))
         self.router_train = PerTokenLinear(num_tokens, dim, e)
         self.router_infer = PerTokenLinear(num_tokens, dim, e)
-        bound_in, bound_out = dim ** -0.5, self.hidden ** -0.5
+        bound_in, bound_out = dim**-0.5, self.hidden**-0.5
         self.w_in = nn.Parameter(torch.empty(num_tokens, e, dim, self.hidden).uniform_(-bound_in, bound_in))
         self.b_in = nn.Parameter(torch.zeros(num_tokens, e, self.hidden))
         self.w_out = nn.Parameter(torch.empty(num_tokens, e, self.hidden, dim).uniform_(-bound_out, bound_out))
@@ -201,7 +214,9 @@ class ReLUPerTokenMoE(nn.Module):
 
     def experts_dense(self, x: Tensor, gates: Tensor, tokens: slice = ALL_TOKENS) -> Tensor:
         """``sum_e gates[..., t, e] * expert_{t,e}(x[..., t])`` computing every expert."""
-        h = F.gelu(torch.einsum("...td,tedh->...teh", x, select_tokens(self.w_in, tokens)) + select_tokens(self.b_in, tokens))
+        h = F.gelu(
+            torch.einsum("...td,tedh->...teh", x, select_tokens(self.w_in, tokens)) + select_tokens(self.b_in, tokens)
+        )
         # Folding the gate in before the second matmul makes it one contraction over (e, h).
         out = torch.einsum("...teh,tehd->...td", gates.unsqueeze(-1) * h, select_tokens(self.w_out, tokens))
         return out + torch.einsum("...te,ted->...td", gates, select_tokens(self.b_out, tokens))
@@ -213,10 +228,18 @@ class ReLUPerTokenMoE(nn.Module):
         row, col = flat_gates.nonzero(as_tuple=True)
         plan = ExpertDispatch.build(col, row * t + col // e, t * e)
         buf = plan.permute(x.reshape(-1, d))  # (G, C, d)
-        h = F.gelu(torch.baddbmm(select_tokens(self.b_in, tokens).reshape(t * e, 1, -1), buf,
-                                 select_tokens(self.w_in, tokens).reshape(t * e, d, -1)))
-        out = torch.baddbmm(select_tokens(self.b_out, tokens).reshape(t * e, 1, d), h,
-                            select_tokens(self.w_out, tokens).reshape(t * e, self.hidden, d))  # (G, C, d)
+        h = F.gelu(
+            torch.baddbmm(
+                select_tokens(self.b_in, tokens).reshape(t * e, 1, -1),
+                buf,
+                select_tokens(self.w_in, tokens).reshape(t * e, d, -1),
+            )
+        )
+        out = torch.baddbmm(
+            select_tokens(self.b_out, tokens).reshape(t * e, 1, d),
+            h,
+            select_tokens(self.w_out, tokens).reshape(t * e, self.hidden, d),
+        )  # (G, C, d)
         return plan.combine(out, flat_gates[row, col], x.numel() // d).view(*lead, t, d)
 
     def forward(self, x: Tensor, aux: AuxLosses, tokens: slice = ALL_TOKENS) -> Tensor:
@@ -269,8 +292,9 @@ class RankMixer(nn.Module):
 
     def forward(self, x: Tensor) -> BackboneOutput:
         if x.shape[-2:] != (self.cfg.num_tokens, self.cfg.dim):
-            raise ValueError(f"RankMixer expects tokens (..., {self.cfg.num_tokens}, {self.cfg.dim}), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"RankMixer expects tokens (..., {self.cfg.num_tokens}, {self.cfg.dim}), got {tuple(x.shape)}"
+            )
         aux = AuxLosses()
         for block in self.blocks:
             x = block(x, aux)

@@ -43,9 +43,14 @@ class SparseArch(nn.Module):
         tables = []
         for table, rows in sizes.items():
             features = [f for f, t in FEATURE_TABLES.items() if t == table]
-            tables.append(EmbeddingConfig(
-                name=table, embedding_dim=config.embedding_dim, num_embeddings=rows, feature_names=features,
-            ))
+            tables.append(
+                EmbeddingConfig(
+                    name=table,
+                    embedding_dim=config.embedding_dim,
+                    num_embeddings=rows,
+                    feature_names=features,
+                )
+            )
         self.embedding_collection = EmbeddingCollection(tables=tables, device=torch.device(device or "cpu"))
 
     def forward(self, ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -20,14 +20,14 @@ from models.batch import GroupBatch
 class RankerOutput:
     """What a ranker's forward returns."""
 
-    logits: torch.Tensor                                              # (B, N, tasks)
-    aux_logits: list[torch.Tensor] = field(default_factory=list)      # shallow heads, each (B, N, tasks)
+    logits: torch.Tensor  # (B, N, tasks)
+    aux_logits: list[torch.Tensor] = field(default_factory=list)  # shallow heads, each (B, N, tasks)
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted regularisers, scalars
 
 
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-task BCE averaged over real candidate slots: (B, N, tasks) -> (tasks,)."""
-    weight = mask.unsqueeze(-1).to(logits.dtype)                      # (B, N, 1)
+    weight = mask.unsqueeze(-1).to(logits.dtype)  # (B, N, 1)
     loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none") * weight
     return loss.sum(dim=(0, 1)) / weight.sum().clamp_min(1.0)
 

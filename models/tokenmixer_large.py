@@ -26,9 +26,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.layers import (ALL_TOKENS, AuxLosses, BackboneOutput, ExpertDispatch, PerTokenLinear,
-                           PerTokenSwiGLU, RMSNorm, select_tokens, swiglu, token_mix,
-                           token_revert)
+from models.layers import (
+    ALL_TOKENS,
+    AuxLosses,
+    BackboneOutput,
+    ExpertDispatch,
+    PerTokenLinear,
+    PerTokenSwiGLU,
+    RMSNorm,
+    select_tokens,
+    swiglu,
+    token_mix,
+    token_revert,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +88,14 @@ class TokenMixerLargeConfig:
             raise ValueError(f"TokenMixerLargeConfig: residual_every must be >= 0, got {self.residual_every}")
         bad = [i for i in self.aux_layers if not 0 <= i < self.num_layers - 1]
         if bad:
-            raise ValueError(f"TokenMixerLargeConfig: aux_layers {bad} must be shallow blocks in "
-                             f"[0, {self.num_layers - 2}]")
+            raise ValueError(
+                f"TokenMixerLargeConfig: aux_layers {bad} must be shallow blocks in [0, {self.num_layers - 2}]"
+            )
         moe = self.moe
         if moe.enabled and not 0 < moe.top_k <= moe.num_experts:
-            raise ValueError(f"TokenMixerLargeConfig: moe.top_k={moe.top_k} must be in "
-                             f"[1, num_experts={moe.num_experts}]")
+            raise ValueError(
+                f"TokenMixerLargeConfig: moe.top_k={moe.top_k} must be in [1, num_experts={moe.num_experts}]"
+            )
 
     @property
     def num_mix_heads(self) -> int:
@@ -119,8 +131,7 @@ def ffn_flops(cfg: TokenMixerLargeConfig, positions: int, width: int) -> int:
 
 def flops_per_sample(cfg: TokenMixerLargeConfig) -> int:
     """Forward matmul FLOPs of the backbone for one sample (active experts only for MoE)."""
-    per_block = (ffn_flops(cfg, cfg.num_mix_heads, cfg.mix_width)
-                 + ffn_flops(cfg, cfg.num_tokens, cfg.dim))
+    per_block = ffn_flops(cfg, cfg.num_mix_heads, cfg.mix_width) + ffn_flops(cfg, cfg.num_tokens, cfg.dim)
     heads = len(cfg.aux_layers) * 2 * cfg.dim * cfg.num_tasks
     return cfg.num_layers * per_block + heads
 
@@ -138,8 +149,8 @@ class SparsePerTokenMoE(nn.Module):
         self.router = PerTokenLinear(num_tokens, dim, e, bias=False)
         self.shared = PerTokenSwiGLU(num_tokens, dim, hidden, down_init_std)
         # (T, E, d, 2h) and (T, E, h, d): flattening (T, E) gives the per-group weights.
-        self.gate_up = nn.Parameter(torch.empty(num_tokens, e, dim, 2 * hidden).uniform_(-dim ** -0.5, dim ** -0.5))
-        down_std = hidden ** -0.5 if down_init_std is None else down_init_std
+        self.gate_up = nn.Parameter(torch.empty(num_tokens, e, dim, 2 * hidden).uniform_(-(dim**-0.5), dim**-0.5))
+        down_std = hidden**-0.5 if down_init_std is None else down_init_std
         self.down = nn.Parameter(torch.empty(num_tokens, e, hidden, dim).normal_(0.0, down_std))
 
     def _route(self, x: Tensor, tokens: slice, aux: AuxLosses) -> tuple[Tensor, Tensor]:

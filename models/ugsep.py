@@ -51,8 +51,10 @@ class UGSepConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.num_user_tokens < self.num_tokens:
-            raise ValueError(f"UGSepConfig: num_user_tokens={self.num_user_tokens} must be in "
-                             f"[1, {self.num_tokens - 1}] (the backbone has {self.num_tokens} tokens)")
+            raise ValueError(
+                f"UGSepConfig: num_user_tokens={self.num_user_tokens} must be in "
+                f"[1, {self.num_tokens - 1}] (the backbone has {self.num_tokens} tokens)"
+            )
 
     @property
     def backbone_config(self) -> TokenMixerLargeConfig | RankMixerConfig:
@@ -75,16 +77,21 @@ class UGSepConfig:
 class UserTokenStates:
     """Per-layer user-token states the group side needs; computed once per group (B rows)."""
 
-    tokens: tuple[Tensor, ...]    # L+1 x (B, T_u, D): input of every layer, then the last output
+    tokens: tuple[Tensor, ...]  # L+1 x (B, T_u, D): input of every layer, then the last output
     contents: tuple[Tensor, ...]  # L x (B, T_u, D): masked content at user positions
-    output: Tensor                # (B, T_u, D): final user tokens (after the final norm)
+    output: Tensor  # (B, T_u, D): final user tokens (after the final norm)
     aux: AuxLosses = field(default_factory=AuxLosses)
 
-    def take(self, rows: Tensor) -> "UserTokenStates":
+    def take(self, rows: Tensor) -> UserTokenStates:
         """States of groups ``rows`` (1-D index): gather per-request states from a cache."""
         pick = lambda ts: tuple(t.index_select(0, rows) for t in ts)
-        return replace(self, tokens=pick(self.tokens), contents=pick(self.contents),
-                       output=self.output.index_select(0, rows), aux=AuxLosses())
+        return replace(
+            self,
+            tokens=pick(self.tokens),
+            contents=pick(self.contents),
+            output=self.output.index_select(0, rows),
+            aux=AuxLosses(),
+        )
 
 
 def flops_per_candidate(cfg: UGSepConfig, num_candidates: int) -> float:
@@ -130,8 +137,9 @@ def _content(block: TokenMixerLargeBlock | RankMixerBlock, x: Tensor, aux: AuxLo
     return token_mix(x, block.cfg.num_tokens)
 
 
-def _finish(block: TokenMixerLargeBlock | RankMixerBlock, content: Tensor, x: Tensor, aux: AuxLosses,
-            tokens: slice) -> Tensor:
+def _finish(
+    block: TokenMixerLargeBlock | RankMixerBlock, content: Tensor, x: Tensor, aux: AuxLosses, tokens: slice
+) -> Tensor:
     """Token-local half: content + residual tokens ``x`` at positions ``tokens`` -> next tokens."""
     if isinstance(block, TokenMixerLargeBlock):
         return block.revert_step(content, x, aux, tokens)
@@ -152,8 +160,9 @@ class UGSepBackbone(nn.Module):
             self.residual_layers = ()
         t_u, t_g, d = cfg.num_user_tokens, cfg.num_group_tokens, cfg.dim
         layers = len(self.backbone.blocks)
-        self.compensation = nn.ModuleList(
-            InformationCompensation(t_u, t_g, d) for _ in range(layers)) if cfg.use_compensation else None
+        self.compensation = (
+            nn.ModuleList(InformationCompensation(t_u, t_g, d) for _ in range(layers)) if cfg.use_compensation else None
+        )
         self.user_tokens, self.group_tokens = slice(0, t_u), slice(t_u, cfg.num_tokens)
 
     # ------------------------------------------------------------ shared pieces
@@ -166,8 +175,10 @@ class UGSepBackbone(nn.Module):
 
     def _check(self, name: str, x: Tensor, num_tokens: int, ndim: int) -> None:
         if x.dim() != ndim or x.shape[-2:] != (num_tokens, self.cfg.dim):
-            raise ValueError(f"UGSepBackbone: {name} must have {ndim} dims ending in ({num_tokens}, {self.cfg.dim}), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"UGSepBackbone: {name} must have {ndim} dims ending in ({num_tokens}, {self.cfg.dim}), "
+                f"got {tuple(x.shape)}"
+            )
 
     # ------------------------------------------------------------ fast path
     def forward_user(self, x_user: Tensor) -> UserTokenStates:
@@ -224,7 +235,7 @@ class UGSepBackbone(nn.Module):
         self._check("x_group", x_group, self.cfg.num_group_tokens, 4)
         b, n = x_group.shape[:2]
         x = torch.cat([x_user.unsqueeze(1).expand(b, n, *x_user.shape[1:]), x_group], dim=-2)
-        is_user = (torch.arange(self.cfg.num_tokens, device=x.device) < self.cfg.num_user_tokens)
+        is_user = torch.arange(self.cfg.num_tokens, device=x.device) < self.cfg.num_user_tokens
         user_only = is_user.to(x.dtype).unsqueeze(-1)  # (T, 1): zeroes the group tokens
         aux, shallow, skip = AuxLosses(), [], x
         for i, block in enumerate(self.backbone.blocks):

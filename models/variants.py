@@ -20,20 +20,30 @@ from models.ranker import Ranker, RankerConfig
 _OFF = {"use_ugsep": False, "use_msn": False, "use_lmn": False, "sequence_encoder": "pooling"}
 RANKER_VARIANTS: dict[str, dict[str, Any]] = {
     "rankmixer": {**_OFF, "backbone": "rankmixer"},
-    "rankmixer_moe": {**_OFF, "backbone": "rankmixer",
-                      "rankmixer": {"moe": {"num_experts": 4, "target_active_ratio": 0.5}}},
+    "rankmixer_moe": {
+        **_OFF,
+        "backbone": "rankmixer",
+        "rankmixer": {"moe": {"num_experts": 4, "target_active_ratio": 0.5}},
+    },
     "tokenmixer_large": {**_OFF, "backbone": "tokenmixer_large"},
-    "tokenmixer_large_moe": {**_OFF, "backbone": "tokenmixer_large",
-                             "tokenmixer_large": {"moe": {"num_experts": 4, "top_k": 1}}},
+    "tokenmixer_large_moe": {
+        **_OFF,
+        "backbone": "tokenmixer_large",
+        "tokenmixer_large": {"moe": {"num_experts": 4, "top_k": 1}},
+    },
     "ugsep": {**_OFF, "backbone": "tokenmixer_large", "use_ugsep": True, "use_compensation": True},
     "ugsep_nocomp": {**_OFF, "backbone": "tokenmixer_large", "use_ugsep": True, "use_compensation": False},
     "longer": {**_OFF, "backbone": "tokenmixer_large", "use_ugsep": True, "sequence_encoder": "longer"},
-    "msn": {**_OFF, "backbone": "tokenmixer_large", "use_ugsep": True, "sequence_encoder": "longer",
-            "use_msn": True},
-    "lmn": {**_OFF, "backbone": "tokenmixer_large", "use_ugsep": True, "sequence_encoder": "longer",
-            "use_lmn": True},
-    "full": {**_OFF, "backbone": "tokenmixer_large", "use_ugsep": True, "sequence_encoder": "longer",
-             "use_msn": True, "use_lmn": True},
+    "msn": {**_OFF, "backbone": "tokenmixer_large", "use_ugsep": True, "sequence_encoder": "longer", "use_msn": True},
+    "lmn": {**_OFF, "backbone": "tokenmixer_large", "use_ugsep": True, "sequence_encoder": "longer", "use_lmn": True},
+    "full": {
+        **_OFF,
+        "backbone": "tokenmixer_large",
+        "use_ugsep": True,
+        "sequence_encoder": "longer",
+        "use_msn": True,
+        "use_lmn": True,
+    },
 }
 BASELINE_VARIANTS = ("dlrm_mlp", "dcnv2", "din")
 VARIANTS = (*BASELINE_VARIANTS, *RANKER_VARIANTS)
@@ -72,6 +82,5 @@ def build_model(config: ModelConfig) -> nn.Module:
     """The model of ``config.variant``; baselines share the ranker's vocabulary sizes."""
     if config.variant in BASELINE_VARIANTS:
         sparse = config.ranker.sparse
-        return build_baseline(config.variant, sparse.item_vocab, num_users=sparse.user_vocab,
-                              num_tags=sparse.tag_vocab)
+        return build_baseline(config.variant, sparse.item_vocab, num_users=sparse.user_vocab, num_tags=sparse.tag_vocab)
     return Ranker(ranker_config(config))

@@ -37,8 +37,8 @@ from pipelines.config import FeaturesConfig, LakeConfig, PipelineConfig, RayConf
 
 logger = logging.getLogger(__name__)
 
-def synthetic_lake(root: str, num_events: int, num_buckets: int = 8, seed: int = 0,
-                   max_history: int = 12_000) -> None:
+
+def synthetic_lake(root: str, num_events: int, num_buckets: int = 8, seed: int = 0, max_history: int = 12_000) -> None:
     """Write events/items/users Delta tables (docs/DATA.md) from ``components.synthetic``.
 
     About 200 events per user on average (power law); the heaviest user has ``max_history``
@@ -48,13 +48,23 @@ def synthetic_lake(root: str, num_events: int, num_buckets: int = 8, seed: int =
 
     max_history = max(1, min(max_history, num_events // 4))
     num_users = max(1, min(num_events // 200, (num_events - max_history) // MIN_HISTORY + 1))
-    num_users = max(num_users, -(-num_events // max_history))      # enough users to hold N events
-    cfg = SyntheticConfig(seed=seed, num_events=num_events, num_users=num_users, max_history=max_history,
-                          num_items=int(np.clip(num_events // 20, 32, 20_000)))
+    num_users = max(num_users, -(-num_events // max_history))  # enough users to hold N events
+    cfg = SyntheticConfig(
+        seed=seed,
+        num_events=num_events,
+        num_users=num_users,
+        max_history=max_history,
+        num_items=int(np.clip(num_events // 20, 32, 20_000)),
+    )
     world = build_world(cfg)
     events = generate_events(cfg, world)
-    table = lake.events_table(events["user_id"].to_numpy(), events["item_id"].to_numpy(),
-                              events["ts"].to_numpy(), events["value"].to_numpy(), num_buckets)
+    table = lake.events_table(
+        events["user_id"].to_numpy(),
+        events["item_id"].to_numpy(),
+        events["ts"].to_numpy(),
+        events["value"].to_numpy(),
+        num_buckets,
+    )
     lake.write_table(lake.table_uri(root, "events"), table, partition_by=["bucket"])
     lake.write_table(lake.table_uri(root, "items"), generate_items(cfg, world))
     lake.write_table(lake.table_uri(root, "users"), lake.users_table(world.user_ids))
@@ -101,7 +111,7 @@ class PeakRss:
             self.peak_mb = max(self.peak_mb, self.current_mb())
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self._thread.start()
         return self
 
@@ -113,6 +123,7 @@ class PeakRss:
 
 def _import_job_modules() -> int:
     import pipelines.features  # noqa: F401  (pyarrow, deltalake, ray.data in the worker)
+
     return os.getpid()
 
 
@@ -128,8 +139,7 @@ def warm_workers(num_cpus: int) -> int:
     return len(set(ray.get([task.remote() for _ in range(num_cpus)])))
 
 
-def run_bench(num_events: int, workdir: str, num_buckets: int, num_cpus: int, seed: int,
-              rerun: bool = False) -> dict:
+def run_bench(num_events: int, workdir: str, num_buckets: int, num_cpus: int, seed: int, rerun: bool = False) -> dict:
     """Generate, run reference then Ray job, compare; return the result record."""
     from pipelines.features import run_features
     from pipelines.features_reference import run_reference
@@ -140,8 +150,11 @@ def run_bench(num_events: int, workdir: str, num_buckets: int, num_cpus: int, se
     start = time.perf_counter()
     synthetic_lake(root, num_events, num_buckets, seed)
     generate_s = time.perf_counter() - start
-    config = PipelineConfig(ray=RayConfig(num_cpus=num_cpus, enable_progress_bars=False),
-                            lake=LakeConfig(root=root, num_buckets=num_buckets), features=FeaturesConfig())
+    config = PipelineConfig(
+        ray=RayConfig(num_cpus=num_cpus, enable_progress_bars=False),
+        lake=LakeConfig(root=root, num_buckets=num_buckets),
+        features=FeaturesConfig(),
+    )
     with PeakRss() as single_rss:  # before Ray starts: this tree is the reference process alone
         start = time.perf_counter()
         reference = run_reference(config, ref_root)
@@ -162,21 +175,30 @@ def run_bench(num_events: int, workdir: str, num_buckets: int, num_cpus: int, se
             rerun_s = time.perf_counter() - start
     differences = compare_lakes(root, ref_root)
     return {
-        "events": reference["events"], "ray_s": round(ray_s, 3), "single_s": round(single_s, 3),
-        "ratio_ray_over_single": round(ray_s / single_s, 3), "events_per_s": round(reference["events"] / ray_s),
+        "events": reference["events"],
+        "ray_s": round(ray_s, 3),
+        "single_s": round(single_s, 3),
+        "ratio_ray_over_single": round(ray_s / single_s, 3),
+        "events_per_s": round(reference["events"] / ray_s),
         # The same ratio charged with Ray's start-up: worker processes + imports, then also ray.init.
         "ratio_incl_worker_warmup": round((warmup_s + ray_s) / single_s, 3),
         "ratio_incl_ray_start": round((startup_s + warmup_s + ray_s) / single_s, 3),
         "peak_rss_mb": round(ray_rss.peak_mb, 1),
         "peak_rss_scope": "driver + all Ray processes (psutil RSS over the process tree)",
-        "ray_idle_rss_mb": round(idle_mb, 1), "single_peak_rss_mb": round(single_rss.peak_mb, 1),
-        "ray_startup_s": round(startup_s, 3), "ray_worker_warmup_s": round(warmup_s, 3),
+        "ray_idle_rss_mb": round(idle_mb, 1),
+        "single_peak_rss_mb": round(single_rss.peak_mb, 1),
+        "ray_startup_s": round(startup_s, 3),
+        "ray_worker_warmup_s": round(warmup_s, 3),
         "generate_s": round(generate_s, 3),
-        "users": reference["users"], "groups": reference["groups"], "buckets": num_buckets,
-        "ray_num_cpus": num_cpus, "physical_cores": psutil.cpu_count(logical=False),
+        "users": reference["users"],
+        "groups": reference["groups"],
+        "buckets": num_buckets,
+        "ray_num_cpus": num_cpus,
+        "physical_cores": psutil.cpu_count(logical=False),
         "ray_phases_s": {k: v for k, v in summary.items() if k.endswith("_s")},
         **({"ray_rerun_s": round(rerun_s, 3)} if rerun else {}),
-        "identical": not differences, "differences": differences,
+        "identical": not differences,
+        "differences": differences,
     }
 
 
@@ -184,8 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench data", description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000, help="number of synthetic events")
     parser.add_argument("--json", required=True, help="where to write the result record")
-    parser.add_argument("--buckets", type=int, default=0,
-                        help="user buckets (the memory knob); 0 = auto, as ingest: ~1M events per bucket, >= 8")
+    parser.add_argument(
+        "--buckets",
+        type=int,
+        default=0,
+        help="user buckets (the memory knob); 0 = auto, as ingest: ~1M events per bucket, >= 8",
+    )
     parser.add_argument("--num-cpus", type=int, default=RayConfig().num_cpus, help="Ray logical CPUs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rerun", action="store_true", help="also time a second Ray run (steady state)")
@@ -196,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_data_")
     try:
-        result = run_bench(args.events, os.path.abspath(workdir), args.buckets, args.num_cpus, args.seed,
-                           args.rerun)
+        result = run_bench(args.events, os.path.abspath(workdir), args.buckets, args.num_cpus, args.seed, args.rerun)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

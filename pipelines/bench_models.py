@@ -30,8 +30,13 @@ from models.quant import quantize_w8a16, relative_error, weight_bytes
 from models.ranker import Ranker, RankerConfig
 from models.sparse import SparseConfig
 from models.task import RankingTask
-from models.tokenmixer_large import SparseMoEConfig, SparsePerTokenMoE, TokenMixerLarge, TokenMixerLargeConfig, \
-    flops_per_sample
+from models.tokenmixer_large import (
+    SparseMoEConfig,
+    SparsePerTokenMoE,
+    TokenMixerLarge,
+    TokenMixerLargeConfig,
+    flops_per_sample,
+)
 from models.variants import VARIANTS, ModelConfig, build_model
 
 logger = logging.getLogger(__name__)
@@ -57,8 +62,7 @@ class BenchSizes:
     peak_seconds: float = 2.0
 
 
-QUICK = BenchSizes(batch_groups=1, tml_dim=256, tml_layers=2, tml_batch=256, moe_batch=256, repeats=3,
-                   peak_seconds=0.5)
+QUICK = BenchSizes(batch_groups=1, tml_dim=256, tml_layers=2, tml_batch=256, moe_batch=256, repeats=3, peak_seconds=0.5)
 
 
 def best_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -83,12 +87,19 @@ def random_groups(sizes: BenchSizes, vocab: SparseConfig, device: torch.device, 
     b, n, length = sizes.batch_groups, sizes.num_candidates, sizes.seq_len
     ints = lambda low, high, *shape: torch.randint(low, high, shape, generator=g)
     batch = GroupBatch(
-        user_id=ints(2, vocab.user_vocab, b), user_dense=torch.rand(b, 3, generator=g),
-        seq_item=ints(2, vocab.item_vocab, b, length), seq_action=ints(1, 11, b, length),
-        seq_gap=ints(1, 31, b, length), seq_len=torch.full((b,), length),
-        cand_item=ints(2, vocab.item_vocab, b, n), cand_genres=(torch.rand(b, n, 20, generator=g) > 0.8).float(),
-        cand_year=ints(0, 32, b, n), cand_tags=ints(0, vocab.tag_vocab, b, n, 3),
-        cand_mask=torch.ones(b, n, dtype=torch.bool), labels=ints(0, 2, b, n, 2).float())
+        user_id=ints(2, vocab.user_vocab, b),
+        user_dense=torch.rand(b, 3, generator=g),
+        seq_item=ints(2, vocab.item_vocab, b, length),
+        seq_action=ints(1, 11, b, length),
+        seq_gap=ints(1, 31, b, length),
+        seq_len=torch.full((b,), length),
+        cand_item=ints(2, vocab.item_vocab, b, n),
+        cand_genres=(torch.rand(b, n, 20, generator=g) > 0.8).float(),
+        cand_year=ints(0, 32, b, n),
+        cand_tags=ints(0, vocab.tag_vocab, b, n, 3),
+        cand_mask=torch.ones(b, n, dtype=torch.bool),
+        labels=ints(0, 2, b, n, 2).float(),
+    )
     return batch.to(device)
 
 
@@ -96,9 +107,15 @@ def bench_ranker_config(sizes: BenchSizes) -> RankerConfig:
     """The full ranker: LONGER + MSN (``pkm_slots`` slots) + LMN + TokenMixer-Large with UG-Sep."""
     sparse = SparseConfig(item_vocab=100_000, user_vocab=10_000, tag_vocab=2_000, embedding_dim=sizes.embedding_dim)
     msn_memory = PKMConfig(num_slots=sizes.pkm_slots, topk=16, key_dim=64, track_usage=False)
-    return RankerConfig(sparse=sparse, dim=sizes.dim, use_ugsep=True, use_msn=True, use_lmn=True,
-                        msn_memory=msn_memory,
-                        longer=LongerConfig(num_recent=100, num_self_layers=2, max_seq_len=max(sizes.seq_len, 2000)))
+    return RankerConfig(
+        sparse=sparse,
+        dim=sizes.dim,
+        use_ugsep=True,
+        use_msn=True,
+        use_lmn=True,
+        msn_memory=msn_memory,
+        longer=LongerConfig(num_recent=100, num_self_layers=2, max_seq_len=max(sizes.seq_len, 2000)),
+    )
 
 
 def bench_reuse(sizes: BenchSizes, device: torch.device) -> dict:
@@ -115,19 +132,31 @@ def bench_reuse(sizes: BenchSizes, device: torch.device) -> dict:
     context = torch.randn(sizes.batch_groups, cfg.user_dim + cfg.seq_dim, device=device)
     msn_s = best_seconds(lambda: model.msn.gate(context), sizes.repeats)
     params = count_parameters(model)
-    return {"reuse_speedup": full_s / reuse_s, "reuse_max_abs_diff": diff, "ranker_forward_s": reuse_s,
-            "pkm_overhead_frac": msn_s / reuse_s, "pkm_read_per_group_s": msn_s, "pkm_slots": sizes.pkm_slots,
-            "ranker_full_recompute_s": full_s, "ranker_params_dense": params["dense"],
-            "ranker_params_sparse": params["sparse"],
-            "ranker_flops_per_candidate": flops_per_candidate(model, batch),
-            "ranker_user_state_bytes_per_group": model.encode_user(batch).nbytes() // sizes.batch_groups}
+    return {
+        "reuse_speedup": full_s / reuse_s,
+        "reuse_max_abs_diff": diff,
+        "ranker_forward_s": reuse_s,
+        "pkm_overhead_frac": msn_s / reuse_s,
+        "pkm_read_per_group_s": msn_s,
+        "pkm_slots": sizes.pkm_slots,
+        "ranker_full_recompute_s": full_s,
+        "ranker_params_dense": params["dense"],
+        "ranker_params_sparse": params["sparse"],
+        "ranker_flops_per_candidate": flops_per_candidate(model, batch),
+        "ranker_user_state_bytes_per_group": model.encode_user(batch).nbytes() // sizes.batch_groups,
+    }
 
 
 def bench_kv_cache(sizes: BenchSizes, device: torch.device) -> dict:
     """LONGER alone: encode_user (KV cache) + score vs the full stack per candidate."""
     torch.manual_seed(0)
-    cfg = LongerConfig(item_dim=sizes.embedding_dim, d_model=sizes.dim, num_recent=100, num_self_layers=2,
-                       max_seq_len=max(sizes.seq_len, 2000))
+    cfg = LongerConfig(
+        item_dim=sizes.embedding_dim,
+        d_model=sizes.dim,
+        num_recent=100,
+        num_self_layers=2,
+        max_seq_len=max(sizes.seq_len, 2000),
+    )
     enc = LongerEncoder(cfg).to(device).eval()
     b, n, length = sizes.batch_groups, sizes.num_candidates, sizes.seq_len
     seq = torch.randn(b, length, cfg.item_dim, device=device)
@@ -141,27 +170,37 @@ def bench_kv_cache(sizes: BenchSizes, device: torch.device) -> dict:
         diff = (cached() - full()).abs().max().item()
     cached_s = best_seconds(cached, sizes.repeats)
     full_s = best_seconds(full, sizes.repeats)
-    return {"kv_cache_speedup": full_s / cached_s, "kv_cache_max_abs_diff": diff, "longer_cached_s": cached_s,
-            "longer_full_s": full_s}
+    return {
+        "kv_cache_speedup": full_s / cached_s,
+        "kv_cache_max_abs_diff": diff,
+        "longer_cached_s": cached_s,
+        "longer_full_s": full_s,
+    }
 
 
 def bench_mfu(sizes: BenchSizes, device: torch.device, dtype: torch.dtype) -> dict:
     """TokenMixer-Large forward FLOP/s over the measured peak GEMM FLOP/s (same dtype)."""
     torch.manual_seed(0)
-    cfg = TokenMixerLargeConfig(num_tokens=sizes.tml_tokens, dim=sizes.tml_dim, num_layers=sizes.tml_layers,
-                                expansion=4.0)
+    cfg = TokenMixerLargeConfig(
+        num_tokens=sizes.tml_tokens, dim=sizes.tml_dim, num_layers=sizes.tml_layers, expansion=4.0
+    )
     model = TokenMixerLarge(cfg).to(device=device, dtype=dtype).eval()
     x = torch.randn(sizes.tml_batch, cfg.num_tokens, cfg.dim, device=device, dtype=dtype)
     # Peak = best GEMM rate over two sizes, measured before AND after the model, so a noisy
     # neighbour during one measurement cannot inflate the ratio.
-    peak_runs = lambda: [measure_peak_matmul_flops(dtype, size=n, seconds=sizes.peak_seconds / 2, device=device)
-                         for n in (1024, 2048)]
+    peak_runs = lambda: [
+        measure_peak_matmul_flops(dtype, size=n, seconds=sizes.peak_seconds / 2, device=device) for n in (1024, 2048)
+    ]
     peaks = peak_runs()
     seconds = best_seconds(lambda: model(x), sizes.repeats)
     peak = max(peaks + peak_runs())
     achieved = flops_per_sample(cfg) * sizes.tml_batch / seconds
-    return {"mfu_backbone": achieved / peak, "backbone_flops_per_s": achieved, "peak_matmul_flops_per_s": peak,
-            "mfu_config": f"T={cfg.num_tokens} D={cfg.dim} L={cfg.num_layers} exp=4 batch={sizes.tml_batch}"}
+    return {
+        "mfu_backbone": achieved / peak,
+        "backbone_flops_per_s": achieved,
+        "peak_matmul_flops_per_s": peak,
+        "mfu_config": f"T={cfg.num_tokens} D={cfg.dim} L={cfg.num_layers} exp=4 batch={sizes.tml_batch}",
+    }
 
 
 def bench_pkm_per_candidate(sizes: BenchSizes, device: torch.device, ranker_forward_s: float) -> dict:
@@ -171,8 +210,9 @@ def bench_pkm_per_candidate(sizes: BenchSizes, device: torch.device, ranker_forw
     msn = MSN(MSNConfig(token_dim=cfg.dim, memory=replace(cfg.msn_memory, input_dim=cfg.user_dim + cfg.seq_dim)))
     msn = msn.to(device).eval()
     per_cand = torch.randn(sizes.batch_groups * sizes.num_candidates, cfg.user_dim + cfg.seq_dim, device=device)
-    return {"pkm_overhead_frac_if_per_candidate": best_seconds(lambda: msn.gate(per_cand), sizes.repeats)
-            / ranker_forward_s}
+    return {
+        "pkm_overhead_frac_if_per_candidate": best_seconds(lambda: msn.gate(per_cand), sizes.repeats) / ranker_forward_s
+    }
 
 
 def bench_moe(sizes: BenchSizes, device: torch.device, dtype: torch.dtype) -> dict:
@@ -185,8 +225,12 @@ def bench_moe(sizes: BenchSizes, device: torch.device, dtype: torch.dtype) -> di
         diff = (moe(x) - moe.forward_dense_reference(x)).abs().max().item()
     sparse_s = best_seconds(lambda: moe(x, aux=AuxLosses()), sizes.repeats)
     dense_s = best_seconds(lambda: moe.forward_dense_reference(x), sizes.repeats)
-    return {"moe_sparse_speedup": dense_s / sparse_s, "moe_max_abs_diff": diff, "moe_sparse_s": sparse_s,
-            "moe_dense_s": dense_s}
+    return {
+        "moe_sparse_speedup": dense_s / sparse_s,
+        "moe_max_abs_diff": diff,
+        "moe_sparse_s": sparse_s,
+        "moe_dense_s": dense_s,
+    }
 
 
 def bench_w8a16(sizes: BenchSizes, device: torch.device) -> dict:
@@ -207,10 +251,12 @@ def bench_w8a16(sizes: BenchSizes, device: torch.device) -> dict:
     float_s = best_seconds(lambda: model(batch), sizes.repeats)
     quant_s = best_seconds(lambda: quantized(batch), sizes.repeats)
     per_logit = ((approx - ref).abs() / ref.abs().clamp_min(1e-3))[batch.cand_mask]  # (real slots, tasks)
-    return {"w8a16_weight_bytes_ratio": weight_bytes(quantized) / weight_bytes(model),
-            "w8a16_max_rel_err": relative_error(ref, approx),
-            "w8a16_p99_per_logit_rel_err": float(per_logit.flatten().quantile(0.99)),
-            "w8a16_latency_ratio": quant_s / float_s}
+    return {
+        "w8a16_weight_bytes_ratio": weight_bytes(quantized) / weight_bytes(model),
+        "w8a16_max_rel_err": relative_error(ref, approx),
+        "w8a16_p99_per_logit_rel_err": float(per_logit.flatten().quantile(0.99)),
+        "w8a16_latency_ratio": quant_s / float_s,
+    }
 
 
 def bench_variants(sizes: BenchSizes, device: torch.device) -> dict:
@@ -228,14 +274,23 @@ def bench_variants(sizes: BenchSizes, device: torch.device) -> dict:
 
 def run(sizes: BenchSizes, device: torch.device) -> dict:
     timed_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    results: dict = {"device": str(device), "timed_dtype": str(timed_dtype).removeprefix("torch."),
-                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                     "machine": platform.machine(), "sizes": sizes.__dict__}
-    steps = [("reuse", lambda: bench_reuse(sizes, device)), ("kv_cache", lambda: bench_kv_cache(sizes, device)),
-             ("mfu", lambda: bench_mfu(sizes, device, timed_dtype)),
-             ("pkm", lambda: bench_pkm_per_candidate(sizes, device, results["ranker_forward_s"])),
-             ("moe", lambda: bench_moe(sizes, device, timed_dtype)), ("w8a16", lambda: bench_w8a16(sizes, device)),
-             ("variants", lambda: bench_variants(sizes, device))]
+    results: dict = {
+        "device": str(device),
+        "timed_dtype": str(timed_dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "sizes": sizes.__dict__,
+    }
+    steps = [
+        ("reuse", lambda: bench_reuse(sizes, device)),
+        ("kv_cache", lambda: bench_kv_cache(sizes, device)),
+        ("mfu", lambda: bench_mfu(sizes, device, timed_dtype)),
+        ("pkm", lambda: bench_pkm_per_candidate(sizes, device, results["ranker_forward_s"])),
+        ("moe", lambda: bench_moe(sizes, device, timed_dtype)),
+        ("w8a16", lambda: bench_w8a16(sizes, device)),
+        ("variants", lambda: bench_variants(sizes, device)),
+    ]
     for name, step in steps:
         start = time.perf_counter()
         results.update(step())
@@ -250,15 +305,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     started = time.perf_counter()
     results = run(QUICK if args.quick else BenchSizes(), device)
     results["quick"], results["total_s"] = args.quick, time.perf_counter() - started
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    keys = ("reuse_speedup", "reuse_max_abs_diff", "kv_cache_speedup", "mfu_backbone", "pkm_overhead_frac",
-            "moe_sparse_speedup", "w8a16_weight_bytes_ratio", "w8a16_max_rel_err")
+    keys = (
+        "reuse_speedup",
+        "reuse_max_abs_diff",
+        "kv_cache_speedup",
+        "mfu_backbone",
+        "pkm_overhead_frac",
+        "moe_sparse_speedup",
+        "w8a16_weight_bytes_ratio",
+        "w8a16_max_rel_err",
+    )
     print(json.dumps({k: results[k] for k in keys}, indent=2))
     return 0

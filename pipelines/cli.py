@@ -30,8 +30,9 @@ def pipeline_main(
     ``failures`` are the project's own error types that mean "the run failed" (exit 1,
     one line on stderr, no traceback).
     """
-    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description,
-                                     epilog="Any other --section.key=value overrides the preset.")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {prog}", description=description, epilog="Any other --section.key=value overrides the preset."
+    )
     parser.add_argument("--config", default=default_preset, help="preset name (pipelines/configs) or YAML path")
     if add_arguments is not None:
         add_arguments(parser)

@@ -40,8 +40,10 @@ class LakeConfig:
 
     def __post_init__(self) -> None:
         if self.num_buckets < 0 or self.events_per_bucket < 1 or self.min_buckets < 1:
-            raise ValueError(f"num_buckets must be >= 0 (0 = auto), events_per_bucket and min_buckets >= 1; "
-                             f"got {self.num_buckets}, {self.events_per_bucket}, {self.min_buckets}")
+            raise ValueError(
+                f"num_buckets must be >= 0 (0 = auto), events_per_bucket and min_buckets >= 1; "
+                f"got {self.num_buckets}, {self.events_per_bucket}, {self.min_buckets}"
+            )
 
     def buckets_for(self, num_events: int) -> int:
         """The bucket count used for ``num_events`` events (``num_buckets`` unless auto)."""

@@ -42,17 +42,32 @@ from pipelines.ray_runtime import ray_runtime
 logger = logging.getLogger(__name__)
 
 EVENT_COLUMNS = ["user_id", "item_id", "ts", "value"]
-SEQUENCES_SCHEMA = pa.schema([
-    ("user_id", pa.int64()), ("bucket", pa.int32()), ("item_idx", pa.list_(pa.int32())),
-    ("action", pa.list_(pa.int8())), ("ts", pa.list_(pa.int64())),
-])
-SAMPLES_SCHEMA = pa.schema([
-    ("group_id", pa.int64()), ("user_id", pa.int64()), ("user_idx", pa.int32()), ("bucket", pa.int32()),
-    ("split", pa.string()), ("request_ts", pa.int64()), ("seq_end", pa.int32()),
-    ("cand_item_idx", pa.list_(pa.int32())), ("label_engage", pa.list_(pa.int8())),
-    ("label_like", pa.list_(pa.int8())), ("cand_genre_mask", pa.list_(pa.int32())),
-    ("cand_year", pa.list_(pa.int16())), ("cand_tags", pa.list_(pa.int32())),
-])
+SEQUENCES_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("bucket", pa.int32()),
+        ("item_idx", pa.list_(pa.int32())),
+        ("action", pa.list_(pa.int8())),
+        ("ts", pa.list_(pa.int64())),
+    ]
+)
+SAMPLES_SCHEMA = pa.schema(
+    [
+        ("group_id", pa.int64()),
+        ("user_id", pa.int64()),
+        ("user_idx", pa.int32()),
+        ("bucket", pa.int32()),
+        ("split", pa.string()),
+        ("request_ts", pa.int64()),
+        ("seq_end", pa.int32()),
+        ("cand_item_idx", pa.list_(pa.int32())),
+        ("label_engage", pa.list_(pa.int8())),
+        ("label_like", pa.list_(pa.int8())),
+        ("cand_genre_mask", pa.list_(pa.int32())),
+        ("cand_year", pa.list_(pa.int16())),
+        ("cand_tags", pa.list_(pa.int32())),
+    ]
+)
 SEQUENCES_PARTITION = ["bucket"]
 SAMPLES_PARTITION = ["split", "bucket"]
 
@@ -68,12 +83,12 @@ class BucketContext:
     """
 
     features: FeaturesConfig
-    item_ids: np.ndarray        # (V,) int64 raw ids, sorted
-    item_idx: np.ndarray        # (V,) int32 vocabulary index of item_ids
-    genre_mask: np.ndarray      # (V+2,) int32 by item_idx (0 for pad/OOV)
-    year: np.ndarray            # (V+2,) int16 by item_idx
-    tags: np.ndarray            # (V+2, tags_per_item) int32 by item_idx, 0-padded
-    negative_cdf: np.ndarray    # (V+2,) float64 cumulative popularity^0.75 weights
+    item_ids: np.ndarray  # (V,) int64 raw ids, sorted
+    item_idx: np.ndarray  # (V,) int32 vocabulary index of item_ids
+    genre_mask: np.ndarray  # (V+2,) int32 by item_idx (0 for pad/OOV)
+    year: np.ndarray  # (V+2,) int16 by item_idx
+    tags: np.ndarray  # (V+2, tags_per_item) int32 by item_idx, 0-padded
+    negative_cdf: np.ndarray  # (V+2,) float64 cumulative popularity^0.75 weights
     cutoffs: groups.TimeCutoffs
 
 
@@ -102,8 +117,13 @@ def item_arrays(items: pa.Table, tags_per_item: int) -> dict[str, np.ndarray]:
     tags = np.zeros((size, tags_per_item), np.int32)
     keep = within < tags_per_item
     tags[idx[row[keep]], within[keep]] = flat[keep]
-    return {"item_ids": items["item_id"].to_numpy(), "item_idx": idx.astype(np.int32),
-            "genre_mask": genre, "year": year, "tags": tags}
+    return {
+        "item_ids": items["item_id"].to_numpy(),
+        "item_idx": idx.astype(np.int32),
+        "genre_mask": genre,
+        "year": year,
+        "tags": tags,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,30 +159,36 @@ def _pass_bin_values(events_uri: str, version: int, bucket: int, ts_min: int, sh
     return groups.values_in_bins(ts, ts_min, shift, bins)
 
 
-def global_stats(events_uri: str, version: int, buckets: list[int], cfg: FeaturesConfig
-                 ) -> tuple[groups.TimeCutoffs, np.ndarray, np.ndarray, int]:
+def global_stats(
+    events_uri: str, version: int, buckets: list[int], cfg: FeaturesConfig
+) -> tuple[groups.TimeCutoffs, np.ndarray, np.ndarray, int]:
     """(cut-offs, item ids, their TRAIN-period event counts, number of events) of the events table."""
     first = ray.get([_pass_counts.remote(events_uri, version, b) for b in buckets])
     nonempty = [f for f in first if f[0]]
     n = sum(f[0] for f in first)
     if n == 0:
-        raise lake.LakeError(f"events table {events_uri} (version {version}) has no rows "
-                             f"({len(buckets)} bucket partition(s)); nothing to build features from")
+        raise lake.LakeError(
+            f"events table {events_uri} (version {version}) has no rows "
+            f"({len(buckets)} bucket partition(s)); nothing to build features from"
+        )
     ranks = groups.cutoff_ranks(n, cfg.valid_frac, cfg.test_frac)
     ts_min, ts_max = min(f[1] for f in nonempty), max(f[2] for f in nonempty)
     shift = groups.histogram_shift(ts_min, ts_max)
-    hist = groups.merge_counts(ray.get(
-        [_pass_histogram.remote(events_uri, version, b, ts_min, shift) for b in buckets]))
+    hist = groups.merge_counts(
+        ray.get([_pass_histogram.remote(events_uri, version, b, ts_min, shift) for b in buckets])
+    )
     located = groups.locate_ranks(*hist, [r for r in ranks if r < n])
     values: dict[int, int] = {}
     if located:
         bins = sorted({bin_id for bin_id, _ in located.values()})
-        merged = groups.merge_counts(ray.get(
-            [_pass_bin_values.remote(events_uri, version, b, ts_min, shift, bins) for b in buckets]))
+        merged = groups.merge_counts(
+            ray.get([_pass_bin_values.remote(events_uri, version, b, ts_min, shift, bins) for b in buckets])
+        )
         values = groups.pick_ranks(located, ts_min, shift, *merged)
     cutoffs = groups.cutoffs_from_values(n, ranks, values)
-    item_ids, item_counts = groups.merge_counts(ray.get(
-        [_pass_train_items.remote(events_uri, version, b, cutoffs.valid_start_ts) for b in buckets]))
+    item_ids, item_counts = groups.merge_counts(
+        ray.get([_pass_train_items.remote(events_uri, version, b, cutoffs.valid_start_ts) for b in buckets])
+    )
     return cutoffs, item_ids, item_counts, n
 
 
@@ -193,25 +219,34 @@ def _sort_events(events: pa.Table, ctx: BucketContext) -> dict[str, np.ndarray]:
     user, item, ts, value = user[order], item[order], ts[order], value[order]
     new_user = np.ones(user.size, dtype=bool)
     new_user[1:] = user[1:] != user[:-1]
-    return {"user": user, "ts": ts, "value": value, "new_user": new_user,
-            "item_idx": lookup(ctx.item_ids, ctx.item_idx, item, OOV)}
+    return {
+        "user": user,
+        "ts": ts,
+        "value": value,
+        "new_user": new_user,
+        "item_idx": lookup(ctx.item_ids, ctx.item_idx, item, OOV),
+    }
 
 
 def build_sequences(ev: dict[str, np.ndarray], bucket: int) -> pa.Table:
     """One row per user: full time-ordered history."""
     starts = np.flatnonzero(ev["new_user"])
     offsets = np.append(starts, ev["user"].size)
-    return pa.table([
-        pa.array(ev["user"][starts], pa.int64()),
-        pa.array(np.full(starts.size, bucket, np.int32)),
-        _list_column(ev["item_idx"], offsets, pa.int32()),
-        _list_column(action_bucket(ev["value"]), offsets, pa.int8()),
-        _list_column(ev["ts"], offsets, pa.int64()),
-    ], schema=SEQUENCES_SCHEMA)
+    return pa.table(
+        [
+            pa.array(ev["user"][starts], pa.int64()),
+            pa.array(np.full(starts.size, bucket, np.int32)),
+            _list_column(ev["item_idx"], offsets, pa.int32()),
+            _list_column(action_bucket(ev["value"]), offsets, pa.int8()),
+            _list_column(ev["ts"], offsets, pa.int64()),
+        ],
+        schema=SEQUENCES_SCHEMA,
+    )
 
 
-def _group_bounds(ev: dict[str, np.ndarray], cfg: FeaturesConfig, cutoffs: groups.TimeCutoffs
-                  ) -> tuple[np.ndarray, ...]:
+def _group_bounds(
+    ev: dict[str, np.ndarray], cfg: FeaturesConfig, cutoffs: groups.TimeCutoffs
+) -> tuple[np.ndarray, ...]:
     """(start, end, seq_end, user_start) of the kept groups: session chunks with enough history.
 
     A chunk never crosses a split cut-off: otherwise a group requested before valid_start_ts
@@ -247,31 +282,39 @@ def build_samples(ev: dict[str, np.ndarray], users: pa.Table, bucket: int, ctx: 
     user = ev["user"][start]
     gid = groups.group_ids(user, start - user_start)
     negatives = groups.sample_negatives(
-        gid, width - n_pos, pos_offsets, ev["item_idx"][pos_event], ctx.negative_cdf, cfg.negatives_seed)
-    cand = np.zeros((num_groups, width), np.int32)                       # (G, C)
+        gid, width - n_pos, pos_offsets, ev["item_idx"][pos_event], ctx.negative_cdf, cfg.negatives_seed
+    )
+    cand = np.zeros((num_groups, width), np.int32)  # (G, C)
     cand[row, col] = ev["item_idx"][pos_event]
-    neg_col = n_pos[:, None] + np.arange(negatives.shape[1])[None, :]   # (G, W_neg)
+    neg_col = n_pos[:, None] + np.arange(negatives.shape[1])[None, :]  # (G, W_neg)
     fits = neg_col < width
     cand[np.nonzero(fits)[0], neg_col[fits]] = negatives[fits]
     engage = np.zeros((num_groups, width), np.int8)
     engage[row, col] = 1
     like = np.zeros((num_groups, width), np.int8)
     like[row, col] = ev["value"][pos_event].astype(np.float64) >= cfg.like_threshold
-    valid = cand != 0                                                    # 0 = catalogue ran out
+    valid = cand != 0  # 0 = catalogue ran out
     request_ts = ev["ts"][start]
     split = groups.split_codes(request_ts, ctx.cutoffs)
     tags = ctx.tags[cand].reshape(num_groups, width * cfg.tags_per_item)  # (G, C*T)
-    return pa.table([
-        pa.array(gid, pa.int64()), pa.array(user, pa.int64()),
-        pa.array(lookup(users["user_id"].to_numpy(), users["user_idx"].to_numpy(), user, OOV), pa.int32()),
-        pa.array(np.full(num_groups, bucket, np.int32)),
-        pa.DictionaryArray.from_arrays(pa.array(split, pa.int8()), pa.array(groups.SPLITS)).cast(pa.string()),
-        pa.array(request_ts, pa.int64()), pa.array(seq_end, pa.int32()),
-        _masked_lists(cand, valid, pa.int32()), _masked_lists(engage, valid, pa.int8()),
-        _masked_lists(like, valid, pa.int8()), _masked_lists(ctx.genre_mask[cand], valid, pa.int32()),
-        _masked_lists(ctx.year[cand], valid, pa.int16()),
-        _masked_lists(tags, np.repeat(valid, cfg.tags_per_item, axis=1), pa.int32()),
-    ], schema=SAMPLES_SCHEMA)
+    return pa.table(
+        [
+            pa.array(gid, pa.int64()),
+            pa.array(user, pa.int64()),
+            pa.array(lookup(users["user_id"].to_numpy(), users["user_idx"].to_numpy(), user, OOV), pa.int32()),
+            pa.array(np.full(num_groups, bucket, np.int32)),
+            pa.DictionaryArray.from_arrays(pa.array(split, pa.int8()), pa.array(groups.SPLITS)).cast(pa.string()),
+            pa.array(request_ts, pa.int64()),
+            pa.array(seq_end, pa.int32()),
+            _masked_lists(cand, valid, pa.int32()),
+            _masked_lists(engage, valid, pa.int8()),
+            _masked_lists(like, valid, pa.int8()),
+            _masked_lists(ctx.genre_mask[cand], valid, pa.int32()),
+            _masked_lists(ctx.year[cand], valid, pa.int16()),
+            _masked_lists(tags, np.repeat(valid, cfg.tags_per_item, axis=1), pa.int32()),
+        ],
+        schema=SAMPLES_SCHEMA,
+    )
 
 
 def build_bucket(events: pa.Table, users: pa.Table, bucket: int, ctx: BucketContext) -> tuple[pa.Table, pa.Table]:
@@ -294,13 +337,21 @@ def _process_buckets(batch: dict[str, np.ndarray], job: dict) -> dict[str, list]
         users = lake.read_table(job["users_uri"], job["users_version"], ["user_id", "user_idx"], bucket_users)
         sequences, samples = build_bucket(events, users, bucket, ctx)
         name = f"part-{bucket:05d}-{job['job_id']}"
-        rows.append({"table": "sequences", **lake.write_data_file(
-            sequences, job["sequences_uri"], {"bucket": str(bucket)}, name)})
+        rows.append(
+            {
+                "table": "sequences",
+                **lake.write_data_file(sequences, job["sequences_uri"], {"bucket": str(bucket)}, name),
+            }
+        )
         for split in groups.SPLITS:
             part = samples.filter(pc.field("split") == split)
             if part.num_rows:
-                rows.append({"table": "samples", **lake.write_data_file(
-                    part, job["samples_uri"], {"split": split, "bucket": str(bucket)}, name)})
+                rows.append(
+                    {
+                        "table": "samples",
+                        **lake.write_data_file(part, job["samples_uri"], {"split": split, "bucket": str(bucket)}, name),
+                    }
+                )
     return {key: [r[key] for r in rows] for key in ("table", "path", "size", "partition", "num_rows")}
 
 
@@ -335,8 +386,12 @@ def build_context(root: str, cfg: FeaturesConfig, stats: tuple) -> BucketContext
 def run_metadata(job_id: str, events_version: int, cfg: FeaturesConfig) -> dict[str, str]:
     """Commit info of BOTH output tables of one run (docs/DATA.md): how the loader pairs
     ``samples`` with the ``sequences`` of the same run and learns the run's settings."""
-    return {"job_id": job_id, "events_version": str(events_version), "max_seq_len": str(cfg.max_seq_len),
-            "candidates_per_group": str(cfg.candidates_per_group)}
+    return {
+        "job_id": job_id,
+        "events_version": str(events_version),
+        "max_seq_len": str(cfg.max_seq_len),
+        "candidates_per_group": str(cfg.candidates_per_group),
+    }
 
 
 def run_features(config: PipelineConfig) -> dict:
@@ -356,27 +411,50 @@ def run_features(config: PipelineConfig) -> dict:
     users_version = lake.table_version(users_uri)
     if users_version is None:
         raise lake.LakeError(f"no Delta table at {users_uri} (run the ingest stage first)")
-    job = {"ctx": [ctx_ref], "events_uri": events_uri, "version": version, "job_id": uuid.uuid4().hex,
-           "users_uri": users_uri, "users_version": users_version,
-           "sequences_uri": lake.table_uri(root, "sequences"), "samples_uri": lake.table_uri(root, "samples")}
-    written = (ray.data.from_items([{"bucket": b} for b in buckets], override_num_blocks=len(buckets))
-               .map_batches(_process_buckets, batch_size=1, batch_format="numpy", fn_kwargs={"job": job},
-                            num_cpus=1)
-               .take_all())
+    job = {
+        "ctx": [ctx_ref],
+        "events_uri": events_uri,
+        "version": version,
+        "job_id": uuid.uuid4().hex,
+        "users_uri": users_uri,
+        "users_version": users_version,
+        "sequences_uri": lake.table_uri(root, "sequences"),
+        "samples_uri": lake.table_uri(root, "samples"),
+    }
+    written = (
+        ray.data.from_items([{"bucket": b} for b in buckets], override_num_blocks=len(buckets))
+        .map_batches(_process_buckets, batch_size=1, batch_format="numpy", fn_kwargs={"job": job}, num_cpus=1)
+        .take_all()
+    )
     job_s, clock = time.perf_counter() - clock, time.perf_counter()
     metadata = run_metadata(job["job_id"], version, cfg)
     # sequences first: a samples commit is only ever made after its sequences commit landed.
-    for table, schema, partition_by in (("sequences", SEQUENCES_SCHEMA, SEQUENCES_PARTITION),
-                                        ("samples", SAMPLES_SCHEMA, SAMPLES_PARTITION)):
-        lake.commit_files_overwrite(job[f"{table}_uri"], schema, partition_by,
-                                    [w for w in written if w["table"] == table], custom_metadata=metadata)
-    summary = {"events": stats[3], "events_version": version, "job_id": job["job_id"], "buckets": len(buckets),
-               "stats_s": round(stats_s, 3), "buckets_s": round(job_s, 3),
-               "commit_s": round(time.perf_counter() - clock, 3),
-               "valid_start_ts": stats[0].valid_start_ts, "test_start_ts": stats[0].test_start_ts}
+    for table, schema, partition_by in (
+        ("sequences", SEQUENCES_SCHEMA, SEQUENCES_PARTITION),
+        ("samples", SAMPLES_SCHEMA, SAMPLES_PARTITION),
+    ):
+        lake.commit_files_overwrite(
+            job[f"{table}_uri"],
+            schema,
+            partition_by,
+            [w for w in written if w["table"] == table],
+            custom_metadata=metadata,
+        )
+    summary = {
+        "events": stats[3],
+        "events_version": version,
+        "job_id": job["job_id"],
+        "buckets": len(buckets),
+        "stats_s": round(stats_s, 3),
+        "buckets_s": round(job_s, 3),
+        "commit_s": round(time.perf_counter() - clock, 3),
+        "valid_start_ts": stats[0].valid_start_ts,
+        "test_start_ts": stats[0].test_start_ts,
+    }
     for split in groups.SPLITS:
-        summary[f"groups_{split}"] = sum(int(w["num_rows"]) for w in written
-                                         if w["table"] == "samples" and f'"{split}"' in w["partition"])
+        summary[f"groups_{split}"] = sum(
+            int(w["num_rows"]) for w in written if w["table"] == "samples" and f'"{split}"' in w["partition"]
+        )
     return summary
 
 

@@ -25,7 +25,12 @@ from components.transforms import OOV, action_bucket
 from pipelines.cli import pipeline_main
 from pipelines.config import FeaturesConfig, PipelineConfig
 from pipelines.features import (
-    SAMPLES_PARTITION, SAMPLES_SCHEMA, SEQUENCES_PARTITION, SEQUENCES_SCHEMA, lake_root, run_metadata,
+    SAMPLES_PARTITION,
+    SAMPLES_SCHEMA,
+    SEQUENCES_PARTITION,
+    SEQUENCES_SCHEMA,
+    lake_root,
+    run_metadata,
 )
 
 logger = logging.getLogger(__name__)
@@ -40,13 +45,19 @@ def reference_cutoffs(ts: np.ndarray, cfg: FeaturesConfig) -> groups.TimeCutoffs
 
 
 def split_expr(ts: pl.Expr, cutoffs: groups.TimeCutoffs) -> pl.Expr:
-    """"train" / "valid" / "test" of a time column against the cut-offs."""
-    return (pl.when(ts < cutoffs.valid_start_ts).then(pl.lit("train"))
-            .when(ts < cutoffs.test_start_ts).then(pl.lit("valid")).otherwise(pl.lit("test")))
+    """ "train" / "valid" / "test" of a time column against the cut-offs."""
+    return (
+        pl.when(ts < cutoffs.valid_start_ts)
+        .then(pl.lit("train"))
+        .when(ts < cutoffs.test_start_ts)
+        .then(pl.lit("valid"))
+        .otherwise(pl.lit("test"))
+    )
 
 
-def ordered_events(events: pl.DataFrame, items: pl.DataFrame, cfg: FeaturesConfig,
-                   cutoffs: groups.TimeCutoffs) -> pl.DataFrame:
+def ordered_events(
+    events: pl.DataFrame, items: pl.DataFrame, cfg: FeaturesConfig, cutoffs: groups.TimeCutoffs
+) -> pl.DataFrame:
     """Events with item_idx/action, sorted, annotated with position, group and seq_end.
 
     A "session" here also ends where the event's own split changes, so no group's positives
@@ -62,8 +73,7 @@ def ordered_events(events: pl.DataFrame, items: pl.DataFrame, cfg: FeaturesConfi
         .with_columns(
             pos=pl.int_range(pl.len()).over("user_id"),
             session=(new_user | (gap > cfg.session_gap_s).fill_null(True) | new_split).cum_sum(),
-            action=pl.col("value").map_batches(lambda v: pl.Series(action_bucket(v.to_numpy())),
-                                               return_dtype=pl.Int8),
+            action=pl.col("value").map_batches(lambda v: pl.Series(action_bucket(v.to_numpy())), return_dtype=pl.Int8),
         )
         .with_columns(
             chunk=((pl.int_range(pl.len()).over("session") % cfg.max_positives_per_group) == 0).cum_sum(),
@@ -86,17 +96,16 @@ def item_features(items: pl.DataFrame, tags_per_item: int) -> pl.DataFrame:
     Pad (0) and OOV (1) rows are added with all-zero features.
     """
     zeros = pl.lit(pl.Series([[0] * tags_per_item], dtype=pl.List(pl.Int32)))
-    pad_and_oov = pl.DataFrame({"item_idx": [0, OOV], "genre_mask": [0, 0], "year": [0, 0],
-                                "tag_ids": [[], []]},
-                               schema={"item_idx": pl.Int32, "genre_mask": pl.Int32, "year": pl.Int16,
-                                       "tag_ids": pl.List(pl.Int32)})
+    pad_and_oov = pl.DataFrame(
+        {"item_idx": [0, OOV], "genre_mask": [0, 0], "year": [0, 0], "tag_ids": [[], []]},
+        schema={"item_idx": pl.Int32, "genre_mask": pl.Int32, "year": pl.Int16, "tag_ids": pl.List(pl.Int32)},
+    )
     items = pl.concat([pad_and_oov, items.select(pad_and_oov.columns).cast(pad_and_oov.schema)])
     return items.select(
         "item_idx",
         pl.col("genre_mask").fill_null(0).cast(pl.Int32),
         pl.col("year").fill_null(0).cast(pl.Int16),
-        tags=pl.concat_list(pl.col("tag_ids").fill_null([]).cast(pl.List(pl.Int32)), zeros)
-        .list.head(tags_per_item),
+        tags=pl.concat_list(pl.col("tag_ids").fill_null([]).cast(pl.List(pl.Int32)), zeros).list.head(tags_per_item),
     )
 
 
@@ -104,27 +113,37 @@ def reference_groups(ev: pl.DataFrame, cdf: np.ndarray, cfg: FeaturesConfig) -> 
     """One row per kept group with its candidate list and labels (before side features)."""
     g = (
         ev.group_by("chunk", maintain_order=True)
-        .agg(pl.col("user_id").first(), pl.col("bucket").first(), request_ts=pl.col("ts").first(),
-             first_pos=pl.col("pos").first(), seq_end=pl.col("seq_end").first(),
-             pos_items=pl.col("item_idx"), pos_values=pl.col("value"))
+        .agg(
+            pl.col("user_id").first(),
+            pl.col("bucket").first(),
+            request_ts=pl.col("ts").first(),
+            first_pos=pl.col("pos").first(),
+            seq_end=pl.col("seq_end").first(),
+            pos_items=pl.col("item_idx"),
+            pos_values=pl.col("value"),
+        )
         .filter(pl.col("seq_end") >= cfg.min_seq_len)
     )
     n_pos = g["pos_items"].list.len().to_numpy().astype(np.int64)
     gid = groups.group_ids(g["user_id"].to_numpy(), g["first_pos"].to_numpy())
     pos_offsets = np.concatenate([[0], np.cumsum(n_pos)])
     flat_pos = g["pos_items"].explode().to_numpy()
-    negatives = groups.sample_negatives(gid, cfg.candidates_per_group - n_pos, pos_offsets, flat_pos, cdf,
-                                        cfg.negatives_seed)
+    negatives = groups.sample_negatives(
+        gid, cfg.candidates_per_group - n_pos, pos_offsets, flat_pos, cdf, cfg.negatives_seed
+    )
     found = negatives != 0
-    neg_lists = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(found.sum(axis=1))]), pa.int32()),
-                                         pa.array(negatives[found], pa.int32()))
+    neg_lists = pa.ListArray.from_arrays(
+        pa.array(np.concatenate([[0], np.cumsum(found.sum(axis=1))]), pa.int32()),
+        pa.array(negatives[found], pa.int32()),
+    )
     return g.with_columns(
         group_id=pl.Series(gid),
         neg_items=pl.Series(neg_lists),
     ).with_columns(
         cand_item_idx=pl.concat_list("pos_items", "neg_items"),
-        label_engage=pl.concat_list(pl.col("pos_items").list.eval(pl.element() * 0 + 1),
-                                    pl.col("neg_items").list.eval(pl.element() * 0)).cast(pl.List(pl.Int8)),
+        label_engage=pl.concat_list(
+            pl.col("pos_items").list.eval(pl.element() * 0 + 1), pl.col("neg_items").list.eval(pl.element() * 0)
+        ).cast(pl.List(pl.Int8)),
         label_like=pl.concat_list(
             pl.col("pos_values").list.eval(pl.element().cast(pl.Float64) >= cfg.like_threshold),
             pl.col("neg_items").list.eval(pl.element() * 0 != 0),
@@ -135,20 +154,25 @@ def reference_groups(ev: pl.DataFrame, cdf: np.ndarray, cfg: FeaturesConfig) -> 
 def with_side_features(g: pl.DataFrame, feats: pl.DataFrame, cutoffs: groups.TimeCutoffs) -> pl.DataFrame:
     """Join item side features per candidate (explode, join, re-aggregate) and assign splits."""
     cands = (
-        g.select("group_id", "cand_item_idx").with_row_index("row").explode("cand_item_idx")
+        g.select("group_id", "cand_item_idx")
+        .with_row_index("row")
+        .explode("cand_item_idx")
         .with_columns(slot=pl.int_range(pl.len()).over("row"))
         .join(feats, left_on="cand_item_idx", right_on="item_idx", how="left", maintain_order="left")
         .sort(["row", "slot"])
         .group_by("row", maintain_order=True)
-        .agg(cand_genre_mask=pl.col("genre_mask"), cand_year=pl.col("year"),
-             cand_tags=pl.col("tags").explode())
+        .agg(cand_genre_mask=pl.col("genre_mask"), cand_year=pl.col("year"), cand_tags=pl.col("tags").explode())
     )
-    return (g.with_row_index("row").join(cands, on="row", how="left", maintain_order="left")
-            .with_columns(split=split_expr(pl.col("request_ts"), cutoffs)))
+    return (
+        g.with_row_index("row")
+        .join(cands, on="row", how="left", maintain_order="left")
+        .with_columns(split=split_expr(pl.col("request_ts"), cutoffs))
+    )
 
 
-def reference_tables(events: pa.Table, items: pa.Table, users: pa.Table, cfg: FeaturesConfig
-                     ) -> tuple[pa.Table, pa.Table]:
+def reference_tables(
+    events: pa.Table, items: pa.Table, users: pa.Table, cfg: FeaturesConfig
+) -> tuple[pa.Table, pa.Table]:
     """(sequences, samples) in the contract's schemas, rows in no particular order."""
     if events.num_rows == 0:
         raise lake.LakeError("events table has no rows; nothing to build features from")
@@ -157,12 +181,16 @@ def reference_tables(events: pa.Table, items: pa.Table, users: pa.Table, cfg: Fe
     ev = ordered_events(pl.from_arrow(events), items_df, cfg, cutoffs)
     cdf = popularity_cdf(ev, int(items_df["item_idx"].max() or OOV) + 1, cutoffs)
     sequences = ev.group_by("user_id", maintain_order=True).agg(
-        pl.col("bucket").first(), pl.col("item_idx"), pl.col("action"), pl.col("ts"))
+        pl.col("bucket").first(), pl.col("item_idx"), pl.col("action"), pl.col("ts")
+    )
     g = with_side_features(reference_groups(ev, cdf, cfg), item_features(items_df, cfg.tags_per_item), cutoffs)
-    samples = g.join(pl.from_arrow(users).select("user_id", "user_idx"), on="user_id", how="left",
-                     maintain_order="left").with_columns(pl.col("user_idx").fill_null(OOV))
-    return (sequences.select(SEQUENCES_SCHEMA.names).to_arrow().cast(SEQUENCES_SCHEMA),
-            samples.select(SAMPLES_SCHEMA.names).to_arrow().cast(SAMPLES_SCHEMA))
+    samples = g.join(
+        pl.from_arrow(users).select("user_id", "user_idx"), on="user_id", how="left", maintain_order="left"
+    ).with_columns(pl.col("user_idx").fill_null(OOV))
+    return (
+        sequences.select(SEQUENCES_SCHEMA.names).to_arrow().cast(SEQUENCES_SCHEMA),
+        samples.select(SAMPLES_SCHEMA.names).to_arrow().cast(SAMPLES_SCHEMA),
+    )
 
 
 def run_reference(config: PipelineConfig, out_root: str | None = None) -> dict:
@@ -178,10 +206,10 @@ def run_reference(config: PipelineConfig, out_root: str | None = None) -> dict:
     users = lake.read_table(lake.table_uri(root, "users"), columns=["user_id", "user_idx"])
     sequences, samples = reference_tables(events, items, users, config.features)
     metadata = run_metadata(f"reference-{uuid.uuid4().hex}", events_version, config.features)
-    lake.write_table(lake.table_uri(out, "sequences"), sequences, partition_by=SEQUENCES_PARTITION,
-                     custom_metadata=metadata)
-    lake.write_table(lake.table_uri(out, "samples"), samples, partition_by=SAMPLES_PARTITION,
-                     custom_metadata=metadata)
+    lake.write_table(
+        lake.table_uri(out, "sequences"), sequences, partition_by=SEQUENCES_PARTITION, custom_metadata=metadata
+    )
+    lake.write_table(lake.table_uri(out, "samples"), samples, partition_by=SAMPLES_PARTITION, custom_metadata=metadata)
     return {"events": events.num_rows, "users": sequences.num_rows, "groups": samples.num_rows}
 
 
@@ -191,11 +219,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def out_root(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--out-root", default=None, help="lake root to write sequences/samples to "
-                                                               "(default: lake.root)")
+        parser.add_argument(
+            "--out-root", default=None, help="lake root to write sequences/samples to (default: lake.root)"
+        )
 
-    return pipeline_main("pipelines.features_reference", __doc__.splitlines()[0], argv, body,
-                         failures=(lake.LakeError,), add_arguments=out_root)
+    return pipeline_main(
+        "pipelines.features_reference",
+        __doc__.splitlines()[0],
+        argv,
+        body,
+        failures=(lake.LakeError,),
+        add_arguments=out_root,
+    )
 
 
 if __name__ == "__main__":

@@ -31,11 +31,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from components.ingest_sources import (
-    ITEM_ATTR_COLUMNS, SourceData, read_events_source, read_movielens, read_synthetic,
+    ITEM_ATTR_COLUMNS,
+    SourceData,
+    read_events_source,
+    read_movielens,
+    read_synthetic,
     resolve_movielens_dir,
 )
 from components.lake import (
-    LakeError, events_table, items_table, table_uri, users_table, write_table,
+    LakeError,
+    events_table,
+    items_table,
+    table_uri,
+    users_table,
+    write_table,
 )
 from components.validation import IngestError, ValidationReport, check_reject_threshold, validate_events
 from pipelines.cli import pipeline_main
@@ -66,8 +75,7 @@ def load_source(cfg: PipelineConfig) -> SourceData:
     """Read the configured source (no validation of rows yet)."""
     ingest = cfg.ingest
     if ingest.source == "movielens":
-        folder = resolve_movielens_dir(ingest.movielens_dir, ingest.download_if_missing,
-                                       ingest.download_dir)
+        folder = resolve_movielens_dir(ingest.movielens_dir, ingest.download_if_missing, ingest.download_dir)
         return read_movielens(folder, cfg.features.tags_per_item, ingest.max_tag_vocab)
     if ingest.source == "events":
         return read_events_source(ingest.events)
@@ -83,30 +91,35 @@ def _complete_items(attrs: pa.Table, event_items: np.ndarray) -> pa.Table:
         logger.info("%d event items have no attributes; adding them with defaults", len(extra))
     empty_tags = pa.ListArray.from_arrays(np.zeros(len(extra) + 1, np.int32), pa.array([], pa.int32()))
     tags = pa.concat_arrays([attrs["tag_ids"].combine_chunks().cast(pa.list_(pa.int32())), empty_tags])
-    titles = pa.concat_arrays([attrs["title"].combine_chunks().cast(pa.string()),
-                               pa.nulls(len(extra), pa.string())])
+    titles = pa.concat_arrays([attrs["title"].combine_chunks().cast(pa.string()), pa.nulls(len(extra), pa.string())])
     return items_table(
         np.concatenate([known, extra]),
         np.concatenate([attrs["genre_mask"].to_numpy(), np.zeros(len(extra), np.int32)]),
         np.concatenate([attrs["year"].to_numpy(), np.zeros(len(extra), np.int16)]),
-        tags, titles,
+        tags,
+        titles,
     )
 
 
 def build_tables(cfg: PipelineConfig, source: SourceData) -> tuple[dict[str, pa.Table], ValidationReport]:
     """Validate the source's events and build the three lake tables in memory."""
     ingest = cfg.ingest
-    clean, report = validate_events(source.events, ingest.value_min, ingest.value_max,
-                                    max_samples=ingest.reject_samples)
+    clean, report = validate_events(
+        source.events, ingest.value_min, ingest.value_max, max_samples=ingest.reject_samples
+    )
     logger.info("%s: %s", source.name, report.summary())
     check_reject_threshold(report, ingest.max_reject_frac, source.name)
     if clean.num_rows == 0:
         raise IngestError(f"{source.name}: no valid events; nothing was written")
     user_id = clean["user_id"].to_numpy()
     item_id = clean["item_id"].to_numpy()
-    events = events_table(user_id, item_id, clean["ts"].to_numpy(),
-                          pc.cast(clean["value"], pa.float32()).to_numpy(),
-                          cfg.lake.buckets_for(clean.num_rows))
+    events = events_table(
+        user_id,
+        item_id,
+        clean["ts"].to_numpy(),
+        pc.cast(clean["value"], pa.float32()).to_numpy(),
+        cfg.lake.buckets_for(clean.num_rows),
+    )
     extra_users = source.user_ids if source.user_ids is not None else np.zeros(0, np.int64)
     tables = {
         "items": _complete_items(source.items.select(list(ITEM_ATTR_COLUMNS)), item_id),
@@ -116,14 +129,17 @@ def build_tables(cfg: PipelineConfig, source: SourceData) -> tuple[dict[str, pa.
     return tables, report
 
 
-def write_tables(cfg: PipelineConfig, tables: dict[str, pa.Table],
-                 metadata: dict[str, str] | None = None) -> tuple[TableCommit, ...]:
+def write_tables(
+    cfg: PipelineConfig, tables: dict[str, pa.Table], metadata: dict[str, str] | None = None
+) -> tuple[TableCommit, ...]:
     """Overwrite each table as one new version; returns what was committed."""
     commits = []
     for name in TABLES:
         uri = table_uri(cfg.lake.root, name)
         version = write_table(
-            uri, tables[name], mode="overwrite",
+            uri,
+            tables[name],
+            mode="overwrite",
             partition_by=["bucket"] if name == "events" else None,
             storage_options=cfg.lake.storage_options,
             custom_metadata=metadata if name == "items" else None,
@@ -150,8 +166,13 @@ def _main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; prints ``table version rows`` per table. 0 ok, 1 bad data, 2 bad config."""
-    return pipeline_main("pipelines.ingest", "Raw events -> Delta tables events, items, users.", argv, _main,
-                         failures=(IngestError, LakeError))
+    return pipeline_main(
+        "pipelines.ingest",
+        "Raw events -> Delta tables events, items, users.",
+        argv,
+        _main,
+        failures=(IngestError, LakeError),
+    )
 
 
 if __name__ == "__main__":

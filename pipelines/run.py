@@ -78,8 +78,14 @@ def run(config: PipelineConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return pipeline_main("pipelines.run", __doc__.splitlines()[0], argv, lambda config, _: run(config),
-                         default_preset="demo", failures=(IngestError, lake.LakeError))
+    return pipeline_main(
+        "pipelines.run",
+        __doc__.splitlines()[0],
+        argv,
+        lambda config, _: run(config),
+        default_preset="demo",
+        failures=(IngestError, lake.LakeError),
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ def test_readme_lists_entry_points():
 
 @pytest.mark.parametrize("module", MODULES)
 def test_documented_cli_answers_help(module):
-    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage" in proc.stdout.lower()

@@ -12,19 +12,21 @@ from components.collate import CollateConfig, CollateError, GroupCollateFn, coll
 
 
 def _rows() -> pa.Table:
-    return pa.table({
-        "user_idx": pa.array([2, 3], pa.int32()),
-        "request_ts": pa.array([1000, 5000], pa.int64()),
-        "seq_item_idx": pa.array([[5, 6, 7], [9]], pa.list_(pa.int32())),
-        "seq_action": pa.array([[8, 10, 2], [4]], pa.list_(pa.int8())),
-        "seq_ts": pa.array([[10, 500, 999], [4000]], pa.list_(pa.int64())),
-        "cand_item_idx": pa.array([[11, 12], [13, 14, 15]], pa.list_(pa.int32())),
-        "cand_genre_mask": pa.array([[1, 2], [4, 0, 3]], pa.list_(pa.int32())),
-        "cand_year": pa.array([[1995, 0], [2001, 2010, 1960]], pa.list_(pa.int16())),
-        "cand_tags": pa.array([[2, 0, 3, 4], [5, 0, 0, 0, 6, 7]], pa.list_(pa.int32())),
-        "label_engage": pa.array([[1, 0], [1, 1, 0]], pa.list_(pa.int8())),
-        "label_like": pa.array([[1, 0], [0, 1, 0]], pa.list_(pa.int8())),
-    })
+    return pa.table(
+        {
+            "user_idx": pa.array([2, 3], pa.int32()),
+            "request_ts": pa.array([1000, 5000], pa.int64()),
+            "seq_item_idx": pa.array([[5, 6, 7], [9]], pa.list_(pa.int32())),
+            "seq_action": pa.array([[8, 10, 2], [4]], pa.list_(pa.int8())),
+            "seq_ts": pa.array([[10, 500, 999], [4000]], pa.list_(pa.int64())),
+            "cand_item_idx": pa.array([[11, 12], [13, 14, 15]], pa.list_(pa.int32())),
+            "cand_genre_mask": pa.array([[1, 2], [4, 0, 3]], pa.list_(pa.int32())),
+            "cand_year": pa.array([[1995, 0], [2001, 2010, 1960]], pa.list_(pa.int16())),
+            "cand_tags": pa.array([[2, 0, 3, 4], [5, 0, 0, 0, 6, 7]], pa.list_(pa.int32())),
+            "label_engage": pa.array([[1, 0], [1, 1, 0]], pa.list_(pa.int8())),
+            "label_like": pa.array([[1, 0], [0, 1, 0]], pa.list_(pa.int8())),
+        }
+    )
 
 
 def test_sequences_left_padded_most_recent_last():
@@ -92,8 +94,10 @@ def test_iter_torch_batches_with_collate_fn(ray_session):
 
 def test_first_row_without_candidates_is_fine():
     table = _rows()
-    empty = {name: [[]] if pa.types.is_list(table.schema.field(name).type) else [table.column(name)[0].as_py()]
-             for name in table.column_names}
+    empty = {
+        name: [[]] if pa.types.is_list(table.schema.field(name).type) else [table.column(name)[0].as_py()]
+        for name in table.column_names
+    }
     rows = pa.concat_tables([pa.table(empty, schema=table.schema), table])
     batch = collate_groups(rows)
     assert batch.cand_mask[0].tolist() == [False, False, False]

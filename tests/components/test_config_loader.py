@@ -21,18 +21,21 @@ def test_configs_are_frozen():
         cfg.features.max_seq_len = 3  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--features.max_seq_lenn=3", "features.max_seq_lenn"),
-    ("--feature.max_seq_len=3", "feature"),
-    ("--features.max_seq_len=abc", "features.max_seq_len: expected an integer"),
-    ("--features.max_seq_len=true", "expected an integer"),
-    ("--ingest.source=kafka", "ingest.source"),
-    ("--features.valid_frac=[1]", "features.valid_frac: expected a number"),
-    ("features.max_seq_len", "--section.key=value"),
-    ("--lake.num_buckets=-1", "lake: num_buckets must be >= 0"),
-    ("--ingest.max_reject_frac=-1", "ingest: max_reject_frac must be in"),
-    ("--ingest.value_max=-3", "ingest: value_min"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--features.max_seq_lenn=3", "features.max_seq_lenn"),
+        ("--feature.max_seq_len=3", "feature"),
+        ("--features.max_seq_len=abc", "features.max_seq_len: expected an integer"),
+        ("--features.max_seq_len=true", "expected an integer"),
+        ("--ingest.source=kafka", "ingest.source"),
+        ("--features.valid_frac=[1]", "features.valid_frac: expected a number"),
+        ("features.max_seq_len", "--section.key=value"),
+        ("--lake.num_buckets=-1", "lake: num_buckets must be >= 0"),
+        ("--ingest.max_reject_frac=-1", "ingest: max_reject_frac must be in"),
+        ("--ingest.value_max=-3", "ingest: value_min"),
+    ],
+)
 def test_bad_overrides_rejected_with_path(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(PipelineConfig, "demo", [override])

@@ -92,31 +92,31 @@ def test_sampler_matches_literal_definition(seed, num_items, rounds):
     counts = np.concatenate([[0, 0], rng.integers(0, 50, num_items)])
     cdf = groups.negative_cdf(counts)
     gids, need, offsets, pos_items = _random_groups(rng, 12, num_items)
-    out = groups.sample_negatives(gids, need, offsets, pos_items, cdf, seed=7, draws_per_round=rounds,
-                                  chunk_groups=5)
+    out = groups.sample_negatives(gids, need, offsets, pos_items, cdf, seed=7, draws_per_round=rounds, chunk_groups=5)
     for g in range(gids.size):
-        positives = set(pos_items[offsets[g]:offsets[g + 1]].tolist())
+        positives = set(pos_items[offsets[g] : offsets[g + 1]].tolist())
         expected = _slow_negatives(gids[g], need[g], positives, cdf, 7) if cdf[-1] > 0 else [0] * need[g]
         assert out[g, : need[g]].tolist() == expected
-        assert (out[g, need[g]:] == 0).all()
+        assert (out[g, need[g] :] == 0).all()
 
 
 def test_sampler_properties_batch_invariance_and_popularity():
     rng = np.random.default_rng(0)
     num_items = 300
     counts = np.concatenate([[0, 0], (1000 / np.arange(1, num_items + 1)).astype(np.int64)])
-    counts[50] = 0                                             # never-seen item: never a negative
+    counts[50] = 0  # never-seen item: never a negative
     cdf = groups.negative_cdf(counts)
     gids, need, offsets, pos_items = _random_groups(rng, 2000, num_items, max_pos=16, cands=32)
     out = groups.sample_negatives(gids, need, offsets, pos_items, cdf, seed=3)
     for g in range(0, 2000, 97):
         row = out[g, : need[g]]
         assert (row >= 2).all() and np.unique(row).size == row.size
-        assert not set(row.tolist()) & set(pos_items[offsets[g]:offsets[g + 1]].tolist())
+        assert not set(row.tolist()) & set(pos_items[offsets[g] : offsets[g + 1]].tolist())
     assert not (out == 50).any()
     sub = slice(500, 700)
-    part = groups.sample_negatives(gids[sub], need[sub], offsets[500:701] - offsets[500],
-                                   pos_items[offsets[500]:offsets[700]], cdf, seed=3)
+    part = groups.sample_negatives(
+        gids[sub], need[sub], offsets[500:701] - offsets[500], pos_items[offsets[500] : offsets[700]], cdf, seed=3
+    )
     np.testing.assert_array_equal(part[:, : out.shape[1]], out[sub][:, : part.shape[1]])
     assert not np.array_equal(out, groups.sample_negatives(gids, need, offsets, pos_items, cdf, seed=4))
     # Popular items are drawn more often (weights count^0.75, distinctness flattens the top).
@@ -125,20 +125,31 @@ def test_sampler_properties_batch_invariance_and_popularity():
 
 
 def test_sampler_tiny_catalogue_pads_with_zero():
-    cdf = groups.negative_cdf(np.array([0, 0, 5, 5, 5]))       # three sampleable items
-    out = groups.sample_negatives(np.array([11], np.int64), np.array([5]), np.array([0, 1]),
-                                  np.array([3]), cdf, seed=0)
+    cdf = groups.negative_cdf(np.array([0, 0, 5, 5, 5]))  # three sampleable items
+    out = groups.sample_negatives(np.array([11], np.int64), np.array([5]), np.array([0, 1]), np.array([3]), cdf, seed=0)
     assert sorted(out[0, :2].tolist()) == [2, 4] and out[0, 2:].tolist() == [0, 0, 0]
-    empty = groups.sample_negatives(np.array([11], np.int64), np.array([4]), np.array([0, 0]),
-                                    np.array([], np.int64), groups.negative_cdf(np.zeros(2)), seed=0)
-    assert empty.tolist() == [[0, 0, 0, 0]]                     # no catalogue item at all
+    empty = groups.sample_negatives(
+        np.array([11], np.int64),
+        np.array([4]),
+        np.array([0, 0]),
+        np.array([], np.int64),
+        groups.negative_cdf(np.zeros(2)),
+        seed=0,
+    )
+    assert empty.tolist() == [[0, 0, 0, 0]]  # no catalogue item at all
 
 
 def test_negative_cdf_without_train_counts_falls_back_to_uniform():
     # Only pad/OOV were counted (no train-period event hit the catalogue): every item weighs 1.
     np.testing.assert_array_equal(groups.negative_cdf(np.array([7, 3, 0, 0, 0])), [0, 0, 1, 2, 3])
-    out = groups.sample_negatives(np.array([11], np.int64), np.array([3]), np.array([0, 1]),
-                                  np.array([3]), groups.negative_cdf(np.zeros(6)), seed=0)
+    out = groups.sample_negatives(
+        np.array([11], np.int64),
+        np.array([3]),
+        np.array([0, 1]),
+        np.array([3]),
+        groups.negative_cdf(np.zeros(6)),
+        seed=0,
+    )
     assert sorted(out[0].tolist()) == [2, 4, 5]
     # An item unseen in train keeps weight 0 as long as some item has a count.
     np.testing.assert_array_equal(groups.negative_cdf(np.array([0, 0, 0, 16])), [0, 0, 0, 8])

@@ -18,9 +18,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from components.lake import (
-    EVENTS_SCHEMA, ITEMS_SCHEMA, LakeError, column_range, commit_files_overwrite,
-    commit_metadata, events_table, events_time_range, find_version, items_table, read_table, row_count,
-    table_version, user_bucket, users_table, write_data_file, write_table,
+    EVENTS_SCHEMA,
+    ITEMS_SCHEMA,
+    LakeError,
+    column_range,
+    commit_files_overwrite,
+    commit_metadata,
+    events_table,
+    events_time_range,
+    find_version,
+    items_table,
+    read_table,
+    row_count,
+    table_version,
+    user_bucket,
+    users_table,
+    write_data_file,
+    write_table,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,9 +42,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 def tiny_events(n: int = 200, seed: int = 0, num_buckets: int = 4) -> pa.Table:
     rng = np.random.default_rng(seed)
-    return events_table(rng.integers(0, 50, n), rng.integers(0, 30, n),
-                        rng.integers(1_500_000_000, 1_600_000_000, n),
-                        rng.integers(1, 11, n) / 2.0, num_buckets)
+    return events_table(
+        rng.integers(0, 50, n),
+        rng.integers(0, 30, n),
+        rng.integers(1_500_000_000, 1_600_000_000, n),
+        rng.integers(1, 11, n) / 2.0,
+        num_buckets,
+    )
 
 
 def test_user_bucket_is_stable_and_in_range():
@@ -53,8 +71,9 @@ def test_events_table_schema_sort_and_buckets():
 
 
 def test_items_and_users_vocabularies():
-    items = items_table(np.array([30, 10, 20]), np.array([1, 2, 4]), np.array([1999, 0, 2001]),
-                        [[2], [], [3, 4]], ["c", None, "b"])
+    items = items_table(
+        np.array([30, 10, 20]), np.array([1, 2, 4]), np.array([1999, 0, 2001]), [[2], [], [3, 4]], ["c", None, "b"]
+    )
     assert items.schema == ITEMS_SCHEMA
     assert items["item_id"].to_pylist() == [10, 20, 30]
     assert items["item_idx"].to_pylist() == [2, 3, 4]  # 0 pad, 1 OOV
@@ -93,8 +112,10 @@ def test_log_statistics_give_time_range_without_reading_data(tmp_path):
     for parquet in Path(uri).rglob("*.parquet"):
         parquet.unlink()
     assert events_time_range(uri) == (int(ts.min()), int(ts.max()))
-    assert column_range(uri, "user_id") == (int(table["user_id"].to_numpy().min()),
-                                            int(table["user_id"].to_numpy().max()))
+    assert column_range(uri, "user_id") == (
+        int(table["user_id"].to_numpy().min()),
+        int(table["user_id"].to_numpy().max()),
+    )
 
 
 def test_commit_metadata_and_missing_table_errors(tmp_path):
@@ -114,17 +135,17 @@ def test_commit_files_overwrite_records_metadata_and_find_version(tmp_path):
         part = write_data_file(pa.table({"x": [i], "part": ["p"]}, schema=schema), uri, {"part": "p"}, f"f{i}")
         assert commit_files_overwrite(uri, schema, ["part"], [part], custom_metadata={"job_id": job}) == i
     assert commit_metadata(uri, 1)["job_id"] == "b" and commit_metadata(uri)["job_id"] == "c"
-    assert find_version(uri, "job_id", "a") == 2                 # the newest matching commit
+    assert find_version(uri, "job_id", "a") == 2  # the newest matching commit
     assert find_version(uri, "job_id", "a", max_version=1) == 0
     assert find_version(uri, "job_id", "zzz") is None
     part = write_data_file(pa.table({"x": [9], "part": ["p"]}, schema=schema), uri, {"part": "p"}, "f9")
-    assert commit_files_overwrite(uri, schema, ["part"], [part]) == 4   # metadata stays optional
+    assert commit_files_overwrite(uri, schema, ["part"], [part]) == 4  # metadata stays optional
     assert "job_id" not in commit_metadata(uri)
     assert read_table(uri)["x"].to_pylist() == [9]
 
 
 @settings(max_examples=10, deadline=None)
-@given(st.lists(st.integers(-2**40, 2**40), min_size=1, max_size=50), st.integers(1, 64))
+@given(st.lists(st.integers(-(2**40), 2**40), min_size=1, max_size=50), st.integers(1, 64))
 def test_user_bucket_property(ids, num_buckets):
     buckets = user_bucket(np.array(ids, dtype=np.int64), num_buckets)
     assert ((buckets >= 0) & (buckets < num_buckets)).all()
@@ -132,7 +153,7 @@ def test_user_bucket_property(ids, num_buckets):
 
 # ---------------------------------------------------------------- crash and concurrency
 
-WRITER = r'''
+WRITER = r"""
 import os, sys, time
 import numpy as np, pyarrow as pa
 from components.lake import LakeWriteError, write_table
@@ -152,15 +173,20 @@ try:
 except LakeWriteError as exc:
     print(exc, file=sys.stderr)
     sys.exit(3)
-'''
+"""
 
 ROWS_PER_WRITE = 6 * 20_000
 
 
 def _start_writer(script: Path, uri: str, tag: int, mode: str, sync: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, str(script), uri, str(tag), mode, str(sync)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), uri, str(tag), mode, str(sync)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(condition, what: str, procs=(), timeout_s: float = 60.0) -> None:
@@ -168,8 +194,7 @@ def _wait_for(condition, what: str, procs=(), timeout_s: float = 60.0) -> None:
     while not condition():
         for proc in procs:
             if proc.poll() is not None:
-                raise AssertionError(f"writer exited early while waiting for {what}: "
-                                     f"{proc.communicate()[1]}")
+                raise AssertionError(f"writer exited early while waiting for {what}: {proc.communicate()[1]}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
@@ -195,9 +220,11 @@ def test_sigkill_mid_write_leaves_previous_version(tmp_path, writer_script):
     sync = tmp_path / "sync"
     proc = _start_writer(writer_script, uri, 1, "overwrite", sync)
     try:
+
         def new_files() -> set[str]:
             return {p.name for p in Path(uri).glob("*.parquet")} - committed
-        _wait_for(lambda: (Path(f"{sync}.ready1").exists() and new_files()), "data files", [proc])
+
+        _wait_for(lambda: Path(f"{sync}.ready1").exists() and new_files(), "data files", [proc])
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

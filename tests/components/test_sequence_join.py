@@ -13,17 +13,24 @@ from components.sequence_join import SequenceJoinError, load_groups, resolve_seq
 
 def _sequences(histories: dict[int, list[int]]) -> pa.Table:
     users = sorted(histories)
-    return pa.table({
-        "user_id": pa.array(users, pa.int64()),
-        "item_idx": pa.array([histories[u] for u in users], pa.list_(pa.int32())),
-        "action": pa.array([[h % 11 + 1 for h in histories[u]] for u in users], pa.list_(pa.int8())),
-        "ts": pa.array([[1000 + 10 * i for i in range(len(histories[u]))] for u in users], pa.list_(pa.int64())),
-    })
+    return pa.table(
+        {
+            "user_id": pa.array(users, pa.int64()),
+            "item_idx": pa.array([histories[u] for u in users], pa.list_(pa.int32())),
+            "action": pa.array([[h % 11 + 1 for h in histories[u]] for u in users], pa.list_(pa.int8())),
+            "ts": pa.array([[1000 + 10 * i for i in range(len(histories[u]))] for u in users], pa.list_(pa.int64())),
+        }
+    )
 
 
 def _samples(users: list[int], seq_end: list[int]) -> pa.Table:
-    return pa.table({"group_id": pa.array(range(len(users)), pa.int64()), "user_id": pa.array(users, pa.int64()),
-                     "seq_end": pa.array(seq_end, pa.int32())})
+    return pa.table(
+        {
+            "group_id": pa.array(range(len(users)), pa.int64()),
+            "user_id": pa.array(users, pa.int64()),
+            "seq_end": pa.array(seq_end, pa.int32()),
+        }
+    )
 
 
 def test_slices_truncate_to_the_most_recent_events():
@@ -50,7 +57,7 @@ def test_matches_python_slicing_on_chunked_input(lengths, max_len, data):
     seqs = _sequences(histories)
     chunked = pa.concat_tables([seqs.slice(0, 1), seqs.slice(1)])  # chunked + sliced lists
     out = resolve_sequences(_samples(users, ends), chunked, max_len)
-    expected = [histories[u][max(0, e - max_len):e] for u, e in zip(users, ends)]
+    expected = [histories[u][max(0, e - max_len) : e] for u, e in zip(users, ends)]
     assert out["seq_item_idx"].to_pylist() == expected
 
 
@@ -81,15 +88,19 @@ def test_load_groups_resolves_every_bucket(ray_session, tmp_path):
 
     root = str(tmp_path / "lake")
     synthetic_lake(root, num_events=2000, num_buckets=3, seed=2, max_history=300)
-    run_features(PipelineConfig(lake=LakeConfig(root=root, num_buckets=3), features=FeaturesConfig(
-        candidates_per_group=8, max_positives_per_group=4, max_seq_len=5)))
+    run_features(
+        PipelineConfig(
+            lake=LakeConfig(root=root, num_buckets=3),
+            features=FeaturesConfig(candidates_per_group=8, max_positives_per_group=4, max_seq_len=5),
+        )
+    )
     blocks = ray_session.get(load_groups(root, "train", max_seq_len=6, rows_per_block=50).to_arrow_refs())
     got = pa.concat_tables(blocks).sort_by("group_id")
     samples = lake.read_table(lake.table_uri(root, "samples"), filters=pa.compute.field("split") == "train")
     sequences = lake.read_table(lake.table_uri(root, "sequences"))
     expected = resolve_sequences(samples, sequences, 6).sort_by("group_id")
     assert got.select(expected.column_names).equals(expected)
-    assert max(len(s) for s in got["seq_item_idx"].to_pylist()) == 6          # explicit argument wins
+    assert max(len(s) for s in got["seq_item_idx"].to_pylist()) == 6  # explicit argument wins
     batch = collate_groups(got.slice(0, 16))
     assert tuple(batch.seq_item.shape) == (16, 6) and tuple(batch.cand_item.shape) == (16, 8)
     # Default: the max_seq_len the features run recorded in the samples commit (5).
@@ -106,22 +117,31 @@ def test_load_groups_pairs_samples_with_the_sequences_of_the_same_run(ray_sessio
 
     root = str(tmp_path / "lake")
     synthetic_lake(root, num_events=1500, num_buckets=2, seed=3, max_history=200)
-    run_features(PipelineConfig(lake=LakeConfig(root=root, num_buckets=2), features=FeaturesConfig(
-        candidates_per_group=4, max_positives_per_group=4, max_seq_len=8)))            # run A
+    run_features(
+        PipelineConfig(
+            lake=LakeConfig(root=root, num_buckets=2),
+            features=FeaturesConfig(candidates_per_group=4, max_positives_per_group=4, max_seq_len=8),
+        )
+    )  # run A
     seq_uri, samples_uri = lake.table_uri(root, "sequences"), lake.table_uri(root, "samples")
     sequences_a = lake.read_table(seq_uri)
-    expected = resolve_sequences(lake.read_table(samples_uri, filters=pa.compute.field("split") == "train"),
-                                 sequences_a, 8).sort_by("group_id")
+    expected = resolve_sequences(
+        lake.read_table(samples_uri, filters=pa.compute.field("split") == "train"), sequences_a, 8
+    ).sort_by("group_id")
     # Run B commits its sequences after run A's samples, then dies before its samples commit.
-    lake.write_table(seq_uri, _shifted_items(sequences_a, 1000), partition_by=SEQUENCES_PARTITION,
-                     custom_metadata={"job_id": "run-b"})
+    lake.write_table(
+        seq_uri,
+        _shifted_items(sequences_a, 1000),
+        partition_by=SEQUENCES_PARTITION,
+        custom_metadata={"job_id": "run-b"},
+    )
     got = pa.concat_tables(ray_session.get(load_groups(root, "train").to_arrow_refs())).sort_by("group_id")
-    assert got.select(expected.column_names).equals(expected)                      # run A's sequences
+    assert got.select(expected.column_names).equals(expected)  # run A's sequences
     # A samples version whose run has no sequences version: a clear error naming both tables.
     samples_a = lake.read_table(samples_uri)
     lake.write_table(samples_uri, samples_a, partition_by=["split", "bucket"], custom_metadata={"job_id": "run-c"})
     with pytest.raises(lake.LakeError, match=r"samples table .*run-c.* sequences table"):
         load_groups(root, "train")
-    lake.write_table(samples_uri, samples_a, partition_by=["split", "bucket"])      # no job id at all
+    lake.write_table(samples_uri, samples_a, partition_by=["split", "bucket"])  # no job id at all
     with pytest.raises(lake.LakeError, match=r"samples table .*no job_id.*sequences table"):
         load_groups(root, "train")

@@ -11,15 +11,20 @@ from hypothesis import strategies as st
 
 from components.lake import ITEMS_SCHEMA
 from components.synthetic import (
-    MIN_HISTORY, SESSION_GAP_S, build_world, generate_events, generate_items,
+    MIN_HISTORY,
+    SESSION_GAP_S,
+    build_world,
+    generate_events,
+    generate_items,
 )
 from models.batch import NUM_GENRES
 from pipelines.config import SyntheticConfig
 
 
 def tiny_config(**kw) -> SyntheticConfig:
-    base = dict(num_events=20_000, num_users=200, num_items=2_000, num_interests=8,
-                interests_per_user=2, max_history=2_000)
+    base = dict(
+        num_events=20_000, num_users=200, num_items=2_000, num_interests=8, interests_per_user=2, max_history=2_000
+    )
     return SyntheticConfig(**{**base, **kw})
 
 
@@ -114,25 +119,34 @@ def test_seeded_and_deterministic():
     assert not generate_events(cfg).equals(generate_events(dataclasses.replace(cfg, seed=1)))
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(num_events=100), "synthetic.num_events"),
-    (dict(num_events=10**7), "exceeds num_users x max_history"),
-    (dict(num_items=3), "synthetic.num_items"),
-    (dict(interests_per_user=9), "synthetic.interests_per_user"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(num_events=100), "synthetic.num_events"),
+        (dict(num_events=10**7), "exceeds num_users x max_history"),
+        (dict(num_items=3), "synthetic.num_items"),
+        (dict(interests_per_user=9), "synthetic.interests_per_user"),
+    ],
+)
 def test_bad_configs_name_the_field(change, message):
     with pytest.raises(ValueError, match=message):
         build_world(tiny_config(**change))
 
 
 @settings(max_examples=15, deadline=None)
-@given(users=st.integers(1, 60), extra=st.integers(0, 3000), alpha=st.floats(0.5, 3.0),
-       max_history=st.integers(5, 400), seed=st.integers(0, 2**31))
+@given(
+    users=st.integers(1, 60),
+    extra=st.integers(0, 3000),
+    alpha=st.floats(0.5, 3.0),
+    max_history=st.integers(5, 400),
+    seed=st.integers(0, 2**31),
+)
 def test_history_lengths_are_exact(users, extra, alpha, max_history, seed):
     low = max_history + (users - 1) * MIN_HISTORY
     num_events = min(low + extra, users * max_history)
-    cfg = tiny_config(num_users=users, num_events=num_events, max_history=max_history,
-                      history_alpha=alpha, seed=seed, num_items=50)
+    cfg = tiny_config(
+        num_users=users, num_events=num_events, max_history=max_history, history_alpha=alpha, seed=seed, num_items=50
+    )
     world = build_world(cfg)
     lengths = world.history_len
     assert lengths.sum() == num_events

@@ -11,16 +11,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from components.validation import (
-    REASONS, TS_MAX_S, InputFileError, RejectThresholdError, check_reject_threshold,
-    coerce_ids, coerce_ts, coerce_values, validate_events,
+    REASONS,
+    TS_MAX_S,
+    InputFileError,
+    RejectThresholdError,
+    check_reject_threshold,
+    coerce_ids,
+    coerce_ts,
+    coerce_values,
+    validate_events,
 )
 
 
 def raw(user, item, ts, value) -> pa.Table:
-    return pa.table({
-        "user_id": pa.array(user, pa.int64()), "item_id": pa.array(item, pa.int64()),
-        "ts": pa.array(ts, pa.int64()), "value": pa.array(value, pa.float64()),
-    })
+    return pa.table(
+        {
+            "user_id": pa.array(user, pa.int64()),
+            "item_id": pa.array(item, pa.int64()),
+            "ts": pa.array(ts, pa.int64()),
+            "value": pa.array(value, pa.float64()),
+        }
+    )
 
 
 def test_ids_from_ints_floats_and_text():
@@ -77,8 +88,14 @@ def test_every_reason_is_counted_once_with_samples():
     clean, report = validate_events(table, 0.0, 5.0, max_samples=3)
     assert clean.num_rows == 1 and clean.to_pylist()[0] == {"user_id": 1, "item_id": 1, "ts": 100, "value": 4.0}
     assert report.rejected == {
-        "invalid_user_id": 2, "negative_user_id": 1, "invalid_item_id": 1, "negative_item_id": 1,
-        "invalid_ts": 1, "ts_out_of_range": 1, "invalid_value": 1, "value_out_of_range": 1,
+        "invalid_user_id": 2,
+        "negative_user_id": 1,
+        "invalid_item_id": 1,
+        "negative_item_id": 1,
+        "invalid_ts": 1,
+        "ts_out_of_range": 1,
+        "invalid_value": 1,
+        "value_out_of_range": 1,
     }
     assert report.num_rejected == 9 and report.total_rows == 10
     assert len(report.samples) == 3 and report.samples[0].startswith("row 2 (invalid_user_id)")
@@ -93,7 +110,8 @@ def test_threshold():
 
 
 row = st.tuples(
-    st.one_of(st.none(), st.integers(-3, 3)), st.one_of(st.none(), st.integers(-3, 3)),
+    st.one_of(st.none(), st.integers(-3, 3)),
+    st.one_of(st.none(), st.integers(-3, 3)),
     st.one_of(st.none(), st.integers(-10, TS_MAX_S + 10)),
     st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, width=64)),
 )
@@ -106,9 +124,19 @@ def test_clean_rows_satisfy_every_check_and_counts_add_up(rows):
     clean, report = validate_events(table, 0.5, 5.0)
     assert clean.num_rows + report.num_rejected == len(rows)
     assert set(report.rejected) == set(REASONS)
-    expected = [r for r in rows if r[0] is not None and r[0] >= 0 and r[1] is not None and r[1] >= 0
-                and r[2] is not None and 0 <= r[2] < TS_MAX_S and r[3] is not None
-                and math.isfinite(r[3]) and 0.5 <= r[3] <= 5.0]
+    expected = [
+        r
+        for r in rows
+        if r[0] is not None
+        and r[0] >= 0
+        and r[1] is not None
+        and r[1] >= 0
+        and r[2] is not None
+        and 0 <= r[2] < TS_MAX_S
+        and r[3] is not None
+        and math.isfinite(r[3])
+        and 0.5 <= r[3] <= 5.0
+    ]
     assert [tuple(d.values()) for d in clean.to_pylist()] == expected
     assert clean.num_rows == 0 or all(c.null_count == 0 for c in clean.columns)
     assert np.isfinite(clean["value"].to_numpy()).all()

@@ -23,11 +23,10 @@ from models.tokenmixer_large import SparseMoEConfig, TokenMixerLargeConfig
 
 NUM_ITEMS, NUM_USERS, NUM_TAGS = 64, 50, 20
 EMB, DIM = 16, 32
-MAX_SEQ = 64            # rows of LONGER's position table: every test keeps L (+ extra padding) below it
+MAX_SEQ = 64  # rows of LONGER's position table: every test keeps L (+ extra padding) below it
 
 TINY_PKM = PKMConfig(num_slots=256, topk=4, key_dim=16, num_heads=2, value_dim=16, track_usage=False)
-TINY_TML = TokenMixerLargeConfig(num_tokens=8, dim=DIM, num_layers=2, expansion=2.0, aux_layers=(0,),
-                                 down_init_std=0.2)
+TINY_TML = TokenMixerLargeConfig(num_tokens=8, dim=DIM, num_layers=2, expansion=2.0, aux_layers=(0,), down_init_std=0.2)
 TINY_RANKMIXER = RankMixerConfig(num_tokens=8, dim=DIM, num_layers=2, expansion=2.0)
 
 _BASE = RankerConfig(
@@ -35,8 +34,17 @@ _BASE = RankerConfig(
     dim=DIM,
     tokenmixer_large=TINY_TML,
     rankmixer=TINY_RANKMIXER,
-    longer=LongerConfig(d_model=DIM, num_heads=2, num_self_layers=1, merge_k=4, inner_heads=2, num_recent=4,
-                        max_seq_len=MAX_SEQ, action_dim=4, gap_dim=4),
+    longer=LongerConfig(
+        d_model=DIM,
+        num_heads=2,
+        num_self_layers=1,
+        merge_k=4,
+        inner_heads=2,
+        num_recent=4,
+        max_seq_len=MAX_SEQ,
+        action_dim=4,
+        gap_dim=4,
+    ),
     msn_memory=TINY_PKM,
     lmn=LMNConfig(hidden_dim=16, memory=replace(TINY_PKM, input_dim=16)),
     lmn_recent=6,
@@ -51,8 +59,11 @@ VARIANTS: dict[str, RankerConfig] = {
     "ugsep_msn_lmn": replace(_BASE, use_ugsep=True, use_msn=True, use_lmn=True),
     "rankmixer_pooling": replace(_BASE, backbone="rankmixer", sequence_encoder="pooling"),
     "tml_moe": replace(_BASE, tokenmixer_large=replace(TINY_TML, moe=SparseMoEConfig(num_experts=4, top_k=1))),
-    "rankmixer_moe": replace(_BASE, backbone="rankmixer", rankmixer=replace(
-        TINY_RANKMIXER, moe=ReLUMoEConfig(num_experts=3, expert_expansion=1.0))),
+    "rankmixer_moe": replace(
+        _BASE,
+        backbone="rankmixer",
+        rankmixer=replace(TINY_RANKMIXER, moe=ReLUMoEConfig(num_experts=3, expert_expansion=1.0)),
+    ),
 }
 
 
@@ -69,9 +80,17 @@ def make_ranker(variant: str = "tml_longer", seed: int = 0) -> Ranker:
     return Ranker(tiny_ranker_config(variant)).eval()
 
 
-def random_groups(seed: int = 0, batch: int = 3, cands: int = 4, seq: int = 12, n_tags: int = 3,
-                  min_seq_len: int = 0, num_items: int = NUM_ITEMS, num_users: int = NUM_USERS,
-                  num_tags: int = NUM_TAGS) -> GroupBatch:
+def random_groups(
+    seed: int = 0,
+    batch: int = 3,
+    cands: int = 4,
+    seq: int = 12,
+    n_tags: int = 3,
+    min_seq_len: int = 0,
+    num_items: int = NUM_ITEMS,
+    num_users: int = NUM_USERS,
+    num_tags: int = NUM_TAGS,
+) -> GroupBatch:
     """A random, well-formed group batch: left-padded sequences, right-padded candidates, labels.
 
     ``seq_len`` is drawn in ``[min_seq_len, seq]`` (0 = a user with no history) and every

@@ -10,7 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.baselines import (
-    BASELINES, DCNConfig, DCNv2, DIN, DINConfig, DLRMConfig, DLRMMLP, FeatureConfig, SplitLinear, build_baseline,
+    BASELINES,
+    DIN,
+    DLRMMLP,
+    DCNConfig,
+    DCNv2,
+    DINConfig,
+    DLRMConfig,
+    FeatureConfig,
+    SplitLinear,
+    build_baseline,
 )
 from models.batch import GroupBatch
 from models.task import masked_bce
@@ -21,11 +30,11 @@ NUM_ITEMS, NUM_USERS, NUM_TAGS = 64, 50, 20
 TINY_FEATURES = FeatureConfig(emb_dim=8, recent_len=4)
 
 
-def random_batch(seed: int = 0, batch: int = 3, cands: int = 5, seq: int = 7, n_tags: int = 3,
-                 num_items: int = NUM_ITEMS) -> GroupBatch:
+def random_batch(
+    seed: int = 0, batch: int = 3, cands: int = 5, seq: int = 7, n_tags: int = 3, num_items: int = NUM_ITEMS
+) -> GroupBatch:
     """A random, well-formed group batch at the baselines' vocabulary sizes."""
-    return random_groups(seed, batch, cands, seq, n_tags, num_items=num_items, num_users=NUM_USERS,
-                         num_tags=NUM_TAGS)
+    return random_groups(seed, batch, cands, seq, n_tags, num_items=num_items, num_users=NUM_USERS, num_tags=NUM_TAGS)
 
 
 def tiny_model(name: str) -> torch.nn.Module:
@@ -39,8 +48,9 @@ def tiny_model(name: str) -> torch.nn.Module:
         config = DCNConfig(features=TINY_FEATURES, num_cross_layers=2, cross_rank=4, structure="stacked", hidden=(16,))
         return DCNv2(NUM_ITEMS, config, **sizes).eval()
     activation = "dice" if name == "din_dice" else "prelu"
-    config = DINConfig(features=TINY_FEATURES, attention_hidden=(8, 4), hidden=(16, 8), activation=activation,
-                       max_attn_len=6)
+    config = DINConfig(
+        features=TINY_FEATURES, attention_hidden=(8, 4), hidden=(16, 8), activation=activation, max_attn_len=6
+    )
     return DIN(NUM_ITEMS, config, **sizes).eval()
 
 
@@ -110,8 +120,11 @@ def test_batch_independence(name: str) -> None:
     data = random_batch(3, batch=4)
     with torch.no_grad():
         full = MODELS[name](data)
-        first = MODELS[name](replace(data, **{f: getattr(data, f)[:1] for f in data.__dataclass_fields__
-                                              if getattr(data, f) is not None}))
+        first = MODELS[name](
+            replace(
+                data, **{f: getattr(data, f)[:1] for f in data.__dataclass_fields__ if getattr(data, f) is not None}
+            )
+        )
     torch.testing.assert_close(first, full[:1], atol=1e-5, rtol=1e-5)
 
 

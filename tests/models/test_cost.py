@@ -15,7 +15,6 @@ from models.layers import PerTokenLinear
 from tests.models.test_baselines import NUM_ITEMS, NUM_TAGS, NUM_USERS, random_batch
 
 
-
 class Tiny(nn.Module):
     """Known costs: sparse 10*4 + 6*4 = 64; dense (4*8+8) + (2*8*3+2*3) + 6*2 = 106.
 
@@ -79,7 +78,7 @@ def test_dlrm_flops_count_the_user_half_once_per_group() -> None:
     cands = 6
     batch = random_batch(1, batch=4, cands=cands)
     per_candidate = 2 * (20 * 32 + 128 * 256 + 256 * 128 + 128 * 64 + 64 * 2)  # genre, first.cand, tower, head
-    per_group = 2 * (3 * 32 + 96 * 256)                                          # dense_proj, first.user
+    per_group = 2 * (3 * 32 + 96 * 256)  # dense_proj, first.user
     assert flops_per_candidate(model, batch) == pytest.approx(per_candidate + per_group / cands)
 
 

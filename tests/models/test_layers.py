@@ -8,8 +8,17 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.layers import (AuxLosses, ExpertDispatch, PerTokenFFN, PerTokenLinear, PerTokenSwiGLU, RMSNorm,
-                           per_token_matmul, token_mix, token_revert)
+from models.layers import (
+    AuxLosses,
+    ExpertDispatch,
+    PerTokenFFN,
+    PerTokenLinear,
+    PerTokenSwiGLU,
+    RMSNorm,
+    per_token_matmul,
+    token_mix,
+    token_revert,
+)
 
 
 @st.composite
@@ -94,8 +103,9 @@ def test_swiglu_matches_formula_and_small_down_init():
     module = PerTokenSwiGLU(3, 8, 64, down_init_std=0.01)
     x = torch.randn(4, 3, 8)
     gate_w, up_w = module.gate_up.weight.split(64, dim=-1)
-    expected = torch.stack([
-        (F.silu(x[:, t] @ gate_w[t]) * (x[:, t] @ up_w[t])) @ module.down.weight[t] for t in range(3)], dim=1)
+    expected = torch.stack(
+        [(F.silu(x[:, t] @ gate_w[t]) * (x[:, t] @ up_w[t])) @ module.down.weight[t] for t in range(3)], dim=1
+    )
     torch.testing.assert_close(module(x), expected, atol=1e-6, rtol=1e-5)
     assert 0.007 < module.down.weight.std().item() < 0.013
 

@@ -14,8 +14,17 @@ D, E = 16, 12
 
 
 def tiny_config(**overrides) -> LongerConfig:
-    base = dict(item_dim=E, d_model=D, num_heads=2, num_self_layers=2, merge_k=4,
-                merge_mode="inner_transformer", num_recent=3, max_seq_len=64, inner_heads=2)
+    base = dict(
+        item_dim=E,
+        d_model=D,
+        num_heads=2,
+        num_self_layers=2,
+        merge_k=4,
+        merge_mode="inner_transformer",
+        num_recent=3,
+        max_seq_len=64,
+        inner_heads=2,
+    )
     return LongerConfig(**{**base, **overrides})
 
 
@@ -29,8 +38,9 @@ def random_inputs(b: int, length: int, n: int, m_u: int = 2, seed: int = 0, seq_
     action = torch.where(valid, torch.randint(1, NUM_ACTIONS, (b, length), generator=g), 0)
     gap = torch.where(valid, torch.randint(1, NUM_GAP_BUCKETS, (b, length), generator=g), 0)
     globals_ = torch.randn(b, m_u, D, generator=g) if m_u else None
-    return dict(seq_emb=emb, seq_action=action, seq_gap=gap, seq_len=seq_len,
-                user_globals=globals_), torch.randn(b, n, D, generator=g)
+    return dict(seq_emb=emb, seq_action=action, seq_gap=gap, seq_len=seq_len, user_globals=globals_), torch.randn(
+        b, n, D, generator=g
+    )
 
 
 def cached(enc: LongerEncoder, inputs: dict, cand: torch.Tensor) -> torch.Tensor:
@@ -43,9 +53,14 @@ def make_encoder(seed: int = 0, **overrides) -> LongerEncoder:
 
 
 @settings(max_examples=15, deadline=None)
-@given(b=st.integers(1, 3), n=st.integers(1, 4), length=st.integers(0, 23),
-       mode=st.sampled_from(["concat", "inner_transformer"]), m_u=st.integers(0, 2),
-       seed=st.integers(0, 10_000))
+@given(
+    b=st.integers(1, 3),
+    n=st.integers(1, 4),
+    length=st.integers(0, 23),
+    mode=st.sampled_from(["concat", "inner_transformer"]),
+    m_u=st.integers(0, 2),
+    seed=st.integers(0, 10_000),
+)
 def test_kv_cache_equals_full_compute(b, n, length, mode, m_u, seed):
     enc = make_encoder(seed, merge_mode=mode)
     inputs, cand = random_inputs(b, length, n, m_u, seed)
@@ -66,13 +81,14 @@ def test_extra_left_padding_changes_nothing(extra, length, seed):
     for name in ("seq_action", "seq_gap"):
         padded[name] = torch.cat([torch.zeros(2, extra, dtype=torch.long), inputs[name]], 1)
     with torch.no_grad():
-        torch.testing.assert_close(cached(enc, padded, cand), cached(enc, inputs, cand),
-                                   atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(enc(**padded, cand_tokens=cand), enc(**inputs, cand_tokens=cand),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cached(enc, padded, cand), cached(enc, inputs, cand), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            enc(**padded, cand_tokens=cand), enc(**inputs, cand_tokens=cand), atol=1e-5, rtol=1e-5
+        )
         state = enc.encode_user(**padded)
-        torch.testing.assert_close(state.summary_tokens(), enc.encode_user(**inputs).summary_tokens(),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            state.summary_tokens(), enc.encode_user(**inputs).summary_tokens(), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_candidate_permutation_equivariance_and_independence():
@@ -82,8 +98,7 @@ def test_candidate_permutation_equivariance_and_independence():
     with torch.no_grad():
         out = cached(enc, inputs, cand)
         torch.testing.assert_close(cached(enc, inputs, cand[:, perm]), out[:, perm], atol=1e-6, rtol=0)
-        torch.testing.assert_close(enc(**inputs, cand_tokens=cand[:, perm]), out[:, perm],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(enc(**inputs, cand_tokens=cand[:, perm]), out[:, perm], atol=1e-5, rtol=1e-5)
         # Changing candidate 0 must leave every other candidate's output unchanged.
         other = cand.clone()
         other[:, 0] += 5.0
@@ -98,9 +113,8 @@ def test_batch_independence():
     with torch.no_grad():
         out = cached(enc, inputs, cand)
         for row in range(3):
-            one = {k: v[row:row + 1] for k, v in inputs.items()}
-            torch.testing.assert_close(cached(enc, one, cand[row:row + 1]), out[row:row + 1],
-                                       atol=1e-5, rtol=1e-5)
+            one = {k: v[row : row + 1] for k, v in inputs.items()}
+            torch.testing.assert_close(cached(enc, one, cand[row : row + 1]), out[row : row + 1], atol=1e-5, rtol=1e-5)
 
 
 def test_user_side_is_bit_identical_across_candidates():
@@ -124,8 +138,7 @@ def test_state_select_and_cat_match_batched():
         s_long, s_short = enc.encode_user(**long_in), enc.encode_user(**short_in)
         joined = LongerUserState.cat([s_long.select(torch.tensor([1])), s_short])
         out = enc.score(joined, cand[:2])  # row 0: long user 1 with cand[0]; row 1: short user
-        torch.testing.assert_close(out[0], enc.score(s_long, cand[:1].expand(2, -1, -1))[1],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[0], enc.score(s_long, cand[:1].expand(2, -1, -1))[1], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out[1], enc.score(s_short, cand[1:2])[0], atol=1e-5, rtol=1e-5)
     assert joined.nbytes() > 0
 
@@ -158,8 +171,18 @@ def test_activation_checkpointing_gives_same_outputs_and_grads():
 
 @pytest.mark.parametrize("length", [2000, 10_000])
 def test_long_sequences(length):
-    enc = LongerEncoder(tiny_config(d_model=8, num_heads=2, inner_heads=1, merge_k=8, num_recent=16,
-                                    max_seq_len=length, item_dim=E, num_self_layers=1)).eval()
+    enc = LongerEncoder(
+        tiny_config(
+            d_model=8,
+            num_heads=2,
+            inner_heads=1,
+            merge_k=8,
+            num_recent=16,
+            max_seq_len=length,
+            item_dim=E,
+            num_self_layers=1,
+        )
+    ).eval()
     inputs, _ = random_inputs(1, length, 0, m_u=0, seed=8, seq_len=torch.tensor([length - 3]))
     with torch.no_grad():
         state = enc.encode_user(**inputs)

@@ -100,7 +100,7 @@ def test_usage_stats_grow_and_reset():
 
 
 def test_million_slot_read_shapes():
-    cfg = PKMConfig(input_dim=16, num_slots=1024 ** 2, key_dim=16, num_heads=4, topk=8, value_dim=4)
+    cfg = PKMConfig(input_dim=16, num_slots=1024**2, key_dim=16, num_heads=4, topk=8, value_dim=4)
     pkm = ProductKeyMemory(cfg)
     with torch.no_grad():
         out = pkm(torch.randn(32, 16))
@@ -147,13 +147,19 @@ def test_msn_gate_starts_near_identity():
 @pytest.mark.parametrize("target", ["item", "next_item"])
 def test_lmn_memory_loss_decreases(target):
     torch.manual_seed(4)
-    lmn = LMN(LMNConfig(item_dim=8, user_dim=4, token_dim=6, hidden_dim=12,
-                        memory=tiny_pkm(num_slots=256, topk=4), target=target))
+    lmn = LMN(
+        LMNConfig(
+            item_dim=8, user_dim=4, token_dim=6, hidden_dim=12, memory=tiny_pkm(num_slots=256, topk=4), target=target
+        )
+    )
     items, user = torch.randn(8, 10, 8), torch.randn(8, 4)
     mask = torch.arange(10)[None] >= torch.randint(0, 10, (8, 1))
-    opt = torch.optim.Adam([{"params": lmn.memory.value_parameters(), "lr": 5e-2},
-                            {"params": [p for p in lmn.parameters() if p is not lmn.memory.values.weight],
-                             "lr": 1e-2}])
+    opt = torch.optim.Adam(
+        [
+            {"params": lmn.memory.value_parameters(), "lr": 5e-2},
+            {"params": [p for p in lmn.parameters() if p is not lmn.memory.values.weight], "lr": 1e-2},
+        ]
+    )
     losses = []
     for _ in range(25):
         loss = lmn.memory_loss(items, user, mask)

@@ -11,14 +11,21 @@ from torch import nn
 from models.baselines import DLRMMLP
 from models.layers import PerTokenFFN, PerTokenLinear, PerTokenSwiGLU
 from models.quant import (
-    QuantConfig, QuantizedLinear, QuantizedPerTokenLinear, int8pack_shape_ok, int8pack_supported, quantize_int8,
-    quantize_w8a16, relative_error, weight_bytes,
+    QuantConfig,
+    QuantizedLinear,
+    QuantizedPerTokenLinear,
+    int8pack_shape_ok,
+    int8pack_supported,
+    quantize_int8,
+    quantize_w8a16,
+    relative_error,
+    weight_bytes,
 )
 from tests.models.test_baselines import NUM_ITEMS, NUM_TAGS, NUM_USERS, random_batch
 
-needs_int8pack = pytest.mark.skipif(not int8pack_supported("cpu", torch.bfloat16),
-                                    reason="torch._weight_int8pack_mm unavailable on this CPU build")
-
+needs_int8pack = pytest.mark.skipif(
+    not int8pack_supported("cpu", torch.bfloat16), reason="torch._weight_int8pack_mm unavailable on this CPU build"
+)
 
 
 class TokenModel(nn.Module):

@@ -32,10 +32,8 @@ MEMORY = [v for v in ALL if VARIANTS[v].use_msn or VARIANTS[v].use_lmn]
 CAND_FIELDS = ("cand_item", "cand_genres", "cand_year", "cand_tags")
 TOL = dict(atol=1e-5, rtol=1e-5)
 
-MODELS = {name: make_ranker(name) for name in ALL}   # eval mode; tests that train build their own
-sizes_st = dict(seed=st.integers(0, 10_000), batch=st.integers(1, 3), cands=st.integers(1, 5),
-                seq=st.integers(1, 40))
-
+MODELS = {name: make_ranker(name) for name in ALL}  # eval mode; tests that train build their own
+sizes_st = dict(seed=st.integers(0, 10_000), batch=st.integers(1, 3), cands=st.integers(1, 5), seq=st.integers(1, 40))
 
 
 # ---------------------------------------------------------------- helpers
@@ -54,8 +52,14 @@ def assert_outputs_close(a: RankerOutput, b: RankerOutput, **tol: float) -> None
 
 def select_groups(batch: GroupBatch, rows: Tensor) -> GroupBatch:
     """Groups ``rows`` of ``batch`` (every field is group-major)."""
-    return replace(batch, **{f.name: getattr(batch, f.name).index_select(0, rows)
-                             for f in fields(batch) if getattr(batch, f.name) is not None})
+    return replace(
+        batch,
+        **{
+            f.name: getattr(batch, f.name).index_select(0, rows)
+            for f in fields(batch)
+            if getattr(batch, f.name) is not None
+        },
+    )
 
 
 def with_candidates_of(batch: GroupBatch, other: GroupBatch) -> GroupBatch:
@@ -74,10 +78,12 @@ def add_padded_slots(batch: GroupBatch, extra: int, seed: int) -> GroupBatch:
     padded slot, old and new. Real slots are untouched."""
     b, n = batch.batch_size, batch.num_candidates
     g = torch.Generator().manual_seed(seed)
-    noise = {"cand_item": torch.randint(2, NUM_ITEMS, (b, n + extra), generator=g),
-             "cand_genres": torch.ones(b, n + extra, NUM_GENRES),
-             "cand_year": torch.randint(1, NUM_YEAR_BUCKETS, (b, n + extra), generator=g),
-             "cand_tags": torch.randint(1, NUM_TAGS, (b, n + extra, batch.cand_tags.shape[2]), generator=g)}
+    noise = {
+        "cand_item": torch.randint(2, NUM_ITEMS, (b, n + extra), generator=g),
+        "cand_genres": torch.ones(b, n + extra, NUM_GENRES),
+        "cand_year": torch.randint(1, NUM_YEAR_BUCKETS, (b, n + extra), generator=g),
+        "cand_tags": torch.randint(1, NUM_TAGS, (b, n + extra, batch.cand_tags.shape[2]), generator=g),
+    }
     real = torch.cat([batch.cand_mask, torch.zeros(b, extra, dtype=torch.bool)], 1)  # (B, N')
     changes = {"cand_mask": real, "labels": torch.cat([batch.labels, torch.ones(b, extra, 2)], 1)}
     for name, theirs in noise.items():
@@ -165,8 +171,9 @@ def test_logits_depend_on_user_sequence_and_candidates(variant: str) -> None:
 @pytest.mark.parametrize("variant", ALL)
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 10_000), batch=st.integers(1, 3), cands=st.integers(1, 5), other_cands=st.integers(1, 5))
-def test_candidates_leave_user_state_bit_identical(variant: str, seed: int, batch: int, cands: int,
-                                                   other_cands: int) -> None:
+def test_candidates_leave_user_state_bit_identical(
+    variant: str, seed: int, batch: int, cands: int, other_cands: int
+) -> None:
     model = MODELS[variant]
     data = random_groups(seed, batch, cands, seq=20)
     # Same N with perturbed candidate features, and a different N altogether.
@@ -194,10 +201,10 @@ def test_ugsep_user_tokens_of_the_backbone_come_from_user_inputs_only(variant: s
         alone = model.encode_user(select_groups(data, torch.tensor([1])))
     assert len(state.backbone.tokens) == model.backbone.cfg.backbone_config.num_layers + 1
     assert not torch.allclose(state.backbone.output, other.backbone.output)
-    for mine, single in zip(state.backbone.tokens + state.backbone.contents, alone.backbone.tokens
-                            + alone.backbone.contents):
+    for mine, single in zip(
+        state.backbone.tokens + state.backbone.contents, alone.backbone.tokens + alone.backbone.contents
+    ):
         torch.testing.assert_close(mine[1:2], single, **TOL)
-
 
 
 @pytest.mark.parametrize("variant", ["ugsep", "ugsep_msn_lmn", "tml_longer"])
@@ -219,6 +226,7 @@ def test_reference_user_side_computed_with_the_candidate_inside_matches_the_cach
                 masked = model.backbone(ref.x_user, x_group).tokens[:, 0, :t_u]  # (B*N, T_u, D)
                 torch.testing.assert_close(masked, state.backbone.output.repeat_interleave(n, 0), **TOL)
 
+
 # ---------------------------------------------------------------- 3. candidate-permutation equivariance
 @pytest.mark.parametrize("variant", ALL)
 @settings(max_examples=8, deadline=None)
@@ -236,8 +244,9 @@ def test_candidate_permutation_permutes_logits(variant: str, seed: int, batch: i
 @pytest.mark.parametrize("variant", ALL)
 @settings(max_examples=8, deadline=None)
 @given(extra_seq=st.integers(1, 8), extra_cands=st.integers(1, 3), **sizes_st)
-def test_padding_does_not_change_real_logits(variant: str, extra_seq: int, extra_cands: int, seed: int,
-                                             batch: int, cands: int, seq: int) -> None:
+def test_padding_does_not_change_real_logits(
+    variant: str, extra_seq: int, extra_cands: int, seed: int, batch: int, cands: int, seq: int
+) -> None:
     assert seq + extra_seq <= MAX_SEQ
     model, data = MODELS[variant], random_groups(seed, batch, cands, seq)
     base = run(model, data).logits
@@ -253,17 +262,16 @@ def test_padding_does_not_change_real_logits(variant: str, extra_seq: int, extra
 @pytest.mark.parametrize("variant", ALL)
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 10_000), batch=st.integers(2, 4), cands=st.integers(1, 5), seq=st.integers(1, 40))
-def test_group_logits_do_not_depend_on_other_groups(variant: str, seed: int, batch: int, cands: int,
-                                                    seq: int) -> None:
+def test_group_logits_do_not_depend_on_other_groups(variant: str, seed: int, batch: int, cands: int, seq: int) -> None:
     model, data = MODELS[variant], random_groups(seed, batch, cands, seq)
     full = run(model, data)
     row = seed % batch
     alone = run(model, select_groups(data, torch.tensor([row])))
     reordered = run(model, select_groups(data, torch.arange(batch).flip(0)))
-    torch.testing.assert_close(alone.logits, full.logits[row:row + 1], **TOL)
+    torch.testing.assert_close(alone.logits, full.logits[row : row + 1], **TOL)
     torch.testing.assert_close(reordered.logits, full.logits.flip(0), **TOL)
     for a, f in zip(alone.aux_logits, full.aux_logits):
-        torch.testing.assert_close(a, f[row:row + 1], **TOL)
+        torch.testing.assert_close(a, f[row : row + 1], **TOL)
 
 
 # ---------------------------------------------------------------- 6. state_dict round trip

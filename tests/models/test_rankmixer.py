@@ -11,8 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.layers import AuxLosses, token_mix
-from models.rankmixer import (FeatureGroup, RankMixer, RankMixerConfig, ReLUMoEConfig, SemanticTokenizer,
-                              TokenizerConfig, rankmixer_flops_per_sample)
+from models.rankmixer import (
+    FeatureGroup,
+    RankMixer,
+    RankMixerConfig,
+    ReLUMoEConfig,
+    SemanticTokenizer,
+    TokenizerConfig,
+    rankmixer_flops_per_sample,
+)
 
 
 def tiny_config(**overrides) -> RankMixerConfig:
@@ -26,14 +33,22 @@ def moe_config(**moe) -> RankMixerConfig:
 
 
 def tokenizer_config(use_global_token: bool = True) -> TokenizerConfig:
-    groups = (FeatureGroup("profile", 3, "user"), FeatureGroup("item", 5, "group"),
-              FeatureGroup("history", 2, "user"), FeatureGroup("cross", 4, "group"))
+    groups = (
+        FeatureGroup("profile", 3, "user"),
+        FeatureGroup("item", 5, "group"),
+        FeatureGroup("history", 2, "user"),
+        FeatureGroup("cross", 4, "group"),
+    )
     return TokenizerConfig(groups=groups, dim=8, use_global_token=use_global_token)
 
 
 def features(b: int = 2, n: int = 3) -> dict[str, torch.Tensor]:
-    return {"profile": torch.randn(b, 3), "history": torch.randn(b, 2),
-            "item": torch.randn(b, n, 5), "cross": torch.randn(b, n, 4)}
+    return {
+        "profile": torch.randn(b, 3),
+        "history": torch.randn(b, 2),
+        "item": torch.randn(b, n, 5),
+        "cross": torch.randn(b, n, 4),
+    }
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -84,8 +99,9 @@ def test_block_matches_post_ln_formula():
     x = torch.randn(5, 4, 8)
     s = F.layer_norm(token_mix(x, 4) + x, (8,), block.mix_norm.weight, block.mix_norm.bias)
     up, down = block.ffn.up, block.ffn.down
-    pffn = torch.stack([F.gelu(s[:, t] @ up.weight[t] + up.bias[t]) @ down.weight[t] + down.bias[t]
-                        for t in range(4)], dim=1)
+    pffn = torch.stack(
+        [F.gelu(s[:, t] @ up.weight[t] + up.bias[t]) @ down.weight[t] + down.bias[t] for t in range(4)], dim=1
+    )
     expected = F.layer_norm(pffn + s, (8,), block.ffn_norm.weight, block.ffn_norm.bias)
     torch.testing.assert_close(block(x, AuxLosses()), expected, atol=1e-5, rtol=1e-5)
 
@@ -122,7 +138,7 @@ def test_config_errors():
 
 def test_flops_formula_matches_paper_estimate():
     cfg = RankMixerConfig(num_tokens=16, dim=768, num_layers=2, expansion=2.0)
-    assert rankmixer_flops_per_sample(cfg) == 4 * 2 * 2 * 16 * 768 ** 2  # ~ 4kLTD^2
+    assert rankmixer_flops_per_sample(cfg) == 4 * 2 * 2 * 16 * 768**2  # ~ 4kLTD^2
 
 
 # ---------------------------------------------------------------- sparse MoE
@@ -140,8 +156,14 @@ def test_sparse_inference_equals_dense_experts_on_active_gates():
 def _train_moe(distill_weight: float, steps: int = 150) -> tuple[float, float]:
     """Short training on a synthetic regression; returns (eval active ratio, final l1 coef)."""
     torch.manual_seed(6)
-    model = RankMixer(tiny_config(num_layers=1, moe=ReLUMoEConfig(
-        num_experts=4, expert_expansion=1.0, target_active_ratio=0.4, distill_weight=distill_weight)))
+    model = RankMixer(
+        tiny_config(
+            num_layers=1,
+            moe=ReLUMoEConfig(
+                num_experts=4, expert_expansion=1.0, target_active_ratio=0.4, distill_weight=distill_weight
+            ),
+        )
+    )
     head = torch.nn.Linear(8, 1)
     opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=1e-2)
     for _ in range(steps):

@@ -11,8 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.layers import AuxLosses, token_mix, token_revert
-from models.tokenmixer_large import (SparseMoEConfig, SparsePerTokenMoE, TokenMixerLarge, TokenMixerLargeConfig,
-                                     flops_per_sample)
+from models.tokenmixer_large import (
+    SparseMoEConfig,
+    SparsePerTokenMoE,
+    TokenMixerLarge,
+    TokenMixerLargeConfig,
+    flops_per_sample,
+)
 
 
 def tiny_config(**overrides) -> TokenMixerLargeConfig:
@@ -55,8 +60,9 @@ def test_block_matches_paper_formula(norm, heads):
     torch.testing.assert_close(block(x, AuxLosses()), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("layers,every,expected", [(4, 2, (1,)), (6, 3, (2,)), (3, 3, ()), (4, 1, (0, 1, 2)),
-                                                   (5, 2, (1, 3)), (4, 0, ())])
+@pytest.mark.parametrize(
+    "layers,every,expected", [(4, 2, (1,)), (6, 3, (2,)), (3, 3, ()), (4, 1, (0, 1, 2)), (5, 2, (1, 3)), (4, 0, ())]
+)
 def test_residual_schedule_never_on_last_block(layers, every, expected):
     assert tiny_config(num_layers=layers, residual_every=every, aux_layers=()).residual_layers == expected
 

@@ -17,24 +17,51 @@ T_U, T_G, D = 3, 3, 12
 
 VARIANTS = {
     "tml": dict(backbone="tokenmixer_large"),
-    "tml_post_heads": dict(backbone="tokenmixer_large", tokenmixer_large=TokenMixerLargeConfig(
-        num_tokens=6, dim=D, num_layers=3, heads=4, norm="post", expansion=2.0, residual_every=2,
-        aux_layers=(0,), down_init_std=0.2)),
-    "tml_moe": dict(backbone="tokenmixer_large", tokenmixer_large=TokenMixerLargeConfig(
-        num_tokens=6, dim=D, num_layers=2, expansion=2.0, aux_layers=(0,), down_init_std=0.2,
-        moe=SparseMoEConfig(num_experts=3, top_k=2))),
+    "tml_post_heads": dict(
+        backbone="tokenmixer_large",
+        tokenmixer_large=TokenMixerLargeConfig(
+            num_tokens=6,
+            dim=D,
+            num_layers=3,
+            heads=4,
+            norm="post",
+            expansion=2.0,
+            residual_every=2,
+            aux_layers=(0,),
+            down_init_std=0.2,
+        ),
+    ),
+    "tml_moe": dict(
+        backbone="tokenmixer_large",
+        tokenmixer_large=TokenMixerLargeConfig(
+            num_tokens=6,
+            dim=D,
+            num_layers=2,
+            expansion=2.0,
+            aux_layers=(0,),
+            down_init_std=0.2,
+            moe=SparseMoEConfig(num_experts=3, top_k=2),
+        ),
+    ),
     "rankmixer": dict(backbone="rankmixer"),
-    "rankmixer_moe": dict(backbone="rankmixer", rankmixer=RankMixerConfig(
-        num_tokens=6, dim=D, num_layers=2, moe=ReLUMoEConfig(num_experts=3, expert_expansion=1.0))),
+    "rankmixer_moe": dict(
+        backbone="rankmixer",
+        rankmixer=RankMixerConfig(
+            num_tokens=6, dim=D, num_layers=2, moe=ReLUMoEConfig(num_experts=3, expert_expansion=1.0)
+        ),
+    ),
 }
 
 
 def tiny_config(variant: str = "tml", use_compensation: bool = True) -> UGSepConfig:
     base = dict(
-        num_user_tokens=T_U, use_compensation=use_compensation,
-        tokenmixer_large=TokenMixerLargeConfig(num_tokens=6, dim=D, num_layers=4, expansion=2.0, residual_every=2,
-                                               aux_layers=(0, 1), down_init_std=0.2),
-        rankmixer=RankMixerConfig(num_tokens=6, dim=D, num_layers=2, expansion=2.0))
+        num_user_tokens=T_U,
+        use_compensation=use_compensation,
+        tokenmixer_large=TokenMixerLargeConfig(
+            num_tokens=6, dim=D, num_layers=4, expansion=2.0, residual_every=2, aux_layers=(0, 1), down_init_std=0.2
+        ),
+        rankmixer=RankMixerConfig(num_tokens=6, dim=D, num_layers=2, expansion=2.0),
+    )
     base.update(VARIANTS[variant])
     return UGSepConfig(**base)
 
@@ -125,8 +152,12 @@ def test_states_take_selects_groups():
     x_user, x_group = inputs(3, 2)
     states = model.forward_user(x_user)
     rows = torch.tensor([2, 0])
-    torch.testing.assert_close(model.forward_group(states.take(rows), x_group[rows]).tokens,
-                               model.forward_group(states, x_group).tokens[rows], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        model.forward_group(states.take(rows), x_group[rows]).tokens,
+        model.forward_group(states, x_group).tokens[rows],
+        atol=1e-6,
+        rtol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("variant", ["tml", "tml_moe", "rankmixer", "rankmixer_moe"])
@@ -166,10 +197,21 @@ def test_bad_shapes_and_config_are_named():
 def test_configs_load_from_plain_dicts():
     from components.config_loader import from_dict, to_dict
 
-    cfg = from_dict(UGSepConfig, {"num_user_tokens": 2, "backbone": "tokenmixer_large",
-                                  "tokenmixer_large": {"num_tokens": 6, "dim": 12, "heads": None, "aux_layers": [0],
-                                                       "moe": {"num_experts": 4, "top_k": 1}},
-                                  "rankmixer": {"num_tokens": 6, "dim": 12, "moe": {"num_experts": 2}}})
+    cfg = from_dict(
+        UGSepConfig,
+        {
+            "num_user_tokens": 2,
+            "backbone": "tokenmixer_large",
+            "tokenmixer_large": {
+                "num_tokens": 6,
+                "dim": 12,
+                "heads": None,
+                "aux_layers": [0],
+                "moe": {"num_experts": 4, "top_k": 1},
+            },
+            "rankmixer": {"num_tokens": 6, "dim": 12, "moe": {"num_experts": 2}},
+        },
+    )
     assert cfg.tokenmixer_large.aux_layers == (0,) and cfg.tokenmixer_large.moe.alpha == 4.0
     assert from_dict(UGSepConfig, to_dict(cfg)) == cfg
 

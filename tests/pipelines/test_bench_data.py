@@ -32,8 +32,9 @@ def test_bench_data_tiny_run_writes_the_record(ray_session, tmp_path):
     labels = table["label_like"].combine_chunks()
     flipped = pc.subtract(pa.scalar(1, pa.int8()), labels.values.slice(0, 1))
     values = pa.concat_arrays([flipped, labels.values.slice(1)])
-    table = table.set_column(table.column_names.index("label_like"), "label_like",
-                             pa.ListArray.from_arrays(labels.offsets, values))
+    table = table.set_column(
+        table.column_names.index("label_like"), "label_like", pa.ListArray.from_arrays(labels.offsets, values)
+    )
     lake.write_table(ref_samples, table, partition_by=["split", "bucket"])
     assert compare_lakes(str(workdir / "lake"), str(workdir / "lake_ref")) == ["samples.label_like differs"]
     assert np.isfinite(record["events_per_s"])

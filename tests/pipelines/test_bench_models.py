@@ -5,17 +5,38 @@ from __future__ import annotations
 import json
 import math
 
-from pipelines.bench_models import BenchSizes, run
-from pipelines.bench import main
-
 import torch
 
-KEYS = ("reuse_speedup", "reuse_max_abs_diff", "kv_cache_speedup", "mfu_backbone", "pkm_overhead_frac",
-        "moe_sparse_speedup", "w8a16_weight_bytes_ratio", "w8a16_max_rel_err")
+from pipelines.bench import main
+from pipelines.bench_models import BenchSizes, run
 
-TINY = BenchSizes(batch_groups=1, num_candidates=8, seq_len=64, embedding_dim=16, dim=32, tml_tokens=8,
-                  tml_dim=64, tml_layers=2, tml_batch=32, moe_dim=32, moe_batch=32, pkm_slots=4096,
-                  repeats=1, peak_seconds=0.05)
+KEYS = (
+    "reuse_speedup",
+    "reuse_max_abs_diff",
+    "kv_cache_speedup",
+    "mfu_backbone",
+    "pkm_overhead_frac",
+    "moe_sparse_speedup",
+    "w8a16_weight_bytes_ratio",
+    "w8a16_max_rel_err",
+)
+
+TINY = BenchSizes(
+    batch_groups=1,
+    num_candidates=8,
+    seq_len=64,
+    embedding_dim=16,
+    dim=32,
+    tml_tokens=8,
+    tml_dim=64,
+    tml_layers=2,
+    tml_batch=32,
+    moe_dim=32,
+    moe_batch=32,
+    pkm_slots=4096,
+    repeats=1,
+    peak_seconds=0.05,
+)
 
 
 def test_tiny_run_reports_every_key_and_exactness():
@@ -44,4 +65,3 @@ def test_cli_requires_json(capsys):
     except SystemExit as exc:
         assert exc.code == 2
     assert "--json" in capsys.readouterr().err
-

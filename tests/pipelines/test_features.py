@@ -14,28 +14,53 @@ from components.transforms import action_bucket
 from pipelines.bench_data import compare_lakes, synthetic_lake
 from pipelines.config import FeaturesConfig, LakeConfig, PipelineConfig, validate_features_config
 from pipelines.features import (
-    SAMPLES_SCHEMA, SEQUENCES_SCHEMA, BucketContext, build_bucket, item_arrays, main, run_features,
+    SAMPLES_SCHEMA,
+    SEQUENCES_SCHEMA,
+    BucketContext,
+    build_bucket,
+    item_arrays,
+    main,
+    run_features,
 )
 from pipelines.features_reference import reference_tables, run_reference
 
 # ----------------------------------------------------------------------------- hand-built bucket
 # user 1: two sessions (gap 4890 s > 1800 s); a ts tie at 100 (items 10 and 5) and at 5010.
 HAND_EVENTS = [  # (user, ts, item, value)
-    (1, 100, 10, 4.0), (1, 5010, 14, 3.0), (1, 100, 5, 2.0), (1, 110, 11, 5.0),
-    (1, 5000, 12, 1.0), (1, 5010, 13, 4.5), (2, 300, 99, 4.0), (2, 4000, 20, 1.0),
+    (1, 100, 10, 4.0),
+    (1, 5010, 14, 3.0),
+    (1, 100, 5, 2.0),
+    (1, 110, 11, 5.0),
+    (1, 5000, 12, 1.0),
+    (1, 5010, 13, 4.5),
+    (2, 300, 99, 4.0),
+    (2, 4000, 20, 1.0),
 ]
 ITEM_IDS = np.array([5, 10, 11, 12, 13, 14, *range(20, 30)], np.int64)  # item_idx 2.. in this order
-HAND_CFG = FeaturesConfig(candidates_per_group=6, max_positives_per_group=2, session_gap_s=1800,
-                          tags_per_item=2, like_threshold=4.0, min_seq_len=1)
+HAND_CFG = FeaturesConfig(
+    candidates_per_group=6,
+    max_positives_per_group=2,
+    session_gap_s=1800,
+    tags_per_item=2,
+    like_threshold=4.0,
+    min_seq_len=1,
+)
 HAND_USERS = pa.table({"user_id": np.array([2, 1, 5], np.int64), "user_idx": np.array([8, 7, 9], np.int32)})
 
 
 def _items_table() -> pa.Table:
     idx = np.arange(2, ITEM_IDS.size + 2, dtype=np.int32)
     tags = [[int(i), int(i) + 100, int(i) + 200] if i % 2 else [int(i)] for i in idx]
-    return pa.table({"item_id": ITEM_IDS, "item_idx": idx, "title": pa.nulls(idx.size, pa.string()),
-                     "genre_mask": idx * 3, "year": (1990 + idx).astype(np.int16),
-                     "tag_ids": pa.array(tags, pa.list_(pa.int32()))})
+    return pa.table(
+        {
+            "item_id": ITEM_IDS,
+            "item_idx": idx,
+            "title": pa.nulls(idx.size, pa.string()),
+            "genre_mask": idx * 3,
+            "year": (1990 + idx).astype(np.int16),
+            "tag_ids": pa.array(tags, pa.list_(pa.int32())),
+        }
+    )
 
 
 def _hand_context(cutoffs: groups.TimeCutoffs) -> BucketContext:
@@ -46,8 +71,14 @@ def _hand_context(cutoffs: groups.TimeCutoffs) -> BucketContext:
 
 def _events(rows) -> pa.Table:
     user, ts, item, value = map(np.array, zip(*rows))
-    return pa.table({"user_id": user.astype(np.int64), "item_id": item.astype(np.int64),
-                     "ts": ts.astype(np.int64), "value": value.astype(np.float32)})
+    return pa.table(
+        {
+            "user_id": user.astype(np.int64),
+            "item_id": item.astype(np.int64),
+            "ts": ts.astype(np.int64),
+            "value": value.astype(np.float32),
+        }
+    )
 
 
 def test_hand_built_sequences_and_groups():
@@ -61,8 +92,9 @@ def test_hand_built_sequences_and_groups():
     assert seq[1]["item_idx"] == [1, 8] and seq[0]["bucket"] == 3
     rows = samples.to_pylist()
     first_event_pos = np.array([2, 3, 5, 1])  # the 5010 group starts at event 5 but sees only 4
-    np.testing.assert_array_equal(samples["group_id"].to_numpy(),
-                                  groups.group_ids(samples["user_id"].to_numpy(), first_event_pos))
+    np.testing.assert_array_equal(
+        samples["group_id"].to_numpy(), groups.group_ids(samples["user_id"].to_numpy(), first_event_pos)
+    )
     # Groups: session chunks of <= 2 events; the first chunk of each user has no history (dropped).
     got = [(r["user_id"], r["request_ts"], r["seq_end"], r["split"]) for r in rows]
     assert got == [(1, 110, 2, "train"), (1, 5000, 3, "valid"), (1, 5010, 4, "valid"), (2, 4000, 1, "train")]
@@ -87,13 +119,15 @@ def test_hand_built_sequences_and_groups():
 
 def test_bucket_build_equals_reference_on_hand_events():
     events = _events(HAND_EVENTS)
-    ref_seq, ref_samples = reference_tables(events.append_column("bucket", pa.array([3] * 8, pa.int32())),
-                                            _items_table(), HAND_USERS, HAND_CFG)
+    ref_seq, ref_samples = reference_tables(
+        events.append_column("bucket", pa.array([3] * 8, pa.int32())), _items_table(), HAND_USERS, HAND_CFG
+    )
     counts = np.zeros(ITEM_IDS.size + 2, np.int64)
-    np.add.at(counts, [3, 2, 4, 5, 1, 8], 1)    # popularity of the train-period events (ts < 5010) by item_idx
+    np.add.at(counts, [3, 2, 4, 5, 1, 8], 1)  # popularity of the train-period events (ts < 5010) by item_idx
     # Default fractions: ranks floor(8 * 0.8) = 6 and floor(8 * 0.9) = 7 of the sorted times -> 5010, 5010.
-    ctx = BucketContext(**{**_hand_context(groups.TimeCutoffs(5010, 5010)).__dict__,
-                           "negative_cdf": groups.negative_cdf(counts)})
+    ctx = BucketContext(
+        **{**_hand_context(groups.TimeCutoffs(5010, 5010)).__dict__, "negative_cdf": groups.negative_cdf(counts)}
+    )
     sequences, samples = build_bucket(events, HAND_USERS, 3, ctx)
     assert sequences.equals(ref_seq.sort_by("user_id"))
     assert samples.sort_by("group_id").equals(ref_samples.sort_by("group_id"))
@@ -101,19 +135,27 @@ def test_bucket_build_equals_reference_on_hand_events():
 
 # One user: an early event, then one session of 12 events every 10 s straddling both cut-offs.
 # Fractions chosen so the reference finds valid_start = 1030 (rank 4) and test_start = 1070 (rank 8).
-STRADDLE_CFG = FeaturesConfig(candidates_per_group=6, max_positives_per_group=4, session_gap_s=500,
-                              tags_per_item=2, min_seq_len=1, valid_frac=0.3, test_frac=0.35)
+STRADDLE_CFG = FeaturesConfig(
+    candidates_per_group=6,
+    max_positives_per_group=4,
+    session_gap_s=500,
+    tags_per_item=2,
+    min_seq_len=1,
+    valid_frac=0.3,
+    test_frac=0.35,
+)
 STRADDLE_TS = [0, *range(1000, 1120, 10)]
 
 
 def test_chunks_never_cross_a_split_cutoff_and_negatives_use_train_popularity():
     events = _events([(7, t, int(item), 3.0) for t, item in zip(STRADDLE_TS, ITEM_IDS)])
     cutoffs = groups.TimeCutoffs(valid_start_ts=1030, test_start_ts=1070)
-    train_idx = [2, 3, 4, 5]                  # items of the events before 1030 (item_idx = 2 + position)
+    train_idx = [2, 3, 4, 5]  # items of the events before 1030 (item_idx = 2 + position)
     counts = np.zeros(ITEM_IDS.size + 2, np.int64)
     counts[train_idx] = 1
-    ctx = BucketContext(**{**_hand_context(cutoffs).__dict__, "features": STRADDLE_CFG,
-                           "negative_cdf": groups.negative_cdf(counts)})
+    ctx = BucketContext(
+        **{**_hand_context(cutoffs).__dict__, "features": STRADDLE_CFG, "negative_cdf": groups.negative_cdf(counts)}
+    )
     _, samples = build_bucket(events, HAND_USERS, 0, ctx)
     # Without the split rule the chunks would be [1000..1030] (train, with a valid positive) and
     # [1040..1070] (valid, with a test positive).
@@ -148,8 +190,10 @@ def synthetic_root(tmp_path_factory) -> str:
 
 
 def test_ray_job_equals_reference_and_has_no_leakage(ray_session, synthetic_root, tmp_path):
-    config = PipelineConfig(lake=LakeConfig(root=synthetic_root, num_buckets=4),
-                            features=FeaturesConfig(max_positives_per_group=8, candidates_per_group=16))
+    config = PipelineConfig(
+        lake=LakeConfig(root=synthetic_root, num_buckets=4),
+        features=FeaturesConfig(max_positives_per_group=8, candidates_per_group=16),
+    )
     summary = run_features(config)
     run_reference(config, str(tmp_path / "ref"))
     assert compare_lakes(synthetic_root, str(tmp_path / "ref")) == []
@@ -176,7 +220,7 @@ def test_ray_job_equals_reference_and_has_no_leakage(ray_session, synthetic_root
     train_items = events.filter(pc.less(events["ts"], summary["valid_start_ts"]))["item_id"]
     train_idx = set(items.filter(pc.is_in(items["item_id"], train_items))["item_idx"].to_pylist())
     for cands, engage in zip(samples["cand_item_idx"].to_pylist(), samples["label_engage"].to_pylist()):
-        assert set(cands[sum(engage):]) <= train_idx
+        assert set(cands[sum(engage) :]) <= train_idx
     resolved = resolve_sequences(samples, sequences, max_seq_len=10**6)
     for row in resolved.slice(0, 300).to_pylist():
         user_ts = events.filter(pc.equal(events["user_id"], row["user_id"]))["ts"].to_numpy()
@@ -188,19 +232,21 @@ def test_ray_job_equals_reference_and_has_no_leakage(ray_session, synthetic_root
 
 def test_main_end_to_end_overwrites_atomically(ray_session, synthetic_root, tmp_path):
     preset = tmp_path / "tiny.yaml"
-    preset.write_text(f"lake:\n  root: {synthetic_root}\n  num_buckets: 4\n"
-                      "features:\n  candidates_per_group: 8\n  max_positives_per_group: 4\n")
+    preset.write_text(
+        f"lake:\n  root: {synthetic_root}\n  num_buckets: 4\n"
+        "features:\n  candidates_per_group: 8\n  max_positives_per_group: 4\n"
+    )
     assert main(["--config", str(preset), "--features.max_seq_len=50"]) == 0
     samples_uri = lake.table_uri(synthetic_root, "samples")
-    assert lake.commit_metadata(samples_uri)["max_seq_len"] == "50"   # the loader's default truncation
+    assert lake.commit_metadata(samples_uri)["max_seq_len"] == "50"  # the loader's default truncation
     version, rows = lake.table_version(samples_uri), lake.read_table(samples_uri).num_rows
-    assert main(["--config", str(preset)]) == 0                      # a re-run is one new version
+    assert main(["--config", str(preset)]) == 0  # a re-run is one new version
     assert lake.table_version(samples_uri) == version + 1
     assert lake.read_table(samples_uri).num_rows == rows
     assert {len(c) for c in lake.read_table(samples_uri)["cand_item_idx"].to_pylist()} == {8}
     assert main(["--config", str(preset), "--features.max_positives_per_group=99"]) == 2
     assert main(["--config", str(preset), "--features.bogus=1"]) == 2
-    assert lake.table_version(samples_uri) == version + 1              # failed runs commit nothing
+    assert lake.table_version(samples_uri) == version + 1  # failed runs commit nothing
 
 
 def test_missing_events_table_is_named(ray_session, tmp_path):
@@ -210,7 +256,7 @@ def test_missing_events_table_is_named(ray_session, tmp_path):
 
 def test_events_table_without_rows_is_a_clear_error(ray_session, tmp_path):
     root = str(tmp_path / "lake")
-    uri = lake.table_uri(root, "events")       # one bucket partition holding an empty file
+    uri = lake.table_uri(root, "events")  # one bucket partition holding an empty file
     part = lake.write_data_file(lake.EVENTS_SCHEMA.empty_table(), uri, {"bucket": "0"}, "empty")
     lake.commit_files_overwrite(uri, lake.EVENTS_SCHEMA, ["bucket"], [part])
     with pytest.raises(lake.LakeError, match="events table .* has no rows"):
@@ -221,6 +267,7 @@ def test_events_table_without_rows_is_a_clear_error(ray_session, tmp_path):
 
 
 def test_empty_bucket_builds_empty_tables():
-    sequences, samples = build_bucket(_events(HAND_EVENTS).slice(0, 0), HAND_USERS, 0,
-                                      _hand_context(groups.TimeCutoffs(0, 0)))
+    sequences, samples = build_bucket(
+        _events(HAND_EVENTS).slice(0, 0), HAND_USERS, 0, _hand_context(groups.TimeCutoffs(0, 0))
+    )
     assert sequences.num_rows == samples.num_rows == 0 and samples.schema == SAMPLES_SCHEMA

@@ -8,12 +8,21 @@ from pipelines.run import main
 
 
 def test_run_synthetic_end_to_end(ray_session, tmp_path, capsys):
-    code = main([
-        "--config", "demo", f"--lake.root={tmp_path / 'lake'}", "--lake.num_buckets=2",
-        "--ingest.source=synthetic", "--ingest.synthetic.num_events=3000",
-        "--ingest.synthetic.num_users=40", "--ingest.synthetic.num_items=300",
-        "--ingest.synthetic.max_history=600", "--features.max_seq_len=50", "--ray.enable_progress_bars=false",
-    ])
+    code = main(
+        [
+            "--config",
+            "demo",
+            f"--lake.root={tmp_path / 'lake'}",
+            "--lake.num_buckets=2",
+            "--ingest.source=synthetic",
+            "--ingest.synthetic.num_events=3000",
+            "--ingest.synthetic.num_users=40",
+            "--ingest.synthetic.num_items=300",
+            "--ingest.synthetic.max_history=600",
+            "--features.max_seq_len=50",
+            "--ray.enable_progress_bars=false",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     for table in ("events", "items", "users", "sequences", "samples"):
@@ -31,8 +40,15 @@ def test_run_rejects_bad_override(capsys):
 
 
 def test_run_config_the_generator_cannot_honour_exits_2(tmp_path, capsys):
-    code = main(["--config", "demo", f"--lake.root={tmp_path / 'lake'}", "--ingest.source=synthetic",
-                 "--ingest.synthetic.num_items=1"])
+    code = main(
+        [
+            "--config",
+            "demo",
+            f"--lake.root={tmp_path / 'lake'}",
+            "--ingest.source=synthetic",
+            "--ingest.synthetic.num_items=1",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "num_items" in err and "Traceback" not in err
