@@ -7,7 +7,15 @@
   instead of T small ones.
 - Grouped expert GEMM: permute (row, token, expert) assignments into a padded
   per-(token, expert) buffer, run one ``bmm`` over all groups, gather back.
+- Split-input first layers (UG-Sep): a per-token FFN whose input is ``[x_user ; x_group]``
+  along the features and whose first layer is linear and bias-free computes the user
+  half's contribution once per group (``first_partial``) and adds the group half per
+  candidate (``forward_split``); RMSNorm's per-row scale factors out of that first layer.
 - ``AuxLosses`` / ``BackboneOutput``: what a backbone returns besides its tokens.
+- ``masked_mean``: the one masked average of the project.
+
+Every per-token FFN has one forward signature, ``ffn(x, tokens, aux)``: ``tokens`` selects
+the positions ``x`` holds, ``aux`` collects auxiliary losses (ignored by dense FFNs).
 
 Activations are batch-major ``(..., T, d)`` at every public API. Internally ``bmm`` runs
 on the transposed view ``(T, M, d)``; BLAS takes the strided rows without a copy, and the
@@ -17,13 +25,16 @@ result is left token-major in memory, which the next ``bmm`` reads for free.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 ALL_TOKENS = slice(None)
+ALL_INPUTS = slice(None)
 
 
 def select_tokens(param: Tensor, tokens: slice) -> Tensor:
@@ -104,10 +115,21 @@ class PerTokenLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_tokens, d_out)) if bias else None
         _init_per_token(self.weight, d_in, init_std)
 
-    def forward(self, x: Tensor, tokens: slice = ALL_TOKENS) -> Tensor:
-        """``x``: (..., T', d_in) where T' is the number of positions selected by ``tokens``."""
+    def forward(self, x: Tensor, tokens: slice = ALL_TOKENS, inputs: slice = ALL_INPUTS) -> Tensor:
+        """``x``: (..., T', d_in') with T' the positions selected by ``tokens`` and d_in' the
+        input features selected by ``inputs``: a partial input gives that part's contribution,
+        ``x @ weight[t][inputs]``, which is only well defined for a bias-free layer."""
+        weight = select_tokens(self.weight, tokens)
+        if inputs != ALL_INPUTS:
+            if self.bias is not None:
+                raise ValueError("PerTokenLinear: a partial input needs a bias-free layer (the bias is not split)")
+            weight = weight[:, inputs]  # (T', d_in', d_out): a row block, bmm reads it without a copy
         bias = None if self.bias is None else select_tokens(self.bias, tokens)
-        return per_token_matmul(x, select_tokens(self.weight, tokens), bias)
+        return per_token_matmul(x, weight, bias)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
 
 
 class PerTokenFFN(nn.Module):
@@ -118,7 +140,7 @@ class PerTokenFFN(nn.Module):
         self.up = PerTokenLinear(num_tokens, dim, hidden)
         self.down = PerTokenLinear(num_tokens, hidden, dim)
 
-    def forward(self, x: Tensor, tokens: slice = ALL_TOKENS) -> Tensor:
+    def forward(self, x: Tensor, tokens: slice = ALL_TOKENS, aux: AuxLosses | None = None) -> Tensor:
         return self.down(F.gelu(self.up(x, tokens)), tokens)
 
 
@@ -151,8 +173,35 @@ class PerTokenSwiGLU(nn.Module):
         self.gate_up = PerTokenLinear(num_tokens, dim, 2 * hidden, bias=False)
         self.down = PerTokenLinear(num_tokens, hidden, dim, bias=False, init_std=down_init_std)
 
-    def forward(self, x: Tensor, tokens: slice = ALL_TOKENS) -> Tensor:
+    def forward(self, x: Tensor, tokens: slice = ALL_TOKENS, aux: AuxLosses | None = None) -> Tensor:
         return self.down(swiglu(self.gate_up(x, tokens), self.hidden), tokens)
+
+    # ---- split input (UG-Sep): x = [x_user ; x_group] along the features, all T positions
+    def first_partial(self, x_user: Tensor) -> Tensor:
+        """The user features' share of the fused gate/up pre-activation: (..., T, k) -> (..., T, 2h)."""
+        return self.gate_up(x_user, inputs=slice(0, x_user.shape[-1]))
+
+    def forward_split(
+        self, x_group: Tensor | None, partial: Tensor, scale: Tensor | None = None, aux: AuxLosses | None = None
+    ) -> Tensor:
+        """``forward(scale * [x_user ; x_group])`` from ``partial = first_partial(x_user)``.
+
+        ``partial`` (B, T, 2h) is broadcast over the extra candidate dims of ``x_group``
+        (B, N, T, d - k); ``x_group=None`` means a zero group half (the masked user path).
+        ``scale`` (..., T, 1) is a per-row factor of the whole input (RMSNorm's 1/rms).
+        """
+        pre = partial
+        if x_group is not None:
+            group_inputs = slice(self.gate_up.in_features - x_group.shape[-1], None)
+            pre = broadcast_rows(partial, x_group) + self.gate_up(x_group, inputs=group_inputs)
+        if scale is not None:
+            pre = pre * scale
+        return self.down(swiglu(pre, self.hidden))
+
+
+def broadcast_rows(per_group: Tensor, like: Tensor) -> Tensor:
+    """(B, *S) per-group values viewed as (B, 1, ..., *S) to broadcast against ``like`` (B, N, ..., *S)."""
+    return per_group.reshape(per_group.shape[0], *([1] * (like.dim() - per_group.dim())), *per_group.shape[1:])
 
 
 class RMSNorm(nn.Module):
@@ -163,12 +212,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def inv_rms(self, sq_norm: Tensor) -> Tensor:
+        """``1 / sqrt(mean(x^2) + eps)`` from a row's squared L2 norm (..., 1): the per-row scale,
+        which UG-Sep assembles from the user and group halves' squared norms."""
+        return torch.rsqrt(sq_norm / self.weight.shape[0] + self.eps)
+
     def forward(self, x: Tensor) -> Tensor:
         # One vector_norm pass + one scaling pass: ~2x faster on CPU than F.rms_norm,
         # whose decomposition (pow, sum, mul) walks the tensor four times.
-        dim = x.shape[-1]
-        sq_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square()
-        scaled = x * torch.rsqrt(sq_norm / dim + self.eps)
+        scaled = x * self.inv_rms(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square())
         return scaled * self.weight if _needs_autograd(scaled) else scaled.mul_(self.weight)
 
 
@@ -207,6 +259,12 @@ class ExpertDispatch:
         buf = rows.new_zeros(self.num_groups * self.capacity, rows.shape[-1])
         buf = buf.index_copy(0, self.dest, rows.index_select(0, self.src))
         return buf.view(self.num_groups, self.capacity, rows.shape[-1])  # (G, C, d)
+
+    def place(self, values: Tensor) -> Tensor:
+        """(n, f) per-assignment values in the caller's order -> (G, C, f) group buffer (zero padding)."""
+        buf = values.new_zeros(self.num_groups * self.capacity, values.shape[-1])
+        buf = buf.index_copy(0, self.dest, values.index_select(0, self.order))
+        return buf.view(self.num_groups, self.capacity, values.shape[-1])  # (G, C, f)
 
     def gather(self, out: Tensor) -> Tensor:
         """(G, C, d) group results -> (n, d), one row per assignment in the caller's order."""
@@ -262,3 +320,29 @@ class BackboneOutput:
     pooled: Tensor
     shallow_logits: tuple[Tensor, ...] = ()
     aux: AuxLosses = field(default_factory=AuxLosses)
+
+
+# ---------------------------------------------------------------- masking and state helpers
+def masked_mean(x: Tensor, mask: Tensor, dim: int) -> Tensor:
+    """Mean of ``x`` (..., F) over ``dim`` where ``mask`` (x's shape without F) is True; 0 where none is."""
+    weight = mask.unsqueeze(-1).to(x.dtype)
+    return (x * weight).sum(dim) / weight.sum(dim).clamp_min(1.0)
+
+
+def map_tensors(fn: Callable[[Tensor], Tensor], tree: Any) -> Any:
+    """``fn`` applied to every tensor of a tree of tuples / NamedTuples (None passes through)."""
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if isinstance(tree, tuple):
+        mapped = [map_tensors(fn, item) for item in tree]
+        return type(tree)(*mapped) if hasattr(tree, "_fields") else tuple(mapped)
+    if tree is None:
+        return None
+    raise TypeError(f"map_tensors: unsupported node {type(tree).__name__}")
+
+
+def tree_nbytes(tree: Any) -> int:
+    """Bytes held by the tensors of a tree (see ``map_tensors``)."""
+    sizes: list[int] = []
+    map_tensors(lambda t: sizes.append(t.numel() * t.element_size()) or t, tree)
+    return sum(sizes)

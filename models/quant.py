@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from models.cost import is_sparse_module, sparse_tensor_ids
-from models.layers import ALL_TOKENS, PerTokenLinear, per_token_matmul
+from models.layers import ALL_INPUTS, ALL_TOKENS, PerTokenLinear, per_token_matmul
 
 logger = logging.getLogger(__name__)
 
@@ -231,13 +231,23 @@ class QuantizedPerTokenLinear(_W8Module):
         """Dequantised (T, d_in, d_out) fp32 weight."""
         return (self.qweight.float() * self.scale.unsqueeze(-1)).transpose(1, 2)
 
-    def forward(self, x: Tensor, tokens: slice = ALL_TOKENS) -> Tensor:
-        """``x``: (..., T', d_in) with T' the positions selected by ``tokens``."""
+    @property
+    def in_features(self) -> int:
+        return self.d_in
+
+    def forward(self, x: Tensor, tokens: slice = ALL_TOKENS, inputs: slice = ALL_INPUTS) -> Tensor:
+        """``x``: (..., T', d_in') with T' the positions selected by ``tokens`` and d_in' the input
+        features selected by ``inputs`` (a bias-free layer's partial product, as ``PerTokenLinear``)."""
         qweight, scale = self.qweight[tokens], self.scale[tokens]
         bias = None if self.bias is None else self.bias[tokens]
-        if x.shape[-2:] != (qweight.shape[0], self.d_in):
+        if inputs != ALL_INPUTS:
+            if bias is not None:
+                raise ValueError("QuantizedPerTokenLinear: a partial input needs a bias-free layer")
+            qweight = qweight[:, :, inputs].contiguous()  # (T', d_out, d_in'): the kernel wants K contiguous
+        if x.shape[-2:] != qweight.shape[::2]:
             raise ValueError(
-                f"QuantizedPerTokenLinear expects (..., {qweight.shape[0]}, {self.d_in}), got shape {tuple(x.shape)}"
+                f"QuantizedPerTokenLinear expects (..., {qweight.shape[0]}, {qweight.shape[2]}), "
+                f"got shape {tuple(x.shape)}"
             )
         if not self._use_int8pack(x):
             weight = (qweight.float() * scale.unsqueeze(-1)).transpose(1, 2).to(x.dtype)

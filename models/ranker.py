@@ -26,12 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from models.batch import NUM_GENRES, NUM_YEAR_BUCKETS, GroupBatch
-from models.layers import AuxLosses, BackboneOutput
+from models.layers import AuxLosses, BackboneOutput, masked_mean
 from models.longer import LongerConfig, LongerEncoder, LongerUserState
 from models.memory import LMN, MSN, LMNConfig, MSNConfig, PKMConfig
 from models.rankmixer import FeatureGroup, RankMixer, RankMixerConfig, SemanticTokenizer, TokenizerConfig
 from models.sparse import SparseArch, SparseConfig
-from models.task import RankerOutput
 from models.tokenmixer_large import TokenMixerLarge, TokenMixerLargeConfig
 from models.ugsep import UGSepBackbone, UGSepConfig, UserTokenStates
 
@@ -128,6 +127,15 @@ class RankerConfig:
 
 
 @dataclass
+class RankerOutput:
+    """What a ranker's forward returns (serving reads ``logits``; training adds the rest)."""
+
+    logits: Tensor  # (B, N, tasks), 0 at padded candidate slots
+    aux_logits: list[Tensor] = field(default_factory=list)  # shallow heads, each (B, N, tasks)
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # weighted regularisers, scalars
+
+
+@dataclass
 class UserState:
     """Candidate-independent computation of B groups; cacheable per user (serving)."""
 
@@ -146,15 +154,9 @@ class UserState:
         """Approximate bytes held (serving cache budget)."""
         tensors = [self.user_vec, self.x_user, self.seq_mean, *self.user_features.values()]
         tensors += [self.gate] if self.gate is not None else []
-        if self.backbone is not None:
-            tensors += [*self.backbone.tokens, *self.backbone.contents, self.backbone.output]
         total = sum(t.numel() * t.element_size() for t in tensors)
+        total += self.backbone.nbytes() if self.backbone is not None else 0
         return total + (self.longer.nbytes() if self.longer is not None else 0)
-
-
-def _masked_mean(x: Tensor, mask: Tensor, dim: int) -> Tensor:
-    w = mask.unsqueeze(-1).to(x.dtype)
-    return (x * w).sum(dim) / w.sum(dim).clamp_min(1.0)
 
 
 class Ranker(nn.Module):
@@ -212,7 +214,7 @@ class Ranker(nn.Module):
         pos_from_end = torch.arange(length - 1, -1, -1, device=seq_emb.device)  # 0 = most recent
         valid = pos_from_end.unsqueeze(0) < batch.seq_len.unsqueeze(1)  # (B, L)
         windows = [valid & (pos_from_end < w).unsqueeze(0) for w in POOL_WINDOWS] + [valid]
-        return torch.stack([_masked_mean(seq_emb, m, 1) for m in windows], 1)
+        return torch.stack([masked_mean(seq_emb, m, 1) for m in windows], 1)
 
     def _longer_reference(self, batch: GroupBatch, seq_emb: Tensor, user_vec: Tensor) -> tuple[Tensor, Tensor]:
         """One-candidate groups through LONGER's full stack (no KV cache): summary, candidate output."""
@@ -267,7 +269,7 @@ class Ranker(nn.Module):
     def _group_features(self, state: UserState, batch: GroupBatch) -> dict[str, Tensor]:
         emb = self.sparse_arch({"cand_item": batch.cand_item, "cand_tag": batch.cand_tags})
         item = emb["cand_item"]  # (B, N, E)
-        tags = _masked_mean(emb["cand_tag"], batch.cand_tags > 0, 2)  # (B, N, E)
+        tags = masked_mean(emb["cand_tag"], batch.cand_tags > 0, 2)  # (B, N, E)
         side = torch.cat([batch.cand_genres, self.year_emb(batch.cand_year), tags], -1)
         if state.reference_cross_seq is not None:
             cross_seq = state.reference_cross_seq  # (B, 1, S)

@@ -8,9 +8,13 @@ Block (post-LN, MODELS.md §2):
 Sparse-MoE variant: each token position owns E GELU experts gated by ``ReLU(h(s))``.
 Two routers (DTSI): the training router is dense and drives the experts during training;
 the inference router is sparse (an L1 penalty whose coefficient adapts towards a target
-activation ratio) and is the only one used in eval. [ours] The inference router is
-distilled towards the (detached) training gates; without that learning signal the L1
-term alone drives it to all-zero gates.
+activation ratio) and is the only one used in eval, which is what gets validated and
+served. [ours] The inference router is trained to reproduce the block's training OUTPUT
+with its own gates: a normalised squared error between the inference-gated and the
+training-gated expert sums, with the experts and the target detached so that only the
+inference router learns from it. Matching the gates themselves (MSE on gate values) is
+not enough: under the L1 pull the inference gates shrink and the served output differed
+from the trained one by 42-88% per token.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from models.layers import (
     ExpertDispatch,
     PerTokenFFN,
     PerTokenLinear,
+    broadcast_rows,
     select_tokens,
     token_mix,
 )
@@ -212,14 +217,23 @@ class ReLUPerTokenMoE(nn.Module):
         # Adaptive L1 coefficient: training state, saved with the weights, not a parameter.
         self.register_buffer("l1_coef", torch.tensor(float(cfg.l1_coef_init)))
 
+    def expert_hidden(self, x: Tensor, tokens: slice = ALL_TOKENS) -> Tensor:
+        """Every expert's hidden activation ``GELU(x W_in + b_in)``: (..., T', d) -> (..., T', E, h)."""
+        pre = torch.einsum("...td,tedh->...teh", x, select_tokens(self.w_in, tokens))
+        return F.gelu(pre + select_tokens(self.b_in, tokens))
+
+    def combine_dense(self, hidden: Tensor, gates: Tensor, tokens: slice = ALL_TOKENS, detach: bool = False) -> Tensor:
+        """``sum_e gates[..., t, e] * (hidden[..., t, e] W_out + b_out)``; ``detach`` freezes W_out, b_out."""
+        w_out, b_out = select_tokens(self.w_out, tokens), select_tokens(self.b_out, tokens)
+        if detach:
+            w_out, b_out = w_out.detach(), b_out.detach()
+        # Folding the gate in before the second matmul makes it one contraction over (e, h).
+        out = torch.einsum("...teh,tehd->...td", gates.unsqueeze(-1) * hidden, w_out)
+        return out + torch.einsum("...te,ted->...td", gates, b_out)
+
     def experts_dense(self, x: Tensor, gates: Tensor, tokens: slice = ALL_TOKENS) -> Tensor:
         """``sum_e gates[..., t, e] * expert_{t,e}(x[..., t])`` computing every expert."""
-        h = F.gelu(
-            torch.einsum("...td,tedh->...teh", x, select_tokens(self.w_in, tokens)) + select_tokens(self.b_in, tokens)
-        )
-        # Folding the gate in before the second matmul makes it one contraction over (e, h).
-        out = torch.einsum("...teh,tehd->...td", gates.unsqueeze(-1) * h, select_tokens(self.w_out, tokens))
-        return out + torch.einsum("...te,ted->...td", gates, select_tokens(self.b_out, tokens))
+        return self.combine_dense(self.expert_hidden(x, tokens), gates, tokens)
 
     def experts_sparse(self, x: Tensor, gates: Tensor, tokens: slice = ALL_TOKENS) -> Tensor:
         """Same sum, computing only experts whose gate is > 0 (grouped bmm over active pairs)."""
@@ -228,37 +242,44 @@ class ReLUPerTokenMoE(nn.Module):
         row, col = flat_gates.nonzero(as_tuple=True)
         plan = ExpertDispatch.build(col, row * t + col // e, t * e)
         buf = plan.permute(x.reshape(-1, d))  # (G, C, d)
-        h = F.gelu(
-            torch.baddbmm(
-                select_tokens(self.b_in, tokens).reshape(t * e, 1, -1),
-                buf,
-                select_tokens(self.w_in, tokens).reshape(t * e, d, -1),
-            )
-        )
-        out = torch.baddbmm(
-            select_tokens(self.b_out, tokens).reshape(t * e, 1, d),
-            h,
-            select_tokens(self.w_out, tokens).reshape(t * e, self.hidden, d),
-        )  # (G, C, d)
+        b_in, w_in = select_tokens(self.b_in, tokens), select_tokens(self.w_in, tokens)
+        h = F.gelu(torch.baddbmm(b_in.reshape(t * e, 1, -1), buf, w_in.reshape(t * e, d, -1)))
+        b_out, w_out = select_tokens(self.b_out, tokens), select_tokens(self.w_out, tokens)
+        out = torch.baddbmm(b_out.reshape(t * e, 1, d), h, w_out.reshape(t * e, self.hidden, d))  # (G, C, d)
         return plan.combine(out, flat_gates[row, col], x.numel() // d).view(*lead, t, d)
 
-    def forward(self, x: Tensor, aux: AuxLosses, tokens: slice = ALL_TOKENS) -> Tensor:
+    def forward(self, x: Tensor, tokens: slice = ALL_TOKENS, aux: AuxLosses | None = None) -> Tensor:
+        """Eval: the inference router, sparse experts. Train: the training router, dense experts,
+        plus the inference router's output-matching and sparsity losses in ``aux``."""
         infer_gates = F.relu(self.router_infer(x, tokens))  # (..., T', E)
         if not self.training:
             return self.experts_sparse(x, infer_gates, tokens)
+        aux = AuxLosses() if aux is None else aux
         train_gates = F.relu(self.router_train(x, tokens))
-        active = (infer_gates > 0).float().mean()
+        hidden = self.expert_hidden(x, tokens)  # (..., T', E, h)
+        out = self.combine_dense(hidden, train_gates, tokens)
+        # What eval would compute with these experts; only router_infer gets this gradient.
+        served = self.combine_dense(hidden.detach(), infer_gates, tokens, detach=True)
+        target = out.detach()
+        mismatch = (served - target).square().mean() / target.square().mean().clamp_min(1e-12)
+        aux.add("moe_distill", self.cfg.distill_weight * mismatch)
         aux.add("moe_l1", self.l1_coef.clone() * infer_gates.mean())  # clone: updated in place below
-        aux.add("moe_distill", self.cfg.distill_weight * F.mse_loss(infer_gates, train_gates.detach()))
+        active = (infer_gates > 0).float().mean()
         aux.metrics["moe_active_ratio"] = float(active)
-        with torch.no_grad():  # steer the L1 strength towards the target activation ratio
-            step = self.cfg.l1_coef_rate * (active - self.cfg.target_active_ratio) / self.cfg.target_active_ratio
-            self.l1_coef.mul_(torch.exp(step)).clamp_(1e-6, 1e3)
-        return self.experts_dense(x, train_gates, tokens)
+        aux.metrics["moe_served_rel_err"] = float(mismatch.detach().sqrt())
+        if torch.is_grad_enabled():  # a training step, not a train-mode evaluation
+            with torch.no_grad():  # steer the L1 strength towards the target activation ratio
+                step = self.cfg.l1_coef_rate * (active - self.cfg.target_active_ratio) / self.cfg.target_active_ratio
+                self.l1_coef.mul_(torch.exp(step)).clamp_(1e-6, 1e3)
+        return out
 
 
 class RankMixerBlock(nn.Module):
-    """``S = LN(TokenMix(X) + X); X' = LN(PFFN(S) + S)``."""
+    """``S = LN(TokenMix(X) + X); X' = LN(PFFN(S) + S)`` as ``finish(content(x), x)``.
+
+    ``content`` is the parameter-free cross-token half; ``finish`` is token-local, which is
+    what UG-Sep separates (``user_content``/``group_content``, models/ugsep.py).
+    """
 
     def __init__(self, cfg: RankMixerConfig) -> None:
         super().__init__()
@@ -270,16 +291,29 @@ class RankMixerBlock(nn.Module):
         else:
             self.ffn = PerTokenFFN(cfg.num_tokens, cfg.dim, max(1, round(cfg.expansion * cfg.dim)))
 
-    def mix_step(self, mixed: Tensor, x: Tensor) -> Tensor:
-        """``mixed`` = TokenMix(X) at the positions held by ``x`` (UG-Sep passes masked mixes)."""
-        return self.mix_norm(mixed + x)
+    def content(self, x: Tensor, aux: AuxLosses) -> Tensor:
+        """TokenMix(X): (..., T, D) -> (..., T, D)."""
+        return token_mix(x, self.cfg.num_tokens)
 
-    def ffn_step(self, s: Tensor, aux: AuxLosses, tokens: slice = ALL_TOKENS) -> Tensor:
-        out = self.ffn(s, aux, tokens) if isinstance(self.ffn, ReLUPerTokenMoE) else self.ffn(s, tokens)
-        return self.ffn_norm(out + s)
+    def finish(self, content: Tensor, x: Tensor, aux: AuxLosses, tokens: slice = ALL_TOKENS) -> Tensor:
+        """``S = LN(content + X); X' = LN(PFFN(S) + S)`` at the positions ``tokens`` that ``x`` holds."""
+        s = self.mix_norm(content + x)
+        return self.ffn_norm(self.ffn(s, tokens, aux) + s)
 
     def forward(self, x: Tensor, aux: AuxLosses) -> Tensor:
-        return self.ffn_step(self.mix_step(token_mix(x, self.cfg.num_tokens), x), aux)
+        return self.finish(self.content(x, aux), x, aux)
+
+    # ---- UG-Sep: mixing is a copy, so the user side caches nothing beyond its tokens
+    def user_content(self, x_user: Tensor, aux: AuxLosses) -> tuple[Tensor, None]:
+        """Content at the T_u user positions with every group token zero: (B, T_u, D) -> (B, T_u, D)."""
+        num_user = x_user.shape[-2]
+        padded = F.pad(x_user, (0, 0, 0, self.cfg.num_tokens - num_user))  # (B, T, D), group tokens zero
+        return token_mix(padded, self.cfg.num_tokens)[..., :num_user, :], None
+
+    def group_content(self, x_user: Tensor, cache: None, x_group: Tensor, aux: AuxLosses) -> Tensor:
+        """Full content (B, N, T, D) from user tokens (B, T_u, D) and group tokens (B, N, T_g, D)."""
+        user = broadcast_rows(x_user, x_group).expand(*x_group.shape[:-2], *x_user.shape[-2:])
+        return token_mix(torch.cat([user, x_group], -2), self.cfg.num_tokens)
 
 
 class RankMixer(nn.Module):
@@ -289,6 +323,13 @@ class RankMixer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.blocks = nn.ModuleList(RankMixerBlock(cfg) for _ in range(cfg.num_layers))
+        # The backbone interface UG-Sep wraps (TokenMixerLarge has real ones): RankMixer's
+        # blocks end in LayerNorm, with no inter-layer residual and no shallow heads.
+        self.final_norm = nn.Identity()
+        self.residual_layers: tuple[int, ...] = ()
+
+    def shallow_head(self, layer: int) -> nn.Module | None:
+        return None
 
     def forward(self, x: Tensor) -> BackboneOutput:
         if x.shape[-2:] != (self.cfg.num_tokens, self.cfg.dim):

@@ -7,22 +7,14 @@ wrapper adds per-task BCE over real candidate slots, shallow-layer auxiliary BCE
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.batch import GroupBatch
-
-
-@dataclass
-class RankerOutput:
-    """What a ranker's forward returns."""
-
-    logits: torch.Tensor  # (B, N, tasks)
-    aux_logits: list[torch.Tensor] = field(default_factory=list)  # shallow heads, each (B, N, tasks)
-    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted regularisers, scalars
+from models.ranker import RankerOutput
 
 
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -52,7 +44,7 @@ class RankingTask(nn.Module):
             raise ValueError("RankingTask needs a batch with labels")
         out = self.model(batch)
         out = out if isinstance(out, RankerOutput) else RankerOutput(logits=out)
-        weights = torch.tensor(self.config.task_weights, dtype=out.logits.dtype)
+        weights = torch.tensor(self.config.task_weights, dtype=out.logits.dtype, device=out.logits.device)
         if weights.numel() != out.logits.shape[-1]:
             raise ValueError(f"task_weights has {weights.numel()} entries for {out.logits.shape[-1]} tasks")
         per_task = masked_bce(out.logits, batch.labels, batch.cand_mask)

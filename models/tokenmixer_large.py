@@ -14,13 +14,21 @@ owns E SwiGLU experts + one always-on shared expert, softmax top-k routing per t
 routed sum scaled by alpha = E/k. The MoE runs REAL sparse dispatch (permute ->
 one grouped bmm over (token, expert) groups -> combine); ``forward_dense_reference``
 computes every expert and is the correctness oracle only.
+
+Every block has the two halves UG-Sep separates: ``content`` (Mix -> pSwiGLU -> Revert,
+the only place tokens exchange information) and ``finish`` (token-local). For UG-Sep,
+``user_content`` runs the user tokens' share of the mix half once per group and
+``group_content`` completes it per candidate: the mix FFN's first layer is linear and
+bias-free, so its input ``[user slices ; group slices]`` splits into a per-group part and
+a per-candidate part, and pre-norm's RMSNorm is a per-row scale assembled from the two
+halves' squared norms (``models/layers.py``).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +42,7 @@ from models.layers import (
     PerTokenLinear,
     PerTokenSwiGLU,
     RMSNorm,
+    broadcast_rows,
     select_tokens,
     swiglu,
     token_mix,
@@ -75,7 +84,9 @@ class TokenMixerLargeConfig:
     norm: Literal["pre", "post"] = "pre"
     residual_every: int = 2  # inter-layer residual every r blocks; 0 disables
     down_init_std: float = 0.01
-    aux_layers: tuple[int, ...] = ()  # blocks whose output feeds an auxiliary logit head
+    # Blocks whose output feeds an auxiliary logit head (shallow-layer BCE, MODELS.md §3);
+    # None -> one head at the middle of the stack (block L//2 - 1), none for a single block.
+    aux_layers: tuple[int, ...] | None = None
     num_tasks: int = 2
     moe: SparseMoEConfig = field(default_factory=SparseMoEConfig)
 
@@ -86,7 +97,7 @@ class TokenMixerLargeConfig:
             raise ValueError(f"TokenMixerLargeConfig: heads={self.num_mix_heads} must divide dim={self.dim}")
         if self.residual_every < 0:
             raise ValueError(f"TokenMixerLargeConfig: residual_every must be >= 0, got {self.residual_every}")
-        bad = [i for i in self.aux_layers if not 0 <= i < self.num_layers - 1]
+        bad = [i for i in self.shallow_layers if not 0 <= i < self.num_layers - 1]
         if bad:
             raise ValueError(
                 f"TokenMixerLargeConfig: aux_layers {bad} must be shallow blocks in [0, {self.num_layers - 2}]"
@@ -105,6 +116,13 @@ class TokenMixerLargeConfig:
     def mix_width(self) -> int:
         """Width of a mixed token: T*D/H."""
         return self.num_tokens * self.dim // self.num_mix_heads
+
+    @property
+    def shallow_layers(self) -> tuple[int, ...]:
+        """Blocks with an auxiliary logit head (``aux_layers`` resolved)."""
+        if self.aux_layers is not None:
+            return tuple(self.aux_layers)
+        return (self.num_layers // 2 - 1,) if self.num_layers >= 2 else ()
 
     @property
     def residual_layers(self) -> tuple[int, ...]:
@@ -132,8 +150,20 @@ def ffn_flops(cfg: TokenMixerLargeConfig, positions: int, width: int) -> int:
 def flops_per_sample(cfg: TokenMixerLargeConfig) -> int:
     """Forward matmul FLOPs of the backbone for one sample (active experts only for MoE)."""
     per_block = ffn_flops(cfg, cfg.num_mix_heads, cfg.mix_width) + ffn_flops(cfg, cfg.num_tokens, cfg.dim)
-    heads = len(cfg.aux_layers) * 2 * cfg.dim * cfg.num_tasks
+    heads = len(cfg.shallow_layers) * 2 * cfg.dim * cfg.num_tasks
     return cfg.num_layers * per_block + heads
+
+
+class MoEPartial(NamedTuple):
+    """The user features' share of a Sparse-Pertoken MoE's first layer, once per group (B rows).
+
+    Every expert's share is kept: which k experts a candidate row uses is only known once
+    its group half has been routed.
+    """
+
+    router: Tensor  # (B, T, E) router logits
+    shared: Tensor  # (B, T, 2h) the shared expert's gate/up pre-activation
+    experts: Tensor  # (B, T, E, 2h) every expert's gate/up pre-activation
 
 
 class SparsePerTokenMoE(nn.Module):
@@ -153,9 +183,9 @@ class SparsePerTokenMoE(nn.Module):
         down_std = hidden**-0.5 if down_init_std is None else down_init_std
         self.down = nn.Parameter(torch.empty(num_tokens, e, hidden, dim).normal_(0.0, down_std))
 
-    def _route(self, x: Tensor, tokens: slice, aux: AuxLosses) -> tuple[Tensor, Tensor]:
-        """Top-k expert ids (..., T', k) and their weights alpha * softmax prob."""
-        probs = torch.softmax(self.router(x, tokens).float(), dim=-1)  # (..., T', E)
+    def _route(self, logits: Tensor, aux: AuxLosses) -> tuple[Tensor, Tensor]:
+        """Router logits (..., T', E) -> top-k expert ids (..., T', k) and weights alpha * softmax prob."""
+        probs = torch.softmax(logits.float(), dim=-1)  # (..., T', E)
         top_p, top_i = probs.topk(self.cfg.top_k, dim=-1)  # (..., T', k)
         if self.training and self.cfg.load_balance_weight > 0:
             e = self.cfg.num_experts
@@ -164,28 +194,76 @@ class SparsePerTokenMoE(nn.Module):
             frac = share.float().mean(0) / self.cfg.top_k  # (T', E) routed fraction
             balance = e * (frac * rows_p.mean(0)).sum(-1).mean()
             aux.add("load_balance", self.cfg.load_balance_weight * balance)
-        return top_i, (self.cfg.alpha * top_p).to(x.dtype)
+        return top_i, (self.cfg.alpha * top_p).to(logits.dtype)
+
+    def _dispatch(self, top_i: Tensor) -> ExpertDispatch:
+        """The (row, token, slot) assignments of top-k ids (..., T', k), grouped by (token, expert)."""
+        t, k, e = top_i.shape[-2], self.cfg.top_k, self.cfg.num_experts
+        pos = torch.arange(t, device=top_i.device).view(1, t, 1)
+        groups = (pos * e + top_i.reshape(-1, t, k)).flatten()  # group = (token, expert)
+        rows = torch.arange(top_i.numel() // (t * k), device=top_i.device).view(-1, 1, 1)
+        src = (rows * t + pos).expand(-1, t, k).flatten()  # input row m*T' + t
+        return ExpertDispatch.build(groups, src, t * e)
+
+    def _experts_out(self, pre: Tensor, plan: ExpertDispatch, top_w: Tensor, tokens: slice) -> Tensor:
+        """Gate/up pre-activations in the group buffer (G, C, 2h) -> weighted routed sum (..., T', d)."""
+        t, e = top_w.shape[-2], self.cfg.num_experts
+        down = select_tokens(self.down, tokens)
+        out = torch.bmm(swiglu(pre, self.hidden), down.reshape(t * e, self.hidden, -1))  # (G, C, d)
+        picked = plan.gather(out).view(*top_w.shape, out.shape[-1])  # caller order: (row, token, slot, d)
+        return (picked * top_w.unsqueeze(-1)).sum(-2)  # (..., T', d)
 
     def forward(self, x: Tensor, tokens: slice = ALL_TOKENS, aux: AuxLosses | None = None) -> Tensor:
         """Sparse dispatch: only the k chosen experts of each (row, token) are computed."""
         aux = AuxLosses() if aux is None else aux
-        top_i, top_w = self._route(x, tokens, aux)
-        lead, (t, d), k, e = x.shape[:-2], x.shape[-2:], self.cfg.top_k, self.cfg.num_experts
-        rows = x.reshape(-1, d)  # (M*T', d), row = m*T' + t
-        pos = torch.arange(t, device=x.device).view(1, t, 1)
-        groups = (pos * e + top_i.reshape(-1, t, k)).flatten()  # group = (token, expert)
-        src = (torch.arange(rows.shape[0], device=x.device).view(-1, t, 1)).expand(-1, t, k).flatten()
-        plan = ExpertDispatch.build(groups, src, t * e)
-        buf = plan.permute(rows)  # (G, C, d)
-        act = swiglu(torch.bmm(buf, select_tokens(self.gate_up, tokens).reshape(t * e, d, -1)), self.hidden)
-        out = torch.bmm(act, select_tokens(self.down, tokens).reshape(t * e, self.hidden, d))  # (G, C, d)
-        picked = plan.gather(out).view(*lead, t, k, d)  # caller order: (row, token, slot)
-        routed = (picked * top_w.unsqueeze(-1)).sum(-2)  # (..., T', d)
-        return self.shared(x, tokens) + routed
+        top_i, top_w = self._route(self.router(x, tokens), aux)
+        t, d, e = x.shape[-2], x.shape[-1], self.cfg.num_experts
+        plan = self._dispatch(top_i)
+        gate_up = select_tokens(self.gate_up, tokens).reshape(t * e, d, -1)
+        pre = torch.bmm(plan.permute(x.reshape(-1, d)), gate_up)  # (G, C, 2h)
+        return self.shared(x, tokens) + self._experts_out(pre, plan, top_w, tokens)
+
+    # ---- split input (UG-Sep): x = [x_user ; x_group] along the features, all T positions
+    def first_partial(self, x_user: Tensor) -> MoEPartial:
+        """The user features' (..., T, k) share of the router, shared expert and every expert."""
+        k = x_user.shape[-1]
+        experts = torch.einsum("...tk,tekf->...tef", x_user, self.gate_up[:, :, :k])  # (..., T, E, 2h)
+        return MoEPartial(self.router(x_user, inputs=slice(0, k)), self.shared.first_partial(x_user), experts)
+
+    def forward_split(
+        self, x_group: Tensor | None, partial: MoEPartial, scale: Tensor | None = None, aux: AuxLosses | None = None
+    ) -> Tensor:
+        """``forward(scale * [x_user ; x_group])`` from ``partial = first_partial(x_user)``.
+
+        Shapes as ``PerTokenSwiGLU.forward_split``: ``partial`` per group (B, T, ...),
+        ``x_group`` (B, N, T, d - k) or None for a zero group half, ``scale`` (..., T, 1).
+        """
+        aux = AuxLosses() if aux is None else aux
+        logits = partial.router
+        if x_group is not None:
+            group_inputs = slice(self.router.in_features - x_group.shape[-1], None)
+            logits = broadcast_rows(logits, x_group) + self.router(x_group, inputs=group_inputs)
+        top_i, top_w = self._route(logits if scale is None else logits * scale, aux)
+        t, k, e = top_i.shape[-2], self.cfg.top_k, self.cfg.num_experts
+        plan = self._dispatch(top_i)
+        # The user share of assignment (row m, token t, expert e) is partial.experts[m // N, t, e].
+        rows = torch.arange(top_i.numel() // (t * k), device=top_i.device).view(-1, 1, 1)  # m = b*N + n
+        group_rows = rows // (rows.shape[0] // partial.router.shape[0])  # b
+        user_ids = (group_rows * t + torch.arange(t, device=rows.device).view(1, t, 1)) * e + top_i.reshape(-1, t, k)
+        user_ids = user_ids.flatten()
+        pre = plan.place(partial.experts.reshape(-1, partial.experts.shape[-1]).index_select(0, user_ids))
+        if x_group is not None:
+            d_group = x_group.shape[-1]
+            gate_up = self.gate_up[:, :, -d_group:].reshape(t * e, d_group, -1)  # row block: a view
+            pre = pre + torch.bmm(plan.permute(x_group.reshape(-1, d_group)), gate_up)
+        if scale is not None:
+            pre = pre * plan.permute(scale.reshape(-1, 1))
+        shared = self.shared.forward_split(x_group, partial.shared, scale)
+        return shared + self._experts_out(pre, plan, top_w, ALL_TOKENS)
 
     def forward_dense_reference(self, x: Tensor, tokens: slice = ALL_TOKENS) -> Tensor:
         """Every expert on every token, weighted by the same top-k gates (oracle for tests)."""
-        top_i, top_w = self._route(x, tokens, AuxLosses())
+        top_i, top_w = self._route(self.router(x, tokens), AuxLosses())
         weights = torch.zeros(*top_i.shape[:-1], self.cfg.num_experts, dtype=x.dtype, device=x.device)
         weights.scatter_(-1, top_i, top_w)  # (..., T', E), zero off the top-k
         gate, up = torch.einsum("...td,tedh->...teh", x, select_tokens(self.gate_up, tokens)).split(self.hidden, -1)
@@ -199,8 +277,16 @@ def _make_ffn(cfg: TokenMixerLargeConfig, positions: int, width: int) -> nn.Modu
     return PerTokenSwiGLU(positions, width, _hidden(cfg.expansion, width), cfg.down_init_std)
 
 
+class MixCache(NamedTuple):
+    """One block's user-side mixing, reused by every candidate of the group (B rows)."""
+
+    mixed: Tensor  # (B, H, k): the user tokens' slices of every mixed token, k = T_u*D/H
+    partial: Tensor | MoEPartial  # the mix FFN's first layer on them (RMSNorm weight folded in)
+    sq_norm: Tensor | None  # (B, H, 1) their squared L2 norm: part of pre-norm's RMSNorm scale
+
+
 class TokenMixerLargeBlock(nn.Module):
-    """One Mix -> pSwiGLU -> Revert -> pSwiGLU block; split in two steps for UG-Sep."""
+    """One Mix -> pSwiGLU -> Revert -> pSwiGLU block: ``finish(content(x), x)``."""
 
     def __init__(self, cfg: TokenMixerLargeConfig) -> None:
         super().__init__()
@@ -210,29 +296,62 @@ class TokenMixerLargeBlock(nn.Module):
         self.mix_norm = RMSNorm(cfg.mix_width)
         self.rev_norm = RMSNorm(cfg.dim)
 
-    def _ffn(self, ffn: nn.Module, x: Tensor, tokens: slice, aux: AuxLosses) -> Tensor:
-        if isinstance(ffn, SparsePerTokenMoE):
-            return ffn(x, tokens, aux)
-        return ffn(x, tokens)
-
-    def mix_step(self, x: Tensor, aux: AuxLosses) -> Tensor:
+    def content(self, x: Tensor, aux: AuxLosses) -> Tensor:
         """(..., T, D) -> Xr = Revert(Hn), (..., T, D): every output token sees every input token."""
         heads = self.cfg.num_mix_heads
         hm = token_mix(x, heads)  # (..., H, T*D/H)
         if self.cfg.norm == "pre":
-            hn = hm + self._ffn(self.mix_ffn, self.mix_norm(hm), ALL_TOKENS, aux)
+            hn = hm + self.mix_ffn(self.mix_norm(hm), ALL_TOKENS, aux)
         else:
-            hn = self.mix_norm(self._ffn(self.mix_ffn, hm, ALL_TOKENS, aux) + hm)
+            hn = self.mix_norm(self.mix_ffn(hm, ALL_TOKENS, aux) + hm)
         return token_revert(hn, heads, self.cfg.num_tokens)  # (..., T, D)
 
-    def revert_step(self, xr: Tensor, x: Tensor, aux: AuxLosses, tokens: slice = ALL_TOKENS) -> Tensor:
-        """Token-local second half; ``tokens`` selects which positions ``xr``/``x`` hold."""
+    def finish(self, content: Tensor, x: Tensor, aux: AuxLosses, tokens: slice = ALL_TOKENS) -> Tensor:
+        """Token-local second half; ``tokens`` selects which positions ``content``/``x`` hold."""
         if self.cfg.norm == "pre":
-            return x + self._ffn(self.rev_ffn, self.rev_norm(xr), tokens, aux)
-        return self.rev_norm(self._ffn(self.rev_ffn, xr, tokens, aux) + x)
+            return x + self.rev_ffn(self.rev_norm(content), tokens, aux)
+        return self.rev_norm(self.rev_ffn(content, tokens, aux) + x)
 
     def forward(self, x: Tensor, aux: AuxLosses) -> Tensor:
-        return self.revert_step(self.mix_step(x, aux), x, aux)
+        return self.finish(self.content(x, aux), x, aux)
+
+    # ---- UG-Sep: the mix half with the user tokens' share computed once per group
+    def user_content(self, x_user: Tensor, aux: AuxLosses) -> tuple[Tensor, MixCache]:
+        """Content at the T_u user positions with every group token zero (the masked mix), at batch B,
+        and what ``group_content`` reuses. ``x_user``: (B, T_u, D) -> (B, T_u, D)."""
+        heads, width = self.cfg.num_mix_heads, self.cfg.mix_width
+        mixed = token_mix(x_user, heads)  # (B, H, k): user columns of every mixed token
+        k = mixed.shape[-1]
+        if self.cfg.norm == "pre":
+            cache = MixCache(
+                mixed,
+                self.mix_ffn.first_partial(mixed * self.mix_norm.weight[:k]),
+                mixed.square().sum(-1, keepdim=True),
+            )
+            out = self.mix_ffn.forward_split(None, cache.partial, self.mix_norm.inv_rms(cache.sq_norm), aux)
+            hn_user = mixed + out[..., :k]  # (B, H, k)
+        else:
+            cache = MixCache(mixed, self.mix_ffn.first_partial(mixed), None)
+            out = self.mix_ffn.forward_split(None, cache.partial, None, aux)  # (B, H, W)
+            hn_user = self.mix_norm(out + F.pad(mixed, (0, width - k)))[..., :k]
+        # A user position's content holds only user columns, so reverting them alone is exact.
+        return token_revert(hn_user, heads, x_user.shape[-2]), cache
+
+    def group_content(self, x_user: Tensor, cache: MixCache, x_group: Tensor, aux: AuxLosses) -> Tensor:
+        """Full content at all T positions for every candidate, from the cached user share:
+        ``x_group`` (B, N, T_g, D) -> (B, N, T, D). Only the group columns run at B*N in the
+        first layer; the down projection and residual run on the whole mixed token."""
+        heads, k = self.cfg.num_mix_heads, cache.mixed.shape[-1]
+        mixed_group = token_mix(x_group, heads)  # (B, N, H, W - k)
+        user = broadcast_rows(cache.mixed, mixed_group).expand(*mixed_group.shape[:-1], k)
+        mixed = torch.cat([user, mixed_group], -1)  # (B, N, H, W)
+        if self.cfg.norm == "pre":
+            sq_norm = broadcast_rows(cache.sq_norm, mixed_group) + mixed_group.square().sum(-1, keepdim=True)
+            group_in = mixed_group * self.mix_norm.weight[k:]
+            hn = mixed + self.mix_ffn.forward_split(group_in, cache.partial, self.mix_norm.inv_rms(sq_norm), aux)
+        else:
+            hn = self.mix_norm(self.mix_ffn.forward_split(mixed_group, cache.partial, None, aux) + mixed)
+        return token_revert(hn, heads, self.cfg.num_tokens)  # (B, N, T, D)
 
 
 class TokenMixerLarge(nn.Module):
@@ -243,7 +362,12 @@ class TokenMixerLarge(nn.Module):
         self.cfg = cfg
         self.blocks = nn.ModuleList(TokenMixerLargeBlock(cfg) for _ in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.dim) if cfg.norm == "pre" else nn.Identity()
-        self.aux_heads = nn.ModuleDict({str(i): nn.Linear(cfg.dim, cfg.num_tasks) for i in cfg.aux_layers})
+        self.aux_heads = nn.ModuleDict({str(i): nn.Linear(cfg.dim, cfg.num_tasks) for i in cfg.shallow_layers})
+        self.residual_layers = cfg.residual_layers
+
+    def shallow_head(self, layer: int) -> nn.Module | None:
+        """The auxiliary logit head after block ``layer``, if it has one."""
+        return self.aux_heads[str(layer)] if str(layer) in self.aux_heads else None
 
     def forward(self, x: Tensor) -> BackboneOutput:
         cfg = self.cfg
@@ -253,9 +377,10 @@ class TokenMixerLarge(nn.Module):
         skip = x
         for i, block in enumerate(self.blocks):
             x = block(x, aux)
-            if i in cfg.residual_layers:
+            if i in self.residual_layers:
                 x = skip = x + skip
-            if str(i) in self.aux_heads:
-                shallow.append(self.aux_heads[str(i)](x.mean(-2)))
+            head = self.shallow_head(i)
+            if head is not None:
+                shallow.append(head(x.mean(-2)))
         x = self.final_norm(x)
         return BackboneOutput(tokens=x, pooled=x.mean(-2), shallow_logits=tuple(shallow), aux=aux)

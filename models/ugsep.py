@@ -14,10 +14,13 @@ candidates (batch B*N). Information Compensation gives the GROUP tokens, through
 gated path, what the mask removed from the user positions (full content - masked
 content at user positions); it never writes into user tokens.
 
-Cost: RankMixer's group side skips the user tokens' whole layer. TokenMixer-Large's mix
-half feeds every token, so both sides run it over all H mixed positions (user side on
-the masked input at batch B, group side at B*N); the saving per candidate is the user
-share of the revert half (``flops_per_candidate``).
+Cost per candidate: everything user-only runs once per group. RankMixer's group side
+skips the user tokens' whole layer. TokenMixer-Large's mix half feeds every token, but
+its first layer is linear: each mixed token is [user slices ; group slices], so the user
+slices' share of the gate/up projection (and of the MoE router, every expert and RMSNorm's
+squared norm) is computed at batch B (``user_content`` -> ``MixCache``) and only the group
+slices' share, the down projection and the group positions' revert half run at B*N
+(``group_content``); ``flops_per_candidate`` counts it.
 
 ``forward_user`` + ``forward_group`` is the fast path; ``forward`` recomputes the user
 tokens for every candidate with an explicit mask and is the reference it must equal.
@@ -32,9 +35,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from models.layers import ALL_TOKENS, AuxLosses, BackboneOutput, PerTokenLinear, token_mix
-from models.rankmixer import RankMixer, RankMixerBlock, RankMixerConfig, pffn_flops_per_token
-from models.tokenmixer_large import TokenMixerLarge, TokenMixerLargeBlock, TokenMixerLargeConfig, ffn_flops
+from models.layers import ALL_TOKENS, AuxLosses, BackboneOutput, PerTokenLinear, map_tensors, tree_nbytes
+from models.rankmixer import RankMixer, RankMixerConfig, pffn_flops_per_token
+from models.tokenmixer_large import MixCache, TokenMixerLarge, TokenMixerLargeConfig, ffn_flops
 
 logger = logging.getLogger(__name__)
 
@@ -75,23 +78,41 @@ class UGSepConfig:
 
 @dataclass
 class UserTokenStates:
-    """Per-layer user-token states the group side needs; computed once per group (B rows)."""
+    """Per-layer user-side states the group side needs; computed once per group (B rows)."""
 
     tokens: tuple[Tensor, ...]  # L+1 x (B, T_u, D): input of every layer, then the last output
     contents: tuple[Tensor, ...]  # L x (B, T_u, D): masked content at user positions
+    caches: tuple[MixCache | None, ...]  # L x the user share of each layer's mixing (None: RankMixer)
     output: Tensor  # (B, T_u, D): final user tokens (after the final norm)
     aux: AuxLosses = field(default_factory=AuxLosses)
 
     def take(self, rows: Tensor) -> UserTokenStates:
         """States of groups ``rows`` (1-D index): gather per-request states from a cache."""
-        pick = lambda ts: tuple(t.index_select(0, rows) for t in ts)
+        pick = lambda tree: map_tensors(lambda t: t.index_select(0, rows), tree)
         return replace(
             self,
             tokens=pick(self.tokens),
             contents=pick(self.contents),
-            output=self.output.index_select(0, rows),
+            caches=pick(self.caches),
+            output=pick(self.output),
             aux=AuxLosses(),
         )
+
+    def nbytes(self) -> int:
+        """Bytes held (serving cache budget)."""
+        return tree_nbytes((self.tokens, self.contents, self.caches, self.output))
+
+
+def _mix_ffn_flops(tml: TokenMixerLargeConfig, in_features: int) -> int:
+    """Forward FLOPs of one mixed position's FFN when only ``in_features`` of its inputs are
+    new (the rest come from a cached partial): first layer on those, down projection whole."""
+    width, e = tml.mix_width, tml.moe.num_experts
+    if not tml.moe.enabled:
+        hidden = max(1, round(tml.expansion * width))
+        return 2 * in_features * 2 * hidden + 2 * hidden * width
+    hidden = max(1, round(tml.moe.expert_expansion * width))
+    per_expert = 2 * in_features * 2 * hidden + 2 * hidden * width
+    return 2 * in_features * e + (1 + tml.moe.top_k) * per_expert
 
 
 def flops_per_candidate(cfg: UGSepConfig, num_candidates: int) -> float:
@@ -99,15 +120,22 @@ def flops_per_candidate(cfg: UGSepConfig, num_candidates: int) -> float:
     t_u, t_g, d = cfg.num_user_tokens, cfg.num_group_tokens, cfg.dim
     if cfg.backbone == "tokenmixer_large":
         tml = cfg.tokenmixer_large
-        mix = ffn_flops(tml, tml.num_mix_heads, tml.mix_width)  # both sides run every mixed position
-        user, group = mix + ffn_flops(tml, t_u, d), mix + ffn_flops(tml, t_g, d)
-        heads = len(tml.aux_layers) * 2 * d * tml.num_tasks
+        heads, user_width = tml.num_mix_heads, t_u * d // tml.num_mix_heads
+        # User side (batch B): the masked mix with the user slices only, plus the user revert half;
+        # with an MoE the first layer of every expert runs on the user slices (any may be picked).
+        user_mix = _mix_ffn_flops(tml, user_width)
+        if tml.moe.enabled:
+            hidden = max(1, round(tml.moe.expert_expansion * tml.mix_width))
+            user_mix += (tml.moe.num_experts - tml.moe.top_k) * 2 * user_width * 2 * hidden
+        user = heads * user_mix + ffn_flops(tml, t_u, d)
+        group = heads * _mix_ffn_flops(tml, tml.mix_width - user_width) + ffn_flops(tml, t_g, d)
+        shallow = len(tml.shallow_layers) * 2 * d * tml.num_tasks
     else:
         per_token = pffn_flops_per_token(cfg.rankmixer)
-        user, group, heads = t_u * per_token, t_g * per_token, 0
+        user, group, shallow = t_u * per_token, t_g * per_token, 0
     compensation = (2 * t_g * t_u * d + 2 * 2 * t_g * d * d) if cfg.use_compensation else 0
     layers = cfg.backbone_config.num_layers
-    return layers * (group + compensation + user / num_candidates) + heads
+    return layers * (group + compensation + user / num_candidates) + shallow
 
 
 class InformationCompensation(nn.Module):
@@ -130,22 +158,6 @@ class InformationCompensation(nn.Module):
         return torch.sigmoid(self.gate(group_content)) * self.value(routed)
 
 
-def _content(block: TokenMixerLargeBlock | RankMixerBlock, x: Tensor, aux: AuxLosses) -> Tensor:
-    """Cross-token half of a layer: (..., T, D) -> per-position content (..., T, D)."""
-    if isinstance(block, TokenMixerLargeBlock):
-        return block.mix_step(x, aux)
-    return token_mix(x, block.cfg.num_tokens)
-
-
-def _finish(
-    block: TokenMixerLargeBlock | RankMixerBlock, content: Tensor, x: Tensor, aux: AuxLosses, tokens: slice
-) -> Tensor:
-    """Token-local half: content + residual tokens ``x`` at positions ``tokens`` -> next tokens."""
-    if isinstance(block, TokenMixerLargeBlock):
-        return block.revert_step(content, x, aux, tokens)
-    return block.ffn_step(block.mix_step(content, x), aux, tokens)
-
-
 class UGSepBackbone(nn.Module):
     """A TokenMixer-Large or RankMixer backbone with user/group separation."""
 
@@ -154,24 +166,14 @@ class UGSepBackbone(nn.Module):
         self.cfg = cfg
         if cfg.backbone == "tokenmixer_large":
             self.backbone: TokenMixerLarge | RankMixer = TokenMixerLarge(cfg.tokenmixer_large)
-            self.residual_layers = cfg.tokenmixer_large.residual_layers
         else:
             self.backbone = RankMixer(cfg.rankmixer)
-            self.residual_layers = ()
         t_u, t_g, d = cfg.num_user_tokens, cfg.num_group_tokens, cfg.dim
         layers = len(self.backbone.blocks)
         self.compensation = (
             nn.ModuleList(InformationCompensation(t_u, t_g, d) for _ in range(layers)) if cfg.use_compensation else None
         )
         self.user_tokens, self.group_tokens = slice(0, t_u), slice(t_u, cfg.num_tokens)
-
-    # ------------------------------------------------------------ shared pieces
-    def _final_norm(self, x: Tensor) -> Tensor:
-        return getattr(self.backbone, "final_norm", nn.Identity())(x)
-
-    def _shallow_head(self, layer: int) -> nn.Module | None:
-        heads = getattr(self.backbone, "aux_heads", {})
-        return heads[str(layer)] if str(layer) in heads else None
 
     def _check(self, name: str, x: Tensor, num_tokens: int, ndim: int) -> None:
         if x.dim() != ndim or x.shape[-2:] != (num_tokens, self.cfg.dim):
@@ -184,17 +186,17 @@ class UGSepBackbone(nn.Module):
     def forward_user(self, x_user: Tensor) -> UserTokenStates:
         """User path at batch B: ``x_user`` (B, T_u, D) -> per-layer user states."""
         self._check("x_user", x_user, self.cfg.num_user_tokens, 3)
-        aux, tokens, contents = AuxLosses(), [x_user], []
-        pad = x_user.new_zeros(*x_user.shape[:-2], self.cfg.num_group_tokens, self.cfg.dim)
+        aux, tokens, contents, caches = AuxLosses(), [x_user], [], []
         x = skip = x_user
         for i, block in enumerate(self.backbone.blocks):
-            content = _content(block, torch.cat([x, pad], dim=-2), aux)[..., self.user_tokens, :]
-            x = _finish(block, content, x, aux, self.user_tokens)
-            if i in self.residual_layers:
+            content, cache = block.user_content(x, aux)  # (B, T_u, D): the masked mix
+            x = block.finish(content, x, aux, self.user_tokens)
+            if i in self.backbone.residual_layers:
                 x = skip = x + skip
             tokens.append(x)
             contents.append(content)
-        return UserTokenStates(tuple(tokens), tuple(contents), self._final_norm(x), aux)
+            caches.append(cache)
+        return UserTokenStates(tuple(tokens), tuple(contents), tuple(caches), self.backbone.final_norm(x), aux)
 
     def forward_group(self, states: UserTokenStates, x_group: Tensor) -> BackboneOutput:
         """Group path at batch B*N: ``x_group`` (B, N, T_g, D) -> tokens (B, N, T, D).
@@ -210,19 +212,19 @@ class UGSepBackbone(nn.Module):
         aux.merge(states.aux)
         x = skip = x_group
         for i, block in enumerate(self.backbone.blocks):
-            content = _content(block, torch.cat([per_cand(states.tokens[i]), x], dim=-2), aux)
+            content = block.group_content(states.tokens[i], states.caches[i], x, aux)  # (B, N, T, D)
             group_content = content[..., self.group_tokens, :]
             if self.compensation is not None:
                 masked_out = content[..., self.user_tokens, :] - per_cand(states.contents[i])
                 group_content = group_content + self.compensation[i](masked_out, group_content)
-            x = _finish(block, group_content, x, aux, self.group_tokens)
-            if i in self.residual_layers:
+            x = block.finish(group_content, x, aux, self.group_tokens)
+            if i in self.backbone.residual_layers:
                 x = skip = x + skip
-            head = self._shallow_head(i)
+            head = self.backbone.shallow_head(i)
             if head is not None:
                 pooled = (states.tokens[i + 1].sum(-2).unsqueeze(1) + x.sum(-2)) / self.cfg.num_tokens
                 shallow.append(head(pooled))
-        tokens = torch.cat([per_cand(states.output), self._final_norm(x)], dim=-2)  # (B, N, T, D)
+        tokens = torch.cat([per_cand(states.output), self.backbone.final_norm(x)], dim=-2)  # (B, N, T, D)
         return BackboneOutput(tokens=tokens, pooled=tokens.mean(-2), shallow_logits=tuple(shallow), aux=aux)
 
     # ------------------------------------------------------------ reference path
@@ -239,16 +241,16 @@ class UGSepBackbone(nn.Module):
         user_only = is_user.to(x.dtype).unsqueeze(-1)  # (T, 1): zeroes the group tokens
         aux, shallow, skip = AuxLosses(), [], x
         for i, block in enumerate(self.backbone.blocks):
-            full, masked = _content(block, x, aux), _content(block, x * user_only, aux)
+            full, masked = block.content(x, aux), block.content(x * user_only, aux)
             content = torch.where(is_user.unsqueeze(-1), masked, full)
             if self.compensation is not None:
                 extra = self.compensation[i]((full - masked)[..., self.user_tokens, :], full[..., self.group_tokens, :])
                 content = content + torch.cat([torch.zeros_like(masked[..., self.user_tokens, :]), extra], dim=-2)
-            x = _finish(block, content, x, aux, ALL_TOKENS)
-            if i in self.residual_layers:
+            x = block.finish(content, x, aux, ALL_TOKENS)
+            if i in self.backbone.residual_layers:
                 x = skip = x + skip
-            head = self._shallow_head(i)
+            head = self.backbone.shallow_head(i)
             if head is not None:
                 shallow.append(head(x.mean(-2)))
-        x = self._final_norm(x)
+        x = self.backbone.final_norm(x)
         return BackboneOutput(tokens=x, pooled=x.mean(-2), shallow_logits=tuple(shallow), aux=aux)

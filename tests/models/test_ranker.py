@@ -20,8 +20,8 @@ from torch import Tensor
 
 from models.batch import NUM_GENRES, NUM_YEAR_BUCKETS, GroupBatch
 from models.quant import QuantConfig, quantize_w8a16, relative_error, weight_bytes
-from models.ranker import Ranker, RankerConfig, UserState
-from models.task import RankerOutput, RankingTask
+from models.ranker import Ranker, RankerConfig, RankerOutput, UserState
+from models.task import RankingTask
 from tests.models.ranker_factories import MAX_SEQ, NUM_ITEMS, NUM_TAGS, VARIANTS, make_ranker, random_groups
 
 logger = logging.getLogger(__name__)

@@ -150,7 +150,7 @@ def test_sparse_inference_equals_dense_experts_on_active_gates():
     gates = F.relu(moe.router_infer(x))
     assert 0 < (gates > 0).float().mean() < 1
     torch.testing.assert_close(moe.experts_sparse(x, gates), moe.experts_dense(x, gates), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(moe(x, AuxLosses()), moe.experts_dense(x, gates), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moe(x, aux=AuxLosses()), moe.experts_dense(x, gates), atol=1e-5, rtol=1e-5)
 
 
 def _train_moe(distill_weight: float, steps: int = 150) -> tuple[float, float]:
@@ -178,7 +178,7 @@ def _train_moe(distill_weight: float, steps: int = 150) -> tuple[float, float]:
     model.eval()
     with torch.no_grad():
         x = torch.randn(256, 4, 8)
-        s = model.blocks[0].mix_step(token_mix(x, 4), x)
+        s = model.blocks[0].mix_norm(token_mix(x, 4) + x)
         active = (F.relu(moe.router_infer(s)) > 0).float().mean().item()
     return active, float(moe.l1_coef)
 

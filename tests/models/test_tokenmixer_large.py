@@ -109,7 +109,7 @@ def test_moe_routes_top_k_with_alpha_scale_and_balance_loss():
     cfg = SparseMoEConfig(num_experts=4, top_k=2, load_balance_weight=1.0)
     moe = SparsePerTokenMoE(2, 8, cfg, down_init_std=0.2)
     aux = AuxLosses()
-    ids, weights = moe._route(torch.randn(64, 2, 8), slice(None), aux)
+    ids, weights = moe._route(moe.router(torch.randn(64, 2, 8)), aux)
     assert ids.shape == (64, 2, 2) and (ids[..., 0] != ids[..., 1]).all()
     assert cfg.alpha == 2.0 and (weights <= 2.0).all() and (weights > 0).all()
     # E * sum_e f_e P_e is 1 for perfectly uniform routing and >= ~1 otherwise.

@@ -218,10 +218,13 @@ def test_configs_load_from_plain_dicts():
 
 def test_flops_per_candidate_amortises_the_user_side():
     cfg = tiny_config("tml", use_compensation=False)  # T=6, D=12, H=6, L=4, expansion 2, 2 aux heads
-    per_position = 6 * 12 * 24  # SwiGLU: gate+up 2*d*2h + down 2*h*d
-    mix, user, group, heads = 6 * per_position, T_U * per_position, T_G * per_position, 2 * 2 * 12 * 2
-    assert flops_per_candidate(cfg, 1) == 4 * (mix + group + mix + user) + heads
-    assert flops_per_candidate(cfg, 64) == 4 * (mix + group + (mix + user) / 64) + heads
+    # A mixed position is 12 wide (6 user columns, 6 group), hidden 24: gate/up 2*12*48, down 2*24*12.
+    # Each side's first layer sees only its own 6 columns; the down projection runs whole on both.
+    mix_side = 6 * (2 * 6 * 48 + 2 * 24 * 12)
+    revert_per_token = 6 * 12 * 24  # SwiGLU: gate+up 2*d*2h + down 2*h*d
+    user, group, heads = mix_side + T_U * revert_per_token, mix_side + T_G * revert_per_token, 2 * 2 * 12 * 2
+    assert flops_per_candidate(cfg, 1) == 4 * (group + user) + heads
+    assert flops_per_candidate(cfg, 64) == 4 * (group + user / 64) + heads
     with_comp = tiny_config("tml", use_compensation=True)
     extra = 2 * T_G * T_U * 12 + 4 * T_G * 12 * 12  # route + value + gate
     assert flops_per_candidate(with_comp, 64) == flops_per_candidate(cfg, 64) + 4 * extra

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.ranker import Ranker
-from models.task import RankerOutput
+from models.ranker import Ranker, RankerOutput
 from models.variants import BASELINE_VARIANTS, VARIANTS, ModelConfig, build_model, ranker_config
 from tests.models.ranker_factories import random_groups, tiny_ranker_config
 
