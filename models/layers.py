@@ -75,10 +75,13 @@ def token_revert(x: Tensor, heads: int, num_tokens: int | None = None) -> Tensor
 
 
 # ---------------------------------------------------------------- per-token layers
-def per_token_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def per_token_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None, per_group: Tensor | None = None) -> Tensor:
     """``y[..., t, :] = x[..., t, :] @ weight[t] (+ bias[t])``: one bmm over the token axis.
 
     ``x``: (..., T, d_in), ``weight``: (T, d_in, d_out), ``bias``: (T, d_out) -> (..., T, d_out).
+    ``per_group`` (B, T, d_out) is added to every row of group b, for ``x`` laid out (B, N, ..., T, d_in):
+    UG-Sep's cached user share. It is laid out token-major once and the GEMM accumulates into it,
+    which is cheaper than a broadcast add on the transposed result.
     """
     num_tokens, d_in, d_out = weight.shape
     if x.shape[-2:] != (num_tokens, d_in):
@@ -88,10 +91,13 @@ def per_token_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
         )
     lead = x.shape[:-2]
     rows = x.reshape(-1, num_tokens, d_in).transpose(0, 1)  # (T, M, d_in), a strided view
-    if bias is None:
-        out = torch.bmm(rows, weight)
-    else:
-        out = torch.baddbmm(bias.unsqueeze(1), rows, weight)  # (T, M, d_out)
+    init = None if bias is None else bias.unsqueeze(1)  # (T, 1, d_out)
+    if per_group is not None:
+        groups = per_group.shape[0]
+        per_row = per_group.transpose(0, 1).unsqueeze(2)  # (T, B, 1, d_out)
+        per_row = per_row.expand(num_tokens, groups, rows.shape[1] // groups, d_out).reshape(num_tokens, -1, d_out)
+        init = per_row if init is None else per_row + init  # (T, M, d_out)
+    out = torch.bmm(rows, weight) if init is None else torch.baddbmm(init, rows, weight)  # (T, M, d_out)
     return out.transpose(0, 1).reshape(*lead, num_tokens, d_out)  # (..., T, d_out)
 
 
@@ -115,17 +121,20 @@ class PerTokenLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_tokens, d_out)) if bias else None
         _init_per_token(self.weight, d_in, init_std)
 
-    def forward(self, x: Tensor, tokens: slice = ALL_TOKENS, inputs: slice = ALL_INPUTS) -> Tensor:
+    def forward(
+        self, x: Tensor, tokens: slice = ALL_TOKENS, inputs: slice = ALL_INPUTS, per_group: Tensor | None = None
+    ) -> Tensor:
         """``x``: (..., T', d_in') with T' the positions selected by ``tokens`` and d_in' the
         input features selected by ``inputs``: a partial input gives that part's contribution,
-        ``x @ weight[t][inputs]``, which is only well defined for a bias-free layer."""
+        ``x @ weight[t][inputs]``, which is only well defined for a bias-free layer.
+        ``per_group``: see ``per_token_matmul``."""
         weight = select_tokens(self.weight, tokens)
         if inputs != ALL_INPUTS:
             if self.bias is not None:
                 raise ValueError("PerTokenLinear: a partial input needs a bias-free layer (the bias is not split)")
             weight = weight[:, inputs]  # (T', d_in', d_out): a row block, bmm reads it without a copy
         bias = None if self.bias is None else select_tokens(self.bias, tokens)
-        return per_token_matmul(x, weight, bias)
+        return per_token_matmul(x, weight, bias, per_group)
 
     @property
     def in_features(self) -> int:
@@ -193,9 +202,9 @@ class PerTokenSwiGLU(nn.Module):
         pre = partial
         if x_group is not None:
             group_inputs = slice(self.gate_up.in_features - x_group.shape[-1], None)
-            pre = broadcast_rows(partial, x_group) + self.gate_up(x_group, inputs=group_inputs)
+            pre = self.gate_up(x_group, inputs=group_inputs, per_group=partial)
         if scale is not None:
-            pre = pre * scale
+            pre = pre * scale if _needs_autograd(pre) or x_group is None else pre.mul_(scale)
         return self.down(swiglu(pre, self.hidden))
 
 

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from models.cost import is_sparse_module, sparse_tensor_ids
-from models.layers import ALL_INPUTS, ALL_TOKENS, PerTokenLinear, per_token_matmul
+from models.layers import ALL_INPUTS, ALL_TOKENS, PerTokenLinear, broadcast_rows, per_token_matmul
 
 logger = logging.getLogger(__name__)
 
@@ -235,9 +235,16 @@ class QuantizedPerTokenLinear(_W8Module):
     def in_features(self) -> int:
         return self.d_in
 
-    def forward(self, x: Tensor, tokens: slice = ALL_TOKENS, inputs: slice = ALL_INPUTS) -> Tensor:
+    def forward(
+        self, x: Tensor, tokens: slice = ALL_TOKENS, inputs: slice = ALL_INPUTS, per_group: Tensor | None = None
+    ) -> Tensor:
         """``x``: (..., T', d_in') with T' the positions selected by ``tokens`` and d_in' the input
-        features selected by ``inputs`` (a bias-free layer's partial product, as ``PerTokenLinear``)."""
+        features selected by ``inputs`` (a bias-free layer's partial product), plus ``per_group``
+        (B, T', d_out) added to the rows of each group, as ``PerTokenLinear``."""
+        out = self._forward(x, tokens, inputs)
+        return out if per_group is None else out + broadcast_rows(per_group.to(out.dtype), out)
+
+    def _forward(self, x: Tensor, tokens: slice, inputs: slice) -> Tensor:
         qweight, scale = self.qweight[tokens], self.scale[tokens]
         bias = None if self.bias is None else self.bias[tokens]
         if inputs != ALL_INPUTS:

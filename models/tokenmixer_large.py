@@ -242,7 +242,7 @@ class SparsePerTokenMoE(nn.Module):
         logits = partial.router
         if x_group is not None:
             group_inputs = slice(self.router.in_features - x_group.shape[-1], None)
-            logits = broadcast_rows(logits, x_group) + self.router(x_group, inputs=group_inputs)
+            logits = self.router(x_group, inputs=group_inputs, per_group=logits)
         top_i, top_w = self._route(logits if scale is None else logits * scale, aux)
         t, k, e = top_i.shape[-2], self.cfg.top_k, self.cfg.num_experts
         plan = self._dispatch(top_i)
