@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from models.batch import NUM_ACTIONS, NUM_GENRES, NUM_YEAR_BUCKETS, GroupBatch
+from models.embedding_init import embedding
 
 NUM_TASKS = len(GroupBatch.TASKS)
 
@@ -83,11 +84,11 @@ class FeatureArch(nn.Module):
         self.config = config
         self.num_items, self.num_users, self.num_tags = num_items, num_users, num_tags
         self.user_dense_dim = user_dense_dim
-        self.item_emb = nn.Embedding(num_items, d, padding_idx=0)  # shared by sequence and candidates
-        self.user_emb = nn.Embedding(num_users, d)
-        self.action_emb = nn.Embedding(NUM_ACTIONS, d, padding_idx=0) if config.use_actions else None
-        self.year_emb = nn.Embedding(NUM_YEAR_BUCKETS, d)
-        self.tag_emb = nn.Embedding(num_tags, d, padding_idx=0)
+        self.item_emb = embedding(num_items, d, padding_idx=0)  # shared by sequence and candidates
+        self.user_emb = embedding(num_users, d)
+        self.action_emb = embedding(NUM_ACTIONS, d, padding_idx=0) if config.use_actions else None
+        self.year_emb = embedding(NUM_YEAR_BUCKETS, d)
+        self.tag_emb = embedding(num_tags, d, padding_idx=0)
         self.genre_proj = nn.Linear(NUM_GENRES, d)
         self.dense_proj = nn.Linear(user_dense_dim, d) if user_dense_dim else None
         self.user_dim = d * (3 if user_dense_dim else 2)

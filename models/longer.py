@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.batch import NUM_ACTIONS, NUM_GAP_BUCKETS
+from models.embedding_init import embedding
 
 USER, CAND, SEQ = 0, 1, 2  # token kinds of the hybrid mask
 
@@ -263,10 +264,10 @@ class LongerEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        self.action_emb = nn.Embedding(NUM_ACTIONS, cfg.action_dim)
-        self.gap_emb = nn.Embedding(NUM_GAP_BUCKETS, cfg.gap_dim)
+        self.action_emb = embedding(NUM_ACTIONS, cfg.action_dim)
+        self.gap_emb = embedding(NUM_GAP_BUCKETS, cfg.gap_dim)
         self.event_proj = nn.Linear(cfg.item_dim + cfg.action_dim + cfg.gap_dim, d)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, d)  # row 0 = most recent event
+        self.pos_emb = embedding(cfg.max_seq_len, d)  # row 0 = most recent event
         self.merge = TokenMerge(cfg)
         self.cls = nn.Parameter(torch.randn(cfg.num_cls, d) * 0.02)
         self.blocks = nn.ModuleList(LongerBlock(d, cfg.num_heads, cfg.ffn_mult) for _ in range(1 + cfg.num_self_layers))

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.embedding_init import init_embedding_
+
 
 @dataclass(frozen=True)
 class PKMConfig:
@@ -108,7 +110,7 @@ class ProductKeyMemory(nn.Module):
         init = math.log(math.sqrt(half)) if cfg.use_norm else -math.log(math.sqrt(half))
         self.log_scale = nn.Parameter(torch.full((h, 1), init))
         self.values = nn.EmbeddingBag(cfg.num_slots, cfg.value_dim, mode="sum", sparse=cfg.use_sparse_grad)
-        nn.init.normal_(self.values.weight, std=cfg.value_dim**-0.5)
+        init_embedding_(self.values.weight)
         self.register_buffer("slot_hits", torch.zeros(cfg.num_slots, dtype=torch.long), persistent=False)
         self.register_buffer("num_reads", torch.zeros((), dtype=torch.long), persistent=False)
 

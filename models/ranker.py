@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from models.batch import NUM_GENRES, NUM_YEAR_BUCKETS, GroupBatch
+from models.embedding_init import embedding
 from models.layers import AuxLosses, BackboneOutput, masked_mean
 from models.longer import LongerConfig, LongerEncoder, LongerUserState
 from models.memory import LMN, MSN, LMNConfig, MSNConfig, PKMConfig
@@ -133,6 +134,7 @@ class RankerOutput:
     logits: Tensor  # (B, N, tasks), 0 at padded candidate slots
     aux_logits: list[Tensor] = field(default_factory=list)  # shallow heads, each (B, N, tasks)
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # weighted regularisers, scalars
+    metrics: dict[str, float] = field(default_factory=dict)  # monitoring values (e.g. MoE activity)
 
 
 @dataclass
@@ -167,7 +169,7 @@ class Ranker(nn.Module):
         self.cfg = cfg
         e, d = cfg.sparse.embedding_dim, cfg.dim
         self.sparse_arch = SparseArch(cfg.sparse)
-        self.year_emb = nn.Embedding(NUM_YEAR_BUCKETS, YEAR_DIM)
+        self.year_emb = embedding(NUM_YEAR_BUCKETS, YEAR_DIM)
         self.user_cross = nn.Linear(cfg.user_dim, e)
         if cfg.use_longer:
             self.longer_cfg = replace(cfg.longer, item_dim=e)
@@ -298,7 +300,9 @@ class Ranker(nn.Module):
         aux = AuxLosses()
         aux.merge(state.aux)
         aux.merge(out.aux)
-        return RankerOutput(logits=logits, aux_logits=list(out.shallow_logits), aux_losses=dict(aux.losses))
+        return RankerOutput(
+            logits=logits, aux_logits=list(out.shallow_logits), aux_losses=dict(aux.losses), metrics=dict(aux.metrics)
+        )
 
     def _backbone(self, state: UserState, x_group: Tensor, reference: bool) -> BackboneOutput:
         if self.cfg.use_ugsep and not reference:

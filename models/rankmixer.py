@@ -10,11 +10,10 @@ Two routers (DTSI): the training router is dense and drives the experts during t
 the inference router is sparse (an L1 penalty whose coefficient adapts towards a target
 activation ratio) and is the only one used in eval, which is what gets validated and
 served. [ours] The inference router is trained to reproduce the block's training OUTPUT
-with its own gates: a normalised squared error between the inference-gated and the
-training-gated expert sums, with the experts and the target detached so that only the
-inference router learns from it. Matching the gates themselves (MSE on gate values) is
-not enough: under the L1 pull the inference gates shrink and the served output differed
-from the trained one by 42-88% per token.
+with its own gates (normalised squared error of the two expert sums, plus a term that
+revives dead ReLU gates), with everything but that router detached, its input included.
+Matching gate values alone, on an undetached input, let the served output differ from
+the trained one by 42-88% per token and the distillation term shape the representation.
 """
 
 from __future__ import annotations
@@ -250,28 +249,47 @@ class ReLUPerTokenMoE(nn.Module):
 
     def forward(self, x: Tensor, tokens: slice = ALL_TOKENS, aux: AuxLosses | None = None) -> Tensor:
         """Eval: the inference router, sparse experts. Train: the training router, dense experts,
-        plus the inference router's output-matching and sparsity losses in ``aux``."""
-        infer_gates = F.relu(self.router_infer(x, tokens))  # (..., T', E)
+        plus the inference router's losses in ``aux`` (``inference_router_losses``)."""
         if not self.training:
-            return self.experts_sparse(x, infer_gates, tokens)
+            return self.experts_sparse(x, F.relu(self.router_infer(x, tokens)), tokens)
         aux = AuxLosses() if aux is None else aux
-        train_gates = F.relu(self.router_train(x, tokens))
+        train_gates = F.relu(self.router_train(x, tokens))  # (..., T', E)
         hidden = self.expert_hidden(x, tokens)  # (..., T', E, h)
         out = self.combine_dense(hidden, train_gates, tokens)
-        # What eval would compute with these experts; only router_infer gets this gradient.
+        self.inference_router_losses(x, hidden, train_gates, out, tokens, aux)
+        return out
+
+    def inference_router_losses(
+        self, x: Tensor, hidden: Tensor, train_gates: Tensor, out: Tensor, tokens: slice, aux: AuxLosses
+    ) -> None:
+        """Train the inference router to serve what training computes, sparsely (DTSI, [ours]).
+
+        Everything but ``router_infer`` is detached, its input included: these losses must
+        shape the router, never the experts or the representation it reads.
+        - ``moe_distill``: normalised squared error between the inference-gated expert sum
+          (what eval computes) and the training output, plus a revival term pulling a dead
+          inference gate (ReLU input <= 0) towards the training gate where that one is open;
+          a dead ReLU gets no gradient from the output term, and dead gates are how the
+          served output drifted from the trained one.
+        - ``moe_l1``: the L1 sparsity pull, its coefficient steered towards
+          ``target_active_ratio`` (updated by training steps only, not by no-grad forwards).
+        """
+        logits = self.router_infer(x.detach(), tokens)  # (..., T', E)
+        infer_gates = F.relu(logits)
         served = self.combine_dense(hidden.detach(), infer_gates, tokens, detach=True)
-        target = out.detach()
+        target, target_gates = out.detach(), train_gates.detach()
         mismatch = (served - target).square().mean() / target.square().mean().clamp_min(1e-12)
-        aux.add("moe_distill", self.cfg.distill_weight * mismatch)
+        dead = (logits <= 0) & (target_gates > 0)
+        revival = ((logits - target_gates).square() * dead).mean()
+        aux.add("moe_distill", self.cfg.distill_weight * (mismatch + revival))
         aux.add("moe_l1", self.l1_coef.clone() * infer_gates.mean())  # clone: updated in place below
         active = (infer_gates > 0).float().mean()
         aux.metrics["moe_active_ratio"] = float(active)
         aux.metrics["moe_served_rel_err"] = float(mismatch.detach().sqrt())
-        if torch.is_grad_enabled():  # a training step, not a train-mode evaluation
+        if torch.is_grad_enabled():
             with torch.no_grad():  # steer the L1 strength towards the target activation ratio
                 step = self.cfg.l1_coef_rate * (active - self.cfg.target_active_ratio) / self.cfg.target_active_ratio
                 self.l1_coef.mul_(torch.exp(step)).clamp_(1e-6, 1e3)
-        return out
 
 
 class RankMixerBlock(nn.Module):

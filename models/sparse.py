@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
+from models.embedding_init import torchrec_init_fn
+
 # Feature name -> table name. The item table is shared by the sequence and the candidates.
 FEATURE_TABLES = {
     "seq_item": "t_item",
@@ -49,6 +51,7 @@ class SparseArch(nn.Module):
                     embedding_dim=config.embedding_dim,
                     num_embeddings=rows,
                     feature_names=features,
+                    init_fn=torchrec_init_fn(config.embedding_dim),
                 )
             )
         self.embedding_collection = EmbeddingCollection(tables=tables, device=torch.device(device or "cpu"))

@@ -57,5 +57,23 @@ class RankingTask(nn.Module):
         for name, value in out.aux_losses.items():
             loss = loss + value
             logs[name] = float(value.detach())
+        logs.update(out.metrics)
         logs["loss"] = float(loss.detach())
         return loss, logs
+
+    @torch.no_grad()
+    def evaluate(self, batch: GroupBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Logits (B, N, tasks) and per-task BCE of the model as it is served: eval mode (the
+        MoE inference router, no training-only terms), no gradients. Validation metrics come
+        from here, so what is validated is what is served; the previous mode is restored."""
+        if batch.labels is None:
+            raise ValueError("RankingTask.evaluate needs a batch with labels")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model(batch)
+        finally:
+            self.model.train(was_training)
+        logits = out.logits if isinstance(out, RankerOutput) else out
+        per_task = masked_bce(logits, batch.labels, batch.cand_mask)
+        return logits, {f"bce_{name}": float(v) for name, v in zip(GroupBatch.TASKS, per_task)}

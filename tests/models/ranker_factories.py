@@ -119,3 +119,53 @@ def random_groups(
         cand_mask=cand_mask,
         labels=(torch.rand(batch, cands, 2, generator=g) < 0.5).float(),
     )
+
+
+def learnable_groups(
+    seed: int,
+    batch: int = 16,
+    cands: int = 8,
+    seq: int = 24,
+    num_clusters: int = 4,
+    label_noise: float = 0.0,
+    num_items: int = NUM_ITEMS,
+) -> GroupBatch:
+    """Groups of a task every variant can learn from the sequence alone.
+
+    Items belong to ``item % num_clusters``; a user's whole history comes from one cluster,
+    and a candidate is positive (both tasks) iff it belongs to that cluster. Half the
+    candidates are positives. User ids and dense features carry no signal. ``label_noise``
+    flips that fraction of labels, so a perfect model's BCE stays well above zero.
+    """
+    g = torch.Generator().manual_seed(seed)
+    cluster = torch.randint(0, num_clusters, (batch, 1), generator=g)
+    per_cluster = (num_items - 2) // num_clusters  # items 2.. of each cluster: 2 + c + K*j, below num_items
+
+    def items_of(clusters: torch.Tensor) -> torch.Tensor:
+        j = torch.randint(0, per_cluster, clusters.shape, generator=g)
+        item = 2 + clusters + num_clusters * j
+        return item - num_clusters * (item >= num_items)  # keep inside the table
+
+    others = (cluster + torch.randint(1, num_clusters, (batch, cands), generator=g)) % num_clusters
+    is_pos = torch.arange(cands).expand(batch, cands) < cands // 2
+    cand_cluster = torch.where(is_pos, cluster.expand(batch, cands), others)
+    cand_item = items_of(cand_cluster)
+    labels = (cand_cluster == cluster).float()
+    flip = torch.rand(batch, cands, generator=g) < label_noise
+    labels = torch.where(flip, 1.0 - labels, labels)
+    seq_len = torch.randint(seq // 2, seq + 1, (batch,), generator=g)
+    valid = torch.arange(seq) >= (seq - seq_len).unsqueeze(1)
+    return GroupBatch(
+        user_id=torch.randint(2, NUM_USERS, (batch,), generator=g),
+        user_dense=torch.rand(batch, 3, generator=g),
+        seq_item=items_of(cluster.expand(batch, seq)) * valid,
+        seq_action=torch.randint(1, NUM_ACTIONS, (batch, seq), generator=g) * valid,
+        seq_gap=torch.randint(1, NUM_GAP_BUCKETS, (batch, seq), generator=g) * valid,
+        seq_len=seq_len,
+        cand_item=cand_item,
+        cand_genres=torch.zeros(batch, cands, NUM_GENRES),
+        cand_year=torch.zeros(batch, cands, dtype=torch.long),
+        cand_tags=torch.zeros(batch, cands, 3, dtype=torch.long),
+        cand_mask=torch.ones(batch, cands, dtype=torch.bool),
+        labels=labels.unsqueeze(-1).expand(batch, cands, 2).contiguous(),
+    )

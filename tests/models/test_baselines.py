@@ -192,7 +192,7 @@ def test_default_models_learn_a_simple_signal(name: str) -> None:
 
     initial = eval_loss()
     model.train()
-    for _ in range(150):
+    for _ in range(300):  # engage (item parity vs history parity) takes 150-250 steps to click
         data = synthetic_batch(gen)
         loss = masked_bce(model(data), data.labels, data.cand_mask).mean()
         optimizer.zero_grad()
