@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from models.batch import NUM_ACTIONS, NUM_GENRES, NUM_YEAR_BUCKETS, GroupBatch
 from models.embedding_init import embedding
+from models.layers import masked_mean
 
 NUM_TASKS = len(GroupBatch.TASKS)
 
@@ -125,8 +126,7 @@ class FeatureArch(nn.Module):
     def user_side(self, batch: GroupBatch) -> Tensor:
         """(B, user_dim): user id, dense features and the recent-sequence mean; once per group."""
         tokens, mask = self.recent_tokens(batch, self.config.recent_len)
-        weight = mask.unsqueeze(-1).to(tokens.dtype)  # (B, W, 1)
-        seq_mean = (tokens * weight).sum(1) / weight.sum(1).clamp_min(1.0)  # (B, d)
+        seq_mean = masked_mean(tokens, mask, 1)  # (B, d)
         parts = [self.user_emb(batch.user_id % self.num_users), seq_mean]
         if self.dense_proj is not None:
             parts.append(self.dense_proj(batch.user_dense))
@@ -138,8 +138,7 @@ class FeatureArch(nn.Module):
 
     def candidate_side(self, batch: GroupBatch) -> Tensor:
         """(B, N, cand_dim): item id, year, mean tag embedding and genre projection."""
-        tag_mask = (batch.cand_tags != 0).unsqueeze(-1).float()  # (B, N, n_tags, 1)
-        tags = (self.tag_emb(batch.cand_tags) * tag_mask).sum(2) / tag_mask.sum(2).clamp_min(1.0)
+        tags = masked_mean(self.tag_emb(batch.cand_tags), batch.cand_tags != 0, 2)  # (B, N, d)
         return torch.cat(
             [self.candidate_item(batch), self.year_emb(batch.cand_year), tags, self.genre_proj(batch.cand_genres)],
             dim=-1,

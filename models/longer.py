@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.batch import NUM_ACTIONS, NUM_GAP_BUCKETS
 from models.embedding_init import embedding
+from models.layers import masked_mean
 
 USER, CAND, SEQ = 0, 1, 2  # token kinds of the hybrid mask
 
@@ -231,8 +232,7 @@ class LongerUserState:
 def summarize(user_tokens: torch.Tensor, token_valid: torch.Tensor, num_globals: int) -> torch.Tensor:
     """(..., G + k, D) user-side outputs -> (..., G + 1, D): globals + mean of the valid recent ones."""
     g = num_globals
-    recent, valid = user_tokens[..., g:, :], token_valid[..., g:, None]
-    mean = (recent * valid).sum(-2) / valid.sum(-2).clamp(min=1)  # (..., D)
+    mean = masked_mean(user_tokens[..., g:, :], token_valid[..., g:], -2)  # (..., D)
     return torch.cat([user_tokens[..., :g, :], mean.unsqueeze(-2)], -2)
 
 

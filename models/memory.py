@@ -14,13 +14,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.embedding_init import init_embedding_
+from models.layers import masked_mean
 
 
 @dataclass(frozen=True)
@@ -237,24 +237,24 @@ class LMNConfig:
     token_dim: int = 64
     hidden_dim: int = 64
     memory: PKMConfig = field(default_factory=PKMConfig)
-    # What a behaviour's read must reconstruct: the item itself, or the user's next item.
-    target: Literal["item", "next_item"] = "item"
 
     def __post_init__(self) -> None:
         if self.memory.input_dim != self.hidden_dim:
             raise ValueError(
                 f"LMNConfig.memory.input_dim={self.memory.input_dim} must equal hidden_dim={self.hidden_dim}"
             )
-        if self.target not in ("item", "next_item"):
-            raise ValueError(f"LMNConfig.target must be 'item' or 'next_item', got {self.target!r}")
 
 
 class LMN(nn.Module):
-    """Query ``MLP([item; user])`` -> PKM read; a reconstruction loss trains the slots.
+    """Query ``MLP([item; user])`` -> PKM read; a next-behaviour loss trains the slots.
 
-    Serving needs only the user profile plus items: ``user_token`` (query = recent
-    behaviours + user, all user-side -> a USER token) and ``group_tokens`` (query =
-    candidate + user -> one GROUP token per candidate).
+    The memory is written from long-term history: ``memory_loss`` asks the read keyed by
+    each behaviour (and the user) to predict the user's NEXT behaviour, over a long window
+    of the sequence, so the slots must store transitions the query does not already hold
+    (reconstructing the query's own item would only teach an identity map).
+    Serving needs only the user profile plus items: ``user_token`` (query = the history
+    window + user, all user-side -> a USER token) and ``group_tokens`` (query = candidate
+    + user -> one GROUP token per candidate).
     """
 
     def __init__(self, cfg: LMNConfig) -> None:
@@ -280,24 +280,19 @@ class LMN(nn.Module):
         return self.memory(self.query_mlp(q))
 
     def memory_loss(self, seq_items: torch.Tensor, user: torch.Tensor, seq_mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared reconstruction error of the (detached) target item over valid behaviours.
+        """Mean squared error of predicting each valid behaviour's successor (detached) from its read.
 
-        seq_items (B, L, E), user (B, U), seq_mask (B, L) bool. Pass a subset of the
-        sequence (e.g. the most recent 64) to bound the cost.
+        seq_items (B, L, E) oldest first (left-padded), user (B, U), seq_mask (B, L) bool; pairs
+        (t, t+1) with both behaviours valid count.
         """
-        if self.cfg.target == "next_item":
-            target, seq_items = seq_items[:, 1:], seq_items[:, :-1]
-            seq_mask = seq_mask[:, 1:] & seq_mask[:, :-1]
-        else:
-            target = seq_items
-        err = (self.recon_head(self.read(seq_items, user)) - target.detach()).pow(2).mean(-1)  # (B, L')
-        return (err * seq_mask).sum() / seq_mask.sum().clamp(min=1)
+        query, target = seq_items[:, :-1], seq_items[:, 1:].detach()
+        pair_mask = seq_mask[:, :-1] & seq_mask[:, 1:]  # (B, L-1)
+        err = (self.recon_head(self.read(query, user)) - target).pow(2).mean(-1)  # (B, L-1)
+        return (err * pair_mask).sum() / pair_mask.sum().clamp(min=1)
 
-    def user_token(self, user: torch.Tensor, recent_items: torch.Tensor, recent_mask: torch.Tensor) -> torch.Tensor:
-        """USER token (B, token_dim): mean read over the valid recent items (B, r, E)."""
-        m = self.read(recent_items, user)  # (B, r, vd)
-        w = recent_mask[..., None].to(m.dtype)
-        return self.user_proj((m * w).sum(1) / w.sum(1).clamp(min=1))
+    def user_token(self, user: torch.Tensor, history: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
+        """USER token (B, token_dim): mean read over the valid items of the history window (B, W, E)."""
+        return self.user_proj(masked_mean(self.read(history, user), history_mask, 1))  # (B, vd) -> (B, token_dim)
 
     def group_tokens(self, user: torch.Tensor, cand_items: torch.Tensor) -> torch.Tensor:
         """GROUP tokens (B, N, token_dim): one read per candidate item (B, N, E)."""

@@ -51,10 +51,15 @@ class RankerConfig:
     dim: int = 64
     backbone: Literal["rankmixer", "tokenmixer_large"] = "tokenmixer_large"
     rankmixer: RankMixerConfig = field(default_factory=lambda: RankMixerConfig(num_tokens=8, dim=64))
+    # Four blocks so the spec's extras are on by default (MODELS.md §3): the inter-layer residual
+    # after block 1 and the shallow auxiliary head on it (its defaults; never after the last block).
     tokenmixer_large: TokenMixerLargeConfig = field(
-        default_factory=lambda: TokenMixerLargeConfig(num_tokens=8, dim=64, num_layers=2, expansion=2.0)
+        default_factory=lambda: TokenMixerLargeConfig(num_tokens=8, dim=64, num_layers=4, expansion=2.0)
     )
     use_global_token: bool = True  # TokenMixer-Large's global token (RankMixer has none)
+    # Feature tokens (the global token not counted): 0 = one per feature group (8 to 10 here);
+    # 16 or 32 reach the papers' token counts by splitting groups into several tokens.
+    num_feature_tokens: int = 0
     use_ugsep: bool = False
     use_compensation: bool = True
     sequence_encoder: Literal["pooling", "longer"] = "longer"
@@ -63,12 +68,22 @@ class RankerConfig:
     msn_memory: PKMConfig = field(default_factory=lambda: PKMConfig(num_slots=4096, topk=8, key_dim=32))
     use_lmn: bool = False
     lmn: LMNConfig = field(default_factory=lambda: LMNConfig(memory=PKMConfig(num_slots=4096, topk=8, key_dim=32)))
-    lmn_recent: int = 16  # recent behaviours read by LMN (user token, memory loss)
+    # Behaviours LMN reads for the user token and trains its memory on (the most recent ones);
+    # 0 = the whole sequence. Long-term history is the point of LMN (MODELS.md §6).
+    lmn_window: int = 512
     lmn_loss_weight: float = 0.1
     head_hidden: int = 64
     num_tasks: int = 2
 
     def __post_init__(self) -> None:
+        groups = len(self._base_groups())
+        if self.num_feature_tokens and self.num_feature_tokens < groups:
+            raise ValueError(
+                f"RankerConfig: num_feature_tokens={self.num_feature_tokens} is below the {groups} feature "
+                "groups of this layout (every group needs a token); 0 gives one token per group"
+            )
+        if self.lmn_window < 0:
+            raise ValueError(f"RankerConfig: lmn_window={self.lmn_window} must be >= 0 (0 = whole sequence)")
         if self.backbone == "rankmixer" and self.dim % self.num_tokens:
             t = self.num_tokens
             raise ValueError(
@@ -95,6 +110,16 @@ class RankerConfig:
         return self.sparse.embedding_dim + 3
 
     def feature_groups(self) -> tuple[FeatureGroup, ...]:
+        """The layout's feature groups, each with its share of ``num_feature_tokens``."""
+        groups = self._base_groups()
+        if not self.num_feature_tokens:
+            return groups
+        # An equal share each; the remainder goes to the widest groups (most inputs per token).
+        share, extra = divmod(self.num_feature_tokens, len(groups))
+        widest = sorted(range(len(groups)), key=lambda i: -groups[i].in_dim)[:extra]
+        return tuple(replace(g, num_tokens=share + (i in widest)) for i, g in enumerate(groups))
+
+    def _base_groups(self) -> tuple[FeatureGroup, ...]:
         e, s = self.sparse.embedding_dim, self.seq_dim
         groups = [FeatureGroup("user", self.user_dim, "user")]
         groups += [FeatureGroup(f"seq_{i}", s, "user") for i in range(self.num_seq_tokens)]
@@ -229,11 +254,12 @@ class Ranker(nn.Module):
         )  # (B,1,S), (B,1,G+1,S)
         return summary[:, 0], cross
 
-    def _recent(self, batch: GroupBatch, seq_emb: Tensor) -> tuple[Tensor, Tensor]:
-        """The last ``lmn_recent`` behaviours (B, r, E) and their validity mask (B, r)."""
-        r = min(self.cfg.lmn_recent, seq_emb.shape[1])
-        pos_from_end = torch.arange(r - 1, -1, -1, device=seq_emb.device)
-        return seq_emb[:, -r:], pos_from_end.unsqueeze(0) < batch.seq_len.unsqueeze(1)
+    def _lmn_window(self, batch: GroupBatch, seq_emb: Tensor) -> tuple[Tensor, Tensor]:
+        """The last ``lmn_window`` behaviours (all when 0): (B, W, E) and their validity mask (B, W)."""
+        length = seq_emb.shape[1]
+        w = min(self.cfg.lmn_window or length, length)
+        pos_from_end = torch.arange(w - 1, -1, -1, device=seq_emb.device)
+        return seq_emb[:, length - w :], pos_from_end.unsqueeze(0) < batch.seq_len.unsqueeze(1)
 
     def encode_user(self, batch: GroupBatch, reference: bool = False) -> UserState:
         """Everything candidate-independent, at batch B.
@@ -253,12 +279,11 @@ class Ranker(nn.Module):
         features = {"user": user_vec, **{f"seq_{i}": seq_tokens[:, i] for i in range(self.cfg.num_seq_tokens)}}
         aux = AuxLosses()
         if self.lmn is not None:
-            recent, recent_mask = self._recent(batch, emb["seq_item"])
-            features["lmn_user"] = self.lmn.user_token(user_vec, recent, recent_mask)
+            history, history_mask = self._lmn_window(batch, emb["seq_item"])
+            features["lmn_user"] = self.lmn.user_token(user_vec, history, history_mask)
             if self.training:
-                aux.add(
-                    "lmn_memory_loss", self.cfg.lmn_loss_weight * self.lmn.memory_loss(recent, user_vec, recent_mask)
-                )
+                memory_loss = self.lmn.memory_loss(history, user_vec, history_mask)
+                aux.add("lmn_memory_loss", self.cfg.lmn_loss_weight * memory_loss)
         seq_mean = seq_tokens[:, -1]
         gate = self.msn.gate(torch.cat([user_vec, seq_mean], -1)) if self.msn is not None else None
         x_user = self.tokenizer(features, side="user")  # (B, T_u, D)

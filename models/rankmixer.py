@@ -47,7 +47,7 @@ Side = Literal["user", "group"]
 # ---------------------------------------------------------------- tokenizer
 @dataclass(frozen=True)
 class FeatureGroup:
-    """A semantic group of features that becomes one token.
+    """A semantic group of features that becomes ``num_tokens`` tokens (one MLP, its output split).
 
     ``side="user"`` when every input is known from the user/request alone (computed once
     per group of candidates); ``"group"`` when any input depends on the candidate.
@@ -56,6 +56,7 @@ class FeatureGroup:
     name: str
     in_dim: int
     side: Side = "group"
+    num_tokens: int = 1
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,10 @@ class TokenizerConfig:
         if not names or len(set(names)) != len(names):
             raise ValueError(f"TokenizerConfig: group names must be non-empty and unique, got {names}")
         for g in self.groups:
-            if g.in_dim <= 0 or "." in g.name or g.side not in ("user", "group"):
-                raise ValueError(f"TokenizerConfig: bad feature group {g} (in_dim > 0, no '.', side user/group)")
+            if g.in_dim <= 0 or g.num_tokens <= 0 or "." in g.name or g.side not in ("user", "group"):
+                raise ValueError(
+                    f"TokenizerConfig: bad feature group {g} (in_dim > 0, num_tokens > 0, no '.', side user/group)"
+                )
 
     @property
     def global_side(self) -> Side:
@@ -85,8 +88,9 @@ class TokenizerConfig:
 
     def num_tokens(self, side: Literal["all", "user", "group"] = "all") -> int:
         if side == "all":
-            return len(self.groups) + int(self.use_global_token)
-        return len(self.side_groups(side)) + int(self.use_global_token and self.global_side == side)
+            return sum(g.num_tokens for g in self.groups) + int(self.use_global_token)
+        has_global = self.use_global_token and self.global_side == side
+        return sum(g.num_tokens for g in self.side_groups(side)) + int(has_global)
 
 
 def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
@@ -94,7 +98,8 @@ def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
 
 
 class SemanticTokenizer(nn.Module):
-    """Feature groups -> one token of width D each (per-group MLP), plus an optional global token.
+    """Feature groups -> ``num_tokens`` tokens of width D each (one MLP per group whose output
+    is split into its tokens), plus an optional global token.
 
     Token order: user-side group tokens, then group-side ones (the global token leads
     its side). ``forward(features, side)`` computes one side only, so UG-Sep can run the
@@ -105,7 +110,9 @@ class SemanticTokenizer(nn.Module):
         super().__init__()
         self.cfg = cfg
         hidden = cfg.hidden or cfg.dim
-        self.group_mlps = nn.ModuleDict({g.name: _mlp(g.in_dim, hidden, cfg.dim) for g in cfg.groups})
+        self.group_mlps = nn.ModuleDict(
+            {g.name: _mlp(g.in_dim, hidden * g.num_tokens, cfg.dim * g.num_tokens) for g in cfg.groups}
+        )
         total_in = sum(g.in_dim for g in cfg.groups)
         self.global_mlp = _mlp(total_in, hidden, cfg.dim) if cfg.use_global_token else None
 
@@ -130,13 +137,14 @@ class SemanticTokenizer(nn.Module):
 
     def _side_tokens(self, features: Mapping[str, Tensor], side: Side) -> Tensor:
         groups = self.cfg.side_groups(side)
-        tokens = [self.group_mlps[g.name](self._feature(features, g)) for g in groups]
+        # (..., k, D) per group: the group MLP's output split into its k tokens
+        tokens = [self.group_mlps[g.name](self._feature(features, g)).unflatten(-1, (-1, self.cfg.dim)) for g in groups]
         if self.global_mlp is not None and self.cfg.global_side == side:
-            lead = tokens[0].shape[:-1] if tokens else self._feature(features, self.cfg.groups[0]).shape[:-1]
-            tokens.insert(0, self._global_token(features, lead))
+            lead = tokens[0].shape[:-2] if tokens else self._feature(features, self.cfg.groups[0]).shape[:-1]
+            tokens.insert(0, self._global_token(features, lead).unsqueeze(-2))
         if not tokens:
             raise ValueError(f"SemanticTokenizer: no {side}-side feature groups configured")
-        return torch.stack(tokens, dim=-2)  # (..., T_side, D)
+        return torch.cat(tokens, dim=-2)  # (..., T_side, D)
 
     def forward(self, features: Mapping[str, Tensor], side: Literal["all", "user", "group"] = "all") -> Tensor:
         """``features[name]``: (..., in_dim). Returns (..., T_side, D).

@@ -47,7 +47,7 @@ _BASE = RankerConfig(
     ),
     msn_memory=TINY_PKM,
     lmn=LMNConfig(hidden_dim=16, memory=replace(TINY_PKM, input_dim=16)),
-    lmn_recent=6,
+    lmn_window=6,
     head_hidden=16,
 )
 
@@ -57,6 +57,8 @@ VARIANTS: dict[str, RankerConfig] = {
     "ugsep": replace(_BASE, use_ugsep=True, use_compensation=True),
     "ugsep_nocomp": replace(_BASE, use_ugsep=True, use_compensation=False),
     "ugsep_msn_lmn": replace(_BASE, use_ugsep=True, use_msn=True, use_lmn=True),
+    # Feature groups split into 16 tokens (+ the global one): the papers' token counts.
+    "ugsep_16_tokens": replace(_BASE, use_ugsep=True, num_feature_tokens=16),
     "rankmixer_pooling": replace(_BASE, backbone="rankmixer", sequence_encoder="pooling"),
     "tml_moe": replace(_BASE, tokenmixer_large=replace(TINY_TML, moe=SparseMoEConfig(num_experts=4, top_k=1))),
     "rankmixer_moe": replace(

@@ -405,3 +405,23 @@ def test_rankmixer_dim_must_divide_into_the_token_layout() -> None:
 def test_task_needs_labels() -> None:
     with pytest.raises(ValueError, match="labels"):
         RankingTask(MODELS["tml_longer"])(replace(random_groups(0), labels=None))
+
+
+@pytest.mark.parametrize(
+    "backbone,feature_tokens,total", [("tokenmixer_large", 16, 17), ("tokenmixer_large", 32, 33), ("rankmixer", 16, 16)]
+)
+def test_feature_groups_split_into_the_papers_token_counts(backbone: str, feature_tokens: int, total: int) -> None:
+    cfg = replace(VARIANTS["ugsep"], backbone=backbone, dim=64, num_feature_tokens=feature_tokens)
+    tok = cfg.tokenizer_config()
+    assert cfg.num_tokens == total and sum(g.num_tokens for g in tok.groups) == feature_tokens
+    # 8 groups here: an equal share each, the remainder to the widest groups; sides stay pure.
+    assert min(g.num_tokens for g in tok.groups) == feature_tokens // len(tok.groups)
+    assert tok.num_tokens("user") + tok.num_tokens("group") == total
+    model = Ranker(cfg).eval()
+    data = random_groups(3, batch=2, cands=3, seq=12)
+    assert_outputs_close(run(model, data), run(model, data, reference=True))
+
+
+def test_feature_tokens_below_the_group_count_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"num_feature_tokens=4 is below the 8 feature groups"):
+        replace(VARIANTS["ugsep"], num_feature_tokens=4)
