@@ -33,7 +33,8 @@ import numpy as np
 import psutil
 
 from components import lake
-from pipelines.config import FeaturesConfig, LakeConfig, PipelineConfig, RayConfig, SyntheticConfig
+from components.synthetic import SyntheticConfig
+from pipelines.config import FeaturesConfig, LakeConfig, PipelineConfig, RayConfig
 
 logger = logging.getLogger(__name__)
 
