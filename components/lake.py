@@ -1,5 +1,7 @@
 """Delta Lake helpers shared by the pipelines: table locations, the user-bucket hash,
-the lake tables' schemas (docs/DATA.md) and atomic read/write helpers.
+the lake tables' schemas and run metadata (the contract of docs/DATA.md, here so that
+writers in pipelines/ and readers in components/ share one definition) and atomic
+read/write helpers.
 
 Every write is one Delta commit: data files are written first and become visible only
 when the commit lands in ``_delta_log``. A writer that dies before its commit leaves the
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Literal
@@ -52,6 +55,35 @@ ITEMS_SCHEMA = pa.schema(
     ]
 )
 USERS_SCHEMA = pa.schema([("user_id", pa.int64()), ("user_idx", pa.int32())])
+# Written by the features stage (pipelines/features.py), resolved by components/sequence_join.py.
+SEQUENCES_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("bucket", pa.int32()),
+        ("item_idx", pa.list_(pa.int32())),
+        ("action", pa.list_(pa.int8())),
+        ("ts", pa.list_(pa.int64())),
+    ]
+)
+SAMPLES_SCHEMA = pa.schema(
+    [
+        ("group_id", pa.int64()),
+        ("user_id", pa.int64()),
+        ("user_idx", pa.int32()),
+        ("bucket", pa.int32()),
+        ("split", pa.string()),
+        ("request_ts", pa.int64()),
+        ("seq_end", pa.int32()),
+        ("cand_item_idx", pa.list_(pa.int32())),
+        ("label_engage", pa.list_(pa.int8())),
+        ("label_like", pa.list_(pa.int8())),
+        ("cand_genre_mask", pa.list_(pa.int32())),
+        ("cand_year", pa.list_(pa.int16())),
+        ("cand_tags", pa.list_(pa.int32())),
+    ]
+)
+SEQUENCES_PARTITION = ["bucket"]
+SAMPLES_PARTITION = ["split", "bucket"]
 
 
 class LakeError(RuntimeError):
@@ -78,9 +110,25 @@ def user_bucket(user_ids: np.ndarray, num_buckets: int) -> np.ndarray:
     return (mix64(np.asarray(user_ids)) % np.uint64(num_buckets)).astype(np.int32)
 
 
+def lake_root(root: str) -> str:
+    """Absolute local path (Arrow filesystems need one) or the object-store URI unchanged."""
+    return root if "://" in root else os.path.abspath(root)
+
+
 def table_uri(root: str, name: str) -> str:
     """Location of table ``name`` under the lake root (local folder or object-store URI)."""
     return f"{root.rstrip('/')}/{name}"
+
+
+def run_metadata(job_id: str, events_version: int, max_seq_len: int, candidates_per_group: int) -> dict[str, str]:
+    """Commit info of BOTH output tables of one features run (docs/DATA.md): how the loader
+    pairs ``samples`` with the ``sequences`` of the same run and learns the run's settings."""
+    return {
+        "job_id": job_id,
+        "events_version": str(events_version),
+        "max_seq_len": str(max_seq_len),
+        "candidates_per_group": str(candidates_per_group),
+    }
 
 
 # ---------------------------------------------------------------- table builders

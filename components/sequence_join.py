@@ -13,7 +13,6 @@ Resolved rows carry every sample column plus ``seq_item_idx``, ``seq_action``, `
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -171,7 +170,7 @@ def load_groups(lake_root: str, split: str, max_seq_len: int | None = None, rows
 
     if split not in ("train", "valid", "test"):
         raise ValueError(f"split must be one of train/valid/test, got {split!r}")
-    root = lake_root if "://" in lake_root else os.path.abspath(lake_root)
+    root = lake.lake_root(lake_root)
     samples_uri, sequences_uri = lake.table_uri(root, "samples"), lake.table_uri(root, "sequences")
     samples_version, sequences_version, info = pinned_versions(root)
     if max_seq_len is None:

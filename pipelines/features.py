@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -34,6 +33,14 @@ import pyarrow.compute as pc
 import ray
 
 from components import groups, lake
+from components.lake import (
+    SAMPLES_PARTITION,
+    SAMPLES_SCHEMA,
+    SEQUENCES_PARTITION,
+    SEQUENCES_SCHEMA,
+    lake_root,
+    run_metadata,
+)
 from components.transforms import OOV, action_bucket
 from pipelines.cli import pipeline_main
 from pipelines.config import FeaturesConfig, PipelineConfig
@@ -42,34 +49,6 @@ from pipelines.ray_runtime import ray_runtime
 logger = logging.getLogger(__name__)
 
 EVENT_COLUMNS = ["user_id", "item_id", "ts", "value"]
-SEQUENCES_SCHEMA = pa.schema(
-    [
-        ("user_id", pa.int64()),
-        ("bucket", pa.int32()),
-        ("item_idx", pa.list_(pa.int32())),
-        ("action", pa.list_(pa.int8())),
-        ("ts", pa.list_(pa.int64())),
-    ]
-)
-SAMPLES_SCHEMA = pa.schema(
-    [
-        ("group_id", pa.int64()),
-        ("user_id", pa.int64()),
-        ("user_idx", pa.int32()),
-        ("bucket", pa.int32()),
-        ("split", pa.string()),
-        ("request_ts", pa.int64()),
-        ("seq_end", pa.int32()),
-        ("cand_item_idx", pa.list_(pa.int32())),
-        ("label_engage", pa.list_(pa.int8())),
-        ("label_like", pa.list_(pa.int8())),
-        ("cand_genre_mask", pa.list_(pa.int32())),
-        ("cand_year", pa.list_(pa.int16())),
-        ("cand_tags", pa.list_(pa.int32())),
-    ]
-)
-SEQUENCES_PARTITION = ["bucket"]
-SAMPLES_PARTITION = ["split", "bucket"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,11 +337,6 @@ def _process_buckets(batch: dict[str, np.ndarray], job: dict) -> dict[str, list]
 # ---------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------
-def lake_root(root: str) -> str:
-    """Absolute local path (Arrow filesystems need one) or the object-store URI unchanged."""
-    return root if "://" in root else os.path.abspath(root)
-
-
 def event_buckets(events_uri: str, version: int) -> list[int]:
     """Bucket ids present in the events table (from the Delta log, no data read)."""
     from deltalake import DeltaTable
@@ -381,17 +355,6 @@ def build_context(root: str, cfg: FeaturesConfig, stats: tuple) -> BucketContext
     counted_idx = lookup(items["item_ids"], items["item_idx"], raw_item_ids, OOV)
     np.add.at(counts, counted_idx, raw_counts)
     return BucketContext(features=cfg, **items, negative_cdf=groups.negative_cdf(counts), cutoffs=cutoffs)
-
-
-def run_metadata(job_id: str, events_version: int, cfg: FeaturesConfig) -> dict[str, str]:
-    """Commit info of BOTH output tables of one run (docs/DATA.md): how the loader pairs
-    ``samples`` with the ``sequences`` of the same run and learns the run's settings."""
-    return {
-        "job_id": job_id,
-        "events_version": str(events_version),
-        "max_seq_len": str(cfg.max_seq_len),
-        "candidates_per_group": str(cfg.candidates_per_group),
-    }
 
 
 def run_features(config: PipelineConfig) -> dict:
@@ -427,7 +390,7 @@ def run_features(config: PipelineConfig) -> dict:
         .take_all()
     )
     job_s, clock = time.perf_counter() - clock, time.perf_counter()
-    metadata = run_metadata(job["job_id"], version, cfg)
+    metadata = run_metadata(job["job_id"], version, cfg.max_seq_len, cfg.candidates_per_group)
     # sequences first: a samples commit is only ever made after its sequences commit landed.
     for table, schema, partition_by in (
         ("sequences", SEQUENCES_SCHEMA, SEQUENCES_PARTITION),

@@ -21,10 +21,7 @@ import polars as pl
 import pyarrow as pa
 
 from components import groups, lake
-from components.transforms import OOV, action_bucket
-from pipelines.cli import pipeline_main
-from pipelines.config import FeaturesConfig, PipelineConfig
-from pipelines.features import (
+from components.lake import (
     SAMPLES_PARTITION,
     SAMPLES_SCHEMA,
     SEQUENCES_PARTITION,
@@ -32,6 +29,9 @@ from pipelines.features import (
     lake_root,
     run_metadata,
 )
+from components.transforms import OOV, action_bucket
+from pipelines.cli import pipeline_main
+from pipelines.config import FeaturesConfig, PipelineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,8 @@ def run_reference(config: PipelineConfig, out_root: str | None = None) -> dict:
     items = lake.read_table(lake.table_uri(root, "items"))
     users = lake.read_table(lake.table_uri(root, "users"), columns=["user_id", "user_idx"])
     sequences, samples = reference_tables(events, items, users, config.features)
-    metadata = run_metadata(f"reference-{uuid.uuid4().hex}", events_version, config.features)
+    cfg = config.features
+    metadata = run_metadata(f"reference-{uuid.uuid4().hex}", events_version, cfg.max_seq_len, cfg.candidates_per_group)
     lake.write_table(
         lake.table_uri(out, "sequences"), sequences, partition_by=SEQUENCES_PARTITION, custom_metadata=metadata
     )

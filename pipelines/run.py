@@ -19,7 +19,7 @@ from components.collate import CollateConfig, collate_groups
 from components.validation import IngestError
 from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig
-from pipelines.features import lake_root, run_features
+from pipelines.features import run_features
 from pipelines.ingest import run_ingest
 from pipelines.ray_runtime import ray_runtime
 
@@ -65,7 +65,7 @@ def run(config: PipelineConfig) -> int:
         logger.info("features done: %s", summary)
         from components.sequence_join import load_groups
 
-        root = lake_root(config.lake.root)
+        root = lake.lake_root(config.lake.root)
         sample = load_groups(root, "train", config.features.max_seq_len).take_batch(1, batch_format="pyarrow")
     print(f"\n{'table':<10} {'version':>7} {'rows':>10}")
     for name, version, rows in table_report(root):
