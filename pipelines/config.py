@@ -41,7 +41,9 @@ class LakeConfig:
     num_buckets: int = 0
     events_per_bucket: int = 1_000_000
     min_buckets: int = 8
-    # Passed to deltalake for object stores (e.g. AWS_REGION); empty for a local folder.
+    # deltalake's object-store options (endpoint, credentials, region: AWS_ENDPOINT_URL, AWS_REGION,
+    # ...); every stage passes them to every Delta read and write, also inside Ray tasks and to the
+    # features job's data files (components/lake.py). Empty for a local folder.
     storage_options: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
