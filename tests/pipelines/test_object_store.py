@@ -22,17 +22,16 @@ BUCKET = "lake-bucket"
 ROOT = f"s3://{BUCKET}/lake"
 # Every variable that could point deltalake (object_store) at an endpoint or give it credentials.
 AWS_ENV = re.compile(r"^AWS_(?!CA_BUNDLE$)")
-# The server prints its port and serves until its stdin closes. A child process, not a thread:
+# The server prints its port and serves until it is terminated. A child process, not a thread:
 # deltalake's file-system handler holds the GIL while it waits for a response, so an
 # in-process server thread could never answer it.
 SERVER = """
-import sys
+import threading
 from moto.server import ThreadedMotoServer
 server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
 server.start()
 print(server.get_host_and_port()[1], flush=True)
-sys.stdin.read()
-server.stop()
+threading.Event().wait()
 """
 
 
@@ -43,10 +42,12 @@ def s3_options() -> Iterator[dict[str, str]]:
 
     env = {k: v for k, v in os.environ.items() if not AWS_ENV.match(k)}
     server = subprocess.Popen(
-        [sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-c", SERVER], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, env=env
     )
     try:
-        endpoint = f"http://127.0.0.1:{int(server.stdout.readline())}"
+        port = server.stdout.readline().strip()
+        assert port.isdigit(), "moto's S3 server did not start (its stderr is above)"
+        endpoint = f"http://127.0.0.1:{port}"
         options = {
             "AWS_ENDPOINT_URL": endpoint,
             "AWS_ACCESS_KEY_ID": "test-key",
@@ -65,8 +66,9 @@ def s3_options() -> Iterator[dict[str, str]]:
         s3.create_bucket(Bucket=BUCKET)
         yield options
     finally:
-        server.stdin.close()
+        server.terminate()  # the server keeps nothing worth a clean shutdown
         server.wait(timeout=10)
+        server.stdout.close()
 
 
 def _aws_env_of_this_process() -> list[str]:
