@@ -406,6 +406,8 @@ def _table_filesystem(table_uri: str, storage_options: Mapping[str, str] | None)
     the data files are written with exactly the ``storage_options`` that its commits use:
     any store and any option deltalake accepts (s3://, gs://, abfss://; endpoint,
     credentials, region, ...), with no second translation into Arrow's S3/GCS/Azure options.
+    That handler is Python-level and keeps the GIL while it waits on the store: fine for a
+    Ray task writing its bucket's files, not worth it for a local folder.
     """
     if "://" not in table_uri or table_uri.startswith("file://"):
         return pafs.FileSystem.from_uri(table_uri)
@@ -436,6 +438,24 @@ def write_data_file(
     }
 
 
+def _add_actions(parts: list[dict]) -> list:
+    """Delta add actions of files written by :func:`write_data_file` (record counts as stats)."""
+    from deltalake.transaction import AddAction
+
+    now_ms = int(time.time() * 1000)
+    return [
+        AddAction(
+            p["path"],
+            int(p["size"]),
+            json.loads(p["partition"]),
+            now_ms,
+            True,
+            json.dumps({"numRecords": int(p["num_rows"])}),
+        )
+        for p in parts
+    ]
+
+
 def commit_files_overwrite(
     table_uri: str,
     schema: pa.Schema,
@@ -450,20 +470,9 @@ def commit_files_overwrite(
     or :func:`find_version`), e.g. the id of the job that wrote the files.
     """
     from deltalake import Schema
-    from deltalake.transaction import AddAction, create_table_with_add_actions
+    from deltalake.transaction import create_table_with_add_actions
 
-    now_ms = int(time.time() * 1000)
-    actions = [
-        AddAction(
-            p["path"],
-            int(p["size"]),
-            json.loads(p["partition"]),
-            now_ms,
-            True,
-            json.dumps({"numRecords": int(p["num_rows"])}),
-        )
-        for p in parts
-    ]
+    actions = _add_actions(parts)
     commit = deltalake.CommitProperties(custom_metadata=dict(custom_metadata)) if custom_metadata else None
     try:
         if table_version(table_uri, storage_options) is not None:
