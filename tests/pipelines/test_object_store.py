@@ -84,6 +84,10 @@ def _table_version_without_options(uri: str) -> str:
 
 
 def test_storage_options_reach_every_stage(ray_session, s3_options, tmp_path, monkeypatch, capsys):
+    from components.config_loader import load_config
+    from pipelines.bench_data import compare_lakes
+    from pipelines.config import PipelineConfig
+    from pipelines.features_reference import run_reference
     from pipelines.run import main
 
     for key in _aws_env_of_this_process():
@@ -92,23 +96,19 @@ def test_storage_options_reach_every_stage(ray_session, s3_options, tmp_path, mo
     assert ray_session.get(aws_env_of_workers.remote()) == [], "Ray workers must not carry AWS settings"
     monkeypatch.chdir(tmp_path)  # a stage that wrote a local "lake" folder instead would show here
 
-    overrides = [f'--lake.storage_options.{key}="{value}"' for key, value in s3_options.items()]
-    code = main(
-        [
-            "--config",
-            "demo",
-            f"--lake.root={ROOT}",
-            "--lake.num_buckets=2",
-            "--ingest.source=synthetic",
-            "--ingest.synthetic.num_events=400",
-            "--ingest.synthetic.num_users=20",
-            "--ingest.synthetic.num_items=60",
-            "--ingest.synthetic.max_history=200",
-            "--features.max_seq_len=20",
-            "--ray.enable_progress_bars=false",
-            *overrides,
-        ]
-    )
+    overrides = [
+        f"--lake.root={ROOT}",
+        "--lake.num_buckets=2",
+        "--ingest.source=synthetic",
+        "--ingest.synthetic.num_events=400",
+        "--ingest.synthetic.num_users=20",
+        "--ingest.synthetic.num_items=60",
+        "--ingest.synthetic.max_history=200",
+        "--features.max_seq_len=20",
+        "--ray.enable_progress_bars=false",
+        *(f'--lake.storage_options.{key}="{value}"' for key, value in s3_options.items()),
+    ]
+    code = main(["--config", "demo", *overrides])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     # ingest wrote, features read and wrote, load_groups resolved a group, the report read all five.
@@ -119,6 +119,9 @@ def test_storage_options_reach_every_stage(ray_session, s3_options, tmp_path, mo
 
     samples_uri = lake.table_uri(ROOT, "samples")
     assert lake.commit_metadata(samples_uri, storage_options=s3_options)["max_seq_len"] == "20"
+    # The files the Ray job's workers wrote to the store hold exactly what the oracle computes.
+    run_reference(load_config(PipelineConfig, "demo", overrides), f"s3://{BUCKET}/reference")
+    assert compare_lakes(ROOT, f"s3://{BUCKET}/reference", s3_options) == []
     # The premise: without the options the lake cannot be reached, from the driver or a worker.
     assert _table_version_without_options(samples_uri) == "LakeError"
     without_options = ray_session.remote(_table_version_without_options)
