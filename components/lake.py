@@ -246,6 +246,8 @@ def write_table(
         raise LakeWriteError(
             f"commit to Delta table {uri} failed, table unchanged (a concurrent writer committed first?): {first_line}"
         ) from exc
+    except OSError as exc:  # e.g. an object store without credentials or endpoint in storage_options
+        raise LakeError(f"cannot write Delta table {uri} (lake.storage_options?): {str(exc).splitlines()[0]}") from exc
     version = table_version(uri, storage_options)
     assert version is not None
     logger.info("wrote %s (mode=%s) -> version %d", uri, mode, version)
