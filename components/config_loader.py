@@ -82,7 +82,10 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
+        key_tp, value_tp = get_args(tp) or (Any, Any)
+        # Entries are typed too: ``--lake.storage_options.AWS_ALLOW_HTTP=true`` is YAML's bool,
+        # which deltalake would reject later with a type error that names no key.
+        return {_coerce(key_tp, k, path): _coerce(value_tp, v, f"{path}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:

@@ -15,7 +15,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -25,18 +25,39 @@ import pyarrow.parquet as pq
 
 from components.config_loader import ConfigError
 from components.lake import FIRST_INDEX
-from components.synthetic import build_world, generate_events, generate_items
+from components.synthetic import SyntheticConfig, build_world, generate_events, generate_items
 from components.validation import InputFileError, coerce_ids, coerce_ts, coerce_values
 from models.batch import NUM_GENRES
-
-if TYPE_CHECKING:  # types only: components must not import pipelines at run time
-    from pipelines.config import EventsFileConfig, SyntheticConfig
 
 logger = logging.getLogger(__name__)
 
 MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"
 NO_GENRE = "(no genres listed)"  # MovieLens' placeholder: no genre bit at all
 ITEM_ATTR_COLUMNS = ("item_id", "title", "genre_mask", "year", "tag_ids")
+
+
+@dataclass(frozen=True)
+class EventsFileConfig:
+    """A user's own behaviour log (CSV or Parquet) and how its columns map to ours.
+
+    The ``ingest.events`` section of the pipeline config (pipelines/config.py).
+    """
+
+    path: str | None = None
+    format: Literal["auto", "csv", "parquet"] = "auto"
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    ts_col: str = "timestamp"
+    value_col: str | None = "value"
+    # How timestamps are given: integer seconds/milliseconds since epoch, or ISO-8601 text.
+    ts_unit: Literal["s", "ms", "iso"] = "s"
+    items_path: str | None = None
+    item_id_col: str = "item_id"
+    item_genres_col: str | None = "genres"
+    item_year_col: str | None = "year"
+    item_title_col: str | None = None
+    users_path: str | None = None
+    user_id_col: str = "user_id"
 
 
 @dataclass(frozen=True)

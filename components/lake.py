@@ -1,5 +1,7 @@
 """Delta Lake helpers shared by the pipelines: table locations, the user-bucket hash,
-the lake tables' schemas (docs/DATA.md) and atomic read/write helpers.
+the lake tables' schemas and run metadata (the contract of docs/DATA.md, here so that
+writers in pipelines/ and readers in components/ share one definition) and atomic
+read/write helpers.
 
 Every write is one Delta commit: data files are written first and become visible only
 when the commit lands in ``_delta_log``. A writer that dies before its commit leaves the
@@ -13,8 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import deltalake
@@ -24,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.fs import DeltaStorageHandler
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,35 @@ ITEMS_SCHEMA = pa.schema(
     ]
 )
 USERS_SCHEMA = pa.schema([("user_id", pa.int64()), ("user_idx", pa.int32())])
+# Written by the features stage (pipelines/features.py), resolved by components/sequence_join.py.
+SEQUENCES_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("bucket", pa.int32()),
+        ("item_idx", pa.list_(pa.int32())),
+        ("action", pa.list_(pa.int8())),
+        ("ts", pa.list_(pa.int64())),
+    ]
+)
+SAMPLES_SCHEMA = pa.schema(
+    [
+        ("group_id", pa.int64()),
+        ("user_id", pa.int64()),
+        ("user_idx", pa.int32()),
+        ("bucket", pa.int32()),
+        ("split", pa.string()),
+        ("request_ts", pa.int64()),
+        ("seq_end", pa.int32()),
+        ("cand_item_idx", pa.list_(pa.int32())),
+        ("label_engage", pa.list_(pa.int8())),
+        ("label_like", pa.list_(pa.int8())),
+        ("cand_genre_mask", pa.list_(pa.int32())),
+        ("cand_year", pa.list_(pa.int16())),
+        ("cand_tags", pa.list_(pa.int32())),
+    ]
+)
+SEQUENCES_PARTITION = ["bucket"]
+SAMPLES_PARTITION = ["split", "bucket"]
 
 
 class LakeError(RuntimeError):
@@ -78,9 +112,25 @@ def user_bucket(user_ids: np.ndarray, num_buckets: int) -> np.ndarray:
     return (mix64(np.asarray(user_ids)) % np.uint64(num_buckets)).astype(np.int32)
 
 
+def lake_root(root: str) -> str:
+    """Absolute local path (Arrow filesystems need one) or the object-store URI unchanged."""
+    return root if "://" in root else os.path.abspath(root)
+
+
 def table_uri(root: str, name: str) -> str:
     """Location of table ``name`` under the lake root (local folder or object-store URI)."""
     return f"{root.rstrip('/')}/{name}"
+
+
+def run_metadata(job_id: str, events_version: int, max_seq_len: int, candidates_per_group: int) -> dict[str, str]:
+    """Commit info of BOTH output tables of one features run (docs/DATA.md): how the loader
+    pairs ``samples`` with the ``sequences`` of the same run and learns the run's settings."""
+    return {
+        "job_id": job_id,
+        "events_version": str(events_version),
+        "max_seq_len": str(max_seq_len),
+        "candidates_per_group": str(candidates_per_group),
+    }
 
 
 # ---------------------------------------------------------------- table builders
@@ -153,6 +203,13 @@ def users_table(user_ids: np.ndarray) -> pa.Table:
 
 
 # ---------------------------------------------------------------- Delta I/O
+# Every function that touches a table takes ``storage_options`` (``lake.storage_options`` of
+# the pipeline config: endpoint, credentials, region of an object store), and every stage
+# passes it on, also into Ray tasks: deltalake never sees a lake without them.
+
+
+def _options(storage_options: Mapping[str, str] | None) -> dict[str, str] | None:
+    return dict(storage_options) if storage_options else None
 
 
 def write_table(
@@ -180,7 +237,7 @@ def write_table(
             mode=mode,
             partition_by=list(partition_by) if partition_by else None,
             schema_mode="overwrite" if mode == "overwrite" else None,
-            storage_options=dict(storage_options) if storage_options else None,
+            storage_options=_options(storage_options),
             commit_properties=commit,
             target_file_size=target_file_size,
         )
@@ -189,6 +246,8 @@ def write_table(
         raise LakeWriteError(
             f"commit to Delta table {uri} failed, table unchanged (a concurrent writer committed first?): {first_line}"
         ) from exc
+    except OSError as exc:  # e.g. an object store without credentials or endpoint in storage_options
+        raise LakeError(f"cannot write Delta table {uri} (lake.storage_options?): {str(exc).splitlines()[0]}") from exc
     version = table_version(uri, storage_options)
     assert version is not None
     logger.info("wrote %s (mode=%s) -> version %d", uri, mode, version)
@@ -199,9 +258,7 @@ def _open(
     uri: str, version: int | None = None, storage_options: Mapping[str, str] | None = None
 ) -> deltalake.DeltaTable:
     try:
-        return deltalake.DeltaTable(
-            uri, version=version, storage_options=dict(storage_options) if storage_options else None
-        )
+        return deltalake.DeltaTable(uri, version=version, storage_options=_options(storage_options))
     except TableNotFoundError as exc:
         raise LakeError(f"no Delta table at {uri} (run the ingest stage first?)") from exc
     except Exception as exc:  # deltalake raises plain errors for a missing version
@@ -223,10 +280,48 @@ def read_table(
 
 def table_version(uri: str, storage_options: Mapping[str, str] | None = None) -> int | None:
     """Current version of the Delta table at ``uri``; None when there is no table."""
-    opts = dict(storage_options) if storage_options else None
-    if not deltalake.DeltaTable.is_deltatable(uri, storage_options=opts):
+    try:
+        exists = deltalake.DeltaTable.is_deltatable(uri, storage_options=_options(storage_options))
+    except OSError as exc:  # e.g. an object store without credentials or endpoint in storage_options
+        raise LakeError(f"cannot reach Delta table {uri} (lake.storage_options?): {str(exc).splitlines()[0]}") from exc
+    if not exists:
         return None
     return _open(uri, storage_options=storage_options).version()
+
+
+@dataclass(frozen=True)
+class PinnedTable:
+    """One version of one Delta table and how to reach it: what a Ray task needs to read it.
+
+    It carries the storage options, so a task given the table cannot read it without them.
+    """
+
+    uri: str
+    version: int
+    storage_options: dict[str, str] = field(default_factory=dict)
+
+    def read(self, columns: Sequence[str] | None = None, filters: pc.Expression | None = None) -> pa.Table:
+        """The pinned version's rows (some ``columns``, a row filter)."""
+        return read_table(self.uri, self.version, columns, filters, self.storage_options)
+
+    def partition_columns(self) -> list[str]:
+        """Partition columns, from the Delta log."""
+        return list(_open(self.uri, self.version, self.storage_options).metadata().partition_columns)
+
+    def partition_values(self, column: str, filters: list[tuple[str, str, str]] | None = None) -> list[str]:
+        """Distinct values of partition ``column`` among the files (only those of the partitions
+        matching ``filters``, e.g. ``[("split", "=", "train")]``); from the log, no data read."""
+        return sorted({p[column] for p in _open(self.uri, self.version, self.storage_options).partitions(filters)})
+
+
+def pin_table(
+    uri: str, storage_options: Mapping[str, str] | None = None, hint: str = "run the ingest stage first"
+) -> PinnedTable:
+    """The table at ``uri`` at its current version; LakeError naming it (and ``hint``) when absent."""
+    version = table_version(uri, storage_options)
+    if version is None:
+        raise LakeError(f"no Delta table at {uri} ({hint})")
+    return PinnedTable(uri, version, dict(storage_options or {}))
 
 
 def commit_metadata(
@@ -305,38 +400,52 @@ def row_count(uri: str, version: int | None = None, storage_options: Mapping[str
 
 
 # ---- distributed writes: workers write data files, the driver makes ONE commit ----
-def write_data_file(table: pa.Table, table_uri: str, partition: dict[str, str], name: str) -> dict:
+def _table_filesystem(table_uri: str, storage_options: Mapping[str, str] | None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, base path) of the table's files.
+
+    A local table uses Arrow's native filesystem (``table_uri`` must be absolute: see
+    :func:`lake_root`). An object-store table goes through deltalake's own object store, so
+    the data files are written with exactly the ``storage_options`` that its commits use:
+    any store and any option deltalake accepts (s3://, gs://, abfss://; endpoint,
+    credentials, region, ...), with no second translation into Arrow's S3/GCS/Azure options.
+    That handler is Python-level and keeps the GIL while it waits on the store: fine for a
+    Ray task writing its bucket's files, not worth it for a local folder.
+    """
+    if "://" not in table_uri or table_uri.startswith("file://"):
+        return pafs.FileSystem.from_uri(table_uri)
+    return pafs.PyFileSystem(DeltaStorageHandler(table_uri, _options(storage_options))), ""
+
+
+def write_data_file(
+    table: pa.Table,
+    table_uri: str,
+    partition: dict[str, str],
+    name: str,
+    storage_options: Mapping[str, str] | None = None,
+) -> dict:
     """Write one data file of a Delta table (partition columns live in the path, not the file)."""
+    fs, root = _table_filesystem(table_uri, storage_options)
     rel_dir = "/".join(f"{k}={v}" for k, v in partition.items())
     rel_path = f"{rel_dir}/{name}.parquet" if rel_dir else f"{name}.parquet"
-    fs, root = pafs.FileSystem.from_uri(table_uri)
-    fs.create_dir(f"{root}/{rel_dir}" if rel_dir else root, recursive=True)
-    pq.write_table(table.drop_columns(list(partition)), f"{root}/{rel_path}", filesystem=fs)
+    in_table = lambda rel: f"{root}/{rel}" if root else rel
+    folder = in_table(rel_dir) if rel_dir else root
+    if folder:  # an object store has no folders to make
+        fs.create_dir(folder, recursive=True)
+    pq.write_table(table.drop_columns(list(partition)), in_table(rel_path), filesystem=fs)
     return {
         "path": rel_path,
-        "size": fs.get_file_info(f"{root}/{rel_path}").size,
+        "size": fs.get_file_info(in_table(rel_path)).size,
         "partition": json.dumps(partition),
         "num_rows": table.num_rows,
     }
 
 
-def commit_files_overwrite(
-    table_uri: str,
-    schema: pa.Schema,
-    partition_by: list[str],
-    parts: list[dict],
-    custom_metadata: Mapping[str, str] | None = None,
-) -> int:
-    """ONE atomic Delta commit replacing the table's content with ``parts``; returns the version.
-
-    ``custom_metadata`` lands in the commit's info (read it back with :func:`commit_metadata`
-    or :func:`find_version`), e.g. the id of the job that wrote the files.
-    """
-    from deltalake import DeltaTable, Schema
-    from deltalake.transaction import AddAction, create_table_with_add_actions
+def _add_actions(parts: list[dict]) -> list:
+    """Delta add actions of files written by :func:`write_data_file` (record counts as stats)."""
+    from deltalake.transaction import AddAction
 
     now_ms = int(time.time() * 1000)
-    actions = [
+    return [
         AddAction(
             p["path"],
             int(p["size"]),
@@ -347,10 +456,29 @@ def commit_files_overwrite(
         )
         for p in parts
     ]
+
+
+def commit_files_overwrite(
+    table_uri: str,
+    schema: pa.Schema,
+    partition_by: list[str],
+    parts: list[dict],
+    custom_metadata: Mapping[str, str] | None = None,
+    storage_options: Mapping[str, str] | None = None,
+) -> int:
+    """ONE atomic Delta commit replacing the table's content with ``parts``; returns the version.
+
+    ``custom_metadata`` lands in the commit's info (read it back with :func:`commit_metadata`
+    or :func:`find_version`), e.g. the id of the job that wrote the files.
+    """
+    from deltalake import Schema
+    from deltalake.transaction import create_table_with_add_actions
+
+    actions = _add_actions(parts)
     commit = deltalake.CommitProperties(custom_metadata=dict(custom_metadata)) if custom_metadata else None
     try:
-        if DeltaTable.is_deltatable(table_uri):
-            DeltaTable(table_uri).create_write_transaction(
+        if table_version(table_uri, storage_options) is not None:
+            _open(table_uri, storage_options=storage_options).create_write_transaction(
                 actions, mode="overwrite", schema=schema, partition_by=partition_by, commit_properties=commit
             )
         else:
@@ -360,12 +488,13 @@ def commit_files_overwrite(
                 actions,
                 mode="overwrite",
                 partition_by=partition_by,
+                storage_options=_options(storage_options),
                 commit_properties=commit,
             )
     except CommitFailedError as exc:
         raise LakeWriteError(
             f"commit to Delta table {table_uri} failed, table unchanged: {str(exc).splitlines()[0]}"
         ) from exc
-    version = table_version(table_uri)
+    version = table_version(table_uri, storage_options)
     logger.info("committed %d file(s) to %s -> version %s", len(actions), table_uri, version)
     return int(version)

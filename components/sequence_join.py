@@ -13,8 +13,8 @@ Resolved rows carry every sample column plus ``seq_item_idx``, ``seq_action``, `
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -97,25 +97,29 @@ def resolve_sequences(samples: pa.Table, sequences: pa.Table, max_seq_len: int) 
 # ---------------------------------------------------------------------------------------------
 # Ray Data: per-bucket resolution
 # ---------------------------------------------------------------------------------------------
-def _resolve_bucket(batch: dict[str, np.ndarray], job: dict) -> Iterator[pa.Table]:
+@dataclass(frozen=True)
+class SplitJob:
+    """What every bucket task of :func:`load_groups` reads: the two pinned tables of one run."""
+
+    samples: lake.PinnedTable
+    sequences: lake.PinnedTable
+    split: str
+    max_seq_len: int
+    rows_per_block: int
+
+
+def _resolve_bucket(batch: dict[str, np.ndarray], job: SplitJob) -> Iterator[pa.Table]:
     """Ray Data UDF: one bucket's samples of a split, resolved in blocks of ``rows_per_block``."""
     for bucket in batch["bucket"].tolist():
         bucket_filter = pc.field("bucket") == pa.scalar(bucket, pa.int32())
-        samples = lake.read_table(
-            job["samples_uri"], job["samples_version"], filters=bucket_filter & (pc.field("split") == job["split"])
-        )
-        sequences = lake.read_table(
-            job["sequences_uri"],
-            job["sequences_version"],
-            columns=["user_id", *SEQUENCE_COLUMNS],
-            filters=bucket_filter,
-        )
-        for start in range(0, samples.num_rows, job["rows_per_block"]):
-            part = samples.slice(start, job["rows_per_block"])
-            yield resolve_sequences(part, sequences, job["max_seq_len"])
+        samples = job.samples.read(filters=bucket_filter & (pc.field("split") == job.split))
+        sequences = job.sequences.read(["user_id", *SEQUENCE_COLUMNS], bucket_filter)
+        for start in range(0, samples.num_rows, job.rows_per_block):
+            part = samples.slice(start, job.rows_per_block)
+            yield resolve_sequences(part, sequences, job.max_seq_len)
 
 
-def pinned_versions(root: str) -> tuple[int, int, dict[str, str]]:
+def pinned_versions(root: str, storage_options: Mapping[str, str] | None = None) -> tuple[int, int, dict[str, str]]:
     """(samples version, sequences version of the SAME features run, the samples commit info).
 
     The newest ``samples`` version is pinned and its ``job_id`` looked up in the ``sequences``
@@ -125,10 +129,11 @@ def pinned_versions(root: str) -> tuple[int, int, dict[str, str]]:
     would silently slice the wrong events (possibly from after the request).
     """
     samples_uri, sequences_uri = lake.table_uri(root, "samples"), lake.table_uri(root, "sequences")
-    samples_version, sequences_latest = lake.table_version(samples_uri), lake.table_version(sequences_uri)
+    samples_version = lake.table_version(samples_uri, storage_options)
+    sequences_latest = lake.table_version(sequences_uri, storage_options)
     if samples_version is None or sequences_latest is None:
         raise lake.LakeError(f"no samples/sequences tables under {root} (run the features stage first)")
-    info = lake.commit_metadata(samples_uri, samples_version)
+    info = lake.commit_metadata(samples_uri, samples_version, storage_options)
     job_id = info.get("job_id")
     if job_id is None:
         raise lake.LakeError(
@@ -136,7 +141,7 @@ def pinned_versions(root: str) -> tuple[int, int, dict[str, str]]:
             f"in its commit info, so the matching sequences table {sequences_uri} version "
             "is unknown (re-run the features stage)"
         )
-    sequences_version = lake.find_version(sequences_uri, "job_id", job_id)
+    sequences_version = lake.find_version(sequences_uri, "job_id", job_id, storage_options=storage_options)
     if sequences_version is None:
         raise lake.LakeError(
             f"samples table {samples_uri} version {samples_version} was written by features "
@@ -156,7 +161,13 @@ def pinned_versions(root: str) -> tuple[int, int, dict[str, str]]:
     return samples_version, sequences_version, info
 
 
-def load_groups(lake_root: str, split: str, max_seq_len: int | None = None, rows_per_block: int = 1024):
+def load_groups(
+    lake_root: str,
+    split: str,
+    max_seq_len: int | None = None,
+    rows_per_block: int = 1024,
+    storage_options: Mapping[str, str] | None = None,
+):
     """Ray Dataset of resolved group rows of ``split`` (train/valid/test), one bucket per task.
 
     Sequences are truncated HERE (the features job stores full histories): each row keeps
@@ -165,37 +176,30 @@ def load_groups(lake_root: str, split: str, max_seq_len: int | None = None, rows
     Table versions are pinned when this is called, ``samples`` at its latest version and
     ``sequences`` at the version written by the same features run (:func:`pinned_versions`),
     so neither a concurrent nor a half-finished features run can mix two runs into one epoch.
+    ``storage_options`` (``lake.storage_options``) reach every read, also in the Ray tasks.
     """
     import ray
-    from deltalake import DeltaTable
 
     if split not in ("train", "valid", "test"):
         raise ValueError(f"split must be one of train/valid/test, got {split!r}")
-    root = lake_root if "://" in lake_root else os.path.abspath(lake_root)
-    samples_uri, sequences_uri = lake.table_uri(root, "samples"), lake.table_uri(root, "sequences")
-    samples_version, sequences_version, info = pinned_versions(root)
+    root = lake.lake_root(lake_root)
+    samples_version, sequences_version, info = pinned_versions(root, storage_options)
+    options = dict(storage_options or {})
+    samples = lake.PinnedTable(lake.table_uri(root, "samples"), samples_version, options)
     if max_seq_len is None:
         if "max_seq_len" not in info:
             raise lake.LakeError(
-                f"samples table {samples_uri} version {samples_version} records no "
+                f"samples table {samples.uri} version {samples_version} records no "
                 "max_seq_len; pass max_seq_len to load_groups"
             )
         max_seq_len = int(info["max_seq_len"])
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
-    parts = DeltaTable(samples_uri, version=samples_version).partitions([("split", "=", split)])
-    buckets = sorted({int(p["bucket"]) for p in parts})
+    buckets = sorted(int(b) for b in samples.partition_values("bucket", [("split", "=", split)]))
     if not buckets:
-        raise lake.LakeError(f"samples table {samples_uri} has no rows of split {split!r}")
-    job = {
-        "samples_uri": samples_uri,
-        "sequences_uri": sequences_uri,
-        "split": split,
-        "samples_version": samples_version,
-        "sequences_version": sequences_version,
-        "max_seq_len": max_seq_len,
-        "rows_per_block": rows_per_block,
-    }
+        raise lake.LakeError(f"samples table {samples.uri} has no rows of split {split!r}")
+    sequences = lake.PinnedTable(lake.table_uri(root, "sequences"), sequences_version, options)
+    job = SplitJob(samples, sequences, split, max_seq_len, rows_per_block)
     return ray.data.from_items([{"bucket": b} for b in buckets], override_num_blocks=len(buckets)).map_batches(
         _resolve_bucket, batch_size=1, batch_format="numpy", fn_kwargs={"job": job}
     )

@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from components.lake import FIRST_INDEX, items_table
 from models.batch import NUM_GENRES
-
-if TYPE_CHECKING:  # type only: components must not import pipelines at run time
-    from pipelines.config import SyntheticConfig
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +29,26 @@ T0_S = 1_483_228_800  # 2017-01-01: all histories start within [T0, T0 + 3 years
 WINDOW_S = 3 * 365 * 86_400
 SESSION_GAP_S = 1800  # sessions are separated by more than this (DATA features.session_gap_s)
 IN_SESSION_GAP_MAX_S = 1500  # ...and events inside a session are closer than this
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Seeded latent-interest generator (Zipf items, drifting interests, sessions).
+
+    The ``ingest.synthetic`` section of the pipeline config (pipelines/config.py).
+    """
+
+    seed: int = 0
+    num_events: int = 200_000
+    num_users: int = 2_000
+    num_items: int = 20_000
+    num_interests: int = 32
+    interests_per_user: int = 4
+    zipf_exponent: float = 1.1
+    # Per-user history length follows a power law; heavy users reach max_history.
+    history_alpha: float = 1.3
+    max_history: int = 12_000
+    mean_session_len: float = 12.0
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,15 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import psutil
 
 from components import lake
-from pipelines.config import FeaturesConfig, LakeConfig, PipelineConfig, RayConfig, SyntheticConfig
+from components.synthetic import SyntheticConfig
+from pipelines.config import FeaturesConfig, LakeConfig, PipelineConfig, RayConfig
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +72,12 @@ def synthetic_lake(root: str, num_events: int, num_buckets: int = 8, seed: int =
     lake.write_table(lake.table_uri(root, "users"), lake.users_table(world.user_ids))
 
 
-def compare_lakes(root_a: str, root_b: str) -> list[str]:
+def compare_lakes(root_a: str, root_b: str, storage_options: Mapping[str, str] | None = None) -> list[str]:
     """Differences between the sequences/samples tables of two lakes (empty when identical)."""
     problems = []
     for name, key in (("sequences", "user_id"), ("samples", "group_id")):
-        a = lake.read_table(lake.table_uri(root_a, name)).sort_by(key)
-        b = lake.read_table(lake.table_uri(root_b, name)).sort_by(key)
+        a = lake.read_table(lake.table_uri(root_a, name), storage_options=storage_options).sort_by(key)
+        b = lake.read_table(lake.table_uri(root_b, name), storage_options=storage_options).sort_by(key)
         if sorted(a.column_names) != sorted(b.column_names):
             problems.append(f"{name}: columns {a.column_names} != {b.column_names}")
             continue

@@ -1,5 +1,9 @@
 """Typed configuration of the pipeline: one frozen dataclass per section.
 
+A component's own settings live beside the component and are nested here as sections:
+``ingest.events`` is ``components.ingest_sources.EventsFileConfig``, ``ingest.synthetic``
+is ``components.synthetic.SyntheticConfig``.
+
 Presets live in ``pipelines/configs/*.yaml``; every CLI takes ``--config PRESET`` plus
 ``--section.key=value`` overrides (see ``components.config_loader``).
 """
@@ -11,6 +15,8 @@ from typing import Literal
 
 from components import groups
 from components.config_loader import ConfigError
+from components.ingest_sources import EventsFileConfig
+from components.synthetic import SyntheticConfig
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,9 @@ class LakeConfig:
     num_buckets: int = 0
     events_per_bucket: int = 1_000_000
     min_buckets: int = 8
-    # Passed to deltalake for object stores (e.g. AWS_REGION); empty for a local folder.
+    # deltalake's object-store options (endpoint, credentials, region: AWS_ENDPOINT_URL, AWS_REGION,
+    # ...); every stage passes them to every Delta read and write, also inside Ray tasks and to the
+    # features job's data files (components/lake.py). Empty for a local folder.
     storage_options: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -50,44 +58,6 @@ class LakeConfig:
         if self.num_buckets:
             return self.num_buckets
         return max(self.min_buckets, -(-num_events // self.events_per_bucket))
-
-
-@dataclass(frozen=True)
-class EventsFileConfig:
-    """A user's own behaviour log (CSV or Parquet) and how its columns map to ours."""
-
-    path: str | None = None
-    format: Literal["auto", "csv", "parquet"] = "auto"
-    user_col: str = "user_id"
-    item_col: str = "item_id"
-    ts_col: str = "timestamp"
-    value_col: str | None = "value"
-    # How timestamps are given: integer seconds/milliseconds since epoch, or ISO-8601 text.
-    ts_unit: Literal["s", "ms", "iso"] = "s"
-    items_path: str | None = None
-    item_id_col: str = "item_id"
-    item_genres_col: str | None = "genres"
-    item_year_col: str | None = "year"
-    item_title_col: str | None = None
-    users_path: str | None = None
-    user_id_col: str = "user_id"
-
-
-@dataclass(frozen=True)
-class SyntheticConfig:
-    """Seeded latent-interest generator (Zipf items, drifting interests, sessions)."""
-
-    seed: int = 0
-    num_events: int = 200_000
-    num_users: int = 2_000
-    num_items: int = 20_000
-    num_interests: int = 32
-    interests_per_user: int = 4
-    zipf_exponent: float = 1.1
-    # Per-user history length follows a power law; heavy users reach max_history.
-    history_alpha: float = 1.3
-    max_history: int = 12_000
-    mean_session_len: float = 12.0
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -34,6 +33,14 @@ import pyarrow.compute as pc
 import ray
 
 from components import groups, lake
+from components.lake import (
+    SAMPLES_PARTITION,
+    SAMPLES_SCHEMA,
+    SEQUENCES_PARTITION,
+    SEQUENCES_SCHEMA,
+    lake_root,
+    run_metadata,
+)
 from components.transforms import OOV, action_bucket
 from pipelines.cli import pipeline_main
 from pipelines.config import FeaturesConfig, PipelineConfig
@@ -42,34 +49,6 @@ from pipelines.ray_runtime import ray_runtime
 logger = logging.getLogger(__name__)
 
 EVENT_COLUMNS = ["user_id", "item_id", "ts", "value"]
-SEQUENCES_SCHEMA = pa.schema(
-    [
-        ("user_id", pa.int64()),
-        ("bucket", pa.int32()),
-        ("item_idx", pa.list_(pa.int32())),
-        ("action", pa.list_(pa.int8())),
-        ("ts", pa.list_(pa.int64())),
-    ]
-)
-SAMPLES_SCHEMA = pa.schema(
-    [
-        ("group_id", pa.int64()),
-        ("user_id", pa.int64()),
-        ("user_idx", pa.int32()),
-        ("bucket", pa.int32()),
-        ("split", pa.string()),
-        ("request_ts", pa.int64()),
-        ("seq_end", pa.int32()),
-        ("cand_item_idx", pa.list_(pa.int32())),
-        ("label_engage", pa.list_(pa.int8())),
-        ("label_like", pa.list_(pa.int8())),
-        ("cand_genre_mask", pa.list_(pa.int32())),
-        ("cand_year", pa.list_(pa.int16())),
-        ("cand_tags", pa.list_(pa.int32())),
-    ]
-)
-SEQUENCES_PARTITION = ["bucket"]
-SAMPLES_PARTITION = ["split", "bucket"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,62 +113,68 @@ def _bucket_filter(bucket: int) -> pc.Expression:
 
 
 @ray.remote(num_cpus=1)
-def _pass_counts(events_uri: str, version: int, bucket: int) -> tuple:
-    ts = lake.read_table(events_uri, version, ["ts"], _bucket_filter(bucket))["ts"].to_numpy()
+def _pass_counts(events: lake.PinnedTable, bucket: int) -> tuple:
+    ts = events.read(["ts"], _bucket_filter(bucket))["ts"].to_numpy()
     return (ts.size, int(ts.min()) if ts.size else 0, int(ts.max()) if ts.size else 0)
 
 
 @ray.remote(num_cpus=1)
-def _pass_train_items(events_uri: str, version: int, bucket: int, valid_start_ts: int) -> tuple:
+def _pass_train_items(events: lake.PinnedTable, bucket: int, valid_start_ts: int) -> tuple:
     """(item ids, counts) of the bucket's TRAIN-period events: popularity must not see the future."""
     train = _bucket_filter(bucket) & (pc.field("ts") < pa.scalar(valid_start_ts, pa.int64()))
-    items = lake.read_table(events_uri, version, ["item_id"], train)["item_id"].to_numpy()
+    items = events.read(["item_id"], train)["item_id"].to_numpy()
     return np.unique(items, return_counts=True)
 
 
 @ray.remote(num_cpus=1)
-def _pass_histogram(events_uri: str, version: int, bucket: int, ts_min: int, shift: int) -> tuple:
-    ts = lake.read_table(events_uri, version, ["ts"], _bucket_filter(bucket))["ts"].to_numpy()
+def _pass_histogram(events: lake.PinnedTable, bucket: int, ts_min: int, shift: int) -> tuple:
+    ts = events.read(["ts"], _bucket_filter(bucket))["ts"].to_numpy()
     return groups.ts_histogram(ts, ts_min, shift)
 
 
 @ray.remote(num_cpus=1)
-def _pass_bin_values(events_uri: str, version: int, bucket: int, ts_min: int, shift: int, bins: list) -> tuple:
-    ts = lake.read_table(events_uri, version, ["ts"], _bucket_filter(bucket))["ts"].to_numpy()
+def _pass_bin_values(events: lake.PinnedTable, bucket: int, ts_min: int, shift: int, bins: list) -> tuple:
+    ts = events.read(["ts"], _bucket_filter(bucket))["ts"].to_numpy()
     return groups.values_in_bins(ts, ts_min, shift, bins)
 
 
-def global_stats(
-    events_uri: str, version: int, buckets: list[int], cfg: FeaturesConfig
-) -> tuple[groups.TimeCutoffs, np.ndarray, np.ndarray, int]:
-    """(cut-offs, item ids, their TRAIN-period event counts, number of events) of the events table."""
-    first = ray.get([_pass_counts.remote(events_uri, version, b) for b in buckets])
+@dataclass(frozen=True)
+class EventStats:
+    """What the global passes learn about the events table (stays on the driver)."""
+
+    cutoffs: groups.TimeCutoffs
+    item_ids: np.ndarray  # (K,) int64 raw ids of the items with TRAIN-period events
+    item_counts: np.ndarray  # (K,) int64 their TRAIN-period event counts
+    num_events: int
+
+
+def global_stats(events: lake.PinnedTable, buckets: list[int], cfg: FeaturesConfig) -> EventStats:
+    """Exact time cut-offs, train-period item counts and the event count of the events table."""
+    first = ray.get([_pass_counts.remote(events, b) for b in buckets])
     nonempty = [f for f in first if f[0]]
     n = sum(f[0] for f in first)
     if n == 0:
         raise lake.LakeError(
-            f"events table {events_uri} (version {version}) has no rows "
+            f"events table {events.uri} (version {events.version}) has no rows "
             f"({len(buckets)} bucket partition(s)); nothing to build features from"
         )
     ranks = groups.cutoff_ranks(n, cfg.valid_frac, cfg.test_frac)
     ts_min, ts_max = min(f[1] for f in nonempty), max(f[2] for f in nonempty)
     shift = groups.histogram_shift(ts_min, ts_max)
-    hist = groups.merge_counts(
-        ray.get([_pass_histogram.remote(events_uri, version, b, ts_min, shift) for b in buckets])
-    )
+    hist = groups.merge_counts(ray.get([_pass_histogram.remote(events, b, ts_min, shift) for b in buckets]))
     located = groups.locate_ranks(*hist, [r for r in ranks if r < n])
     values: dict[int, int] = {}
     if located:
         bins = sorted({bin_id for bin_id, _ in located.values()})
         merged = groups.merge_counts(
-            ray.get([_pass_bin_values.remote(events_uri, version, b, ts_min, shift, bins) for b in buckets])
+            ray.get([_pass_bin_values.remote(events, b, ts_min, shift, bins) for b in buckets])
         )
         values = groups.pick_ranks(located, ts_min, shift, *merged)
     cutoffs = groups.cutoffs_from_values(n, ranks, values)
     item_ids, item_counts = groups.merge_counts(
-        ray.get([_pass_train_items.remote(events_uri, version, b, cutoffs.valid_start_ts) for b in buckets])
+        ray.get([_pass_train_items.remote(events, b, cutoffs.valid_start_ts) for b in buckets])
     )
-    return cutoffs, item_ids, item_counts, n
+    return EventStats(cutoffs, item_ids, item_counts, n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,136 +311,125 @@ def build_bucket(events: pa.Table, users: pa.Table, bucket: int, ctx: BucketCont
 # ---------------------------------------------------------------------------------------------
 # Workers write Parquet (components/lake.py), the driver commits once per table
 # ---------------------------------------------------------------------------------------------
-def _process_buckets(batch: dict[str, np.ndarray], job: dict) -> dict[str, list]:
+@dataclass(frozen=True)
+class BucketJob:
+    """What every bucket task of one features run reads, and where and how it writes."""
+
+    ctx: ray.ObjectRef  # BucketContext, put once; nested in a dataclass, Ray ships the ref itself
+    events: lake.PinnedTable
+    users: lake.PinnedTable
+    sequences_uri: str
+    samples_uri: str
+    storage_options: dict[str, str]  # of the output tables (the lake's, as for the inputs)
+    job_id: str
+
+
+def _write_bucket(sequences: pa.Table, samples: pa.Table, bucket: int, job: BucketJob) -> list[dict]:
+    """Write one bucket's rows (one file per table and split); return the files' metadata."""
+    name = f"part-{bucket:05d}-{job.job_id}"
+    write = lambda table, rows, uri, partition: {
+        "table": table,
+        **lake.write_data_file(rows, uri, partition, name, job.storage_options),
+    }
+    files = [write("sequences", sequences, job.sequences_uri, {"bucket": str(bucket)})]
+    for split in groups.SPLITS:
+        part = samples.filter(pc.field("split") == split)
+        if part.num_rows:
+            files.append(write("samples", part, job.samples_uri, {"split": split, "bucket": str(bucket)}))
+    return files
+
+
+def _process_buckets(batch: dict[str, np.ndarray], job: BucketJob) -> dict[str, list]:
     """Ray Data UDF: build and write every bucket of ``batch``; return the written files."""
-    ctx: BucketContext = ray.get(job["ctx"][0])
+    ctx: BucketContext = ray.get(job.ctx)
     rows: list[dict] = []
     for bucket in batch["bucket"].tolist():
-        events = lake.read_table(job["events_uri"], job["version"], EVENT_COLUMNS, _bucket_filter(bucket))
+        events = job.events.read(EVENT_COLUMNS, _bucket_filter(bucket))
         # The users table is not bucketed: stream it through a filter so memory stays per bucket.
         bucket_users = pc.field("user_id").isin(pc.unique(events["user_id"]))
-        users = lake.read_table(job["users_uri"], job["users_version"], ["user_id", "user_idx"], bucket_users)
+        users = job.users.read(["user_id", "user_idx"], bucket_users)
         sequences, samples = build_bucket(events, users, bucket, ctx)
-        name = f"part-{bucket:05d}-{job['job_id']}"
-        rows.append(
-            {
-                "table": "sequences",
-                **lake.write_data_file(sequences, job["sequences_uri"], {"bucket": str(bucket)}, name),
-            }
-        )
-        for split in groups.SPLITS:
-            part = samples.filter(pc.field("split") == split)
-            if part.num_rows:
-                rows.append(
-                    {
-                        "table": "samples",
-                        **lake.write_data_file(part, job["samples_uri"], {"split": split, "bucket": str(bucket)}, name),
-                    }
-                )
+        rows += _write_bucket(sequences, samples, bucket, job)
     return {key: [r[key] for r in rows] for key in ("table", "path", "size", "partition", "num_rows")}
 
 
 # ---------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------
-def lake_root(root: str) -> str:
-    """Absolute local path (Arrow filesystems need one) or the object-store URI unchanged."""
-    return root if "://" in root else os.path.abspath(root)
-
-
-def event_buckets(events_uri: str, version: int) -> list[int]:
+def event_buckets(events: lake.PinnedTable) -> list[int]:
     """Bucket ids present in the events table (from the Delta log, no data read)."""
-    from deltalake import DeltaTable
-
-    dt = DeltaTable(events_uri, version=version)
-    if "bucket" not in dt.metadata().partition_columns:
-        raise lake.LakeError(f"events table {events_uri} must be partitioned by 'bucket' (docs/DATA.md)")
-    return sorted({int(p["bucket"]) for p in dt.partitions()})
+    if "bucket" not in events.partition_columns():
+        raise lake.LakeError(f"events table {events.uri} must be partitioned by 'bucket' (docs/DATA.md)")
+    return sorted(int(b) for b in events.partition_values("bucket"))
 
 
-def build_context(root: str, cfg: FeaturesConfig, stats: tuple) -> BucketContext:
-    """Read the items on the driver and assemble the shared per-bucket context."""
-    cutoffs, raw_item_ids, raw_counts, _ = stats
-    items = item_arrays(lake.read_table(lake.table_uri(root, "items")), cfg.tags_per_item)
-    counts = np.zeros(items["genre_mask"].size, np.int64)
-    counted_idx = lookup(items["item_ids"], items["item_idx"], raw_item_ids, OOV)
-    np.add.at(counts, counted_idx, raw_counts)
-    return BucketContext(features=cfg, **items, negative_cdf=groups.negative_cdf(counts), cutoffs=cutoffs)
+def build_context(items: pa.Table, cfg: FeaturesConfig, stats: EventStats) -> BucketContext:
+    """The shared per-bucket context from the items table (read on the driver) and the stats."""
+    arrays = item_arrays(items, cfg.tags_per_item)
+    counts = np.zeros(arrays["genre_mask"].size, np.int64)
+    counted_idx = lookup(arrays["item_ids"], arrays["item_idx"], stats.item_ids, OOV)
+    np.add.at(counts, counted_idx, stats.item_counts)
+    return BucketContext(features=cfg, **arrays, negative_cdf=groups.negative_cdf(counts), cutoffs=stats.cutoffs)
 
 
-def run_metadata(job_id: str, events_version: int, cfg: FeaturesConfig) -> dict[str, str]:
-    """Commit info of BOTH output tables of one run (docs/DATA.md): how the loader pairs
-    ``samples`` with the ``sequences`` of the same run and learns the run's settings."""
-    return {
-        "job_id": job_id,
-        "events_version": str(events_version),
-        "max_seq_len": str(cfg.max_seq_len),
-        "candidates_per_group": str(cfg.candidates_per_group),
-    }
-
-
-def run_features(config: PipelineConfig) -> dict:
-    """Build and commit ``sequences`` and ``samples`` from the lake's events (Ray must be up)."""
-    cfg = config.features
-    root = lake_root(config.lake.root)
-    events_uri = lake.table_uri(root, "events")
-    version = lake.table_version(events_uri)
-    if version is None:
-        raise lake.LakeError(f"no Delta table at {events_uri} (run the ingest stage first)")
-    buckets = event_buckets(events_uri, version)
-    clock = time.perf_counter()
-    stats = global_stats(events_uri, version, buckets, cfg)
-    ctx_ref = ray.put(build_context(root, cfg, stats))
-    stats_s, clock = time.perf_counter() - clock, time.perf_counter()
-    users_uri = lake.table_uri(root, "users")
-    users_version = lake.table_version(users_uri)
-    if users_version is None:
-        raise lake.LakeError(f"no Delta table at {users_uri} (run the ingest stage first)")
-    job = {
-        "ctx": [ctx_ref],
-        "events_uri": events_uri,
-        "version": version,
-        "job_id": uuid.uuid4().hex,
-        "users_uri": users_uri,
-        "users_version": users_version,
-        "sequences_uri": lake.table_uri(root, "sequences"),
-        "samples_uri": lake.table_uri(root, "samples"),
-    }
-    written = (
-        ray.data.from_items([{"bucket": b} for b in buckets], override_num_blocks=len(buckets))
-        .map_batches(_process_buckets, batch_size=1, batch_format="numpy", fn_kwargs={"job": job}, num_cpus=1)
-        .take_all()
-    )
-    job_s, clock = time.perf_counter() - clock, time.perf_counter()
-    metadata = run_metadata(job["job_id"], version, cfg)
-    # sequences first: a samples commit is only ever made after its sequences commit landed.
-    for table, schema, partition_by in (
-        ("sequences", SEQUENCES_SCHEMA, SEQUENCES_PARTITION),
-        ("samples", SAMPLES_SCHEMA, SAMPLES_PARTITION),
+def commit_outputs(job: BucketJob, written: list[dict], metadata: dict[str, str]) -> None:
+    """One commit per output table; sequences first, so a samples commit is only ever made
+    after the sequences commit of the same run landed (docs/DATA.md)."""
+    for table, uri, schema, partition_by in (
+        ("sequences", job.sequences_uri, SEQUENCES_SCHEMA, SEQUENCES_PARTITION),
+        ("samples", job.samples_uri, SAMPLES_SCHEMA, SAMPLES_PARTITION),
     ):
-        lake.commit_files_overwrite(
-            job[f"{table}_uri"],
-            schema,
-            partition_by,
-            [w for w in written if w["table"] == table],
-            custom_metadata=metadata,
-        )
+        files = [w for w in written if w["table"] == table]
+        lake.commit_files_overwrite(uri, schema, partition_by, files, metadata, job.storage_options)
+
+
+def run_summary(job: BucketJob, stats: EventStats, buckets: int, written: list[dict], timings_s: dict) -> dict:
+    """The JSON line the CLI prints: inputs, timings, cut-offs and groups per split."""
     summary = {
-        "events": stats[3],
-        "events_version": version,
-        "job_id": job["job_id"],
-        "buckets": len(buckets),
-        "stats_s": round(stats_s, 3),
-        "buckets_s": round(job_s, 3),
-        "commit_s": round(time.perf_counter() - clock, 3),
-        "valid_start_ts": stats[0].valid_start_ts,
-        "test_start_ts": stats[0].test_start_ts,
+        "events": stats.num_events,
+        "events_version": job.events.version,
+        "job_id": job.job_id,
+        "buckets": buckets,
+        **{name: round(seconds, 3) for name, seconds in timings_s.items()},
+        "valid_start_ts": stats.cutoffs.valid_start_ts,
+        "test_start_ts": stats.cutoffs.test_start_ts,
     }
     for split in groups.SPLITS:
         summary[f"groups_{split}"] = sum(
             int(w["num_rows"]) for w in written if w["table"] == "samples" and f'"{split}"' in w["partition"]
         )
     return summary
+
+
+def run_features(config: PipelineConfig) -> dict:
+    """Build and commit ``sequences`` and ``samples`` from the lake's events (Ray must be up)."""
+    cfg, options = config.features, config.lake.storage_options
+    root = lake_root(config.lake.root)
+    events = lake.pin_table(lake.table_uri(root, "events"), options)
+    buckets = event_buckets(events)
+    clock = time.perf_counter()
+    stats = global_stats(events, buckets, cfg)
+    items = lake.read_table(lake.table_uri(root, "items"), storage_options=options)
+    ctx_ref = ray.put(build_context(items, cfg, stats))
+    stats_s, clock = time.perf_counter() - clock, time.perf_counter()
+    job = BucketJob(
+        ctx=ctx_ref,
+        events=events,
+        users=lake.pin_table(lake.table_uri(root, "users"), options),
+        sequences_uri=lake.table_uri(root, "sequences"),
+        samples_uri=lake.table_uri(root, "samples"),
+        storage_options=dict(options),
+        job_id=uuid.uuid4().hex,
+    )
+    written = (
+        ray.data.from_items([{"bucket": b} for b in buckets], override_num_blocks=len(buckets))
+        .map_batches(_process_buckets, batch_size=1, batch_format="numpy", fn_kwargs={"job": job}, num_cpus=1)
+        .take_all()
+    )
+    job_s, clock = time.perf_counter() - clock, time.perf_counter()
+    commit_outputs(job, written, run_metadata(job.job_id, events.version, cfg.max_seq_len, cfg.candidates_per_group))
+    timings_s = {"stats_s": stats_s, "buckets_s": job_s, "commit_s": time.perf_counter() - clock}
+    return run_summary(job, stats, len(buckets), written, timings_s)
 
 
 def _main(config: PipelineConfig, args: argparse.Namespace) -> int:

@@ -21,10 +21,7 @@ import polars as pl
 import pyarrow as pa
 
 from components import groups, lake
-from components.transforms import OOV, action_bucket
-from pipelines.cli import pipeline_main
-from pipelines.config import FeaturesConfig, PipelineConfig
-from pipelines.features import (
+from components.lake import (
     SAMPLES_PARTITION,
     SAMPLES_SCHEMA,
     SEQUENCES_PARTITION,
@@ -32,6 +29,9 @@ from pipelines.features import (
     lake_root,
     run_metadata,
 )
+from components.transforms import OOV, action_bucket
+from pipelines.cli import pipeline_main
+from pipelines.config import FeaturesConfig, PipelineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -194,23 +194,31 @@ def reference_tables(
 
 
 def run_reference(config: PipelineConfig, out_root: str | None = None) -> dict:
-    """Read the lake at ``config.lake.root``, write sequences/samples under ``out_root`` (default: same lake)."""
+    """Read the lake at ``config.lake.root``, write sequences/samples under ``out_root`` (default: same lake).
+
+    Both lakes are reached with ``lake.storage_options``.
+    """
+    cfg, options = config.features, config.lake.storage_options
     root = lake_root(config.lake.root)
     out = lake_root(out_root) if out_root else root
-    events_uri = lake.table_uri(root, "events")
-    events_version = lake.table_version(events_uri)
-    if events_version is None:
-        raise lake.LakeError(f"no Delta table at {events_uri} (run the ingest stage first)")
-    events = lake.read_table(events_uri, events_version, columns=["user_id", "item_id", "ts", "value", "bucket"])
-    items = lake.read_table(lake.table_uri(root, "items"))
-    users = lake.read_table(lake.table_uri(root, "users"), columns=["user_id", "user_idx"])
-    sequences, samples = reference_tables(events, items, users, config.features)
-    metadata = run_metadata(f"reference-{uuid.uuid4().hex}", events_version, config.features)
-    lake.write_table(
-        lake.table_uri(out, "sequences"), sequences, partition_by=SEQUENCES_PARTITION, custom_metadata=metadata
-    )
-    lake.write_table(lake.table_uri(out, "samples"), samples, partition_by=SAMPLES_PARTITION, custom_metadata=metadata)
-    return {"events": events.num_rows, "users": sequences.num_rows, "groups": samples.num_rows}
+    events = lake.pin_table(lake.table_uri(root, "events"), options)
+    events_rows = events.read(["user_id", "item_id", "ts", "value", "bucket"])
+    items = lake.read_table(lake.table_uri(root, "items"), storage_options=options)
+    users = lake.read_table(lake.table_uri(root, "users"), columns=["user_id", "user_idx"], storage_options=options)
+    sequences, samples = reference_tables(events_rows, items, users, cfg)
+    metadata = run_metadata(f"reference-{uuid.uuid4().hex}", events.version, cfg.max_seq_len, cfg.candidates_per_group)
+    for name, rows, partition_by in (
+        ("sequences", sequences, SEQUENCES_PARTITION),
+        ("samples", samples, SAMPLES_PARTITION),
+    ):
+        lake.write_table(
+            lake.table_uri(out, name),
+            rows,
+            partition_by=partition_by,
+            storage_options=options,
+            custom_metadata=metadata,
+        )
+    return {"events": events_rows.num_rows, "users": sequences.num_rows, "groups": samples.num_rows}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 import pyarrow as pa
 
@@ -19,7 +20,7 @@ from components.collate import CollateConfig, collate_groups
 from components.validation import IngestError
 from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig
-from pipelines.features import lake_root, run_features
+from pipelines.features import run_features
 from pipelines.ingest import run_ingest
 from pipelines.ray_runtime import ray_runtime
 
@@ -45,13 +46,14 @@ def describe_group(row: pa.Table, max_seq_len: int) -> str:
     return "\n".join(lines)
 
 
-def table_report(root: str) -> list[tuple[str, int | None, int]]:
+def table_report(root: str, storage_options: Mapping[str, str] | None = None) -> list[tuple[str, int | None, int]]:
     """(name, Delta version, rows) for every lake table that exists."""
     out = []
     for name in TABLES:
         uri = lake.table_uri(root, name)
-        version = lake.table_version(uri)
-        out.append((name, version, lake.row_count(uri) if version is not None else 0))
+        version = lake.table_version(uri, storage_options)
+        rows = lake.row_count(uri, version, storage_options) if version is not None else 0
+        out.append((name, version, rows))
     return out
 
 
@@ -65,10 +67,11 @@ def run(config: PipelineConfig) -> int:
         logger.info("features done: %s", summary)
         from components.sequence_join import load_groups
 
-        root = lake_root(config.lake.root)
-        sample = load_groups(root, "train", config.features.max_seq_len).take_batch(1, batch_format="pyarrow")
+        root, options = lake.lake_root(config.lake.root), config.lake.storage_options
+        train = load_groups(root, "train", config.features.max_seq_len, storage_options=options)
+        sample = train.take_batch(1, batch_format="pyarrow")
     print(f"\n{'table':<10} {'version':>7} {'rows':>10}")
-    for name, version, rows in table_report(root):
+    for name, version, rows in table_report(root, options):
         print(f"{name:<10} {'-' if version is None else version:>7} {rows:>10}")
     splits = {s: summary.get(f"groups_{s}", 0) for s in ("train", "valid", "test")}
     print(f"\ngroups by split: {splits}")

@@ -34,11 +34,21 @@ def test_configs_are_frozen():
         ("--lake.num_buckets=-1", "lake: num_buckets must be >= 0"),
         ("--ingest.max_reject_frac=-1", "ingest: max_reject_frac must be in"),
         ("--ingest.value_max=-3", "ingest: value_min"),
+        ("--lake.storage_options.AWS_ALLOW_HTTP=true", "lake.storage_options.AWS_ALLOW_HTTP: expected a string"),
     ],
 )
 def test_bad_overrides_rejected_with_path(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(PipelineConfig, "demo", [override])
+
+
+def test_mapping_entries_are_typed():
+    cfg = load_config(
+        PipelineConfig,
+        "demo",
+        ["--lake.storage_options.AWS_REGION=eu-west-1", '--lake.storage_options.AWS_ALLOW_HTTP="true"'],
+    )
+    assert cfg.lake.storage_options == {"AWS_REGION": "eu-west-1", "AWS_ALLOW_HTTP": "true"}
 
 
 def test_unknown_preset_lists_known_ones():

@@ -113,7 +113,7 @@ def test_load_groups_resolves_every_bucket(ray_session, tmp_path):
 def test_load_groups_pairs_samples_with_the_sequences_of_the_same_run(ray_session, tmp_path):
     from pipelines.bench_data import synthetic_lake
     from pipelines.config import FeaturesConfig, LakeConfig, PipelineConfig
-    from pipelines.features import SEQUENCES_PARTITION, run_features
+    from pipelines.features import run_features
 
     root = str(tmp_path / "lake")
     synthetic_lake(root, num_events=1500, num_buckets=2, seed=3, max_history=200)
@@ -132,7 +132,7 @@ def test_load_groups_pairs_samples_with_the_sequences_of_the_same_run(ray_sessio
     lake.write_table(
         seq_uri,
         _shifted_items(sequences_a, 1000),
-        partition_by=SEQUENCES_PARTITION,
+        partition_by=lake.SEQUENCES_PARTITION,
         custom_metadata={"job_id": "run-b"},
     )
     got = pa.concat_tables(ray_session.get(load_groups(root, "train").to_arrow_refs())).sort_by("group_id")

@@ -13,12 +13,12 @@ from components.lake import ITEMS_SCHEMA
 from components.synthetic import (
     MIN_HISTORY,
     SESSION_GAP_S,
+    SyntheticConfig,
     build_world,
     generate_events,
     generate_items,
 )
 from models.batch import NUM_GENRES
-from pipelines.config import SyntheticConfig
 
 
 def tiny_config(**kw) -> SyntheticConfig:

@@ -9,13 +9,12 @@ import pytest
 
 from components import groups, lake
 from components.config_loader import ConfigError
+from components.lake import SAMPLES_SCHEMA, SEQUENCES_SCHEMA
 from components.sequence_join import resolve_sequences
 from components.transforms import action_bucket
 from pipelines.bench_data import compare_lakes, synthetic_lake
 from pipelines.config import FeaturesConfig, LakeConfig, PipelineConfig, validate_features_config
 from pipelines.features import (
-    SAMPLES_SCHEMA,
-    SEQUENCES_SCHEMA,
     BucketContext,
     build_bucket,
     item_arrays,
