@@ -26,7 +26,8 @@ EMB, DIM = 16, 32
 MAX_SEQ = 64  # rows of LONGER's position table: every test keeps L (+ extra padding) below it
 
 TINY_PKM = PKMConfig(num_slots=256, topk=4, key_dim=16, num_heads=2, value_dim=16, track_usage=False)
-TINY_TML = TokenMixerLargeConfig(num_tokens=8, dim=DIM, num_layers=2, expansion=2.0, aux_layers=(0,), down_init_std=0.2)
+# Three blocks: the inter-layer residual (after block 1) and a shallow head (block 0) are both live.
+TINY_TML = TokenMixerLargeConfig(num_tokens=8, dim=DIM, num_layers=3, expansion=2.0, aux_layers=(0,), down_init_std=0.2)
 TINY_RANKMIXER = RankMixerConfig(num_tokens=8, dim=DIM, num_layers=2, expansion=2.0)
 
 _BASE = RankerConfig(

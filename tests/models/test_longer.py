@@ -225,5 +225,12 @@ def test_bf16_autocast_and_state_dict_round_trip():
         clone = LongerEncoder(enc.cfg).eval()
         clone.load_state_dict(enc.state_dict())
         same = cached(clone, inputs, cand)
-    assert torch.isfinite(low).all() and (low.float() - ref).abs().max() < 0.1
+    # bf16 keeps 8 significant bits: one rounding step is 2**-8 of a value. Through the whole stack
+    # the error stays within one step of the output's scale in RMS and two at the worst element
+    # (measured: 0.4-0.5 and 1.3-1.9 steps over seeds); a wrong op or mask is far beyond that.
+    step = 2.0**-8
+    err = low.float() - ref
+    assert torch.isfinite(low).all()
+    assert err.square().mean().sqrt() <= step * ref.square().mean().sqrt()
+    assert err.abs().max() <= 2 * step * ref.abs().max()
     assert torch.equal(same, ref)

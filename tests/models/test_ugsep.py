@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from models.rankmixer import RankMixerConfig, ReLUMoEConfig
 from models.tokenmixer_large import SparseMoEConfig, TokenMixerLargeConfig
 from models.ugsep import UGSepBackbone, UGSepConfig, flops_per_candidate
+from tests.models.leaf_reference import BackboneSpec, as_weights, backbone
 
 T_U, T_G, D = 3, 3, 12
 
@@ -104,20 +105,54 @@ def test_reuse_equals_full_for_any_batch_and_candidate_count(b, n, seed):
     torch.testing.assert_close(fast, model(x_user, x_group).tokens, atol=1e-5, rtol=1e-5)
 
 
+def leaf_backbone(model: UGSepBackbone, x_user: torch.Tensor, x_group: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """The independent float64 recomputation (tests/models/leaf_reference.py), one candidate at a time:
+    final tokens (B, N, T, D) and shallow logits (B, N, tasks) each."""
+    cfg = model.cfg
+    spec = BackboneSpec(
+        cfg.backbone_config,
+        cfg.backbone == "tokenmixer_large",
+        "backbone",
+        True,
+        "compensation" if cfg.use_compensation else None,
+    )
+    w = as_weights(model)
+    b, n = x_group.shape[:2]
+    outs = [
+        [backbone(w, spec, torch.cat([x_user[i], x_group[i, j]]).double(), T_U) for j in range(n)] for i in range(b)
+    ]
+    final = torch.stack([torch.stack([outs[i][j][0] for j in range(n)]) for i in range(b)])
+    shallow = [
+        torch.stack([torch.stack([outs[i][j][1][k] for j in range(n)]) for i in range(b)])
+        for k in range(len(outs[0][0][1]))
+    ]
+    return final, shallow
+
+
+@pytest.mark.parametrize("variant,comp", ALL)
+def test_reuse_path_equals_the_leaf_weight_reference(variant, comp):
+    model = make_model(variant, comp)
+    x_user, x_group = inputs(2, 3)
+    fast = model.forward_group(model.forward_user(x_user), x_group)
+    tokens, shallow = leaf_backbone(model, x_user, x_group)
+    torch.testing.assert_close(fast.tokens.double(), tokens, atol=1e-5, rtol=1e-5)
+    assert len(fast.shallow_logits) == len(shallow)
+    for got, want in zip(fast.shallow_logits, shallow):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_candidate_perturbation_leaves_user_tokens_bit_identical(variant):
+def test_candidate_perturbation_leaves_user_tokens_unchanged_in_the_masked_paths(variant):
+    """The reference path recomputes the user tokens for every candidate with the group tokens IN its
+    input, behind the mask; so does the leaf recomputation. Neither may let the candidates leak in."""
     model = make_model(variant)
     x_user, x_group = inputs()
     other_group = x_group + torch.randn_like(x_group)
-    states, other_states = model.forward_user(x_user), model.forward_user(x_user)
-    for a, b in zip(states.tokens + states.contents, other_states.tokens + other_states.contents):
-        assert torch.equal(a, b)
-    out, other = model.forward_group(states, x_group), model.forward_group(other_states, other_group)
-    assert torch.equal(out.tokens[:, :, :T_U], other.tokens[:, :, :T_U])
-    assert not torch.allclose(out.tokens[:, :, T_U:], other.tokens[:, :, T_U:])
-    # The reference path (user tokens recomputed per candidate, mask inside mixing) agrees bitwise too.
     ref, ref_other = model(x_user, x_group), model(x_user, other_group)
     assert torch.equal(ref.tokens[:, :, :T_U], ref_other.tokens[:, :, :T_U])
+    assert not torch.allclose(ref.tokens[:, :, T_U:], ref_other.tokens[:, :, T_U:])
+    leaf, leaf_other = leaf_backbone(model, x_user, x_group)[0], leaf_backbone(model, x_user, other_group)[0]
+    torch.testing.assert_close(leaf[:, :, :T_U], leaf_other[:, :, :T_U], atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("variant", ["tml", "tml_post_heads", "rankmixer"])
