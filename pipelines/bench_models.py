@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from models.batch import GroupBatch
 from models.cost import count_parameters, flops_per_candidate, measure_peak_matmul_flops
@@ -37,7 +38,9 @@ from models.tokenmixer_large import (
     TokenMixerLargeConfig,
     flops_per_sample,
 )
-from models.variants import VARIANTS, ModelConfig, build_model
+from models.ugsep import UGSepBackbone, UGSepConfig
+from models.ugsep import flops_per_candidate as ugsep_flops_per_candidate
+from models.variants import VARIANTS, ModelConfig, build_model, ranker_config
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,16 @@ def best_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> flo
             sync()
             best = min(best, time.perf_counter() - start)
     return best
+
+
+def paired_best_seconds(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Best wall times of two functions timed in alternation, so a slow spell of a shared
+    machine hits both sides of a ratio alike."""
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        times_a.append(best_seconds(fn_a, 1, warmup=0 if times_a else 1))
+        times_b.append(best_seconds(fn_b, 1, warmup=0 if times_b else 1))
+    return min(times_a), min(times_b)
 
 
 def random_groups(sizes: BenchSizes, vocab: SparseConfig, device: torch.device, seed: int = 0) -> GroupBatch:
@@ -259,6 +272,73 @@ def bench_w8a16(sizes: BenchSizes, device: torch.device) -> dict:
     }
 
 
+def _ugsep_pair(variant: str, sizes: BenchSizes, device: torch.device) -> tuple[UGSepBackbone, TokenMixerLarge, int]:
+    """The bench ranker's ``variant`` backbone with UG-Sep, the same backbone unmasked, and T_u."""
+    cfg = ranker_config(ModelConfig(variant=variant, ranker=bench_ranker_config(sizes)))
+    tml, num_user = cfg.backbone_config(), cfg.tokenizer_config().num_tokens("user")
+    torch.manual_seed(0)
+    ugsep = UGSepBackbone(UGSepConfig(num_user, cfg.use_compensation, tokenmixer_large=tml))
+    return ugsep.to(device).eval(), TokenMixerLarge(tml).to(device).eval(), num_user
+
+
+def _large_ugsep_pair(sizes: BenchSizes, device: torch.device) -> tuple[UGSepBackbone, TokenMixerLarge, int]:
+    """A GEMM-bound backbone (T = 16, half of them user tokens, the MFU bench's width) with compensation."""
+    tml = TokenMixerLargeConfig(num_tokens=16, dim=sizes.tml_dim // 2, num_layers=4, expansion=4.0)
+    torch.manual_seed(0)
+    ugsep = UGSepBackbone(UGSepConfig(8, True, tokenmixer_large=tml))
+    return ugsep.to(device).eval(), TokenMixerLarge(tml).to(device).eval(), 8
+
+
+def compare_ugsep(
+    ugsep: UGSepBackbone, plain: TokenMixerLarge, num_user: int, sizes: BenchSizes, device: torch.device
+) -> dict:
+    """FLOPs (counted over what runs) and best latency per candidate: UG-Sep vs unmasked, same run."""
+    b, n, tml = sizes.batch_groups, sizes.num_candidates, plain.cfg
+    x_user = torch.randn(b, num_user, tml.dim, device=device)
+    x_group = torch.randn(b, n, tml.num_tokens - num_user, tml.dim, device=device)
+    x_all = torch.cat([x_user.unsqueeze(1).expand(b, n, *x_user.shape[1:]), x_group], -2)
+    separated = lambda: ugsep.forward_group(ugsep.forward_user(x_user), x_group)
+    unmasked = lambda: plain(x_all)
+    with torch.inference_mode():
+        diff = (separated().tokens - ugsep(x_user, x_group).tokens).abs().max().item()
+    sep_s, plain_s = paired_best_seconds(separated, unmasked, sizes.repeats)
+    return {
+        "flops_ratio": _counted_flops(separated) / _counted_flops(unmasked),
+        "latency_ratio": sep_s / plain_s,
+        "max_abs_diff": diff,
+        "flops_ratio_analytic": ugsep_flops_per_candidate(ugsep.cfg, n) / flops_per_sample(tml),
+        "config": f"T={tml.num_tokens} (T_u={num_user}) D={tml.dim} H={tml.num_mix_heads} L={tml.num_layers} "
+        f"expansion={tml.expansion} B={b} N={n}",
+    }
+
+
+def bench_ugsep(sizes: BenchSizes, device: torch.device) -> dict:
+    """UG-Sep's backbone per candidate vs the same backbone unmasked, at N = ``num_candidates``.
+
+    ``ugsep_*``: the bench ranker's ``ugsep`` variant (its token layout and width);
+    ``ugsep_*_nocomp``: without Information Compensation; ``ugsep_*_large``: a GEMM-bound
+    backbone, where latency can follow FLOPs. FLOPs count the user path once per group plus
+    the group path at B*N, against every token at B*N.
+    """
+    results = {}
+    pairs = {
+        "": _ugsep_pair("ugsep", sizes, device),
+        "_nocomp": _ugsep_pair("ugsep_nocomp", sizes, device),
+        "_large": _large_ugsep_pair(sizes, device),
+    }
+    for suffix, (ugsep, plain, num_user) in pairs.items():
+        for key, value in compare_ugsep(ugsep, plain, num_user, sizes, device).items():
+            results[f"ugsep_{key}{suffix}"] = value
+    return results
+
+
+def _counted_flops(fn: Callable[[], object]) -> float:
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
 def bench_variants(sizes: BenchSizes, device: torch.device) -> dict:
     """Parameters (dense/sparse) and forward FLOPs per candidate of every variant (MODELS.md §7)."""
     base = bench_ranker_config(sizes)
@@ -289,6 +369,7 @@ def run(sizes: BenchSizes, device: torch.device) -> dict:
         ("pkm", lambda: bench_pkm_per_candidate(sizes, device, results["ranker_forward_s"])),
         ("moe", lambda: bench_moe(sizes, device, timed_dtype)),
         ("w8a16", lambda: bench_w8a16(sizes, device)),
+        ("ugsep", lambda: bench_ugsep(sizes, device)),
         ("variants", lambda: bench_variants(sizes, device)),
     ]
     for name, step in steps:
@@ -327,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         "moe_sparse_speedup",
         "w8a16_weight_bytes_ratio",
         "w8a16_max_rel_err",
+        "ugsep_flops_ratio",
+        "ugsep_latency_ratio",
     )
     print(json.dumps({k: results[k] for k in keys}, indent=2))
     return 0

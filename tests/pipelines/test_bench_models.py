@@ -19,6 +19,8 @@ KEYS = (
     "moe_sparse_speedup",
     "w8a16_weight_bytes_ratio",
     "w8a16_max_rel_err",
+    "ugsep_flops_ratio",
+    "ugsep_latency_ratio",
 )
 
 TINY = BenchSizes(
@@ -49,6 +51,12 @@ def test_tiny_run_reports_every_key_and_exactness():
     assert 0.25 <= results["w8a16_weight_bytes_ratio"] < 0.5
     assert 0 <= results["w8a16_p99_per_logit_rel_err"] < 1.0
     assert 0 < results["mfu_backbone"] < 1.0  # above 1 the peak was mis-measured
+    for suffix in ("", "_nocomp", "_large"):
+        assert results[f"ugsep_max_abs_diff{suffix}"] <= 1e-5
+        # FLOPs counted over what runs agree with the formula (models/ugsep.py) and undercut the unmasked backbone.
+        counted, formula = results[f"ugsep_flops_ratio{suffix}"], results[f"ugsep_flops_ratio_analytic{suffix}"]
+        assert abs(counted - formula) < 1e-6 and 0 < counted < 1, suffix
+    assert results["ugsep_flops_ratio_nocomp"] < results["ugsep_flops_ratio"]
     assert set(results["variants"]) >= {"dlrm_mlp", "rankmixer", "tokenmixer_large_moe", "full"}
     assert all(row["flops_per_candidate"] > 0 and row["dense"] > 0 for row in results["variants"].values())
     json.dumps(results)
