@@ -177,6 +177,9 @@ class PerTokenSwiGLU(nn.Module):
     bmm's. ``down_init_std`` (~0.01) starts the block near identity (TokenMixer-Large).
     """
 
+    # The layer ``first_partial``/``forward_split`` call on input-feature blocks (UG-Sep).
+    split_input_layers = ("gate_up",)
+
     def __init__(self, num_tokens: int, dim: int, hidden: int, down_init_std: float | None = 0.01) -> None:
         super().__init__()
         self.hidden = hidden
