@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from models.int8_matmul import DEFAULT_POLICY, KernelPolicy, Path, int8_bmm, int8_mm
-from models.layers import ALL_INPUTS, ALL_TOKENS, ExpertBank, broadcast_rows, select_tokens
+from models.layers import ALL_INPUTS, ALL_TOKENS, ExpertBank, select_tokens
 
 SCALE_DTYPE = torch.float16  # per-channel scales of the quantized layers
 
@@ -209,9 +209,11 @@ class QuantizedPerTokenLinear(W8Module):
         rows = x.reshape(-1, num_tokens, width).transpose(0, 1)  # (T', M, K'), a strided view
         path = self._path(x, rows.shape[1], width, num_tokens)
         bias = None if self.bias is None else select_tokens(self.bias, tokens)
-        out = int8_bmm(rows, qweight, scale, path, self.policy.activation_dtype, bias=bias)  # (T', M, d_out)
-        out = out.transpose(0, 1).reshape(*x.shape[:-1], self.d_out)  # (..., T', d_out)
-        return out if per_group is None else out + broadcast_rows(per_group.to(out.dtype), out)
+        out = int8_bmm(rows, qweight, scale, path, self.policy.activation_dtype, bias=bias)  # (T', M, d_out), fresh
+        if per_group is not None:  # in place, token-major: rows of group b are the b-th block of M / B
+            groups = per_group.shape[0]
+            out.view(num_tokens, groups, -1, self.d_out).add_(per_group.transpose(0, 1).unsqueeze(2).to(out.dtype))
+        return out.transpose(0, 1).reshape(*x.shape[:-1], self.d_out)  # (..., T', d_out), a view
 
     def extra_repr(self) -> str:
         return (
