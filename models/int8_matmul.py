@@ -11,8 +11,8 @@ Activations ``x`` (M, K) are multiplied by it in one of three ways (``Path``):
   48, 112 run), so it is never called for such K. With fp32 A it is ~40x slower than fp32
   GEMM, with fp16 A ~50x, hence bf16 activations (the "A16").
 - ``"upcast"``: the int8 weight is converted to bf16 (exact: |q| <= 127 fits bf16's 8-bit
-  significand), ONE bf16 (b)mm runs over every matrix (oneDNN on CPU), and the output rows
-  are scaled in fp32. This is a transient bf16 copy of the weight per call, amortised over
+  significand), a bf16 bmm runs over a chunk of matrices at a time (oneDNN on CPU), and the
+  output rows are scaled in fp32. This is a transient bf16 copy of the weight per call, amortised over
   the M rows: a dequantisation without the multiply, not a kernel that reads int8.
 - ``"reference"``: dequantise ``q * scale`` to the activation dtype, then a plain matmul in
   that dtype. Differentiable; the oracle the other two are tested against.

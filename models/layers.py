@@ -177,7 +177,7 @@ class PerTokenSwiGLU(nn.Module):
     bmm's. ``down_init_std`` (~0.01) starts the block near identity (TokenMixer-Large).
     """
 
-    # The layer ``first_partial``/``forward_split`` call on input-feature blocks (UG-Sep).
+    # Layers that ``first_partial``/``forward_split`` call on input-feature blocks (``UGSepBackbone.input_splits``).
     split_input_layers = ("gate_up",)
 
     def __init__(self, num_tokens: int, dim: int, hidden: int, down_init_std: float | None = 0.01) -> None:
@@ -302,7 +302,7 @@ class ExpertBank(nn.Module):
     """E bias-free linear maps per token position, weight (T, E, d_in, d_out): the experts of a
     per-token MoE. Group g = t * E + e of a dispatch (``ExpertDispatch``) uses ``weight[t, e]``.
 
-    ``models.quant.QuantizedExpertBank`` has the same interface with int8 weights.
+    ``models.quant_layers.QuantizedExpertBank`` has the same interface with int8 weights.
     """
 
     def __init__(self, num_tokens: int, num_experts: int, d_in: int, d_out: int, init: Callable[[Tensor], Any]) -> None:

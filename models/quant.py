@@ -3,7 +3,7 @@
 Weights become symmetric int8 with one fp16 scale per output channel; activations stay
 16/32-bit. Embedding tables are left alone. ``quantize_w8a16(model)`` is the one entry point.
 
-What gets quantized (the opt-in contract for other layers)
+What gets quantized (the opt-in contract for other layers; the layers: models/quant_layers.py)
 - ``nn.Linear`` (exact type; subclasses such as MultiheadAttention's ``out_proj`` are used
   by code that reads ``.weight`` directly and are skipped) -> ``QuantizedLinear``,
   one scale per output row.
@@ -122,7 +122,7 @@ def _log_fallback(path: str, layer: W8Module) -> None:
     if bad and layer.kernel in ("auto", "int8pack"):
         logger.info(
             "w8a16 %s: no int8pack for input width %s of %s (bf16 needs K %% 16 == 0): calls of <= %d rows "
-            "dequantise, larger ones take the bf16 upcast GEMM",
+            "dequantise, larger ones the bf16 upcast GEMM (or dequantise, below its work threshold)",
             path,
             bad,
             widths,

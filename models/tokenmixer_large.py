@@ -170,7 +170,7 @@ class MoEPartial(NamedTuple):
 class SparsePerTokenMoE(nn.Module):
     """E SwiGLU experts per token position + one shared expert, softmax top-k routing."""
 
-    # The layers ``first_partial``/``forward_split`` call on input-feature blocks (UG-Sep).
+    # Layers that ``first_partial``/``forward_split`` call on input-feature blocks (``UGSepBackbone.input_splits``).
     split_input_layers = ("router", "shared.gate_up", "gate_up")
 
     def __init__(self, num_tokens: int, dim: int, cfg: SparseMoEConfig, down_init_std: float | None) -> None:
