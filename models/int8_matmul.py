@@ -17,13 +17,14 @@ Activations ``x`` (M, K) are multiplied by it in one of three ways (``Path``):
 - ``"reference"``: dequantise ``q * scale`` to the activation dtype, then a plain matmul in
   that dtype. Differentiable; the oracle the other two are tested against.
 
-Measured on the 2-core AVX512-BF16 CPU, 1 thread, per-token layers as in the ranker (T = 8-11
-matrices, K = 40-176, N = 176-352), microseconds per layer at M rows per matrix:
+Measured on the 2-core AVX512-BF16 CPU, 1 thread: ``QuantizedPerTokenLinear`` layers as in
+the ranker (6-11 token matrices of (N, K) = (128, 64), (256, 64), (88, 176)), microseconds
+per layer call (casts included) at M rows per matrix, vs the float ``PerTokenLinear``:
 
     M     fp32 weights   int8pack   upcast   reference
-    1         8-14         22-27     47-55     38-52
-    16       44-89        98-124     65-75     70-126
-    256     530-1120    1340-1700   265-386   550-1150
+    1        10-15         32-49     41-61     23-52
+    16       26-78        61-153     47-82     40-107
+    256     254-899      537-1897   143-394   269-927
 
 These matrices fit in cache, so no path beats fp32 at M = 1: per-op overhead dominates.
 int8pack's kernel does not block over M and falls behind above ~8 rows, where oneDNN's bf16
@@ -52,10 +53,11 @@ Path = Literal["int8pack", "upcast", "reference"]
 KERNELS: tuple[Kernel, ...] = ("auto", "int8pack", "upcast", "reference")
 # "auto" takes int8pack for calls of at most this many rows per matrix (crossover measured above) ...
 INT8PACK_MAX_ROWS = 8
-# ... on matrices of at least this many weights: a kernel call per matrix costs ~3 us of overhead,
-# more than dequantising a small one (6 tokens of 64 x 64 at M = 1: int8pack 28 us, reference
-# 18 us; 8-11 tokens of 15-16k weights: a tie; 1536 x 768: int8pack 27 us, fp32 weights 48 us).
-INT8PACK_MIN_WEIGHTS = 8192
+# ... on matrices of at least this many weights. At M = 1 a kernel call costs ~3.7 us per matrix
+# and dequantising ~0.22 ns per weight, so they cross near 16k weights (6 tokens of 128 x 64:
+# int8pack 32 us, reference 23 us; 11 tokens of 256 x 64: 49 vs 52 us); a 1536 x 768 matrix
+# takes int8pack 27 us, its fp32 GEMV 48 us.
+INT8PACK_MIN_WEIGHTS = 16384
 # Larger calls take the bf16 upcast GEMM when they hold at least this many multiply-adds: bf16
 # GEMM has a ~12 us fixed cost (64 x 64 at M = 32, 0.13M MACs: upcast 26 us, reference 14 us;
 # 6 tokens of 64 x 64, 0.8M: 45 vs 34 us; 8 tokens of 176 x 88, 3.9M: 81 vs 119 us).

@@ -101,6 +101,6 @@ def test_fallback_layers_are_logged_and_counted(caplog: pytest.LogCaptureFixture
     assert any(line.startswith("w8a16 0: no int8pack for input width [24]") for line in lines)
     assert not any(line.startswith(("w8a16 1:", "w8a16 2:")) for line in lines)
     if int8pack_supported("cpu", torch.bfloat16):
-        # served: 512 x 32 (16384 weights); not: K = 24 (12288), 32 x 64 < 8192 weights (2048)
+        # served: 512 x 32 (16384 weights); not: K = 24 (12288), 32 x 64 < 16384 weights (2048)
         assert int8pack_fraction(quant) == pytest.approx(16384 / (12288 + 16384 + 2048))
     assert int8pack_fraction(quantize_w8a16(model, QuantConfig(kernel="reference"))) == 0.0
