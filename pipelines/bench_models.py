@@ -325,7 +325,7 @@ def bench_w8a16(sizes: BenchSizes, device: torch.device) -> dict:
         "w8a16_max_rel_err": relative_error(ref, approx),
         "w8a16_p99_per_logit_rel_err": float(per_logit.flatten().quantile(0.99)),
         "w8a16_int8pack_fraction": int8pack_fraction(quantized),
-        "w8a16_latency_ratio": _time_ratio(lambda: quantized(batch), lambda: model(batch), sizes.repeats),
+        "w8a16_latency_ratio": _time_ratio(lambda: quantized(batch), lambda: model(batch), sizes.repeats * 4),
         **_w8a16_path_ratios(model, quantized, small, device),
         **_w8a16_moe_ratios(sizes, device),
     }
