@@ -84,6 +84,7 @@ class QuantConfig:
     skip: tuple[str, ...] = ()
 
     def policy(self) -> KernelPolicy:
+        """The ``KernelPolicy`` every quantized layer of the model gets."""
         act = _ACTIVATION_DTYPES[self.activation_dtype]
         return KernelPolicy(self.kernel, act, self.int8pack_max_rows, self.int8pack_min_weights, self.upcast_min_macs)
 
