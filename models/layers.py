@@ -6,7 +6,8 @@
   and applied with ONE ``torch.bmm`` over the token axis, so a layer is a few big GEMMs
   instead of T small ones.
 - Grouped expert GEMM: permute (row, token, expert) assignments into a padded
-  per-(token, expert) buffer, run one ``bmm`` over all groups, gather back.
+  per-(token, expert) buffer, run one ``bmm`` over all groups, gather back. The experts'
+  weights live in an ``ExpertBank`` (T, E, d_in, d_out), so a quantized bank can replace it.
 - Split-input first layers (UG-Sep): a per-token FFN whose input is ``[x_user ; x_group]``
   along the features and whose first layer is linear and bias-free computes the user
   half's contribution once per group (``first_partial``) and adds the group half per
@@ -176,6 +177,9 @@ class PerTokenSwiGLU(nn.Module):
     bmm's. ``down_init_std`` (~0.01) starts the block near identity (TokenMixer-Large).
     """
 
+    # Layers that ``first_partial``/``forward_split`` call on input-feature blocks (``UGSepBackbone.input_splits``).
+    split_input_layers = ("gate_up",)
+
     def __init__(self, num_tokens: int, dim: int, hidden: int, down_init_std: float | None = 0.01) -> None:
         super().__init__()
         self.hidden = hidden
@@ -247,6 +251,7 @@ class ExpertDispatch:
     src: Tensor  # (n,) int64 input row of each assignment, in group-sorted order
     dest: Tensor  # (n,) int64 slot in the flattened (G*C) buffer, same order
     order: Tensor  # (n,) int64 sort permutation: sorted assignment i = caller's order[i]
+    counts: Tensor  # (G,) int64 assignments per group (the first counts[g] rows of group g are real)
     num_groups: int
     capacity: int
 
@@ -261,7 +266,7 @@ class ExpertDispatch:
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.arange(sorted_groups.numel(), device=group_ids.device)
         dest = sorted_groups * capacity + (rank - starts[sorted_groups])
-        return ExpertDispatch(src_rows[order], dest, order, num_groups, capacity)
+        return ExpertDispatch(src_rows[order], dest, order, counts, num_groups, capacity)
 
     def permute(self, rows: Tensor) -> Tensor:
         """(R, d) input rows -> (G, C, d) padded group buffer (padding rows are zero)."""
@@ -291,6 +296,46 @@ class ExpertDispatch:
         flat = out.reshape(self.num_groups * self.capacity, out.shape[-1])
         picked = flat.index_select(0, self.dest) * weights[self.order].unsqueeze(-1)  # (n, d)
         return picked.new_zeros(num_rows, out.shape[-1]).index_add(0, self.src, picked)
+
+
+class ExpertBank(nn.Module):
+    """E bias-free linear maps per token position, weight (T, E, d_in, d_out): the experts of a
+    per-token MoE. Group g = t * E + e of a dispatch (``ExpertDispatch``) uses ``weight[t, e]``.
+
+    ``models.quant_layers.QuantizedExpertBank`` has the same interface with int8 weights.
+    """
+
+    def __init__(self, num_tokens: int, num_experts: int, d_in: int, d_out: int, init: Callable[[Tensor], Any]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_tokens, num_experts, d_in, d_out))
+        with torch.no_grad():
+            init(self.weight)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[2]
+
+    def grouped_mm(
+        self,
+        buf: Tensor,
+        counts: Tensor | None = None,
+        tokens: slice = ALL_TOKENS,
+        inputs: slice = ALL_INPUTS,
+        bias: Tensor | None = None,
+    ) -> Tensor:
+        """Group buffer (G, C, d_in') -> (G, C, d_out), G = T'·E groups of the positions ``tokens``.
+
+        ``inputs`` selects the input features ``buf`` holds (a partial product, as
+        ``PerTokenLinear``); ``bias`` (G, d_out) is added to every row; ``counts`` (G,) real rows
+        per group, which an implementation may use to skip padding (the float bmm ignores it).
+        """
+        weight = select_tokens(self.weight, tokens)[:, :, inputs]  # (T', E, d_in', d_out): a view
+        weight = weight.reshape(-1, *weight.shape[2:])  # (G, d_in', d_out)
+        return torch.bmm(buf, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), buf, weight)
+
+    def all_experts(self, x: Tensor, tokens: slice = ALL_TOKENS, inputs: slice = ALL_INPUTS) -> Tensor:
+        """Every expert on every row: (..., T', d_in') -> (..., T', E, d_out)."""
+        return torch.einsum("...tk,tekf->...tef", x, select_tokens(self.weight, tokens)[:, :, inputs])
 
 
 # ---------------------------------------------------------------- backbone outputs

@@ -31,6 +31,7 @@ from models.layers import (
     ALL_TOKENS,
     AuxLosses,
     BackboneOutput,
+    ExpertBank,
     ExpertDispatch,
     PerTokenFFN,
     PerTokenLinear,
@@ -208,8 +209,6 @@ class RankMixerConfig:
 class ReLUPerTokenMoE(nn.Module):
     """E GELU experts per token position with ReLU gates; dense-train / sparse-infer routers."""
 
-    quantizable_params = ("w_in", "w_out")  # (T, E, d_in, d_out) expert weights, for W8A16
-
     def __init__(self, num_tokens: int, dim: int, cfg: ReLUMoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -217,21 +216,20 @@ class ReLUPerTokenMoE(nn.Module):
         self.router_train = PerTokenLinear(num_tokens, dim, e)
         self.router_infer = PerTokenLinear(num_tokens, dim, e)
         bound_in, bound_out = dim**-0.5, self.hidden**-0.5
-        self.w_in = nn.Parameter(torch.empty(num_tokens, e, dim, self.hidden).uniform_(-bound_in, bound_in))
+        self.w_in = ExpertBank(num_tokens, e, dim, self.hidden, lambda w: w.uniform_(-bound_in, bound_in))
         self.b_in = nn.Parameter(torch.zeros(num_tokens, e, self.hidden))
-        self.w_out = nn.Parameter(torch.empty(num_tokens, e, self.hidden, dim).uniform_(-bound_out, bound_out))
+        self.w_out = ExpertBank(num_tokens, e, self.hidden, dim, lambda w: w.uniform_(-bound_out, bound_out))
         self.b_out = nn.Parameter(torch.zeros(num_tokens, e, dim))
         # Adaptive L1 coefficient: training state, saved with the weights, not a parameter.
         self.register_buffer("l1_coef", torch.tensor(float(cfg.l1_coef_init)))
 
     def expert_hidden(self, x: Tensor, tokens: slice = ALL_TOKENS) -> Tensor:
         """Every expert's hidden activation ``GELU(x W_in + b_in)``: (..., T', d) -> (..., T', E, h)."""
-        pre = torch.einsum("...td,tedh->...teh", x, select_tokens(self.w_in, tokens))
-        return F.gelu(pre + select_tokens(self.b_in, tokens))
+        return F.gelu(self.w_in.all_experts(x, tokens) + select_tokens(self.b_in, tokens))
 
     def combine_dense(self, hidden: Tensor, gates: Tensor, tokens: slice = ALL_TOKENS, detach: bool = False) -> Tensor:
         """``sum_e gates[..., t, e] * (hidden[..., t, e] W_out + b_out)``; ``detach`` freezes W_out, b_out."""
-        w_out, b_out = select_tokens(self.w_out, tokens), select_tokens(self.b_out, tokens)
+        w_out, b_out = select_tokens(self.w_out.weight, tokens), select_tokens(self.b_out, tokens)
         if detach:
             w_out, b_out = w_out.detach(), b_out.detach()
         # Folding the gate in before the second matmul makes it one contraction over (e, h).
@@ -249,10 +247,9 @@ class ReLUPerTokenMoE(nn.Module):
         row, col = flat_gates.nonzero(as_tuple=True)
         plan = ExpertDispatch.build(col, row * t + col // e, t * e)
         buf = plan.permute(x.reshape(-1, d))  # (G, C, d)
-        b_in, w_in = select_tokens(self.b_in, tokens), select_tokens(self.w_in, tokens)
-        h = F.gelu(torch.baddbmm(b_in.reshape(t * e, 1, -1), buf, w_in.reshape(t * e, d, -1)))
-        b_out, w_out = select_tokens(self.b_out, tokens), select_tokens(self.w_out, tokens)
-        out = torch.baddbmm(b_out.reshape(t * e, 1, d), h, w_out.reshape(t * e, self.hidden, d))  # (G, C, d)
+        b_in, b_out = select_tokens(self.b_in, tokens).flatten(0, 1), select_tokens(self.b_out, tokens).flatten(0, 1)
+        h = F.gelu(self.w_in.grouped_mm(buf, plan.counts, tokens, bias=b_in))  # (G, C, h)
+        out = self.w_out.grouped_mm(h, plan.counts, tokens, bias=b_out)  # (G, C, d)
         return plan.combine(out, flat_gates[row, col], x.numel() // d).view(*lead, t, d)
 
     def forward(self, x: Tensor, tokens: slice = ALL_TOKENS, aux: AuxLosses | None = None) -> Tensor:

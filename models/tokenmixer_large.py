@@ -38,6 +38,7 @@ from models.layers import (
     ALL_TOKENS,
     AuxLosses,
     BackboneOutput,
+    ExpertBank,
     ExpertDispatch,
     PerTokenLinear,
     PerTokenSwiGLU,
@@ -169,7 +170,8 @@ class MoEPartial(NamedTuple):
 class SparsePerTokenMoE(nn.Module):
     """E SwiGLU experts per token position + one shared expert, softmax top-k routing."""
 
-    quantizable_params = ("gate_up", "down")  # (T, E, d_in, d_out) expert weights, for W8A16
+    # Layers that ``first_partial``/``forward_split`` call on input-feature blocks (``UGSepBackbone.input_splits``).
+    split_input_layers = ("router", "shared.gate_up", "gate_up")
 
     def __init__(self, num_tokens: int, dim: int, cfg: SparseMoEConfig, down_init_std: float | None) -> None:
         super().__init__()
@@ -179,9 +181,9 @@ class SparsePerTokenMoE(nn.Module):
         self.router = PerTokenLinear(num_tokens, dim, e, bias=False)
         self.shared = PerTokenSwiGLU(num_tokens, dim, hidden, down_init_std)
         # (T, E, d, 2h) and (T, E, h, d): flattening (T, E) gives the per-group weights.
-        self.gate_up = nn.Parameter(torch.empty(num_tokens, e, dim, 2 * hidden).uniform_(-(dim**-0.5), dim**-0.5))
+        self.gate_up = ExpertBank(num_tokens, e, dim, 2 * hidden, lambda w: w.uniform_(-(dim**-0.5), dim**-0.5))
         down_std = hidden**-0.5 if down_init_std is None else down_init_std
-        self.down = nn.Parameter(torch.empty(num_tokens, e, hidden, dim).normal_(0.0, down_std))
+        self.down = ExpertBank(num_tokens, e, hidden, dim, lambda w: w.normal_(0.0, down_std))
 
     def _route(self, logits: Tensor, aux: AuxLosses) -> tuple[Tensor, Tensor]:
         """Router logits (..., T', E) -> top-k expert ids (..., T', k) and weights alpha * softmax prob."""
@@ -207,9 +209,7 @@ class SparsePerTokenMoE(nn.Module):
 
     def _experts_out(self, pre: Tensor, plan: ExpertDispatch, top_w: Tensor, tokens: slice) -> Tensor:
         """Gate/up pre-activations in the group buffer (G, C, 2h) -> weighted routed sum (..., T', d)."""
-        t, e = top_w.shape[-2], self.cfg.num_experts
-        down = select_tokens(self.down, tokens)
-        out = torch.bmm(swiglu(pre, self.hidden), down.reshape(t * e, self.hidden, -1))  # (G, C, d)
+        out = self.down.grouped_mm(swiglu(pre, self.hidden), plan.counts, tokens)  # (G, C, d)
         picked = plan.gather(out).view(*top_w.shape, out.shape[-1])  # caller order: (row, token, slot, d)
         return (picked * top_w.unsqueeze(-1)).sum(-2)  # (..., T', d)
 
@@ -217,18 +217,16 @@ class SparsePerTokenMoE(nn.Module):
         """Sparse dispatch: only the k chosen experts of each (row, token) are computed."""
         aux = AuxLosses() if aux is None else aux
         top_i, top_w = self._route(self.router(x, tokens), aux)
-        t, d, e = x.shape[-2], x.shape[-1], self.cfg.num_experts
         plan = self._dispatch(top_i)
-        gate_up = select_tokens(self.gate_up, tokens).reshape(t * e, d, -1)
-        pre = torch.bmm(plan.permute(x.reshape(-1, d)), gate_up)  # (G, C, 2h)
+        pre = self.gate_up.grouped_mm(plan.permute(x.reshape(-1, x.shape[-1])), plan.counts, tokens)  # (G, C, 2h)
         return self.shared(x, tokens) + self._experts_out(pre, plan, top_w, tokens)
 
     # ---- split input (UG-Sep): x = [x_user ; x_group] along the features, all T positions
     def first_partial(self, x_user: Tensor) -> MoEPartial:
         """The user features' (..., T, k) share of the router, shared expert and every expert."""
-        k = x_user.shape[-1]
-        experts = torch.einsum("...tk,tekf->...tef", x_user, self.gate_up[:, :, :k])  # (..., T, E, 2h)
-        return MoEPartial(self.router(x_user, inputs=slice(0, k)), self.shared.first_partial(x_user), experts)
+        user_inputs = slice(0, x_user.shape[-1])
+        experts = self.gate_up.all_experts(x_user, inputs=user_inputs)  # (..., T, E, 2h)
+        return MoEPartial(self.router(x_user, inputs=user_inputs), self.shared.first_partial(x_user), experts)
 
     def forward_split(
         self, x_group: Tensor | None, partial: MoEPartial, scale: Tensor | None = None, aux: AuxLosses | None = None
@@ -254,8 +252,9 @@ class SparsePerTokenMoE(nn.Module):
         pre = plan.place(partial.experts.reshape(-1, partial.experts.shape[-1]).index_select(0, user_ids))
         if x_group is not None:
             d_group = x_group.shape[-1]
-            gate_up = self.gate_up[:, :, -d_group:].reshape(t * e, d_group, -1)  # row block: a view
-            pre = pre + torch.bmm(plan.permute(x_group.reshape(-1, d_group)), gate_up)
+            group_buf = plan.permute(x_group.reshape(-1, d_group))  # (G, C, d - k)
+            group_inputs = slice(self.gate_up.in_features - d_group, None)
+            pre = pre + self.gate_up.grouped_mm(group_buf, plan.counts, inputs=group_inputs)
         if scale is not None:
             pre = pre * plan.permute(scale.reshape(-1, 1))
         shared = self.shared.forward_split(x_group, partial.shared, scale)
@@ -266,8 +265,9 @@ class SparsePerTokenMoE(nn.Module):
         top_i, top_w = self._route(self.router(x, tokens), AuxLosses())
         weights = torch.zeros(*top_i.shape[:-1], self.cfg.num_experts, dtype=x.dtype, device=x.device)
         weights.scatter_(-1, top_i, top_w)  # (..., T', E), zero off the top-k
-        gate, up = torch.einsum("...td,tedh->...teh", x, select_tokens(self.gate_up, tokens)).split(self.hidden, -1)
-        expert_out = torch.einsum("...teh,tehd->...ted", F.silu(gate) * up, select_tokens(self.down, tokens))
+        gate, up = self.gate_up.all_experts(x, tokens).split(self.hidden, -1)  # (..., T', E, h) each
+        down = select_tokens(self.down.weight, tokens)  # (T', E, h, d)
+        expert_out = torch.einsum("...teh,tehd->...ted", F.silu(gate) * up, down)
         return self.shared(x, tokens) + (weights.unsqueeze(-1) * expert_out).sum(-2)
 
 

@@ -180,6 +180,20 @@ class UGSepBackbone(nn.Module):
         )
         self.user_tokens, self.group_tokens = slice(0, t_u), slice(t_u, cfg.num_tokens)
 
+    def input_splits(self) -> dict[str, int]:
+        """Layers the fast path calls on the two halves of their input ``[user slices ; group slices]``
+        (module path -> width k of the user half): the first layer of TokenMixer-Large's mix FFN.
+        ``models/quant.py`` stores their int8 weights as those two column blocks."""
+        if self.cfg.backbone != "tokenmixer_large":
+            return {}
+        tml = self.cfg.tokenmixer_large
+        k = self.cfg.num_user_tokens * tml.dim // tml.num_mix_heads  # user columns of a mixed token
+        return {
+            f"backbone.blocks.{i}.mix_ffn.{name}": k
+            for i, block in enumerate(self.backbone.blocks)
+            for name in block.mix_ffn.split_input_layers
+        }
+
     def _check(self, name: str, x: Tensor, num_tokens: int, ndim: int) -> None:
         if x.dim() != ndim or x.shape[-2:] != (num_tokens, self.cfg.dim):
             raise ValueError(

@@ -27,7 +27,7 @@ from models.cost import count_parameters, flops_per_candidate, measure_peak_matm
 from models.layers import AuxLosses
 from models.longer import LongerConfig, LongerEncoder
 from models.memory import MSN, MSNConfig, PKMConfig
-from models.quant import quantize_w8a16, relative_error, weight_bytes
+from models.quant import int8pack_fraction, quantize_w8a16, relative_error, weight_bytes
 from models.ranker import Ranker, RankerConfig
 from models.sparse import SparseConfig
 from models.task import RankingTask
@@ -246,29 +246,101 @@ def bench_moe(sizes: BenchSizes, device: torch.device, dtype: torch.dtype) -> di
     }
 
 
-def bench_w8a16(sizes: BenchSizes, device: torch.device) -> dict:
-    """Weight-only int8 of a (briefly) trained ranker: weight bytes and output error vs fp32."""
-    torch.manual_seed(0)
-    small = replace(sizes, num_candidates=32, seq_len=256, batch_groups=4, pkm_slots=4096)
-    model = Ranker(bench_ranker_config(small)).to(device)
-    batch = random_groups(small, model.cfg.sparse, device, seed=1)
+W8A16_LATENCY_KEYS = (
+    "w8a16_latency_ratio",
+    "w8a16_latency_ratio_user_b1",
+    "w8a16_latency_ratio_user_b256",
+    "w8a16_latency_ratio_candidates_b1",
+    "w8a16_latency_ratio_candidates_b256",
+    "w8a16_latency_ratio_moe_b1",
+    "w8a16_latency_ratio_moe_b256",
+)
+
+
+def _trained_ranker(sizes: BenchSizes, device: torch.device) -> tuple[Ranker, GroupBatch]:
+    """The bench ranker after 10 Adam steps on one batch (weights away from their init), in eval mode."""
+    model = Ranker(bench_ranker_config(sizes)).to(device)
+    batch = random_groups(sizes, model.cfg.sparse, device, seed=1)
     task, optimizer = RankingTask(model), torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(10):
         optimizer.zero_grad()
         task(batch)[0].backward()
         optimizer.step()
-    model.eval()
+    return model.eval(), batch
+
+
+def _time_ratio(quantized_fn: Callable[[], object], float_fn: Callable[[], object], repeats: int) -> float:
+    """Best quantized time ÷ best float time, the two timed alternately (a noisy neighbour hits both)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    best = {quantized_fn: float("inf"), float_fn: float("inf")}
+    with torch.inference_mode():
+        for fn in best:  # warm-up
+            fn()
+        for _ in range(repeats):
+            for fn in best:
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                best[fn] = min(best[fn], time.perf_counter() - start)
+    return best[quantized_fn] / best[float_fn]
+
+
+def _w8a16_path_ratios(model: Ranker, quantized: Ranker, sizes: BenchSizes, device: torch.device) -> dict:
+    """Quantized ÷ fp32 time of the once-per-group user path (``encode_user``, 1 and 256 groups) and of
+    the per-candidate path (``score_candidates`` on a cached ``UserState``, one group of 1 and 256)."""
+    ratios = {}
+    for groups in (1, 256):
+        batch = random_groups(replace(sizes, batch_groups=groups, num_candidates=1), model.cfg.sparse, device, seed=2)
+        # Milliseconds per call at one group: more rounds for the same confidence.
+        repeats = sizes.repeats * (10 if groups == 1 else 1)
+        ratios[f"w8a16_latency_ratio_user_b{groups}"] = _time_ratio(
+            lambda batch=batch: quantized.encode_user(batch), lambda batch=batch: model.encode_user(batch), repeats
+        )
+    for cands in (1, 256):
+        batch = random_groups(replace(sizes, batch_groups=1, num_candidates=cands), model.cfg.sparse, device, seed=3)
+        with torch.inference_mode():
+            float_state, quant_state = model.encode_user(batch), quantized.encode_user(batch)
+        ratios[f"w8a16_latency_ratio_candidates_b{cands}"] = _time_ratio(
+            lambda batch=batch, state=quant_state: quantized.score_candidates(state, batch),
+            lambda batch=batch, state=float_state: model.score_candidates(state, batch),
+            sizes.repeats * 10,
+        )
+    return ratios
+
+
+def _w8a16_moe_ratios(sizes: BenchSizes, device: torch.device) -> dict:
+    """The Sparse-Pertoken MoE of ``bench_moe`` (E=8, top-2), W8A16 vs fp32, at 1 and 256 rows."""
+    torch.manual_seed(0)
+    moe = SparsePerTokenMoE(sizes.tml_tokens, sizes.moe_dim, SparseMoEConfig(num_experts=8, top_k=2), 0.01)
+    moe = moe.to(device).eval()
+    quantized = quantize_w8a16(moe)
+    ratios = {}
+    for rows in (1, 256):
+        x = torch.randn(rows, sizes.tml_tokens, sizes.moe_dim, device=device)
+        repeats = sizes.repeats * (4 if rows == 1 else 2)  # tens of milliseconds per call: cheap rounds
+        ratios[f"w8a16_latency_ratio_moe_b{rows}"] = _time_ratio(lambda x=x: quantized(x), lambda x=x: moe(x), repeats)
+    return ratios
+
+
+def bench_w8a16(sizes: BenchSizes, device: torch.device) -> dict:
+    """Weight-only int8 of a (briefly) trained ranker vs its fp32 self: weight bytes, output error,
+    the share of int8 bytes small calls run through the int8pack kernel, and latency per path."""
+    torch.manual_seed(0)
+    small = replace(sizes, num_candidates=32, seq_len=min(sizes.seq_len, 256), batch_groups=4, pkm_slots=4096)
+    model, batch = _trained_ranker(small, device)
     quantized = quantize_w8a16(model)
     with torch.inference_mode():
         ref, approx = model(batch).logits, quantized(batch).logits
-    float_s = best_seconds(lambda: model(batch), sizes.repeats)
-    quant_s = best_seconds(lambda: quantized(batch), sizes.repeats)
     per_logit = ((approx - ref).abs() / ref.abs().clamp_min(1e-3))[batch.cand_mask]  # (real slots, tasks)
     return {
         "w8a16_weight_bytes_ratio": weight_bytes(quantized) / weight_bytes(model),
         "w8a16_max_rel_err": relative_error(ref, approx),
         "w8a16_p99_per_logit_rel_err": float(per_logit.flatten().quantile(0.99)),
-        "w8a16_latency_ratio": quant_s / float_s,
+        "w8a16_int8pack_fraction": int8pack_fraction(quantized),
+        "w8a16_latency_ratio": _time_ratio(lambda: quantized(batch), lambda: model(batch), sizes.repeats * 4),
+        **_w8a16_path_ratios(model, quantized, small, device),
+        **_w8a16_moe_ratios(sizes, device),
     }
 
 
@@ -410,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         "w8a16_max_rel_err",
         "ugsep_flops_ratio",
         "ugsep_latency_ratio",
+        "w8a16_int8pack_fraction",
+        *W8A16_LATENCY_KEYS,
     )
     print(json.dumps({k: results[k] for k in keys}, indent=2))
     return 0

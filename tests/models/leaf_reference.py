@@ -221,7 +221,7 @@ def tml_ffn(w: Weights, prefix: str, moe, t: int, x: Tensor) -> Tensor:
     top = probs.topk(moe.top_k)
     alpha = moe.num_experts / moe.top_k  # routed sum scaled by E/k (MODELS.md §3)
     routed = sum(
-        alpha * p * swiglu_ffn(w(f"{prefix}.gate_up")[t, e], w(f"{prefix}.down")[t, e], x)
+        alpha * p * swiglu_ffn(w(f"{prefix}.gate_up.weight")[t, e], w(f"{prefix}.down.weight")[t, e], x)
         for p, e in zip(top.values, top.indices)
     )
     return shared + routed
@@ -261,8 +261,8 @@ def rankmixer_finish(w: Weights, prefix: str, cfg, content: Tensor, x: Tensor) -
             out = sum(
                 gates[e]
                 * (
-                    gelu(s[t] @ w(f"{prefix}.ffn.w_in")[t, e] + w(f"{prefix}.ffn.b_in")[t, e])
-                    @ w(f"{prefix}.ffn.w_out")[t, e]
+                    gelu(s[t] @ w(f"{prefix}.ffn.w_in.weight")[t, e] + w(f"{prefix}.ffn.b_in")[t, e])
+                    @ w(f"{prefix}.ffn.w_out.weight")[t, e]
                     + w(f"{prefix}.ffn.b_out")[t, e]
                 )
                 for e in range(cfg.moe.num_experts)

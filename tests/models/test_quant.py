@@ -9,18 +9,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from models.baselines import DLRMMLP
+from models.int8_matmul import KernelPolicy, int8pack_shape_ok, int8pack_supported
 from models.layers import PerTokenFFN, PerTokenLinear, PerTokenSwiGLU
-from models.quant import (
-    QuantConfig,
-    QuantizedLinear,
-    QuantizedPerTokenLinear,
-    int8pack_shape_ok,
-    int8pack_supported,
-    quantize_int8,
-    quantize_w8a16,
-    relative_error,
-    weight_bytes,
-)
+from models.quant import QuantConfig, quantize_w8a16, relative_error, weight_bytes
+from models.quant_layers import QuantizedLinear, QuantizedPerTokenLinear, quantize_int8
 from tests.models.test_baselines import NUM_ITEMS, NUM_TAGS, NUM_USERS, random_batch
 
 needs_int8pack = pytest.mark.skipif(
@@ -73,7 +65,7 @@ def test_quantized_linear_reference_path_is_close_to_float() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(256, 128)
     x = torch.randn(5, 7, 256)
-    quant = QuantizedLinear.from_float(linear, kernel="reference")
+    quant = QuantizedLinear.from_float(linear, KernelPolicy("reference"))
     with torch.no_grad():
         out, ref = quant(x), linear(x)
     assert out.shape == (5, 7, 128)
@@ -83,28 +75,32 @@ def test_quantized_linear_reference_path_is_close_to_float() -> None:
 
 
 @needs_int8pack
-def test_int8pack_kernel_agrees_with_reference() -> None:
+@pytest.mark.parametrize("rows", [1, 8, 128])
+def test_linear_kernels_agree_with_reference(rows: int) -> None:
     torch.manual_seed(0)
     linear = nn.Linear(256, 96)
-    x = torch.randn(33, 256)
-    ref_q = QuantizedLinear.from_float(linear, kernel="reference")
-    fast_q = QuantizedLinear.from_float(linear, kernel="int8pack")
-    auto_q = QuantizedLinear.from_float(linear, kernel="auto")
+    x = torch.randn(rows, 256)
+    kernels = ("reference", "int8pack", "upcast", "auto")
+    quant = {k: QuantizedLinear.from_float(linear, KernelPolicy(k)) for k in kernels}
     with torch.no_grad():
-        ref, fast = ref_q(x), fast_q(x)
-        # auto takes the kernel whenever no gradient is needed, for fp32 and 16-bit input alike.
-        torch.testing.assert_close(auto_q(x), fast, atol=0, rtol=0)
-        torch.testing.assert_close(auto_q(x.bfloat16()), fast_q(x.bfloat16()), atol=0, rtol=0)
-    # ... and falls back to the differentiable reference path when one is.
+        out = {k: q(x) for k, q in quant.items()}
+        # auto: the int8pack kernel up to 8 rows, the bf16 upcast GEMM above (3.1M multiply-adds at
+        # 128 rows), for fp32 and 16-bit input alike.
+        auto_is = "int8pack" if rows <= 8 else "upcast"
+        torch.testing.assert_close(out["auto"], out[auto_is], atol=0, rtol=0)
+        torch.testing.assert_close(quant["auto"](x.bfloat16()), quant[auto_is](x.bfloat16()), atol=0, rtol=0)
+    for kernel in ("int8pack", "upcast"):
+        assert out[kernel].dtype == torch.float32
+        assert relative_error(out["reference"], out[kernel]) < 2e-2, kernel  # bf16 activations
+    # ... and auto falls back to the differentiable reference path when a gradient is needed.
     x_grad = x.clone().requires_grad_()
-    auto_out = auto_q(x_grad)
-    torch.testing.assert_close(auto_out.detach(), ref, atol=0, rtol=0)
+    auto_out = quant["auto"](x_grad)
+    torch.testing.assert_close(auto_out.detach(), out["reference"], atol=0, rtol=0)
     auto_out.sum().backward()
     assert x_grad.grad is not None and x_grad.grad.shape == x.shape
-    assert fast.dtype == torch.float32
-    assert relative_error(ref, fast) < 2e-2  # bf16 activations
-    with pytest.raises(RuntimeError, match="no backward"):
-        fast_q(x.requires_grad_())
+    for kernel in ("int8pack", "upcast"):
+        with pytest.raises(RuntimeError, match="no backward"):
+            quant[kernel](x.clone().requires_grad_())
 
 
 @pytest.mark.parametrize("in_features", [3, 8, 24, 100])
@@ -114,13 +110,13 @@ def test_int8pack_falls_back_where_the_kernel_would_crash(in_features: int) -> N
     torch.manual_seed(0)
     linear = nn.Linear(in_features, 8)
     x = torch.randn(4, in_features)
-    fast = QuantizedLinear.from_float(linear, kernel="int8pack")
-    ref = QuantizedLinear.from_float(linear, kernel="reference")
+    fast = QuantizedLinear.from_float(linear, KernelPolicy("int8pack"))
+    ref = QuantizedLinear.from_float(linear, KernelPolicy("reference"))
     with torch.no_grad():
         torch.testing.assert_close(fast(x), ref(x), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("kernel", ["reference", "int8pack"])
+@pytest.mark.parametrize("kernel", ["reference", "int8pack", "upcast"])
 @pytest.mark.parametrize("tokens", [slice(None), slice(1, 3)])
 def test_quantized_per_token_linear_matches_float(kernel: str, tokens: slice) -> None:
     if kernel == "int8pack" and not int8pack_supported("cpu", torch.bfloat16):
@@ -128,7 +124,7 @@ def test_quantized_per_token_linear_matches_float(kernel: str, tokens: slice) ->
     torch.manual_seed(0)
     layer = PerTokenLinear(4, 64, 48)
     x = torch.randn(2, 5, len(range(4)[tokens]), 64)
-    quant = QuantizedPerTokenLinear.from_float(layer, kernel=kernel)
+    quant = QuantizedPerTokenLinear.from_float(layer, KernelPolicy(kernel))
     with torch.no_grad():
         ref, out = layer(x, tokens), quant(x, tokens)
     assert out.shape == ref.shape and out.dtype == ref.dtype
@@ -197,4 +193,4 @@ def test_inplace_and_attention_modules() -> None:
     out, _ = model[1](x, x, x)
     assert out.shape == (2, 3, 16)
     with pytest.raises(ValueError, match="kernel"):
-        QuantizedLinear(4, 4, kernel="fast")
+        KernelPolicy(kernel="fast")

@@ -23,6 +23,7 @@ from models.batch import NUM_GENRES, NUM_YEAR_BUCKETS, GroupBatch
 from models.quant import QuantConfig, quantize_w8a16, relative_error, weight_bytes
 from models.ranker import Ranker, RankerConfig, RankerOutput
 from models.task import RankingTask
+from models.tokenmixer_large import SparseMoEConfig
 from tests.models.leaf_reference import reference_logits
 from tests.models.ranker_factories import MAX_SEQ, NUM_ITEMS, NUM_TAGS, VARIANTS, make_ranker, random_groups
 
@@ -345,6 +346,56 @@ def test_w8a16_reference_kernel_keeps_reuse_exact(variant: str) -> None:
     quant = quantize_w8a16(MODELS[variant], QuantConfig(kernel="reference"))
     data = random_groups(12, batch=2, cands=4, seq=20)
     assert_outputs_close(run(quant, data), run(quant, data, reference=True))
+
+
+# UG-Sep over a Sparse-Pertoken MoE that picks every expert (top_k = E): its output is continuous
+# in its input, so bf16 activations cannot flip an expert choice and fast == reference is checkable.
+UGSEP_MOE = replace(
+    VARIANTS["ugsep"],
+    tokenmixer_large=replace(VARIANTS["ugsep"].tokenmixer_large, moe=SparseMoEConfig(num_experts=2, top_k=2)),
+)
+
+
+def fast_and_reference(model: Ranker) -> tuple[Ranker, Ranker]:
+    """W8A16 copies with the fast kernels (every matrix eligible for int8pack) and the reference kernel."""
+    return quantize_w8a16(model, QuantConfig(int8pack_min_weights=0)), quantize_w8a16(
+        model, QuantConfig(kernel="reference")
+    )
+
+
+@pytest.mark.parametrize("variant", ["ugsep", "ugsep_moe_all_experts", "rankmixer_moe", "tml_longer"])
+@pytest.mark.parametrize("cands", [1, 40])  # 1 row per matrix (int8pack) and 40+ (bf16 upcast)
+def test_w8a16_fast_kernels_match_the_reference_kernel(variant: str, cands: int) -> None:
+    torch.manual_seed(3)
+    model = Ranker(UGSEP_MOE).eval() if variant == "ugsep_moe_all_experts" else MODELS[variant]
+    fast, ref = fast_and_reference(model)
+    data = random_groups(14, batch=2, cands=cands, seq=20)
+    with torch.no_grad():
+        err = relative_error(model.encode_user(data).x_user, fast.encode_user(data).x_user)
+        assert err < 2e-2, f"user path {err:.4f}"
+        assert relative_error(run(ref, data).logits, run(fast, data).logits) < 2e-2
+
+
+def test_w8a16_splits_ugsep_first_layers_into_user_and_group_column_blocks() -> None:
+    quant = quantize_w8a16(Ranker(UGSEP_MOE).eval())
+    mix_ffn = quant.backbone.backbone.blocks[0].mix_ffn
+    # 9 tokens of width 32 mixed into 8 heads of width 36: the 4 user tokens fill the first 16 columns.
+    for layer in (mix_ffn.router, mix_ffn.shared.gate_up, mix_ffn.gate_up):
+        assert layer.block_names == ("qweight_head", "qweight_tail") and layer.column_starts == (0, 16, 36)
+    assert mix_ffn.down.block_names == ("qweight",)  # the down projection is never split
+    data = random_groups(15, batch=2, cands=3, seq=20)
+    assert_outputs_close(run(quant, data), run(quant, data, reference=True), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("variant", ["ugsep", "tml_moe", "rankmixer_moe"])
+def test_w8a16_state_dict_round_trip(variant: str) -> None:
+    """A quantized state dict loads into the quantized copy of a freshly built model: same outputs."""
+    quant = quantize_w8a16(make_ranker(variant, seed=0))
+    fresh = quantize_w8a16(make_ranker(variant, seed=1))
+    data = random_groups(16, batch=2, cands=3, seq=20)
+    assert relative_error(run(quant, data).logits, run(fresh, data).logits) > 1e-3  # different weights ...
+    fresh.load_state_dict(quant.state_dict())
+    torch.testing.assert_close(run(fresh, data).logits, run(quant, data).logits, atol=0, rtol=0)  # ... now equal
 
 
 # ---------------------------------------------------------------- 9. learning

@@ -8,7 +8,7 @@ import math
 import torch
 
 from pipelines.bench import main
-from pipelines.bench_models import BenchSizes, run
+from pipelines.bench_models import W8A16_LATENCY_KEYS, BenchSizes, run
 
 KEYS = (
     "reuse_speedup",
@@ -21,6 +21,8 @@ KEYS = (
     "w8a16_max_rel_err",
     "ugsep_flops_ratio",
     "ugsep_latency_ratio",
+    "w8a16_int8pack_fraction",
+    *W8A16_LATENCY_KEYS,
 )
 
 TINY = BenchSizes(
@@ -50,6 +52,15 @@ def test_tiny_run_reports_every_key_and_exactness():
     assert results["moe_max_abs_diff"] <= 1e-4
     assert 0.25 <= results["w8a16_weight_bytes_ratio"] < 0.5
     assert 0 <= results["w8a16_p99_per_logit_rel_err"] < 1.0
+    assert 0 <= results["w8a16_int8pack_fraction"] <= 1.0
+    assert {
+        "w8a16_latency_ratio_user_b1",
+        "w8a16_latency_ratio_user_b256",
+        "w8a16_latency_ratio_candidates_b1",
+        "w8a16_latency_ratio_candidates_b256",
+    } <= set(W8A16_LATENCY_KEYS)
+    for key in W8A16_LATENCY_KEYS:  # quantized time / fp32 time of the same run: positive and finite
+        assert 0 < results[key] < math.inf, key
     assert 0 < results["mfu_backbone"] < 1.0  # above 1 the peak was mis-measured
     for suffix in ("", "_nocomp", "_large"):
         assert results[f"ugsep_max_abs_diff{suffix}"] <= 1e-5

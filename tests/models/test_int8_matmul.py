@@ -1,0 +1,140 @@
+"""W8A16 kernels: every fast path == the dequantise-then-matmul reference within what bf16
+activations explain, and the policy picks paths by the measured rules (never a crashing shape)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from models import int8_matmul
+from models.int8_matmul import (
+    KERNELS,
+    KernelPolicy,
+    fast_16bit_gemm,
+    int8_bmm,
+    int8_mm,
+    int8pack_shape_ok,
+    int8pack_supported,
+)
+
+BF16 = torch.bfloat16
+HAS_INT8PACK = int8pack_supported("cpu", BF16)
+needs_int8pack = pytest.mark.skipif(not HAS_INT8PACK, reason="torch._weight_int8pack_mm unavailable here")
+needs_fast_bf16 = pytest.mark.skipif(not fast_16bit_gemm("cpu", BF16), reason="no native bf16 GEMM on this CPU")
+
+
+def random_int8_weight(gen: torch.Generator, groups: int, n: int, k: int) -> tuple[Tensor, Tensor]:
+    q = torch.randint(-127, 128, (groups, n, k), generator=gen, dtype=torch.int8)
+    scale = (torch.rand(groups, n, generator=gen) * 0.02 + 1e-3).half()
+    return q, scale
+
+
+def bf16_bound(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """Per-element error bf16 activations explain: x rounded to bf16 and the product rounded to
+    bf16 (2^-9 relative each, the product bounded by |x| @ |w|ᵀ), with 2x slack for the order
+    of accumulation."""
+    weight = q.float() * scale.float().unsqueeze(-1)  # (G, N, K)
+    return 2**-7 * torch.bmm(x.abs(), weight.abs().transpose(1, 2)) + 1e-6
+
+
+def fast_paths(k: int) -> list[str]:
+    return ["upcast"] + (["int8pack"] if HAS_INT8PACK and int8pack_shape_ok(k, BF16) else [])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    groups=st.integers(1, 4),
+    rows=st.integers(1, 12),
+    n=st.integers(1, 40),
+    k=st.sampled_from([8, 16, 24, 32, 48, 88, 96]),
+    use_bias=st.booleans(),
+    strided=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fast_paths_equal_reference_within_bf16_rounding(
+    groups: int, rows: int, n: int, k: int, use_bias: bool, strided: bool, seed: int
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    q, scale = random_int8_weight(gen, groups, n, k)
+    # A strided view, as the per-token layers pass their (T, M, K) transposed activations.
+    x = torch.randn(rows, groups, k, generator=gen).transpose(0, 1) if strided else torch.randn(groups, rows, k)
+    bias = torch.randn(groups, n, generator=gen) if use_bias else None
+    ref = int8_bmm(x, q, scale, "reference", BF16, bias=bias)
+    bound = bf16_bound(x, q, scale)
+    for path in fast_paths(k):
+        out = int8_bmm(x, q, scale, path, BF16, bias=bias)
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        assert ((out - ref).abs() <= bound).all(), path
+        # The one-matrix entry point computes the same thing.
+        one = int8_mm(x[0], q[0], scale[0], path, BF16, None if bias is None else bias[0])
+        assert ((one - ref[0]).abs() <= bound[0]).all(), path
+
+
+@needs_int8pack
+@settings(max_examples=30, deadline=None)
+@given(groups=st.integers(1, 6), capacity=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_int8pack_runs_only_real_rows_of_non_empty_groups(groups: int, capacity: int, seed: int) -> None:
+    """A padded (G, C, K) expert buffer: rows[g] real rows per group, the rest never computed."""
+    gen = torch.Generator().manual_seed(seed)
+    q, scale = random_int8_weight(gen, groups, 24, 32)
+    x = torch.randn(groups, capacity, 32, generator=gen)
+    rows = torch.randint(0, capacity + 1, (groups,), generator=gen).tolist()
+    bias = torch.randn(groups, 24, generator=gen)
+    out = int8_bmm(x, q, scale, "int8pack", BF16, rows, bias)
+    ref = int8_bmm(x, q, scale, "reference", BF16, bias=bias)
+    bound = bf16_bound(x, q, scale)
+    for g, count in enumerate(rows):
+        assert ((out[g, :count] - ref[g, :count]).abs() <= bound[g, :count]).all()
+        torch.testing.assert_close(out[g, count:], bias[g].expand(capacity - count, -1), atol=0, rtol=0)
+
+
+def test_upcast_in_chunks_covers_every_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, scale = random_int8_weight(gen, 5, 16, 32)
+    x = torch.randn(5, 3, 32, generator=gen)
+    whole = int8_bmm(x, q, scale, "upcast", BF16)
+    monkeypatch.setattr(int8_matmul, "UPCAST_CHUNK_ELEMENTS", 2 * 16 * 32)  # chunks of 2, 2 and 1 matrices
+    # Other inputs than before: a chunk left out would hold stale memory, likely ``whole``'s.
+    chunked = int8_bmm(2 * x, q, scale, "upcast", BF16)
+    assert ((chunked - 2 * whole).abs() <= 2 * bf16_bound(x, q, scale)).all()
+
+
+@needs_int8pack
+@needs_fast_bf16
+def test_auto_policy_picks_by_rows_matrix_size_and_work() -> None:
+    auto, x = KernelPolicy(), torch.zeros(1)
+    assert auto.path(x, rows=1, out_features=256, in_features=64) == "int8pack"  # 16k weights
+    assert auto.path(x, rows=8, out_features=256, in_features=64) == "int8pack"
+    assert auto.path(x, rows=1, out_features=128, in_features=64) == "reference"  # 8k: dequantising is cheaper
+    assert auto.path(x, rows=1, out_features=352, in_features=88) == "reference"  # bf16 int8pack needs K % 16
+    assert auto.path(x, rows=9, out_features=256, in_features=64, matrices=16) == "upcast"  # 2.4M MACs
+    assert auto.path(x, rows=32, out_features=64, in_features=64) == "reference"  # 131k MACs: fixed cost
+    assert KernelPolicy("int8pack").path(x, 512, 64, 64) == "int8pack"
+    assert KernelPolicy("int8pack").path(x, 1, 352, 88) == "reference"
+    assert KernelPolicy("upcast").path(x, 1, 8, 8) == "upcast"
+    assert KernelPolicy("reference").path(x, 1, 256, 64) == "reference"
+    x_grad = torch.zeros(1, requires_grad=True)
+    assert auto.path(x_grad, 1, 256, 64) == "reference"
+    with pytest.raises(RuntimeError, match="no backward"):
+        KernelPolicy("int8pack").path(x_grad, 1, 256, 64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    kernel=st.sampled_from(KERNELS),
+    rows=st.integers(1, 4096),
+    n=st.integers(1, 4096),
+    k=st.integers(1, 4096),
+    matrices=st.integers(1, 64),
+)
+def test_int8pack_is_never_chosen_for_a_width_that_crashes_it(
+    kernel: str, rows: int, n: int, k: int, matrices: int
+) -> None:
+    """bf16 int8pack segfaults on torch 2.13 CPU unless K % 16 == 0: no policy may pick it there."""
+    path = KernelPolicy(kernel).path(torch.zeros(1), rows, n, k, matrices)
+    assert path in ("int8pack", "upcast", "reference")
+    if k % 16:
+        assert path != "int8pack"
