@@ -1,7 +1,8 @@
 """Delta Lake helpers shared by the pipelines: table locations, the user-bucket hash,
 the lake tables' schemas and run metadata (the contract of docs/DATA.md, here so that
 writers in pipelines/ and readers in components/ share one definition) and atomic
-read/write helpers.
+read/write helpers. Distributed writes (workers write files, the driver commits) live in
+components/lake_files.py.
 
 Every write is one Delta commit: data files are written first and become visible only
 when the commit lands in ``_delta_log``. A writer that dies before its commit leaves the
@@ -13,10 +14,8 @@ is raised here as :class:`LakeWriteError`, naming the table.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,10 +24,7 @@ import deltalake
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
-from deltalake.fs import DeltaStorageHandler
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +204,8 @@ def users_table(user_ids: np.ndarray) -> pa.Table:
 # passes it on, also into Ray tasks: deltalake never sees a lake without them.
 
 
-def _options(storage_options: Mapping[str, str] | None) -> dict[str, str] | None:
+def deltalake_options(storage_options: Mapping[str, str] | None) -> dict[str, str] | None:
+    """``storage_options`` as deltalake takes them (None for a local lake without options)."""
     return dict(storage_options) if storage_options else None
 
 
@@ -237,7 +234,7 @@ def write_table(
             mode=mode,
             partition_by=list(partition_by) if partition_by else None,
             schema_mode="overwrite" if mode == "overwrite" else None,
-            storage_options=_options(storage_options),
+            storage_options=deltalake_options(storage_options),
             commit_properties=commit,
             target_file_size=target_file_size,
         )
@@ -254,11 +251,12 @@ def write_table(
     return version
 
 
-def _open(
+def open_table(
     uri: str, version: int | None = None, storage_options: Mapping[str, str] | None = None
 ) -> deltalake.DeltaTable:
+    """The Delta table at ``uri`` (a ``version``, default the latest); LakeError naming it when absent."""
     try:
-        return deltalake.DeltaTable(uri, version=version, storage_options=_options(storage_options))
+        return deltalake.DeltaTable(uri, version=version, storage_options=deltalake_options(storage_options))
     except TableNotFoundError as exc:
         raise LakeError(f"no Delta table at {uri} (run the ingest stage first?)") from exc
     except Exception as exc:  # deltalake raises plain errors for a missing version
@@ -273,7 +271,7 @@ def read_table(
     storage_options: Mapping[str, str] | None = None,
 ) -> pa.Table:
     """Read a Delta table (optionally an older ``version``, some ``columns``, a row filter)."""
-    table = _open(uri, version, storage_options)
+    table = open_table(uri, version, storage_options)
     dataset = table.to_pyarrow_dataset()
     return dataset.to_table(columns=list(columns) if columns else None, filter=filters)
 
@@ -281,12 +279,12 @@ def read_table(
 def table_version(uri: str, storage_options: Mapping[str, str] | None = None) -> int | None:
     """Current version of the Delta table at ``uri``; None when there is no table."""
     try:
-        exists = deltalake.DeltaTable.is_deltatable(uri, storage_options=_options(storage_options))
+        exists = deltalake.DeltaTable.is_deltatable(uri, storage_options=deltalake_options(storage_options))
     except OSError as exc:  # e.g. an object store without credentials or endpoint in storage_options
         raise LakeError(f"cannot reach Delta table {uri} (lake.storage_options?): {str(exc).splitlines()[0]}") from exc
     if not exists:
         return None
-    return _open(uri, storage_options=storage_options).version()
+    return open_table(uri, storage_options=storage_options).version()
 
 
 @dataclass(frozen=True)
@@ -306,12 +304,12 @@ class PinnedTable:
 
     def partition_columns(self) -> list[str]:
         """Partition columns, from the Delta log."""
-        return list(_open(self.uri, self.version, self.storage_options).metadata().partition_columns)
+        return list(open_table(self.uri, self.version, self.storage_options).metadata().partition_columns)
 
     def partition_values(self, column: str, filters: list[tuple[str, str, str]] | None = None) -> list[str]:
         """Distinct values of partition ``column`` among the files (only those of the partitions
         matching ``filters``, e.g. ``[("split", "=", "train")]``); from the log, no data read."""
-        return sorted({p[column] for p in _open(self.uri, self.version, self.storage_options).partitions(filters)})
+        return sorted({p[column] for p in open_table(self.uri, self.version, self.storage_options).partitions(filters)})
 
 
 def pin_table(
@@ -329,7 +327,7 @@ def commit_metadata(
 ) -> dict[str, str]:
     """String fields of a commit's info (default: the latest), including the custom metadata
     that ``write_table(custom_metadata=...)`` stored, e.g. the items table's ``genres``."""
-    table = _open(uri, storage_options=storage_options)
+    table = open_table(uri, storage_options=storage_options)
     target = table.version() if version is None else version
     for entry in table.history():
         if entry.get("version") == target:
@@ -347,7 +345,7 @@ def find_version(
     """
     matches = [
         int(entry["version"])
-        for entry in _open(uri, storage_options=storage_options).history()
+        for entry in open_table(uri, storage_options=storage_options).history()
         if entry.get(key) == value and entry.get("version") is not None
     ]
     matches = [v for v in matches if max_version is None or v <= max_version]
@@ -365,7 +363,7 @@ def column_range(
     Reads only the transaction log (no data files) when every file has statistics, so it
     is cheap at any table size; falls back to scanning the column otherwise.
     """
-    table = _open(uri, version, storage_options)
+    table = open_table(uri, version, storage_options)
     actions = pa.table(table.get_add_actions(flatten=True))
     if actions.num_rows == 0:
         return None
@@ -392,109 +390,8 @@ def events_time_range(
 
 def row_count(uri: str, version: int | None = None, storage_options: Mapping[str, str] | None = None) -> int:
     """Number of rows of a Delta table, from the log's per-file record counts."""
-    table = _open(uri, version, storage_options)
+    table = open_table(uri, version, storage_options)
     actions = pa.table(table.get_add_actions(flatten=True))
     if "num_records" in actions.column_names and actions["num_records"].null_count == 0:
         return int(pc.sum(actions["num_records"]).as_py() or 0)
     return table.to_pyarrow_dataset().count_rows()
-
-
-# ---- distributed writes: workers write data files, the driver makes ONE commit ----
-def _table_filesystem(table_uri: str, storage_options: Mapping[str, str] | None) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, base path) of the table's files.
-
-    A local table uses Arrow's native filesystem (``table_uri`` must be absolute: see
-    :func:`lake_root`). An object-store table goes through deltalake's own object store, so
-    the data files are written with exactly the ``storage_options`` that its commits use:
-    any store and any option deltalake accepts (s3://, gs://, abfss://; endpoint,
-    credentials, region, ...), with no second translation into Arrow's S3/GCS/Azure options.
-    That handler is Python-level and keeps the GIL while it waits on the store: fine for a
-    Ray task writing its bucket's files, not worth it for a local folder.
-    """
-    if "://" not in table_uri or table_uri.startswith("file://"):
-        return pafs.FileSystem.from_uri(table_uri)
-    return pafs.PyFileSystem(DeltaStorageHandler(table_uri, _options(storage_options))), ""
-
-
-def write_data_file(
-    table: pa.Table,
-    table_uri: str,
-    partition: dict[str, str],
-    name: str,
-    storage_options: Mapping[str, str] | None = None,
-) -> dict:
-    """Write one data file of a Delta table (partition columns live in the path, not the file)."""
-    fs, root = _table_filesystem(table_uri, storage_options)
-    rel_dir = "/".join(f"{k}={v}" for k, v in partition.items())
-    rel_path = f"{rel_dir}/{name}.parquet" if rel_dir else f"{name}.parquet"
-    in_table = lambda rel: f"{root}/{rel}" if root else rel
-    folder = in_table(rel_dir) if rel_dir else root
-    if folder:  # an object store has no folders to make
-        fs.create_dir(folder, recursive=True)
-    pq.write_table(table.drop_columns(list(partition)), in_table(rel_path), filesystem=fs)
-    return {
-        "path": rel_path,
-        "size": fs.get_file_info(in_table(rel_path)).size,
-        "partition": json.dumps(partition),
-        "num_rows": table.num_rows,
-    }
-
-
-def _add_actions(parts: list[dict]) -> list:
-    """Delta add actions of files written by :func:`write_data_file` (record counts as stats)."""
-    from deltalake.transaction import AddAction
-
-    now_ms = int(time.time() * 1000)
-    return [
-        AddAction(
-            p["path"],
-            int(p["size"]),
-            json.loads(p["partition"]),
-            now_ms,
-            True,
-            json.dumps({"numRecords": int(p["num_rows"])}),
-        )
-        for p in parts
-    ]
-
-
-def commit_files_overwrite(
-    table_uri: str,
-    schema: pa.Schema,
-    partition_by: list[str],
-    parts: list[dict],
-    custom_metadata: Mapping[str, str] | None = None,
-    storage_options: Mapping[str, str] | None = None,
-) -> int:
-    """ONE atomic Delta commit replacing the table's content with ``parts``; returns the version.
-
-    ``custom_metadata`` lands in the commit's info (read it back with :func:`commit_metadata`
-    or :func:`find_version`), e.g. the id of the job that wrote the files.
-    """
-    from deltalake import Schema
-    from deltalake.transaction import create_table_with_add_actions
-
-    actions = _add_actions(parts)
-    commit = deltalake.CommitProperties(custom_metadata=dict(custom_metadata)) if custom_metadata else None
-    try:
-        if table_version(table_uri, storage_options) is not None:
-            _open(table_uri, storage_options=storage_options).create_write_transaction(
-                actions, mode="overwrite", schema=schema, partition_by=partition_by, commit_properties=commit
-            )
-        else:
-            create_table_with_add_actions(
-                table_uri,
-                Schema.from_arrow(schema),
-                actions,
-                mode="overwrite",
-                partition_by=partition_by,
-                storage_options=_options(storage_options),
-                commit_properties=commit,
-            )
-    except CommitFailedError as exc:
-        raise LakeWriteError(
-            f"commit to Delta table {table_uri} failed, table unchanged: {str(exc).splitlines()[0]}"
-        ) from exc
-    version = table_version(table_uri, storage_options)
-    logger.info("committed %d file(s) to %s -> version %s", len(actions), table_uri, version)
-    return int(version)

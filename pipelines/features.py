@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from components import groups, lake
+from components import groups, lake, lake_files
 from components.lake import (
     SAMPLES_PARTITION,
     SAMPLES_SCHEMA,
@@ -329,7 +329,7 @@ def _write_bucket(sequences: pa.Table, samples: pa.Table, bucket: int, job: Buck
     name = f"part-{bucket:05d}-{job.job_id}"
     write = lambda table, rows, uri, partition: {
         "table": table,
-        **lake.write_data_file(rows, uri, partition, name, job.storage_options),
+        **lake_files.write_data_file(rows, uri, partition, name, job.storage_options),
     }
     files = [write("sequences", sequences, job.sequences_uri, {"bucket": str(bucket)})]
     for split in groups.SPLITS:
@@ -380,7 +380,7 @@ def commit_outputs(job: BucketJob, written: list[dict], metadata: dict[str, str]
         ("samples", job.samples_uri, SAMPLES_SCHEMA, SAMPLES_PARTITION),
     ):
         files = [w for w in written if w["table"] == table]
-        lake.commit_files_overwrite(uri, schema, partition_by, files, metadata, job.storage_options)
+        lake_files.commit_files_overwrite(uri, schema, partition_by, files, metadata, job.storage_options)
 
 
 def run_summary(job: BucketJob, stats: EventStats, buckets: int, written: list[dict], timings_s: dict) -> dict:

@@ -22,7 +22,6 @@ from components.lake import (
     ITEMS_SCHEMA,
     LakeError,
     column_range,
-    commit_files_overwrite,
     commit_metadata,
     events_table,
     events_time_range,
@@ -33,9 +32,9 @@ from components.lake import (
     table_version,
     user_bucket,
     users_table,
-    write_data_file,
     write_table,
 )
+from components.lake_files import commit_files_overwrite, write_data_file
 
 REPO = Path(__file__).resolve().parents[2]
 

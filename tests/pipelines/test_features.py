@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from components import groups, lake
+from components import groups, lake, lake_files
 from components.config_loader import ConfigError
 from components.lake import SAMPLES_SCHEMA, SEQUENCES_SCHEMA
 from components.sequence_join import resolve_sequences
@@ -256,8 +256,8 @@ def test_missing_events_table_is_named(ray_session, tmp_path):
 def test_events_table_without_rows_is_a_clear_error(ray_session, tmp_path):
     root = str(tmp_path / "lake")
     uri = lake.table_uri(root, "events")  # one bucket partition holding an empty file
-    part = lake.write_data_file(lake.EVENTS_SCHEMA.empty_table(), uri, {"bucket": "0"}, "empty")
-    lake.commit_files_overwrite(uri, lake.EVENTS_SCHEMA, ["bucket"], [part])
+    part = lake_files.write_data_file(lake.EVENTS_SCHEMA.empty_table(), uri, {"bucket": "0"}, "empty")
+    lake_files.commit_files_overwrite(uri, lake.EVENTS_SCHEMA, ["bucket"], [part])
     with pytest.raises(lake.LakeError, match="events table .* has no rows"):
         run_features(PipelineConfig(lake=LakeConfig(root=root)))
     empty = lake.EVENTS_SCHEMA.empty_table()
