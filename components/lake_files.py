@@ -14,14 +14,13 @@ import logging
 import time
 from collections.abc import Mapping
 
-import deltalake
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake.exceptions import CommitFailedError
 from deltalake.fs import DeltaStorageHandler
 
-from components.lake import LakeWriteError, deltalake_options, open_table, table_version
+from components.lake import commit_conflict, commit_properties, deltalake_options, open_table, table_version
 
 logger = logging.getLogger(__name__)
 
@@ -95,15 +94,18 @@ def commit_files_overwrite(
     """ONE atomic Delta commit replacing the table's content with ``parts``; returns the version.
 
     ``custom_metadata`` lands in the commit's info (read it back with :func:`commit_metadata`
-    or :func:`find_version`), e.g. the id of the job that wrote the files.
+    or :func:`find_version`), e.g. the id of the job that wrote the files. The commit never
+    retries onto a version it did not see: of two jobs racing to create (or to overwrite)
+    the table, exactly one commits and the other raises :class:`LakeWriteError`.
     """
     from deltalake import Schema
     from deltalake.transaction import create_table_with_add_actions
 
     actions = _add_actions(parts)
-    commit = deltalake.CommitProperties(custom_metadata=dict(custom_metadata)) if custom_metadata else None
+    is_creating = table_version(table_uri, storage_options) is None
+    commit = commit_properties(custom_metadata, is_overwrite=True)  # no retry: see lake.commit_properties
     try:
-        if table_version(table_uri, storage_options) is not None:
+        if not is_creating:
             open_table(table_uri, storage_options=storage_options).create_write_transaction(
                 actions, mode="overwrite", schema=schema, partition_by=partition_by, commit_properties=commit
             )
@@ -118,9 +120,7 @@ def commit_files_overwrite(
                 commit_properties=commit,
             )
     except CommitFailedError as exc:
-        raise LakeWriteError(
-            f"commit to Delta table {table_uri} failed, table unchanged: {str(exc).splitlines()[0]}"
-        ) from exc
+        raise commit_conflict(table_uri, exc, is_creating) from exc
     version = table_version(table_uri, storage_options)
     logger.info("committed %d file(s) to %s -> version %s", len(actions), table_uri, version)
     return int(version)
