@@ -118,12 +118,15 @@ def table_uri(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}"
 
 
-def run_metadata(job_id: str, events_version: int, max_seq_len: int, candidates_per_group: int) -> dict[str, str]:
+def run_metadata(job_id: str, ingest: Mapping[str, str], max_seq_len: int, candidates_per_group: int) -> dict[str, str]:
     """Commit info of BOTH output tables of one features run (docs/DATA.md): how the loader
-    pairs ``samples`` with the ``sequences`` of the same run and learns the run's settings."""
+    pairs ``samples`` with the ``sequences`` of the same run and learns the run's settings.
+
+    ``ingest`` records the input triple (``IngestSnapshot.metadata()`` of
+    components/ingest_runs.py: ingest run id and the items/users/events versions read)."""
     return {
         "job_id": job_id,
-        "events_version": str(events_version),
+        **ingest,
         "max_seq_len": str(max_seq_len),
         "candidates_per_group": str(candidates_per_group),
     }

@@ -34,6 +34,7 @@ import numpy as np
 import psutil
 
 from components import lake
+from components.ingest_runs import new_run_id, write_ingest_tables
 from components.synthetic import SyntheticConfig
 from pipelines.config import FeaturesConfig, LakeConfig, PipelineConfig, RayConfig
 
@@ -67,9 +68,8 @@ def synthetic_lake(root: str, num_events: int, num_buckets: int = 8, seed: int =
         events["value"].to_numpy(),
         num_buckets,
     )
-    lake.write_table(lake.table_uri(root, "events"), table, partition_by=["bucket"])
-    lake.write_table(lake.table_uri(root, "items"), generate_items(cfg, world))
-    lake.write_table(lake.table_uri(root, "users"), lake.users_table(world.user_ids))
+    tables = {"items": generate_items(cfg, world), "users": lake.users_table(world.user_ids), "events": table}
+    write_ingest_tables(root, tables, new_run_id())  # one ingest run, as pipelines/ingest writes it
 
 
 def compare_lakes(root_a: str, root_b: str, storage_options: Mapping[str, str] | None = None) -> list[str]:

@@ -13,9 +13,11 @@ Global inputs every bucket needs are computed first by small Ray tasks over the 
 ``item_id`` columns only: the exact time-split cut-offs (memory bounded by the time span, see
 components/groups.py), then item popularity over the train period (for negatives).
 
-Both commits carry ``run_metadata`` (job id, events version, loader settings) in their Delta
-commit info; ``sequences`` commits first and ``components.sequence_join.load_groups`` pairs
-the two tables by job id. Sequences are stored in full: ``max_seq_len`` applies at load time.
+The inputs are ONE ingest run's items/users/events triple (``ingest_runs.pin_ingest``: a lake
+whose latest ingest run is incomplete is refused). Both commits carry ``run_metadata`` (job id,
+that triple: ingest run id and table versions, loader settings) in their Delta commit info;
+``sequences`` commits first and ``components.sequence_join.load_groups`` pairs the two tables
+by job id. Sequences are stored in full: ``max_seq_len`` applies at load time.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import pyarrow.compute as pc
 import ray
 
 from components import groups, lake, lake_files
+from components.ingest_runs import pin_ingest
 from components.lake import (
     SAMPLES_PARTITION,
     SAMPLES_SCHEMA,
@@ -402,20 +405,23 @@ def run_summary(job: BucketJob, stats: EventStats, buckets: int, written: list[d
 
 
 def run_features(config: PipelineConfig) -> dict:
-    """Build and commit ``sequences`` and ``samples`` from the lake's events (Ray must be up)."""
+    """Build and commit ``sequences`` and ``samples`` from the lake's events (Ray must be up).
+
+    Reads ONE ingest run's items/users/events triple, pinned before anything is read
+    (components/ingest_runs.py), and records it in both commits.
+    """
     cfg, options = config.features, config.lake.storage_options
     root = lake_root(config.lake.root)
-    events = lake.pin_table(lake.table_uri(root, "events"), options)
-    buckets = event_buckets(events)
+    inputs = pin_ingest(root, options)
+    buckets = event_buckets(inputs.events)
     clock = time.perf_counter()
-    stats = global_stats(events, buckets, cfg)
-    items = lake.read_table(lake.table_uri(root, "items"), storage_options=options)
-    ctx_ref = ray.put(build_context(items, cfg, stats))
+    stats = global_stats(inputs.events, buckets, cfg)
+    ctx_ref = ray.put(build_context(inputs.items.read(), cfg, stats))
     stats_s, clock = time.perf_counter() - clock, time.perf_counter()
     job = BucketJob(
         ctx=ctx_ref,
-        events=events,
-        users=lake.pin_table(lake.table_uri(root, "users"), options),
+        events=inputs.events,
+        users=inputs.users,
         sequences_uri=lake.table_uri(root, "sequences"),
         samples_uri=lake.table_uri(root, "samples"),
         storage_options=dict(options),
@@ -427,9 +433,10 @@ def run_features(config: PipelineConfig) -> dict:
         .take_all()
     )
     job_s, clock = time.perf_counter() - clock, time.perf_counter()
-    commit_outputs(job, written, run_metadata(job.job_id, events.version, cfg.max_seq_len, cfg.candidates_per_group))
+    metadata = run_metadata(job.job_id, inputs.metadata(), cfg.max_seq_len, cfg.candidates_per_group)
+    commit_outputs(job, written, metadata)
     timings_s = {"stats_s": stats_s, "buckets_s": job_s, "commit_s": time.perf_counter() - clock}
-    return run_summary(job, stats, len(buckets), written, timings_s)
+    return run_summary(job, stats, len(buckets), written, timings_s) | {"ingest_run_id": inputs.run_id}
 
 
 def _main(config: PipelineConfig, args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import pytest
 
 from components import groups, lake, lake_files
 from components.config_loader import ConfigError
+from components.ingest_runs import RUN_ID_KEY
 from components.lake import SAMPLES_SCHEMA, SEQUENCES_SCHEMA
 from components.sequence_join import resolve_sequences
 from components.transforms import action_bucket
@@ -255,9 +256,12 @@ def test_missing_events_table_is_named(ray_session, tmp_path):
 
 def test_events_table_without_rows_is_a_clear_error(ray_session, tmp_path):
     root = str(tmp_path / "lake")
+    run = {RUN_ID_KEY: "run-1"}  # one ingest run: items and users, and events without rows
+    lake.write_table(lake.table_uri(root, "items"), _items_table(), custom_metadata=run)
+    lake.write_table(lake.table_uri(root, "users"), HAND_USERS, custom_metadata=run)
     uri = lake.table_uri(root, "events")  # one bucket partition holding an empty file
     part = lake_files.write_data_file(lake.EVENTS_SCHEMA.empty_table(), uri, {"bucket": "0"}, "empty")
-    lake_files.commit_files_overwrite(uri, lake.EVENTS_SCHEMA, ["bucket"], [part])
+    lake_files.commit_files_overwrite(uri, lake.EVENTS_SCHEMA, ["bucket"], [part], custom_metadata=run)
     with pytest.raises(lake.LakeError, match="events table .* has no rows"):
         run_features(PipelineConfig(lake=LakeConfig(root=root)))
     empty = lake.EVENTS_SCHEMA.empty_table()

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from components.ingest_runs import RUN_ID_KEY
 from components.lake import (
     EVENTS_SCHEMA,
     ITEMS_SCHEMA,
@@ -116,6 +117,8 @@ def test_movielens_tables_follow_the_data_contract(good_lake):
     assert items["tag_ids"].to_pylist() == [[2], [2, 3], [], [], []]
     assert users["user_idx"].to_pylist() == [2, 3, 4]
     assert events_time_range(str(good_lake / "events")) == (964981247, 1445715010)
+    run_ids = {commit_metadata(str(good_lake / name)).get(RUN_ID_KEY) for name in TABLES}
+    assert len(run_ids) == 1 and None not in run_ids  # one ingest run id in all three commits
 
 
 def test_rerun_is_idempotent_one_new_version_each(good_lake, tmp_path, capsys):
