@@ -28,8 +28,12 @@ TS_MAX_S = 7_258_118_400
 # Row checks in order; a row is counted under the FIRST reason it fails.
 REASONS = (
     "invalid_user_id",
+    "non_integer_user_id",
+    "user_id_too_large",
     "negative_user_id",
     "invalid_item_id",
+    "non_integer_item_id",
+    "item_id_too_large",
     "negative_item_id",
     "invalid_ts",
     "ts_out_of_range",
@@ -37,6 +41,19 @@ REASONS = (
     "value_out_of_range",
 )
 RAW_EVENT_COLUMNS = ("user_id", "item_id", "ts", "value")
+# Optional int8 columns of raw events: why a non-empty id cell has no value (ParsedIds.flaw).
+ID_FLAW_COLUMNS = {"user_id": "user_id_flaw", "item_id": "item_id_flaw"}
+
+# ParsedIds.flaw codes. A null id with ID_OK was empty or not a number (invalid_*_id).
+ID_OK = 0
+ID_NON_INTEGER = 1  # a number that is not exactly an integer: "1.5", "1e3", NaN, a float beyond 2^53
+ID_TOO_LARGE = 2  # an integer above 2^63 - 1 (int64's maximum)
+ID_TOO_SMALL = 3  # an integer below -2^63: counted as a negative id
+INT64_MAX = 2**63 - 1
+# A float64 holds every integer up to 2^53 only; above it, ids read as floats may be rounded.
+FLOAT_EXACT_MAX = 2.0**53
+# Integer text, optionally with a zero fraction ("12", "+12", "12.0"); parsed without a float.
+_INTEGER_TEXT = r"^[+-]?\d+(\.0*)?$"
 
 
 class IngestError(Exception):
@@ -103,21 +120,79 @@ def _check_some_parsed(
         raise InputFileError(path, f"expected {expected}, got values like {_preview(raw)}", column)
 
 
-def coerce_ids(values: pa.ChunkedArray | pa.Array, path: str, column: str) -> pa.Array:
-    """Id column -> int64 with null where a cell is not an integer (negatives kept for checks)."""
+@dataclass(frozen=True)
+class ParsedIds:
+    """An id column parsed exactly (never through a float64, which rounds ids above 2^53)."""
+
+    values: pa.Array  # (n,) int64; null where the cell is empty or holds no valid int64 id
+    flaw: np.ndarray  # (n,) int8 ID_* code: why a non-empty cell has no value (ID_OK otherwise)
+
+
+def _ids_from_text(values: pa.ChunkedArray | pa.Array) -> ParsedIds:
+    text = pl.from_arrow(_flat(values).cast(pa.large_string())).str.strip_chars()
+    is_integer = text.str.contains(_INTEGER_TEXT).fill_null(False)
+    digits = text.str.replace(r"\.0*$", "")
+    ints = pl.select(pl.when(is_integer).then(digits.cast(pl.Int64, strict=False))).to_series()
+    out_of_range = (is_integer & ints.is_null()).to_numpy()
+    negative = digits.str.starts_with("-").fill_null(False).to_numpy()
+    is_number = text.cast(pl.Float64, strict=False).is_not_null().to_numpy()
+    flaw = np.full(len(text), ID_OK, np.int8)
+    flaw[is_number & ~is_integer.to_numpy()] = ID_NON_INTEGER
+    flaw[out_of_range & ~negative] = ID_TOO_LARGE
+    flaw[out_of_range & negative] = ID_TOO_SMALL
+    return ParsedIds(ints.to_arrow().cast(pa.int64()), flaw)
+
+
+def _ids_from_numbers(values: pa.ChunkedArray | pa.Array) -> ParsedIds:
     tp = values.type
+    flaw = np.full(len(values), ID_OK, np.int8)
+    if pa.types.is_unsigned_integer(tp):
+        too_large = pc.greater(values, pa.scalar(INT64_MAX, pa.uint64())).fill_null(False)
+        flaw[too_large.to_numpy(zero_copy_only=False)] = ID_TOO_LARGE
+        values = pc.if_else(too_large, pa.scalar(None, tp), values)
     if pa.types.is_integer(tp) or pa.types.is_null(tp):
-        return _flat(pc.cast(values, pa.int64(), safe=False))
-    if pa.types.is_floating(tp):
-        as_float = pc.cast(values, pa.float64())
-        integral = pc.and_(pc.is_finite(as_float), pc.equal(pc.floor(as_float), as_float))
-        out = pc.if_else(integral, as_float, pa.scalar(None, pa.float64()))
-        return _flat(pc.cast(out, pa.int64()))
+        return ParsedIds(_flat(pc.cast(values, pa.int64())), flaw)
+    as_float = pc.cast(values, pa.float64())
+    exact = pc.and_(pc.is_finite(as_float), pc.less_equal(pc.abs(as_float), FLOAT_EXACT_MAX))
+    integral = pc.and_(exact, pc.equal(pc.floor(as_float), as_float))
+    flaw[pc.and_(pc.is_valid(as_float), pc.invert(integral)).fill_null(False).to_numpy(zero_copy_only=False)] = (
+        ID_NON_INTEGER
+    )
+    out = pc.if_else(integral, as_float, pa.scalar(None, pa.float64()))
+    return ParsedIds(_flat(pc.cast(out, pa.int64())), flaw)
+
+
+def coerce_ids(values: pa.ChunkedArray | pa.Array, path: str, column: str) -> ParsedIds:
+    """Id column -> exact int64 ids (negatives kept for the row checks) and per-row flaws.
+
+    Text is parsed as integers, never through a float; a numeric column (Parquet) is taken
+    as is, except floats beyond 2^53 and unsigned values above 2^63 - 1. A column where no
+    cell is an id at all is a file error (the wrong column, not a few bad rows).
+    """
+    tp = values.type
     if pa.types.is_string(tp) or pa.types.is_large_string(tp):
-        parsed = _text_to(values, pl.Int64)
-        _check_some_parsed(values, parsed, path, column, "integer ids")
-        return parsed.cast(pa.int64())
-    raise InputFileError(path, f"expected integer ids, got column type {tp}", column)
+        parsed = _ids_from_text(values)
+    elif pa.types.is_integer(tp) or pa.types.is_floating(tp) or pa.types.is_null(tp):
+        parsed = _ids_from_numbers(values)
+    else:
+        raise InputFileError(path, f"expected integer ids, got column type {tp}", column)
+    if not (parsed.flaw != ID_OK).any():
+        _check_some_parsed(values, parsed.values, path, column, "integer ids")
+    return parsed
+
+
+def raw_events(user_id: ParsedIds, item_id: ParsedIds, ts: pa.Array, value: pa.Array) -> pa.Table:
+    """Coerced raw events, as :func:`validate_events` takes them (ids with their flaw columns)."""
+    return pa.table(
+        {
+            "user_id": user_id.values,
+            "item_id": item_id.values,
+            "ts": ts,
+            "value": value,
+            ID_FLAW_COLUMNS["user_id"]: pa.array(user_id.flaw, pa.int8()),
+            ID_FLAW_COLUMNS["item_id"]: pa.array(item_id.flaw, pa.int8()),
+        }
+    )
 
 
 def coerce_values(values: pa.ChunkedArray | pa.Array, path: str, column: str) -> pa.Array:
@@ -197,18 +272,27 @@ def coerce_ts(values: pa.ChunkedArray | pa.Array, unit: str, path: str, column: 
 # ---------------------------------------------------------------- row checks
 
 
-def _reason_masks(raw: pa.Table, value_min: float, value_max: float) -> dict[str, np.ndarray]:
-    def arr(name: str, fill) -> np.ndarray:
-        return raw[name].fill_null(fill).to_numpy()
+def _id_masks(raw: pa.Table, name: str) -> dict[str, np.ndarray]:
+    """Masks of the four id reasons of column ``name`` ("user" or "item")."""
+    column = f"{name}_id"
+    flaw_column = ID_FLAW_COLUMNS[column]
+    flaw = raw[flaw_column].to_numpy() if flaw_column in raw.column_names else np.zeros(raw.num_rows, np.int8)
+    is_null = raw[column].is_null().to_numpy(zero_copy_only=False)
+    return {
+        f"invalid_{column}": is_null & (flaw == ID_OK),
+        f"non_integer_{column}": flaw == ID_NON_INTEGER,
+        f"{column}_too_large": flaw == ID_TOO_LARGE,
+        f"negative_{column}": (raw[column].fill_null(0).to_numpy() < 0) | (flaw == ID_TOO_SMALL),
+    }
 
-    user, item, ts = arr("user_id", 0), arr("item_id", 0), arr("ts", 0)
+
+def _reason_masks(raw: pa.Table, value_min: float, value_max: float) -> dict[str, np.ndarray]:
+    ts = raw["ts"].fill_null(0).to_numpy()
     value = raw["value"].fill_null(np.nan).to_numpy()
     with np.errstate(invalid="ignore"):
         return {
-            "invalid_user_id": raw["user_id"].is_null().to_numpy(zero_copy_only=False),
-            "negative_user_id": user < 0,
-            "invalid_item_id": raw["item_id"].is_null().to_numpy(zero_copy_only=False),
-            "negative_item_id": item < 0,
+            **_id_masks(raw, "user"),
+            **_id_masks(raw, "item"),
             "invalid_ts": raw["ts"].is_null().to_numpy(zero_copy_only=False),
             "ts_out_of_range": (ts < TS_MIN_S) | (ts >= TS_MAX_S),
             "invalid_value": ~np.isfinite(value),

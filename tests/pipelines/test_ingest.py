@@ -288,6 +288,24 @@ def test_reject_threshold_commits_nothing_and_counts_by_reason(good_lake, tmp_pa
     assert read_table(str(good_lake / "events")).num_rows == 90
 
 
+def test_ids_are_never_rounded_and_bad_ids_are_rejected_by_reason(tmp_path, capsys):
+    rows = ["user_id,item_id,timestamp,value"] + [f"{u % 9},{u % 5},{1_600_000_000 + u},3.5" for u in range(190)]
+    # One "1.0" cell used to make the whole column float64: ids above 2^53 were rounded, and
+    # these two users (2^53 + 1, 2^53 + 3) became one. 2^63 was a traceback.
+    rows += ["9007199254740993,1,1600000000,3", "9007199254740995,1,1600000001,3", "1.0,2,1600000002,3"]
+    rows += ["1.5,1,1600000003,3", "9223372036854775808,1,1600000004,3"]
+    path = _write(tmp_path / "events.csv", "\n".join(rows) + "\n")
+    lake = tmp_path / "lake"
+    assert ingest(lake, "--ingest.source=events", f"--ingest.events.path={path}") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "2/195 rows rejected" in err and "non_integer_user_id=1" in err and "user_id_too_large=1" in err
+    assert "Traceback" not in err and "negative_user_id" not in err
+    args = ["--ingest.source=events", f"--ingest.events.path={path}", "--ingest.max_reject_frac=0.02"]
+    assert ingest(lake, *args) == 0
+    users = read_table(str(lake / "users"))["user_id"].to_pylist()
+    assert {9007199254740993, 9007199254740995, 1} <= set(users) and len(users) == 11
+
+
 def test_config_errors_exit_2(tmp_path, capsys):
     assert ingest(tmp_path / "lake", "--ingest.sourse=events") == 2
     assert "ingest.sourse" in capsys.readouterr().err
