@@ -69,6 +69,7 @@ class SourceData:
     items: pa.Table  # ITEM_ATTR_COLUMNS (item_idx is assigned at write time)
     user_ids: np.ndarray | None = None  # users known beyond the events (a users file)
     metadata: dict[str, str] = field(default_factory=dict)  # stored with the items commit
+    ts_unit: str | None = None  # the user's numeric ingest.events.ts_unit; None when the source fixes it
 
 
 # ---------------------------------------------------------------- files
@@ -389,7 +390,8 @@ def read_events_source(cfg: EventsFileConfig) -> SourceData:
         users = read_file(cfg.users_path, id_columns=(cfg.user_id_col,))
         require_columns(users, {cfg.user_id_col: "ingest.events.user_id_col"}, cfg.users_path)
         user_ids = _strict_ids(users[cfg.user_id_col], cfg.users_path, cfg.user_id_col)
-    return SourceData(name=path, events=events, items=items, user_ids=user_ids, metadata=meta)
+    ts_unit = cfg.ts_unit if cfg.ts_unit in ("s", "ms") else None
+    return SourceData(name=path, events=events, items=items, user_ids=user_ids, metadata=meta, ts_unit=ts_unit)
 
 
 def read_synthetic(cfg: SyntheticConfig) -> SourceData:

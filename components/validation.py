@@ -19,11 +19,15 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from components.ts_units import TsRange, unit_hint
+
 logger = logging.getLogger(__name__)
 
-# Timestamps outside [1970-01-01, 2200-01-01) are rejected: usually ms read as s or vice versa.
+# The widest range validate_events accepts by default, [1970-01-01, 2200-01-01); the ingest
+# stage narrows it to ingest.min_ts_s .. now + ingest.max_ts_ahead_s (components/ts_units.py).
 TS_MIN_S = 0
 TS_MAX_S = 7_258_118_400
+WIDEST_TS_RANGE = TsRange(TS_MIN_S, TS_MAX_S)
 
 # Row checks in order; a row is counted under the FIRST reason it fails.
 REASONS = (
@@ -80,6 +84,7 @@ class ValidationReport:
     total_rows: int
     rejected: dict[str, int] = field(default_factory=dict)
     samples: tuple[str, ...] = ()
+    hint: str | None = None  # e.g. the timestamps look like the other unit (components/ts_units.py)
 
     @property
     def num_rejected(self) -> int:
@@ -91,7 +96,10 @@ class ValidationReport:
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in self.rejected.items() if v) or "none"
-        return f"{self.num_rejected}/{self.total_rows} rows rejected ({self.reject_frac:.2%}); by reason: {reasons}"
+        hint = f" ({self.hint})" if self.hint else ""
+        return (
+            f"{self.num_rejected}/{self.total_rows} rows rejected ({self.reject_frac:.2%}); by reason: {reasons}{hint}"
+        )
 
 
 # ---------------------------------------------------------------- column coercion
@@ -286,7 +294,7 @@ def _id_masks(raw: pa.Table, name: str) -> dict[str, np.ndarray]:
     }
 
 
-def _reason_masks(raw: pa.Table, value_min: float, value_max: float) -> dict[str, np.ndarray]:
+def _reason_masks(raw: pa.Table, value_min: float, value_max: float, ts_range: TsRange) -> dict[str, np.ndarray]:
     ts = raw["ts"].fill_null(0).to_numpy()
     value = raw["value"].fill_null(np.nan).to_numpy()
     with np.errstate(invalid="ignore"):
@@ -294,7 +302,7 @@ def _reason_masks(raw: pa.Table, value_min: float, value_max: float) -> dict[str
             **_id_masks(raw, "user"),
             **_id_masks(raw, "item"),
             "invalid_ts": raw["ts"].is_null().to_numpy(zero_copy_only=False),
-            "ts_out_of_range": (ts < TS_MIN_S) | (ts >= TS_MAX_S),
+            "ts_out_of_range": ~ts_range.contains(ts),
             "invalid_value": ~np.isfinite(value),
             "value_out_of_range": (value < value_min) | (value > value_max),
         }
@@ -306,17 +314,21 @@ def validate_events(
     value_max: float,
     max_samples: int = 5,
     row_offset: int = 1,
+    ts_range: TsRange = WIDEST_TS_RANGE,
+    declared_ts_unit: str | None = None,
 ) -> tuple[pa.Table, ValidationReport]:
     """Split coerced raw events (user_id, item_id, ts, value; nullable) into clean rows and a report.
 
     Clean rows keep the input's order and carry no nulls. ``row_offset`` turns a row's
-    position into the number logged in samples (1 = first data row).
+    position into the number logged in samples (1 = first data row). Times outside
+    ``ts_range`` are ``ts_out_of_range``; when most are and they fit the other unit than
+    ``declared_ts_unit`` (the user's ``ingest.events.ts_unit``), the report carries a hint.
     """
     missing = [c for c in RAW_EVENT_COLUMNS if c not in raw.column_names]
     if missing:
         raise ValueError(f"validate_events needs columns {RAW_EVENT_COLUMNS}, missing {missing}")
     n = raw.num_rows
-    masks = _reason_masks(raw, value_min, value_max)
+    masks = _reason_masks(raw, value_min, value_max, ts_range)
     rejected_any = np.zeros(n, dtype=bool)
     counts: dict[str, int] = {}
     first_reason = np.full(n, -1, dtype=np.int8)
@@ -331,7 +343,8 @@ def validate_events(
         + str({c: raw[c][int(r)].as_py() for c in RAW_EVENT_COLUMNS})
         for r in bad_rows
     )
-    report = ValidationReport(total_rows=n, rejected=counts, samples=samples)
+    hint = unit_hint(pc.drop_null(raw["ts"]).to_numpy(), declared_ts_unit, ts_range)
+    report = ValidationReport(total_rows=n, rejected=counts, samples=samples, hint=hint)
     if report.num_rejected:
         logger.warning("validation: %s", report.summary())
         for line in samples:

@@ -17,6 +17,7 @@ from components import groups
 from components.config_loader import ConfigError
 from components.ingest_sources import EventsFileConfig
 from components.synthetic import SyntheticConfig
+from components.ts_units import DEFAULT_MAX_TS_AHEAD_S, DEFAULT_MIN_TS_S
 
 
 @dataclass(frozen=True)
@@ -79,12 +80,18 @@ class IngestConfig:
     reject_samples: int = 5
     # Tag vocabulary cap (most frequent tags; the rest are dropped from items.tag_ids).
     max_tag_vocab: int = 5000
+    # Events before min_ts_s (default 1990-01-01) or more than max_ts_ahead_s after now are
+    # rejected rows (ts_out_of_range): usually a unit or parsing mistake (components/ts_units.py).
+    min_ts_s: int = DEFAULT_MIN_TS_S
+    max_ts_ahead_s: int = DEFAULT_MAX_TS_AHEAD_S
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_reject_frac <= 1.0:
             raise ValueError(f"max_reject_frac must be in [0, 1], got {self.max_reject_frac}")
         if not self.value_min < self.value_max:
             raise ValueError(f"value_min ({self.value_min}) must be < value_max ({self.value_max})")
+        if self.max_ts_ahead_s < 0:
+            raise ConfigError(f"ingest.max_ts_ahead_s must be >= 0, got {self.max_ts_ahead_s}")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from components.ingest_sources import (
     resolve_movielens_dir,
 )
 from components.lake import LakeError, events_table, items_table, users_table
+from components.ts_units import TsRange, near_epoch_message
 from components.validation import IngestError, ValidationReport, check_reject_threshold, validate_events
 from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig
@@ -90,8 +91,16 @@ def _complete_items(attrs: pa.Table, event_items: np.ndarray) -> pa.Table:
 def build_tables(cfg: PipelineConfig, source: SourceData) -> tuple[dict[str, pa.Table], ValidationReport]:
     """Validate the source's events and build the three lake tables in memory."""
     ingest = cfg.ingest
+    near_epoch = near_epoch_message(pc.drop_null(source.events["ts"]).to_numpy(), source.ts_unit)
+    if near_epoch:
+        raise IngestError(f"{source.name}: {near_epoch}; nothing was written")
     clean, report = validate_events(
-        source.events, ingest.value_min, ingest.value_max, max_samples=ingest.reject_samples
+        source.events,
+        ingest.value_min,
+        ingest.value_max,
+        max_samples=ingest.reject_samples,
+        ts_range=TsRange.from_config(ingest.min_ts_s, ingest.max_ts_ahead_s),
+        declared_ts_unit=source.ts_unit,
     )
     logger.info("%s: %s", source.name, report.summary())
     check_reject_threshold(report, ingest.max_reject_frac, source.name)

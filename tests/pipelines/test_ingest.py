@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -304,6 +305,41 @@ def test_ids_are_never_rounded_and_bad_ids_are_rejected_by_reason(tmp_path, caps
     assert ingest(lake, *args) == 0
     users = read_table(str(lake / "users"))["user_id"].to_pylist()
     assert {9007199254740993, 9007199254740995, 1} <= set(users) and len(users) == 11
+
+
+def _log(path: Path, ts: list[int], extra: tuple[str, ...] = ()) -> Path:
+    rows = [f"{i % 7},{i % 11},{t},3.5" for i, t in enumerate(ts)]
+    return _write(path, "\n".join(["user_id,item_id,timestamp,value", *rows, *extra]) + "\n")
+
+
+SECONDS = [1_600_000_000 + 60 * i for i in range(200)]
+
+
+def test_milliseconds_declared_as_seconds_fail_with_the_hint(tmp_path, capsys):
+    path = _log(tmp_path / "events.csv", [t * 1000 for t in SECONDS])
+    assert ingest(tmp_path / "lake", "--ingest.source=events", f"--ingest.events.path={path}") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "ts_out_of_range=200" in err and "looks like milliseconds: set ingest.events.ts_unit=ms" in err
+    assert not (tmp_path / "lake").exists()
+
+
+def test_seconds_declared_as_milliseconds_are_refused_not_put_in_1970(tmp_path, capsys):
+    path = _log(tmp_path / "events.csv", SECONDS)
+    args = ["--ingest.source=events", f"--ingest.events.path={path}", "--ingest.events.ts_unit=ms"]
+    assert ingest(tmp_path / "lake", *args, "--ingest.min_ts_s=0") == 1  # also when 1970 is allowed
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "within 8 weeks after 1970-01-01" in err and "looks like seconds: set ingest.events.ts_unit=s" in err
+    assert not (tmp_path / "lake").exists()
+
+
+def test_events_before_1990_or_after_tomorrow_are_rejected_rows_by_default(tmp_path, caplog):
+    path = _log(tmp_path / "events.csv", SECONDS, ("1,1,100000000,3", f"1,1,{int(time.time()) + 2 * 86_400},3"))
+    lake, args = tmp_path / "lake", ["--ingest.source=events", f"--ingest.events.path={path}"]
+    assert ingest(lake, *args, "--ingest.max_reject_frac=0.05") == 0
+    assert read_table(str(lake / "events")).num_rows == 200  # the 1973 and the future rows are out
+    assert any("ts_out_of_range=2" in r.getMessage() for r in caplog.records)
+    assert ingest(lake, *args, "--ingest.min_ts_s=0", "--ingest.max_ts_ahead_s=864000") == 0  # configurable
+    assert read_table(str(lake / "events")).num_rows == 202
 
 
 def test_config_errors_exit_2(tmp_path, capsys):
