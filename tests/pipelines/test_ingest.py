@@ -347,6 +347,17 @@ def test_config_errors_exit_2(tmp_path, capsys):
     assert "ingest.sourse" in capsys.readouterr().err
     assert ingest(tmp_path / "lake", "--ingest.source=synthetic", "--ingest.synthetic.num_events=10") == 2
     assert "ingest.synthetic.num_events" in capsys.readouterr().err
+    for override, key in [
+        ("--ingest.synthetic.num_users=0", "ingest.synthetic.num_users"),
+        ("--ingest.synthetic.zipf_exponent=.nan", "ingest.synthetic.zipf_exponent"),
+        ("--ingest.max_tag_vocab=-1", "ingest.max_tag_vocab"),
+    ]:
+        assert ingest(tmp_path / "lake", "--ingest.source=synthetic", override) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("ingest: config error: ") and key in err
+    assert main(["--lake.root=", "--ingest.source=synthetic"]) == 2  # used to write /items, /users, /events
+    assert "lake.root is empty" in capsys.readouterr().err
+    assert not (tmp_path / "lake").exists()
     assert ingest(tmp_path / "lake", *movielens_args(tmp_path / "absent")) == 1
     assert "download_if_missing" in capsys.readouterr().err
 
