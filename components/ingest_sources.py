@@ -3,7 +3,7 @@
 Each reader returns a :class:`SourceData`: raw events coerced to (user_id, item_id, ts,
 value) with nulls where a cell could not be parsed — row validation happens later, in one
 place (components/validation.py) — plus item attributes and extra user ids. File-level
-problems raise ``InputFileError`` naming the file and the column.
+problems raise ``InputFileError`` naming the file and the column (components/input_files.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import logging
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,10 +19,9 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from components.config_loader import ConfigError
+from components.input_files import read_file, require_columns
 from components.lake import FIRST_INDEX
 from components.synthetic import SyntheticConfig, build_world, generate_events, generate_items
 from components.validation import InputFileError, coerce_ids, coerce_ts, coerce_values, raw_events
@@ -70,74 +68,6 @@ class SourceData:
     user_ids: np.ndarray | None = None  # users known beyond the events (a users file)
     metadata: dict[str, str] = field(default_factory=dict)  # stored with the items commit
     ts_unit: str | None = None  # the user's numeric ingest.events.ts_unit; None when the source fixes it
-
-
-# ---------------------------------------------------------------- files
-
-
-def _format(path: Path, fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    suffixes = [s.lower() for s in path.suffixes]
-    return "parquet" if suffixes and suffixes[-1] in (".parquet", ".pq") else "csv"
-
-
-def _csv_options(column_types: dict[str, pa.DataType] | None = None) -> pacsv.ConvertOptions:
-    # Empty cells are missing values (null), also in text columns (titles, genres).
-    return pacsv.ConvertOptions(column_types=column_types, strings_can_be_null=True)
-
-
-def read_file(
-    path: str | Path, fmt: str = "auto", text_columns: Sequence[str] = (), id_columns: Sequence[str] = ()
-) -> pa.Table:
-    """Read a CSV or Parquet file; a clear InputFileError when missing, empty or unreadable.
-
-    CSV ``id_columns`` are always read as text and parsed as integers later: type inference
-    would make the whole column float64 for one "1.0" cell and round every id above 2^53.
-    A CSV whose type inference breaks on a late bad cell (e.g. "abc" in a value column at
-    row 1e6) is re-read with ``text_columns`` as text, so the bad cell becomes one rejected
-    row instead of a failed run.
-    """
-    p, name = Path(path), str(path)
-    if not p.is_file():
-        raise InputFileError(name, "file not found")
-    if p.stat().st_size == 0:
-        raise InputFileError(name, "file is empty")
-    kind = _format(p, fmt)
-    as_text = dict.fromkeys(id_columns, pa.string())
-    try:
-        if kind == "parquet":
-            table = pq.read_table(p)
-        else:
-            try:
-                table = pacsv.read_csv(p, convert_options=_csv_options(as_text))
-            except pa.ArrowInvalid as exc:
-                if "conversion error" not in str(exc) or not text_columns:
-                    raise
-                types = as_text | dict.fromkeys(text_columns, pa.string())
-                table = pacsv.read_csv(p, convert_options=_csv_options(types))
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputFileError(name, f"cannot read as {kind}: {str(exc).splitlines()[0]}") from exc
-    if table.num_rows == 0:
-        raise InputFileError(name, "file has no data rows")
-    return table
-
-
-_OPTIONAL_COLUMN_KEYS = {"value_col", "item_genres_col", "item_year_col", "item_title_col"}
-
-
-def require_columns(table: pa.Table, columns: Mapping[str | None, str | None], path: str) -> None:
-    """InputFileError naming the first required column the file lacks.
-
-    ``columns`` maps each column (None = not configured, skipped) to the config key that
-    names it, so the message can say which setting to change.
-    """
-    for column, key in columns.items():
-        if column is not None and column not in table.column_names:
-            # Only optional columns (their config type admits None) can be switched off.
-            optional = key is not None and key.rsplit(".", 1)[-1] in _OPTIONAL_COLUMN_KEYS
-            hint = f"; set {key}" + (" (null if the file has no such column)" if optional else "") if key else ""
-            raise InputFileError(path, f"column not found (file has {table.column_names}){hint}", column)
 
 
 def _strict_ids(values: pa.ChunkedArray, path: str, column: str) -> np.ndarray:

@@ -227,6 +227,8 @@ BAD_FILES = [
         ["--ingest.events.items_path=ITEMS"],
         ["items.csv", "column 'genres'", "ingest.events.item_genres_col"],
     ),
+    # A duplicated header name used to be a KeyError traceback.
+    ("user_id,item_id,timestamp,value,item_id\n1,2,5,3.0,4\n", [], ["events.csv", "column 'item_id'", "2 times"]),
 ]
 
 
