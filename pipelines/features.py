@@ -149,6 +149,8 @@ class EventStats:
     item_ids: np.ndarray  # (K,) int64 raw ids of the items with TRAIN-period events
     item_counts: np.ndarray  # (K,) int64 their TRAIN-period event counts
     num_events: int
+    ts_min: int  # first and last event time
+    ts_max: int
 
 
 def global_stats(events: lake.PinnedTable, buckets: list[int], cfg: FeaturesConfig) -> EventStats:
@@ -177,7 +179,7 @@ def global_stats(events: lake.PinnedTable, buckets: list[int], cfg: FeaturesConf
     item_ids, item_counts = groups.merge_counts(
         ray.get([_pass_train_items.remote(events, b, cutoffs.valid_start_ts) for b in buckets])
     )
-    return EventStats(cutoffs, item_ids, item_counts, n)
+    return EventStats(cutoffs, item_ids, item_counts, n, ts_min, ts_max)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,6 +388,31 @@ def commit_outputs(job: BucketJob, written: list[dict], metadata: dict[str, str]
         lake_files.commit_files_overwrite(uri, schema, partition_by, files, metadata, job.storage_options)
 
 
+class FeaturesError(Exception):
+    """The features run cannot build a usable output from this lake; nothing was committed."""
+
+
+def check_train_period(stats: EventStats) -> None:
+    """FeaturesError when no event precedes the valid split's start: the train split would be empty."""
+    if stats.cutoffs.valid_start_ts <= stats.ts_min:
+        one_ts = stats.ts_min == stats.ts_max
+        why = "every event at one timestamp" if one_ts else "features.valid_frac + test_frac leave no earlier event"
+        raise FeaturesError(
+            f"no train group can be built: no event of the {stats.num_events} is before valid_start_ts="
+            f"{stats.cutoffs.valid_start_ts} (the first event's time; {why}); nothing was committed"
+        )
+
+
+def check_train_groups(written: list[dict], cfg: FeaturesConfig, stats: EventStats) -> None:
+    """FeaturesError when the run built no train group (called before any commit)."""
+    train = sum(int(w["num_rows"]) for w in written if w["table"] == "samples" and '"train"' in w["partition"])
+    if train == 0:
+        raise FeaturesError(
+            f"no train group was built from {stats.num_events} events: every train-period request has fewer "
+            f"than features.min_seq_len={cfg.min_seq_len} earlier events of its user (lower it); nothing was committed"
+        )
+
+
 def run_summary(job: BucketJob, stats: EventStats, buckets: int, written: list[dict], timings_s: dict) -> dict:
     """The JSON line the CLI prints: inputs, timings, cut-offs and groups per split."""
     summary = {
@@ -416,6 +443,7 @@ def run_features(config: PipelineConfig) -> dict:
     buckets = event_buckets(inputs.events)
     clock = time.perf_counter()
     stats = global_stats(inputs.events, buckets, cfg)
+    check_train_period(stats)
     ctx_ref = ray.put(build_context(inputs.items.read(), cfg, stats))
     stats_s, clock = time.perf_counter() - clock, time.perf_counter()
     job = BucketJob(
@@ -433,6 +461,7 @@ def run_features(config: PipelineConfig) -> dict:
         .take_all()
     )
     job_s, clock = time.perf_counter() - clock, time.perf_counter()
+    check_train_groups(written, cfg, stats)
     metadata = run_metadata(job.job_id, inputs.metadata(), cfg.max_seq_len, cfg.candidates_per_group)
     commit_outputs(job, written, metadata)
     timings_s = {"stats_s": stats_s, "buckets_s": job_s, "commit_s": time.perf_counter() - clock}
@@ -446,7 +475,9 @@ def _main(config: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return pipeline_main("pipelines.features", __doc__.splitlines()[0], argv, _main, failures=(lake.LakeError,))
+    return pipeline_main(
+        "pipelines.features", __doc__.splitlines()[0], argv, _main, failures=(lake.LakeError, FeaturesError)
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from components.collate import CollateConfig, collate_groups
 from components.validation import IngestError
 from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig
-from pipelines.features import run_features
+from pipelines.features import FeaturesError, run_features
 from pipelines.ingest import run_ingest
 from pipelines.ray_runtime import ray_runtime
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         lambda config, _: run(config),
         default_preset="demo",
-        failures=(IngestError, lake.LakeError),
+        failures=(IngestError, lake.LakeError, FeaturesError),
     )
 
 
