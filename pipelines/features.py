@@ -10,8 +10,8 @@ per table. No shuffle, and a task's memory grows with its bucket, not with the n
 users: ``lake.num_buckets`` (set at ingest) is the memory knob.
 
 Global inputs every bucket needs are computed first by small Ray tasks over the ``ts`` and
-``item_id`` columns only: the exact time-split cut-offs (memory bounded by the time span, see
-components/groups.py), then item popularity over the train period (for negatives).
+``item_id`` columns only (pipelines/features_stats.py): the exact time-split cut-offs, then
+item popularity over the train period (for negatives).
 
 The inputs are ONE ingest run's items/users/events triple (``ingest_runs.pin_ingest``: a lake
 whose latest ingest run is incomplete is refused). Both commits carry ``run_metadata`` (job id,
@@ -47,6 +47,7 @@ from components.lake import (
 from components.transforms import OOV, action_bucket
 from pipelines.cli import pipeline_main
 from pipelines.config import FeaturesConfig, PipelineConfig
+from pipelines.features_stats import EventStats, FeaturesError, bucket_filter, check_train_period, global_stats
 from pipelines.ray_runtime import ray_runtime
 
 logger = logging.getLogger(__name__)
@@ -106,80 +107,6 @@ def item_arrays(items: pa.Table, tags_per_item: int) -> dict[str, np.ndarray]:
         "year": year,
         "tags": tags,
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Global statistics: three small passes over (ts, item_id) per bucket
-# ---------------------------------------------------------------------------------------------
-def _bucket_filter(bucket: int) -> pc.Expression:
-    return pc.field("bucket") == pa.scalar(bucket, pa.int32())
-
-
-@ray.remote(num_cpus=1)
-def _pass_counts(events: lake.PinnedTable, bucket: int) -> tuple:
-    ts = events.read(["ts"], _bucket_filter(bucket))["ts"].to_numpy()
-    return (ts.size, int(ts.min()) if ts.size else 0, int(ts.max()) if ts.size else 0)
-
-
-@ray.remote(num_cpus=1)
-def _pass_train_items(events: lake.PinnedTable, bucket: int, valid_start_ts: int) -> tuple:
-    """(item ids, counts) of the bucket's TRAIN-period events: popularity must not see the future."""
-    train = _bucket_filter(bucket) & (pc.field("ts") < pa.scalar(valid_start_ts, pa.int64()))
-    items = events.read(["item_id"], train)["item_id"].to_numpy()
-    return np.unique(items, return_counts=True)
-
-
-@ray.remote(num_cpus=1)
-def _pass_histogram(events: lake.PinnedTable, bucket: int, ts_min: int, shift: int) -> tuple:
-    ts = events.read(["ts"], _bucket_filter(bucket))["ts"].to_numpy()
-    return groups.ts_histogram(ts, ts_min, shift)
-
-
-@ray.remote(num_cpus=1)
-def _pass_bin_values(events: lake.PinnedTable, bucket: int, ts_min: int, shift: int, bins: list) -> tuple:
-    ts = events.read(["ts"], _bucket_filter(bucket))["ts"].to_numpy()
-    return groups.values_in_bins(ts, ts_min, shift, bins)
-
-
-@dataclass(frozen=True)
-class EventStats:
-    """What the global passes learn about the events table (stays on the driver)."""
-
-    cutoffs: groups.TimeCutoffs
-    item_ids: np.ndarray  # (K,) int64 raw ids of the items with TRAIN-period events
-    item_counts: np.ndarray  # (K,) int64 their TRAIN-period event counts
-    num_events: int
-    ts_min: int  # first and last event time
-    ts_max: int
-
-
-def global_stats(events: lake.PinnedTable, buckets: list[int], cfg: FeaturesConfig) -> EventStats:
-    """Exact time cut-offs, train-period item counts and the event count of the events table."""
-    first = ray.get([_pass_counts.remote(events, b) for b in buckets])
-    nonempty = [f for f in first if f[0]]
-    n = sum(f[0] for f in first)
-    if n == 0:
-        raise lake.LakeError(
-            f"events table {events.uri} (version {events.version}) has no rows "
-            f"({len(buckets)} bucket partition(s)); nothing to build features from"
-        )
-    ranks = groups.cutoff_ranks(n, cfg.valid_frac, cfg.test_frac)
-    ts_min, ts_max = min(f[1] for f in nonempty), max(f[2] for f in nonempty)
-    shift = groups.histogram_shift(ts_min, ts_max)
-    hist = groups.merge_counts(ray.get([_pass_histogram.remote(events, b, ts_min, shift) for b in buckets]))
-    located = groups.locate_ranks(*hist, [r for r in ranks if r < n])
-    values: dict[int, int] = {}
-    if located:
-        bins = sorted({bin_id for bin_id, _ in located.values()})
-        merged = groups.merge_counts(
-            ray.get([_pass_bin_values.remote(events, b, ts_min, shift, bins) for b in buckets])
-        )
-        values = groups.pick_ranks(located, ts_min, shift, *merged)
-    cutoffs = groups.cutoffs_from_values(n, ranks, values)
-    item_ids, item_counts = groups.merge_counts(
-        ray.get([_pass_train_items.remote(events, b, cutoffs.valid_start_ts) for b in buckets])
-    )
-    return EventStats(cutoffs, item_ids, item_counts, n, ts_min, ts_max)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +276,7 @@ def _process_buckets(batch: dict[str, np.ndarray], job: BucketJob) -> dict[str, 
     ctx: BucketContext = ray.get(job.ctx)
     rows: list[dict] = []
     for bucket in batch["bucket"].tolist():
-        events = job.events.read(EVENT_COLUMNS, _bucket_filter(bucket))
+        events = job.events.read(EVENT_COLUMNS, bucket_filter(bucket))
         # The users table is not bucketed: stream it through a filter so memory stays per bucket.
         bucket_users = pc.field("user_id").isin(pc.unique(events["user_id"]))
         users = job.users.read(["user_id", "user_idx"], bucket_users)
@@ -386,21 +313,6 @@ def commit_outputs(job: BucketJob, written: list[dict], metadata: dict[str, str]
     ):
         files = [w for w in written if w["table"] == table]
         lake_files.commit_files_overwrite(uri, schema, partition_by, files, metadata, job.storage_options)
-
-
-class FeaturesError(Exception):
-    """The features run cannot build a usable output from this lake; nothing was committed."""
-
-
-def check_train_period(stats: EventStats) -> None:
-    """FeaturesError when no event precedes the valid split's start: the train split would be empty."""
-    if stats.cutoffs.valid_start_ts <= stats.ts_min:
-        one_ts = stats.ts_min == stats.ts_max
-        why = "every event at one timestamp" if one_ts else "features.valid_frac + test_frac leave no earlier event"
-        raise FeaturesError(
-            f"no train group can be built: no event of the {stats.num_events} is before valid_start_ts="
-            f"{stats.cutoffs.valid_start_ts} (the first event's time; {why}); nothing was committed"
-        )
 
 
 def check_train_groups(written: list[dict], cfg: FeaturesConfig, stats: EventStats) -> None:
