@@ -15,6 +15,14 @@ from pipelines.bench import main as bench_main
 from pipelines.bench_data import compare_lakes
 
 
+def flip_first_like_label(samples: pa.Table) -> pa.Table:
+    """``samples`` with the first candidate's like label flipped (a planted difference)."""
+    labels = samples["label_like"].combine_chunks()
+    flipped = pc.subtract(pa.scalar(1, pa.int8()), labels.values.slice(0, 1))
+    column = pa.ListArray.from_arrays(labels.offsets, pa.concat_arrays([flipped, labels.values.slice(1)]))
+    return samples.set_column(samples.column_names.index("label_like"), "label_like", column)
+
+
 def check_ratios_against_the_clock(record: dict, wall_s: float) -> None:
     """Every reported ratio recomputed from the raw clock readings (``clock_s``), not from the
     rounded durations it was computed from; the phases are ordered and fit in the wall time."""
@@ -48,19 +56,13 @@ def test_bench_data_tiny_run_writes_the_record(ray_session, tmp_path):
 
     # The comparison really compares: one flipped label is reported.
     ref_samples = lake.table_uri(str(workdir / "lake_ref"), "samples")
-    table = lake.read_table(ref_samples).sort_by("group_id")
-    labels = table["label_like"].combine_chunks()
-    flipped = pc.subtract(pa.scalar(1, pa.int8()), labels.values.slice(0, 1))
-    values = pa.concat_arrays([flipped, labels.values.slice(1)])
-    table = table.set_column(
-        table.column_names.index("label_like"), "label_like", pa.ListArray.from_arrays(labels.offsets, values)
-    )
+    table = flip_first_like_label(lake.read_table(ref_samples).sort_by("group_id"))
     lake.write_table(ref_samples, table, partition_by=["split", "bucket"])
     assert compare_lakes(str(workdir / "lake"), str(workdir / "lake_ref")) == ["samples.label_like differs"]
     assert np.isfinite(record["events_per_s"])
 
 
-def test_bench_data_exit_codes_are_returned(tmp_path, monkeypatch, capsys):
+def test_bench_data_exit_codes_are_returned(tmp_path, capsys):
     """main(argv) -> int returns its exit code (argparse's included) instead of raising SystemExit."""
     out = str(tmp_path / "x.json")
     assert bench_main(["data", "--events", "0", "--json", out]) == 2
@@ -70,3 +72,20 @@ def test_bench_data_exit_codes_are_returned(tmp_path, monkeypatch, capsys):
     assert bench_main(["models", "--quick"]) == 2
     assert bench_main(["data", "--help"]) == 0
     capsys.readouterr()
+
+
+def test_bench_data_exits_1_when_the_ray_job_and_the_reference_differ(ray_session, tmp_path, monkeypatch):
+    """A bug planted in the reference (one label flipped) is reported and fails the command."""
+    import pipelines.features_reference as reference
+
+    real = reference.reference_tables
+
+    def one_label_flipped(*args, **kwargs):
+        sequences, samples = real(*args, **kwargs)
+        return sequences, flip_first_like_label(samples)
+
+    monkeypatch.setattr(reference, "reference_tables", one_label_flipped)
+    out = tmp_path / "data.json"
+    assert bench_main(["data", "--events", "1500", "--buckets", "2", "--json", str(out)]) == 1
+    record = json.loads(out.read_text())
+    assert record["identical"] is False and record["differences"] == ["samples.label_like differs"]
