@@ -13,27 +13,32 @@ setting changes that, so this module does it from outside:
 - ``ray.init`` runs with a unique tag in the driver's environment (:data:`TAG_ENV`); every
   process of the instance inherits it (GCS, raylet, agents, workers: Ray renames agents and
   workers, so the tag, not the command line, identifies them; a reused PID never has it);
+- while it waits, the watchdog records the driver's descendants (pid and start time) every
+  :data:`POLL_S` in the marker: Ray's process titles (setproctitle) can zero the part of
+  /proc/<pid>/environ that holds the tag, so the tag alone can miss the agents;
 - a clean exit writes ``done`` to the pipe. End of file without it means the driver died:
-  the watchdog SIGKILLs every process carrying the tag (within a second) and removes the marker.
+  the watchdog SIGKILLs every recorded or tagged process (within a second) and removes the marker.
 If the watchdog itself was killed too, the next run finds the marker of a dead driver whose
-tagged processes still live and reports them (:func:`report_orphans`).
+processes still live and reports them (:func:`report_orphans`).
 
-    python -m pipelines.ray_watchdog TAG     (started by :class:`Watchdog`, reads stdin)
+    python -m pipelines.ray_watchdog MARKER_PATH     (started by :class:`Watchdog`, reads stdin)
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -42,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 TAG_ENV = "ULTRARANK_RAY_OWNER"
 DONE = "done"
+POLL_S = 0.5  # how often the watchdog records the driver's descendants (a few ms of CPU each)
 KILL_ROUNDS = 5
 _HAS_PROCFS = os.path.isdir("/proc/self")
 
@@ -53,30 +59,53 @@ def marker_dir() -> Path:
 
 @dataclass(frozen=True)
 class DriverMarker:
-    """One embedded Ray instance: its tag and the driver that owns it (pid + start time, so
-    a reused pid is not mistaken for the driver)."""
+    """One embedded Ray instance: its tag, the driver that owns it (pid + start time, so a
+    reused pid is not mistaken for it) and the processes the watchdog has seen it start."""
 
     tag: str
     driver_pid: int
     driver_started: float
+    pids: tuple[tuple[int, float], ...] = ()  # (pid, start time) of the driver's descendants
 
     @property
     def path(self) -> Path:
         return marker_dir() / f"{self.tag}.json"
 
-    def is_driver_alive(self) -> bool:
+    @classmethod
+    def load(cls, path: Path) -> DriverMarker | None:
         try:
-            return psutil.Process(self.driver_pid).create_time() == self.driver_started
-        except psutil.Error:
-            return False
+            data = json.loads(path.read_text())
+            return cls(data["tag"], data["driver_pid"], data["driver_started"], tuple(map(tuple, data["pids"])))
+        except (OSError, ValueError, TypeError, KeyError):  # gone, or half-written by an older version
+            return None
+
+    def save(self) -> None:
+        """Write atomically (a reader never sees half a marker)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".part")
+        partial.write_text(json.dumps(dataclasses.asdict(self)))
+        os.replace(partial, self.path)
+
+    def is_driver_alive(self) -> bool:
+        return _same_process(self.driver_pid, self.driver_started) is not None
+
+
+def _same_process(pid: int, started: float) -> psutil.Process | None:
+    """The live (not zombie) process ``pid`` if it is the one that started at ``started``."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE:
+            return proc
+    except psutil.Error:
+        pass
+    return None
 
 
 def _has_tag(proc: psutil.Process, tag: str) -> bool:
     """Whether the process's environment holds ``TAG_ENV=tag``.
 
-    Read from /proc/<pid>/environ entry by entry: Ray's process titles (setproctitle) zero the
-    start of that block, and psutil's ``environ()`` stops at the first empty entry, so it
-    returns nothing for exactly the agents that outlive a killed driver.
+    Read from /proc/<pid>/environ entry by entry: psutil's ``environ()`` stops at the first
+    empty entry, and Ray's process titles zero the start of that block.
     """
     if not _HAS_PROCFS:  # macOS: psutil's view
         return proc.environ().get(TAG_ENV) == tag
@@ -87,25 +116,32 @@ def _has_tag(proc: psutil.Process, tag: str) -> bool:
         return False
 
 
-def tagged_processes(tag: str) -> list[psutil.Process]:
-    """Live processes (not zombies) whose environment carries ``TAG_ENV=tag``."""
-    found = []
+def instance_processes(marker: DriverMarker) -> list[psutil.Process]:
+    """Live processes of the instance: recorded by the watchdog, or carrying its tag."""
+    found = {pid: p for pid, started in marker.pids if (p := _same_process(pid, started)) is not None}
     for proc in psutil.process_iter():
         try:
-            if proc.pid != os.getpid() and _has_tag(proc, tag) and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
+            if proc.pid not in found and proc.pid != os.getpid() and _has_tag(proc, marker.tag):
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    found[proc.pid] = proc
         except psutil.Error:  # gone, or another user's process
             continue
-    return found
+    return list(found.values())
 
 
-def kill_tagged(tag: str) -> list[int]:
-    """SIGKILL every process of the instance ``tag``; returns their pids."""
-    killed = []
-    for proc in tagged_processes(tag):
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-            killed.append(proc.pid)
+def kill_instance(marker: DriverMarker) -> list[int]:
+    """SIGKILL every live process of the instance, in rounds (a process forked while one round
+    ran is caught by the next); returns their pids."""
+    killed: list[int] = []
+    for _ in range(KILL_ROUNDS):
+        procs = instance_processes(marker)
+        if not procs:
+            break
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+                killed.append(proc.pid)
+        time.sleep(0.2)
     return killed
 
 
@@ -121,18 +157,15 @@ def _names(procs: list[psutil.Process]) -> list[str]:
 def report_orphans() -> list[str]:
     """One warning per earlier instance whose driver is dead but whose Ray processes live.
 
-    Markers of dead drivers with nothing left are removed; live ones are kept until reported
-    processes are gone, so every run says so until someone ends them.
+    Markers of dead drivers with nothing left are removed; the others stay, so every run
+    says so until someone ends the processes.
     """
     messages = []
     for path in sorted(marker_dir().glob("*.json")):
-        try:
-            marker = DriverMarker(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
+        marker = DriverMarker.load(path)
+        if marker is None or marker.is_driver_alive():
             continue
-        if marker.is_driver_alive():
-            continue
-        orphans = tagged_processes(marker.tag)
+        orphans = instance_processes(marker)
         if not orphans:
             path.unlink(missing_ok=True)
             continue
@@ -150,11 +183,10 @@ class Watchdog:
     def __init__(self) -> None:
         me = psutil.Process()
         self.marker = DriverMarker(uuid.uuid4().hex, me.pid, me.create_time())
-        self.marker.path.parent.mkdir(parents=True, exist_ok=True)
-        self.marker.path.write_text(json.dumps(asdict(self.marker)))
+        self.marker.save()
         # Own session: a signal to the driver's process group (Ctrl-C, kill -- -PGID) spares it.
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.ray_watchdog", self.marker.tag],
+            [sys.executable, "-m", "pipelines.ray_watchdog", str(self.marker.path)],
             stdin=subprocess.PIPE,
             text=True,
             start_new_session=True,
@@ -183,18 +215,37 @@ class Watchdog:
         self.marker.path.unlink(missing_ok=True)
 
 
-def watch(tag: str) -> int:
-    """The watchdog process: wait for the driver's ``done`` or its death (end of stdin)."""
-    if sys.stdin.readline().strip() == DONE:
+def _descendants(pid: int) -> set[tuple[int, float]]:
+    """(pid, start time) of every descendant of ``pid`` but this process."""
+    found = set()
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if child.pid != os.getpid():
+                    found.add((child.pid, child.create_time()))
+    return found
+
+
+def _driver_said(timeout_s: float) -> str | None:
+    """The driver's next line: DONE, "" at end of file (it died), None when it said nothing yet."""
+    ready, _, _ = select.select([sys.stdin], [], [], timeout_s)
+    return sys.stdin.readline().strip() if ready else None
+
+
+def watch(marker_path: str) -> int:
+    """The watchdog process: record the driver's descendants until it says ``done`` or dies."""
+    marker = DriverMarker.load(Path(marker_path))
+    if marker is None:
+        return 1
+    while (said := _driver_said(POLL_S)) is None:
+        seen = _descendants(marker.driver_pid)
+        if not seen <= set(marker.pids):
+            marker = dataclasses.replace(marker, pids=tuple(sorted(seen | set(marker.pids))))
+            marker.save()
+    if said == DONE:
         return 0
-    killed: list[int] = []
-    for _ in range(KILL_ROUNDS):  # a process forked while the last round ran is caught by the next
-        round_killed = kill_tagged(tag)
-        if not round_killed:
-            break
-        killed += round_killed
-        time.sleep(0.2)
-    (marker_dir() / f"{tag}.json").unlink(missing_ok=True)
+    killed = kill_instance(marker)
+    marker.path.unlink(missing_ok=True)
     print(f"ray_watchdog: the driver died; killed {len(killed)} Ray process(es) of its instance", file=sys.stderr)
     return 0
 

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from pipelines.bench_data import synthetic_lake
-from pipelines.ray_watchdog import TAG_ENV, kill_tagged, marker_dir, report_orphans
+from pipelines.ray_watchdog import TAG_ENV, DriverMarker, kill_instance, marker_dir, report_orphans
 
 REPO = Path(__file__).resolve().parents[2]
 # The features CLI, stopped for good once Ray is up and its inputs are pinned (then killed).
@@ -107,7 +107,7 @@ def test_orphans_of_a_run_whose_watchdog_died_too_are_reported_by_the_next_run(s
     time.sleep(1.0)  # what dies with the driver (GCS, raylet) is gone by now
     ours = [m for m in report_orphans() if f"driver pid {driver.pid}," in m]
     assert len(ours) == 1 and "RuntimeEnvAgent" in ours[0] and "kill -9" in ours[0], ours
-    assert kill_tagged(tag)  # what the watchdog would have done
+    assert kill_instance(DriverMarker.load(marker_dir() / f"{tag}.json"))  # what the watchdog would have done
     assert not _wait_gone([p for p in descendants if p.pid != watchdog.pid], 10)
     assert not [m for m in report_orphans() if f"driver pid {driver.pid}," in m]
     assert not (marker_dir() / f"{tag}.json").exists()  # cleaned up once nothing is left
