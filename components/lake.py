@@ -2,7 +2,7 @@
 the lake tables' schemas and run metadata (the contract of docs/DATA.md, here so that
 writers in pipelines/ and readers in components/ share one definition) and atomic
 read/write helpers. Distributed writes (workers write files, the driver commits) live in
-components/lake_files.py.
+components/lake_files.py, statistics from the transaction log in components/lake_stats.py.
 
 Every write is one Delta commit: data files are written first and become visible only
 when the commit lands in ``_delta_log``. A writer that dies before its commit leaves the
@@ -378,48 +378,3 @@ def find_version(
     ]
     matches = [v for v in matches if max_version is None or v <= max_version]
     return max(matches) if matches else None
-
-
-def column_range(
-    uri: str,
-    column: str,
-    version: int | None = None,
-    storage_options: Mapping[str, str] | None = None,
-) -> tuple[int | float, int | float] | None:
-    """(min, max) of a numeric column from the Delta log's file statistics; None if empty.
-
-    Reads only the transaction log (no data files) when every file has statistics, so it
-    is cheap at any table size; falls back to scanning the column otherwise.
-    """
-    table = open_table(uri, version, storage_options)
-    actions = pa.table(table.get_add_actions(flatten=True))
-    if actions.num_rows == 0:
-        return None
-    lo_col, hi_col = f"min.{column}", f"max.{column}"
-    names = actions.column_names
-    if lo_col in names and hi_col in names and actions[lo_col].null_count == 0:
-        lo, hi = pc.min(actions[lo_col]).as_py(), pc.max(actions[hi_col]).as_py()
-        return lo, hi
-    logger.info("no statistics for %s in %s; scanning the column", column, uri)
-    values = table.to_pyarrow_dataset().to_table(columns=[column])[column]
-    if len(values) == values.null_count:
-        return None
-    bounds = pc.min_max(values)
-    return bounds["min"].as_py(), bounds["max"].as_py()
-
-
-def events_time_range(
-    uri: str, version: int | None = None, storage_options: Mapping[str, str] | None = None
-) -> tuple[int, int] | None:
-    """(first ts, last ts) of the events table in seconds, from the Delta log only."""
-    bounds = column_range(uri, "ts", version, storage_options)
-    return None if bounds is None else (int(bounds[0]), int(bounds[1]))
-
-
-def row_count(uri: str, version: int | None = None, storage_options: Mapping[str, str] | None = None) -> int:
-    """Number of rows of a Delta table, from the log's per-file record counts."""
-    table = open_table(uri, version, storage_options)
-    actions = pa.table(table.get_add_actions(flatten=True))
-    if "num_records" in actions.column_names and actions["num_records"].null_count == 0:
-        return int(pc.sum(actions["num_records"]).as_py() or 0)
-    return table.to_pyarrow_dataset().count_rows()

@@ -95,8 +95,10 @@ def commit_files_overwrite(
 
     ``custom_metadata`` lands in the commit's info (read it back with :func:`commit_metadata`
     or :func:`find_version`), e.g. the id of the job that wrote the files. The commit never
-    retries onto a version it did not see: of two jobs racing to create (or to overwrite)
-    the table, exactly one commits and the other raises :class:`LakeWriteError`.
+    retries onto a version it did not see, so every version holds ONE job's files: of two
+    jobs racing to overwrite the table, the loser raises :class:`LakeWriteError`; racing to
+    create it, the loser raises too, or deltalake's create-or-replace makes its version
+    replace the winner's whole (tests/components/test_lake.py races both).
     """
     from deltalake import Schema
     from deltalake.transaction import create_table_with_add_actions

@@ -308,6 +308,14 @@ def _reason_masks(raw: pa.Table, value_min: float, value_max: float, ts_range: T
         }
 
 
+def _first_reasons(masks: dict[str, np.ndarray], num_rows: int) -> np.ndarray:
+    """(num_rows,) int8: index in REASONS of the first check each row fails, -1 for clean rows."""
+    first_reason = np.full(num_rows, -1, dtype=np.int8)
+    for i, reason in enumerate(REASONS):
+        first_reason[masks[reason] & (first_reason < 0)] = i
+    return first_reason
+
+
 def validate_events(
     raw: pa.Table,
     value_min: float,
@@ -328,15 +336,9 @@ def validate_events(
     if missing:
         raise ValueError(f"validate_events needs columns {RAW_EVENT_COLUMNS}, missing {missing}")
     n = raw.num_rows
-    masks = _reason_masks(raw, value_min, value_max, ts_range)
-    rejected_any = np.zeros(n, dtype=bool)
-    counts: dict[str, int] = {}
-    first_reason = np.full(n, -1, dtype=np.int8)
-    for i, reason in enumerate(REASONS):
-        new = masks[reason] & ~rejected_any
-        first_reason[new] = i
-        counts[reason] = int(new.sum())
-        rejected_any |= new
+    first_reason = _first_reasons(_reason_masks(raw, value_min, value_max, ts_range), n)
+    rejected_any = first_reason >= 0
+    counts = {reason: int((first_reason == i).sum()) for i, reason in enumerate(REASONS)}
     bad_rows = np.flatnonzero(rejected_any)[:max_samples]
     samples = tuple(
         f"row {int(r) + row_offset} ({REASONS[first_reason[r]]}): "

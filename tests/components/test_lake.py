@@ -21,20 +21,18 @@ from components.lake import (
     EVENTS_SCHEMA,
     ITEMS_SCHEMA,
     LakeError,
-    column_range,
     commit_metadata,
     events_table,
-    events_time_range,
     find_version,
     items_table,
     read_table,
-    row_count,
     table_version,
     user_bucket,
     users_table,
     write_table,
 )
 from components.lake_files import commit_files_overwrite, write_data_file
+from components.lake_stats import column_range, events_time_range, row_count
 
 REPO = Path(__file__).resolve().parents[2]
 
