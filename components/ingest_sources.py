@@ -3,7 +3,7 @@
 Each reader returns a :class:`SourceData`: raw events coerced to (user_id, item_id, ts,
 value) with nulls where a cell could not be parsed — row validation happens later, in one
 place (components/validation.py) — plus item attributes and extra user ids. File-level
-problems raise ``InputFileError`` naming the file and the column.
+problems raise ``InputFileError`` naming the file and the column (components/input_files.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import logging
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,13 +19,12 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from components.config_loader import ConfigError
+from components.input_files import read_file, require_columns
 from components.lake import FIRST_INDEX
 from components.synthetic import SyntheticConfig, build_world, generate_events, generate_items
-from components.validation import InputFileError, coerce_ids, coerce_ts, coerce_values
+from components.validation import InputFileError, coerce_ids, coerce_ts, coerce_values, raw_events
 from models.batch import NUM_GENRES
 
 logger = logging.getLogger(__name__)
@@ -69,80 +67,20 @@ class SourceData:
     items: pa.Table  # ITEM_ATTR_COLUMNS (item_idx is assigned at write time)
     user_ids: np.ndarray | None = None  # users known beyond the events (a users file)
     metadata: dict[str, str] = field(default_factory=dict)  # stored with the items commit
-
-
-# ---------------------------------------------------------------- files
-
-
-def _format(path: Path, fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    suffixes = [s.lower() for s in path.suffixes]
-    return "parquet" if suffixes and suffixes[-1] in (".parquet", ".pq") else "csv"
-
-
-def _csv_options(column_types: dict[str, pa.DataType] | None = None) -> pacsv.ConvertOptions:
-    # Empty cells are missing values (null), also in text columns (titles, genres).
-    return pacsv.ConvertOptions(column_types=column_types, strings_can_be_null=True)
-
-
-def read_file(path: str | Path, fmt: str = "auto", text_columns: Sequence[str] = ()) -> pa.Table:
-    """Read a CSV or Parquet file; a clear InputFileError when missing, empty or unreadable.
-
-    A CSV whose column type inference breaks on a late bad cell (e.g. "abc" in an id
-    column at row 1e6) is re-read with ``text_columns`` as text, so the bad cell becomes
-    one rejected row instead of a failed run.
-    """
-    p, name = Path(path), str(path)
-    if not p.is_file():
-        raise InputFileError(name, "file not found")
-    if p.stat().st_size == 0:
-        raise InputFileError(name, "file is empty")
-    kind = _format(p, fmt)
-    try:
-        if kind == "parquet":
-            table = pq.read_table(p)
-        else:
-            try:
-                table = pacsv.read_csv(p, convert_options=_csv_options())
-            except pa.ArrowInvalid as exc:
-                if "conversion error" not in str(exc) or not text_columns:
-                    raise
-                types = {c: pa.string() for c in text_columns}
-                table = pacsv.read_csv(p, convert_options=_csv_options(types))
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputFileError(name, f"cannot read as {kind}: {str(exc).splitlines()[0]}") from exc
-    if table.num_rows == 0:
-        raise InputFileError(name, "file has no data rows")
-    return table
-
-
-_OPTIONAL_COLUMN_KEYS = {"value_col", "item_genres_col", "item_year_col", "item_title_col"}
-
-
-def require_columns(table: pa.Table, columns: Mapping[str | None, str | None], path: str) -> None:
-    """InputFileError naming the first required column the file lacks.
-
-    ``columns`` maps each column (None = not configured, skipped) to the config key that
-    names it, so the message can say which setting to change.
-    """
-    for column, key in columns.items():
-        if column is not None and column not in table.column_names:
-            # Only optional columns (their config type admits None) can be switched off.
-            optional = key is not None and key.rsplit(".", 1)[-1] in _OPTIONAL_COLUMN_KEYS
-            hint = f"; set {key}" + (" (null if the file has no such column)" if optional else "") if key else ""
-            raise InputFileError(path, f"column not found (file has {table.column_names}){hint}", column)
+    ts_unit: str | None = None  # the user's numeric ingest.events.ts_unit; None when the source fixes it
 
 
 def _strict_ids(values: pa.ChunkedArray, path: str, column: str) -> np.ndarray:
     """Ids of an items/users file: every row must hold a valid id (the file is a dimension)."""
-    ids = coerce_ids(values, path, column)
+    parsed = coerce_ids(values, path, column)
+    ids = parsed.values
     bad = pc.or_kleene(pc.is_null(ids), pc.less(ids, 0)).fill_null(True).to_numpy(zero_copy_only=False)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise InputFileError(
             path,
-            f"{int(bad.sum())} missing/negative/non-integer ids (first at data row {row + 1}: {values[row].as_py()!r})",
+            f"{int(bad.sum())} missing/negative/non-integer/too large ids "
+            f"(first at data row {row + 1}: {values[row].as_py()!r})",
             column,
         )
     return ids.to_numpy()
@@ -275,25 +213,23 @@ def resolve_movielens_dir(movielens_dir: str, download_if_missing: bool, downloa
 def read_movielens(folder: Path, tags_per_item: int, max_tag_vocab: int) -> SourceData:
     """ratings.csv -> events (value = rating); movies.csv + tags.csv -> item attributes."""
     path = str(folder / "ratings.csv")
-    ratings = read_file(path, "csv", text_columns=("userId", "movieId", "rating", "timestamp"))
+    ratings = read_file(path, "csv", text_columns=("rating", "timestamp"), id_columns=("userId", "movieId"))
     require_columns(ratings, dict.fromkeys(["userId", "movieId", "rating", "timestamp"]), path)
-    events = pa.table(
-        {
-            "user_id": coerce_ids(ratings["userId"], path, "userId"),
-            "item_id": coerce_ids(ratings["movieId"], path, "movieId"),
-            "ts": coerce_ts(ratings["timestamp"], "s", path, "timestamp"),
-            "value": coerce_values(ratings["rating"], path, "rating"),
-        }
+    events = raw_events(
+        coerce_ids(ratings["userId"], path, "userId"),
+        coerce_ids(ratings["movieId"], path, "movieId"),
+        coerce_ts(ratings["timestamp"], "s", path, "timestamp"),
+        coerce_values(ratings["rating"], path, "rating"),
     )
     mpath = str(folder / "movies.csv")
-    movies = read_file(mpath, "csv")
+    movies = read_file(mpath, "csv", id_columns=("movieId",))
     require_columns(movies, dict.fromkeys(["movieId", "title", "genres"]), mpath)
     item_id = _strict_ids(movies["movieId"], mpath, "movieId")
     mask, genres = genre_masks(movies["genres"])
     tag_ids, n_tags = None, 0
     tpath = folder / "tags.csv"
     if tpath.is_file():
-        tags = read_file(tpath, "csv")
+        tags = read_file(tpath, "csv", id_columns=("movieId",))
         require_columns(tags, dict.fromkeys(["movieId", "tag"]), str(tpath))
         tag_item = _strict_ids(tags["movieId"], str(tpath), "movieId")
         tag_ids, n_tags = top_tags(tag_item, pc.cast(tags["tag"], pa.string()), item_id, tags_per_item, max_tag_vocab)
@@ -312,7 +248,7 @@ def _read_items_file(cfg: EventsFileConfig) -> tuple[pa.Table | None, dict[str, 
     if cfg.items_path is None:
         return None, {}
     path = cfg.items_path
-    table = read_file(path)
+    table = read_file(path, id_columns=(cfg.item_id_col,))
     key = "ingest.events."
     require_columns(
         table,
@@ -338,7 +274,7 @@ def _read_items_file(cfg: EventsFileConfig) -> tuple[pa.Table | None, dict[str, 
         mask, genres = genre_masks(pc.cast(column, pa.string()))
     year = np.zeros(n, np.int16)
     if cfg.item_year_col is not None:
-        raw = coerce_ids(table[cfg.item_year_col], path, cfg.item_year_col).fill_null(0).to_numpy()
+        raw = coerce_ids(table[cfg.item_year_col], path, cfg.item_year_col).values.fill_null(0).to_numpy()
         year = np.where((raw > 0) & (raw < 10_000), raw, 0).astype(np.int16)
     title = None
     if cfg.item_title_col is not None:
@@ -351,8 +287,10 @@ def read_events_source(cfg: EventsFileConfig) -> SourceData:
     if cfg.path is None:
         raise InputFileError("<ingest.events.path>", "no events file configured; set --ingest.events.path=FILE")
     path = cfg.path
-    mapped = [cfg.user_col, cfg.item_col, cfg.ts_col, cfg.value_col]
-    table = read_file(path, cfg.format, text_columns=[c for c in mapped if c is not None])
+    mapped = [cfg.ts_col, cfg.value_col]
+    table = read_file(
+        path, cfg.format, text_columns=[c for c in mapped if c is not None], id_columns=(cfg.user_col, cfg.item_col)
+    )
     key = "ingest.events."
     require_columns(
         table,
@@ -368,23 +306,22 @@ def read_events_source(cfg: EventsFileConfig) -> SourceData:
     value = (
         coerce_values(table[cfg.value_col], path, cfg.value_col) if cfg.value_col is not None else pa.array(np.ones(n))
     )
-    events = pa.table(
-        {
-            "user_id": coerce_ids(table[cfg.user_col], path, cfg.user_col),
-            "item_id": coerce_ids(table[cfg.item_col], path, cfg.item_col),
-            "ts": coerce_ts(table[cfg.ts_col], cfg.ts_unit, path, cfg.ts_col),
-            "value": value,
-        }
+    events = raw_events(
+        coerce_ids(table[cfg.user_col], path, cfg.user_col),
+        coerce_ids(table[cfg.item_col], path, cfg.item_col),
+        coerce_ts(table[cfg.ts_col], cfg.ts_unit, path, cfg.ts_col),
+        value,
     )
     items, meta = _read_items_file(cfg)
     if items is None:
         items = _item_attrs(np.zeros(0, np.int64), None, np.zeros(0, np.int32), np.zeros(0, np.int16))
     user_ids = None
     if cfg.users_path is not None:
-        users = read_file(cfg.users_path)
+        users = read_file(cfg.users_path, id_columns=(cfg.user_id_col,))
         require_columns(users, {cfg.user_id_col: "ingest.events.user_id_col"}, cfg.users_path)
         user_ids = _strict_ids(users[cfg.user_id_col], cfg.users_path, cfg.user_id_col)
-    return SourceData(name=path, events=events, items=items, user_ids=user_ids, metadata=meta)
+    ts_unit = cfg.ts_unit if cfg.ts_unit in ("s", "ms") else None
+    return SourceData(name=path, events=events, items=items, user_ids=user_ids, metadata=meta, ts_unit=ts_unit)
 
 
 def read_synthetic(cfg: SyntheticConfig) -> SourceData:

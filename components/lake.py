@@ -1,7 +1,8 @@
 """Delta Lake helpers shared by the pipelines: table locations, the user-bucket hash,
 the lake tables' schemas and run metadata (the contract of docs/DATA.md, here so that
 writers in pipelines/ and readers in components/ share one definition) and atomic
-read/write helpers.
+read/write helpers. Distributed writes (workers write files, the driver commits) live in
+components/lake_files.py, statistics from the transaction log in components/lake_stats.py.
 
 Every write is one Delta commit: data files are written first and become visible only
 when the commit lands in ``_delta_log``. A writer that dies before its commit leaves the
@@ -13,10 +14,8 @@ is raised here as :class:`LakeWriteError`, naming the table.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,10 +24,7 @@ import deltalake
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
-from deltalake.fs import DeltaStorageHandler
 
 logger = logging.getLogger(__name__)
 
@@ -122,12 +118,15 @@ def table_uri(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}"
 
 
-def run_metadata(job_id: str, events_version: int, max_seq_len: int, candidates_per_group: int) -> dict[str, str]:
+def run_metadata(job_id: str, ingest: Mapping[str, str], max_seq_len: int, candidates_per_group: int) -> dict[str, str]:
     """Commit info of BOTH output tables of one features run (docs/DATA.md): how the loader
-    pairs ``samples`` with the ``sequences`` of the same run and learns the run's settings."""
+    pairs ``samples`` with the ``sequences`` of the same run and learns the run's settings.
+
+    ``ingest`` records the input triple (``IngestSnapshot.metadata()`` of
+    components/ingest_runs.py: ingest run id and the items/users/events versions read)."""
     return {
         "job_id": job_id,
-        "events_version": str(events_version),
+        **ingest,
         "max_seq_len": str(max_seq_len),
         "candidates_per_group": str(candidates_per_group),
     }
@@ -208,8 +207,37 @@ def users_table(user_ids: np.ndarray) -> pa.Table:
 # passes it on, also into Ray tasks: deltalake never sees a lake without them.
 
 
-def _options(storage_options: Mapping[str, str] | None) -> dict[str, str] | None:
+def deltalake_options(storage_options: Mapping[str, str] | None) -> dict[str, str] | None:
+    """``storage_options`` as deltalake takes them (None for a local lake without options)."""
     return dict(storage_options) if storage_options else None
+
+
+def commit_properties(custom_metadata: Mapping[str, str] | None, is_overwrite: bool) -> deltalake.CommitProperties:
+    """Commit properties of a write: its custom metadata and, for an overwrite, NO retries.
+
+    deltalake retries a conflicting commit on top of the version that won. An overwrite
+    (or the creation of a table, which is one) must replace exactly the version it read:
+    retried, it removes only the files it saw, so a retried creation removes nothing and the
+    table holds both writers' rows (measured: two racing creators, both exit 0, 2x the rows).
+    Appends commute and keep deltalake's retries.
+    """
+    return deltalake.CommitProperties(
+        custom_metadata=dict(custom_metadata) if custom_metadata else None,
+        max_commit_retries=0 if is_overwrite else None,
+    )
+
+
+def commit_conflict(uri: str, exc: CommitFailedError, is_creating: bool) -> LakeWriteError:
+    """The error of a commit that lost a race; says whether the table was being created."""
+    first_line = str(exc).splitlines()[0]
+    if is_creating:
+        return LakeWriteError(
+            f"Delta table {uri} was created by a concurrent writer while this one was creating it; "
+            f"this write was not committed, the table holds the other writer's version ({first_line})"
+        )
+    return LakeWriteError(
+        f"commit to Delta table {uri} failed, table unchanged (a concurrent writer committed first?): {first_line}"
+    )
 
 
 def write_table(
@@ -225,11 +253,11 @@ def write_table(
 
     ``overwrite`` replaces content, schema and partitioning in one atomic version, so a
     re-run is idempotent. A reader (``pa.RecordBatchReader``) is streamed: files are
-    written as batches arrive and nothing is visible before the final commit.
+    written as batches arrive and nothing is visible before the final commit. Creating a
+    table is as safe as overwriting one: of two writers racing to create it, exactly one
+    commits and the other raises :class:`LakeWriteError`.
     """
-    commit = None
-    if custom_metadata:
-        commit = deltalake.CommitProperties(custom_metadata=dict(custom_metadata))
+    is_creating = table_version(uri, storage_options) is None
     try:
         deltalake.write_deltalake(
             uri,
@@ -237,15 +265,12 @@ def write_table(
             mode=mode,
             partition_by=list(partition_by) if partition_by else None,
             schema_mode="overwrite" if mode == "overwrite" else None,
-            storage_options=_options(storage_options),
-            commit_properties=commit,
+            storage_options=deltalake_options(storage_options),
+            commit_properties=commit_properties(custom_metadata, is_overwrite=mode != "append" or is_creating),
             target_file_size=target_file_size,
         )
     except CommitFailedError as exc:
-        first_line = str(exc).splitlines()[0]
-        raise LakeWriteError(
-            f"commit to Delta table {uri} failed, table unchanged (a concurrent writer committed first?): {first_line}"
-        ) from exc
+        raise commit_conflict(uri, exc, is_creating) from exc
     except OSError as exc:  # e.g. an object store without credentials or endpoint in storage_options
         raise LakeError(f"cannot write Delta table {uri} (lake.storage_options?): {str(exc).splitlines()[0]}") from exc
     version = table_version(uri, storage_options)
@@ -254,11 +279,12 @@ def write_table(
     return version
 
 
-def _open(
+def open_table(
     uri: str, version: int | None = None, storage_options: Mapping[str, str] | None = None
 ) -> deltalake.DeltaTable:
+    """The Delta table at ``uri`` (a ``version``, default the latest); LakeError naming it when absent."""
     try:
-        return deltalake.DeltaTable(uri, version=version, storage_options=_options(storage_options))
+        return deltalake.DeltaTable(uri, version=version, storage_options=deltalake_options(storage_options))
     except TableNotFoundError as exc:
         raise LakeError(f"no Delta table at {uri} (run the ingest stage first?)") from exc
     except Exception as exc:  # deltalake raises plain errors for a missing version
@@ -273,7 +299,7 @@ def read_table(
     storage_options: Mapping[str, str] | None = None,
 ) -> pa.Table:
     """Read a Delta table (optionally an older ``version``, some ``columns``, a row filter)."""
-    table = _open(uri, version, storage_options)
+    table = open_table(uri, version, storage_options)
     dataset = table.to_pyarrow_dataset()
     return dataset.to_table(columns=list(columns) if columns else None, filter=filters)
 
@@ -281,12 +307,12 @@ def read_table(
 def table_version(uri: str, storage_options: Mapping[str, str] | None = None) -> int | None:
     """Current version of the Delta table at ``uri``; None when there is no table."""
     try:
-        exists = deltalake.DeltaTable.is_deltatable(uri, storage_options=_options(storage_options))
+        exists = deltalake.DeltaTable.is_deltatable(uri, storage_options=deltalake_options(storage_options))
     except OSError as exc:  # e.g. an object store without credentials or endpoint in storage_options
         raise LakeError(f"cannot reach Delta table {uri} (lake.storage_options?): {str(exc).splitlines()[0]}") from exc
     if not exists:
         return None
-    return _open(uri, storage_options=storage_options).version()
+    return open_table(uri, storage_options=storage_options).version()
 
 
 @dataclass(frozen=True)
@@ -306,12 +332,12 @@ class PinnedTable:
 
     def partition_columns(self) -> list[str]:
         """Partition columns, from the Delta log."""
-        return list(_open(self.uri, self.version, self.storage_options).metadata().partition_columns)
+        return list(open_table(self.uri, self.version, self.storage_options).metadata().partition_columns)
 
     def partition_values(self, column: str, filters: list[tuple[str, str, str]] | None = None) -> list[str]:
         """Distinct values of partition ``column`` among the files (only those of the partitions
         matching ``filters``, e.g. ``[("split", "=", "train")]``); from the log, no data read."""
-        return sorted({p[column] for p in _open(self.uri, self.version, self.storage_options).partitions(filters)})
+        return sorted({p[column] for p in open_table(self.uri, self.version, self.storage_options).partitions(filters)})
 
 
 def pin_table(
@@ -329,7 +355,7 @@ def commit_metadata(
 ) -> dict[str, str]:
     """String fields of a commit's info (default: the latest), including the custom metadata
     that ``write_table(custom_metadata=...)`` stored, e.g. the items table's ``genres``."""
-    table = _open(uri, storage_options=storage_options)
+    table = open_table(uri, storage_options=storage_options)
     target = table.version() if version is None else version
     for entry in table.history():
         if entry.get("version") == target:
@@ -347,154 +373,8 @@ def find_version(
     """
     matches = [
         int(entry["version"])
-        for entry in _open(uri, storage_options=storage_options).history()
+        for entry in open_table(uri, storage_options=storage_options).history()
         if entry.get(key) == value and entry.get("version") is not None
     ]
     matches = [v for v in matches if max_version is None or v <= max_version]
     return max(matches) if matches else None
-
-
-def column_range(
-    uri: str,
-    column: str,
-    version: int | None = None,
-    storage_options: Mapping[str, str] | None = None,
-) -> tuple[int | float, int | float] | None:
-    """(min, max) of a numeric column from the Delta log's file statistics; None if empty.
-
-    Reads only the transaction log (no data files) when every file has statistics, so it
-    is cheap at any table size; falls back to scanning the column otherwise.
-    """
-    table = _open(uri, version, storage_options)
-    actions = pa.table(table.get_add_actions(flatten=True))
-    if actions.num_rows == 0:
-        return None
-    lo_col, hi_col = f"min.{column}", f"max.{column}"
-    names = actions.column_names
-    if lo_col in names and hi_col in names and actions[lo_col].null_count == 0:
-        lo, hi = pc.min(actions[lo_col]).as_py(), pc.max(actions[hi_col]).as_py()
-        return lo, hi
-    logger.info("no statistics for %s in %s; scanning the column", column, uri)
-    values = table.to_pyarrow_dataset().to_table(columns=[column])[column]
-    if len(values) == values.null_count:
-        return None
-    bounds = pc.min_max(values)
-    return bounds["min"].as_py(), bounds["max"].as_py()
-
-
-def events_time_range(
-    uri: str, version: int | None = None, storage_options: Mapping[str, str] | None = None
-) -> tuple[int, int] | None:
-    """(first ts, last ts) of the events table in seconds, from the Delta log only."""
-    bounds = column_range(uri, "ts", version, storage_options)
-    return None if bounds is None else (int(bounds[0]), int(bounds[1]))
-
-
-def row_count(uri: str, version: int | None = None, storage_options: Mapping[str, str] | None = None) -> int:
-    """Number of rows of a Delta table, from the log's per-file record counts."""
-    table = _open(uri, version, storage_options)
-    actions = pa.table(table.get_add_actions(flatten=True))
-    if "num_records" in actions.column_names and actions["num_records"].null_count == 0:
-        return int(pc.sum(actions["num_records"]).as_py() or 0)
-    return table.to_pyarrow_dataset().count_rows()
-
-
-# ---- distributed writes: workers write data files, the driver makes ONE commit ----
-def _table_filesystem(table_uri: str, storage_options: Mapping[str, str] | None) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, base path) of the table's files.
-
-    A local table uses Arrow's native filesystem (``table_uri`` must be absolute: see
-    :func:`lake_root`). An object-store table goes through deltalake's own object store, so
-    the data files are written with exactly the ``storage_options`` that its commits use:
-    any store and any option deltalake accepts (s3://, gs://, abfss://; endpoint,
-    credentials, region, ...), with no second translation into Arrow's S3/GCS/Azure options.
-    That handler is Python-level and keeps the GIL while it waits on the store: fine for a
-    Ray task writing its bucket's files, not worth it for a local folder.
-    """
-    if "://" not in table_uri or table_uri.startswith("file://"):
-        return pafs.FileSystem.from_uri(table_uri)
-    return pafs.PyFileSystem(DeltaStorageHandler(table_uri, _options(storage_options))), ""
-
-
-def write_data_file(
-    table: pa.Table,
-    table_uri: str,
-    partition: dict[str, str],
-    name: str,
-    storage_options: Mapping[str, str] | None = None,
-) -> dict:
-    """Write one data file of a Delta table (partition columns live in the path, not the file)."""
-    fs, root = _table_filesystem(table_uri, storage_options)
-    rel_dir = "/".join(f"{k}={v}" for k, v in partition.items())
-    rel_path = f"{rel_dir}/{name}.parquet" if rel_dir else f"{name}.parquet"
-    in_table = lambda rel: f"{root}/{rel}" if root else rel
-    folder = in_table(rel_dir) if rel_dir else root
-    if folder:  # an object store has no folders to make
-        fs.create_dir(folder, recursive=True)
-    pq.write_table(table.drop_columns(list(partition)), in_table(rel_path), filesystem=fs)
-    return {
-        "path": rel_path,
-        "size": fs.get_file_info(in_table(rel_path)).size,
-        "partition": json.dumps(partition),
-        "num_rows": table.num_rows,
-    }
-
-
-def _add_actions(parts: list[dict]) -> list:
-    """Delta add actions of files written by :func:`write_data_file` (record counts as stats)."""
-    from deltalake.transaction import AddAction
-
-    now_ms = int(time.time() * 1000)
-    return [
-        AddAction(
-            p["path"],
-            int(p["size"]),
-            json.loads(p["partition"]),
-            now_ms,
-            True,
-            json.dumps({"numRecords": int(p["num_rows"])}),
-        )
-        for p in parts
-    ]
-
-
-def commit_files_overwrite(
-    table_uri: str,
-    schema: pa.Schema,
-    partition_by: list[str],
-    parts: list[dict],
-    custom_metadata: Mapping[str, str] | None = None,
-    storage_options: Mapping[str, str] | None = None,
-) -> int:
-    """ONE atomic Delta commit replacing the table's content with ``parts``; returns the version.
-
-    ``custom_metadata`` lands in the commit's info (read it back with :func:`commit_metadata`
-    or :func:`find_version`), e.g. the id of the job that wrote the files.
-    """
-    from deltalake import Schema
-    from deltalake.transaction import create_table_with_add_actions
-
-    actions = _add_actions(parts)
-    commit = deltalake.CommitProperties(custom_metadata=dict(custom_metadata)) if custom_metadata else None
-    try:
-        if table_version(table_uri, storage_options) is not None:
-            _open(table_uri, storage_options=storage_options).create_write_transaction(
-                actions, mode="overwrite", schema=schema, partition_by=partition_by, commit_properties=commit
-            )
-        else:
-            create_table_with_add_actions(
-                table_uri,
-                Schema.from_arrow(schema),
-                actions,
-                mode="overwrite",
-                partition_by=partition_by,
-                storage_options=_options(storage_options),
-                commit_properties=commit,
-            )
-    except CommitFailedError as exc:
-        raise LakeWriteError(
-            f"commit to Delta table {table_uri} failed, table unchanged: {str(exc).splitlines()[0]}"
-        ) from exc
-    version = table_version(table_uri, storage_options)
-    logger.info("committed %d file(s) to %s -> version %s", len(actions), table_uri, version)
-    return int(version)

@@ -66,6 +66,8 @@ class SyntheticWorld:
 
 
 def _check(cfg: SyntheticConfig) -> None:
+    if cfg.num_users < 1:  # checked first: the event-count check below would blame num_events
+        raise ValueError(f"synthetic.num_users must be >= 1, got {cfg.num_users}")
     if cfg.num_items < cfg.num_interests:
         raise ValueError(
             f"synthetic.num_items ({cfg.num_items}) must be >= synthetic.num_interests ({cfg.num_interests})"
@@ -75,7 +77,7 @@ def _check(cfg: SyntheticConfig) -> None:
             f"synthetic.interests_per_user ({cfg.interests_per_user}) must be in [1, num_interests={cfg.num_interests}]"
         )
     need = cfg.max_history + (cfg.num_users - 1) * MIN_HISTORY
-    if cfg.num_users < 1 or cfg.num_events < need:
+    if cfg.num_events < need:
         raise ValueError(
             f"synthetic.num_events ({cfg.num_events}) must be >= max_history + {MIN_HISTORY} per other user = {need}"
         )

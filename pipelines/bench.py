@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"unknown benchmark {kind!r}; {usage}", file=sys.stderr)
         return 2
-    return run(rest)
+    try:
+        return run(rest)
+    except SystemExit as exc:  # a benchmark's argparse (bad arguments, --help): returned, not raised
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
 
 
 if __name__ == "__main__":

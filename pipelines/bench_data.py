@@ -20,6 +20,7 @@ object-store pages once per process that maps them, so it over-estimates.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -27,13 +28,14 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import psutil
 
 from components import lake
+from components.ingest_runs import new_run_id, write_ingest_tables
 from components.synthetic import SyntheticConfig
 from pipelines.config import FeaturesConfig, LakeConfig, PipelineConfig, RayConfig
 
@@ -67,9 +69,8 @@ def synthetic_lake(root: str, num_events: int, num_buckets: int = 8, seed: int =
         events["value"].to_numpy(),
         num_buckets,
     )
-    lake.write_table(lake.table_uri(root, "events"), table, partition_by=["bucket"])
-    lake.write_table(lake.table_uri(root, "items"), generate_items(cfg, world))
-    lake.write_table(lake.table_uri(root, "users"), lake.users_table(world.user_ids))
+    tables = {"items": generate_items(cfg, world), "users": lake.users_table(world.user_ids), "events": table}
+    write_ingest_tables(root, tables, new_run_id())  # one ingest run, as pipelines/ingest writes it
 
 
 def compare_lakes(root_a: str, root_b: str, storage_options: Mapping[str, str] | None = None) -> list[str]:
@@ -141,6 +142,35 @@ def warm_workers(num_cpus: int) -> int:
     return len(set(ray.get([task.remote() for _ in range(num_cpus)])))
 
 
+class PhaseClock:
+    """Raw ``time.perf_counter()`` readings [start, end] of named phases.
+
+    The record keeps them (``clock_s``) beside the rounded durations and ratios, so a reader
+    (and tests/pipelines/test_bench_data.py) can recompute every number from the clock.
+    """
+
+    def __init__(self) -> None:
+        self.stamps: dict[str, list[float]] = {}
+
+    def start(self, name: str) -> None:
+        self.stamps[name] = [time.perf_counter()]
+
+    def stop(self, name: str) -> None:
+        self.stamps[name].append(time.perf_counter())
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.start(name)
+        try:
+            yield
+        finally:
+            self.stop(name)
+
+    def seconds(self, *names: str) -> float:
+        """Summed duration of the named phases."""
+        return sum(self.stamps[n][1] - self.stamps[n][0] for n in names)
+
+
 def run_bench(num_events: int, workdir: str, num_buckets: int, num_cpus: int, seed: int, rerun: bool = False) -> dict:
     """Generate, run reference then Ray job, compare; return the result record."""
     from pipelines.features import run_features
@@ -149,33 +179,42 @@ def run_bench(num_events: int, workdir: str, num_buckets: int, num_cpus: int, se
 
     root, ref_root = f"{workdir}/lake", f"{workdir}/lake_ref"
     num_buckets = LakeConfig(num_buckets=num_buckets).buckets_for(num_events)  # 0 = auto, as ingest does
-    start = time.perf_counter()
-    synthetic_lake(root, num_events, num_buckets, seed)
-    generate_s = time.perf_counter() - start
+    clock = PhaseClock()
+    with clock.phase("generate"):
+        synthetic_lake(root, num_events, num_buckets, seed)
     config = PipelineConfig(
         ray=RayConfig(num_cpus=num_cpus, enable_progress_bars=False),
         lake=LakeConfig(root=root, num_buckets=num_buckets),
         features=FeaturesConfig(),
     )
-    with PeakRss() as single_rss:  # before Ray starts: this tree is the reference process alone
-        start = time.perf_counter()
+    with PeakRss() as single_rss, clock.phase("reference"):  # before Ray starts: the reference process alone
         reference = run_reference(config, ref_root)
-        single_s = time.perf_counter() - start
-    start = time.perf_counter()
+    clock.start("ray_init")
     with ray_runtime(config.ray):
-        startup_s = time.perf_counter() - start
-        warm_workers(num_cpus)
-        warmup_s = time.perf_counter() - start - startup_s
+        clock.stop("ray_init")
+        with clock.phase("worker_warmup"):
+            warm_workers(num_cpus)
         idle_mb = PeakRss.current_mb()
-        with PeakRss() as ray_rss:
-            start = time.perf_counter()
+        with PeakRss() as ray_rss, clock.phase("ray_job"):
             summary = run_features(config)
-            ray_s = time.perf_counter() - start
         if rerun:  # steady state: same workers, every module and code path already warm
-            start = time.perf_counter()
-            run_features(config)
-            rerun_s = time.perf_counter() - start
-    differences = compare_lakes(root, ref_root)
+            with clock.phase("ray_rerun"):
+                run_features(config)
+    memory = {"peak_rss_mb": ray_rss.peak_mb, "ray_idle_rss_mb": idle_mb, "single_peak_rss_mb": single_rss.peak_mb}
+    return bench_record(clock, reference, summary, memory, num_buckets, num_cpus, compare_lakes(root, ref_root))
+
+
+def bench_record(
+    clock: PhaseClock,
+    reference: dict,
+    summary: dict,
+    memory_mb: dict[str, float],
+    num_buckets: int,
+    num_cpus: int,
+    differences: list[str],
+) -> dict:
+    """The JSON record: durations and ratios (rounded) from ``clock``, and its raw readings."""
+    single_s, ray_s = clock.seconds("reference"), clock.seconds("ray_job")
     return {
         "events": reference["events"],
         "ray_s": round(ray_s, 3),
@@ -183,28 +222,33 @@ def run_bench(num_events: int, workdir: str, num_buckets: int, num_cpus: int, se
         "ratio_ray_over_single": round(ray_s / single_s, 3),
         "events_per_s": round(reference["events"] / ray_s),
         # The same ratio charged with Ray's start-up: worker processes + imports, then also ray.init.
-        "ratio_incl_worker_warmup": round((warmup_s + ray_s) / single_s, 3),
-        "ratio_incl_ray_start": round((startup_s + warmup_s + ray_s) / single_s, 3),
-        "peak_rss_mb": round(ray_rss.peak_mb, 1),
+        "ratio_incl_worker_warmup": round(clock.seconds("worker_warmup", "ray_job") / single_s, 3),
+        "ratio_incl_ray_start": round(clock.seconds("ray_init", "worker_warmup", "ray_job") / single_s, 3),
+        **{key: round(mb, 1) for key, mb in memory_mb.items()},
         "peak_rss_scope": "driver + all Ray processes (psutil RSS over the process tree)",
-        "ray_idle_rss_mb": round(idle_mb, 1),
-        "single_peak_rss_mb": round(single_rss.peak_mb, 1),
-        "ray_startup_s": round(startup_s, 3),
-        "ray_worker_warmup_s": round(warmup_s, 3),
-        "generate_s": round(generate_s, 3),
+        "ray_startup_s": round(clock.seconds("ray_init"), 3),
+        "ray_worker_warmup_s": round(clock.seconds("worker_warmup"), 3),
+        "generate_s": round(clock.seconds("generate"), 3),
         "users": reference["users"],
         "groups": reference["groups"],
         "buckets": num_buckets,
         "ray_num_cpus": num_cpus,
         "physical_cores": psutil.cpu_count(logical=False),
         "ray_phases_s": {k: v for k, v in summary.items() if k.endswith("_s")},
-        **({"ray_rerun_s": round(rerun_s, 3)} if rerun else {}),
+        **({"ray_rerun_s": round(clock.seconds("ray_rerun"), 3)} if "ray_rerun" in clock.stamps else {}),
+        "clock_s": clock.stamps,  # raw perf_counter [start, end] of every phase, for re-computation
         "identical": not differences,
         "differences": differences,
     }
 
 
+def exit_code(exc: SystemExit) -> int:
+    """The process exit status a SystemExit stands for (None: 0; a message: 1, as Python does)."""
+    return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``bench data`` CLI: 0 identical outputs, 1 the Ray job and the reference differ, 2 bad arguments."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench data", description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000, help="number of synthetic events")
     parser.add_argument("--json", required=True, help="where to write the result record")
@@ -218,9 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rerun", action="store_true", help="also time a second Ray run (steady state)")
     parser.add_argument("--workdir", default=None, help="keep the lakes here (default: a temp dir, removed)")
-    args = parser.parse_args(argv)
-    if args.events < 1:
-        parser.error(f"--events must be >= 1, got {args.events}")
+    try:  # argparse exits on bad arguments and --help: main(argv) -> int returns that code instead
+        args = parser.parse_args(argv)
+        if args.events < 1 or args.num_cpus < 1:
+            parser.error(f"--events and --num-cpus must be >= 1, got {args.events} and {args.num_cpus}")
+    except SystemExit as exc:
+        return exit_code(exc)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_data_")
     try:

@@ -10,6 +10,7 @@ Presets live in ``pipelines/configs/*.yaml``; every CLI takes ``--config PRESET`
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,6 +18,7 @@ from components import groups
 from components.config_loader import ConfigError
 from components.ingest_sources import EventsFileConfig
 from components.synthetic import SyntheticConfig
+from components.ts_units import DEFAULT_MAX_TS_AHEAD_S, DEFAULT_MIN_TS_S
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,24 @@ class RayConfig:
     # Ray Data needs free slots beside training workers (STACK.md: 2 workers + num_cpus=2 hangs).
     num_cpus: int = 4
     enable_progress_bars: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_cpus < 1:  # 0 hangs every Ray task for ever; negative fails inside ray.init
+            raise ConfigError(f"ray.num_cpus must be >= 1, got {self.num_cpus}")
+
+
+def check_lake_root(root: str) -> None:
+    """ConfigError for a ``lake.root`` that is empty or a root: tables would land beside the
+    system's own folders (an empty root used to write /items, /users and /events)."""
+    if not root.strip():
+        raise ConfigError("lake.root is empty; set a folder (e.g. lake) or an object-store URI (s3://bucket/lake)")
+    if "://" in root:
+        if not root.split("://", 1)[1].strip("/"):
+            raise ConfigError(f"lake.root {root!r} names no bucket or folder; e.g. s3://bucket/lake")
+        if root.startswith("file://") and os.path.abspath(root[len("file://") :] or "/") == "/":
+            raise ConfigError(f"lake.root {root!r} is the root of the file system; set a folder such as lake")
+    elif os.path.abspath(os.path.expanduser(root)) == "/":
+        raise ConfigError(f"lake.root {root!r} is the root of the file system; set a folder such as lake")
 
 
 @dataclass(frozen=True)
@@ -47,6 +67,7 @@ class LakeConfig:
     storage_options: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_lake_root(self.root)
         if self.num_buckets < 0 or self.events_per_bucket < 1 or self.min_buckets < 1:
             raise ValueError(
                 f"num_buckets must be >= 0 (0 = auto), events_per_bucket and min_buckets >= 1; "
@@ -79,12 +100,20 @@ class IngestConfig:
     reject_samples: int = 5
     # Tag vocabulary cap (most frequent tags; the rest are dropped from items.tag_ids).
     max_tag_vocab: int = 5000
+    # Events before min_ts_s (default 1990-01-01) or more than max_ts_ahead_s after now are
+    # rejected rows (ts_out_of_range): usually a unit or parsing mistake (components/ts_units.py).
+    min_ts_s: int = DEFAULT_MIN_TS_S
+    max_ts_ahead_s: int = DEFAULT_MAX_TS_AHEAD_S
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_reject_frac <= 1.0:
             raise ValueError(f"max_reject_frac must be in [0, 1], got {self.max_reject_frac}")
         if not self.value_min < self.value_max:
             raise ValueError(f"value_min ({self.value_min}) must be < value_max ({self.value_max})")
+        if self.max_tag_vocab < 0:
+            raise ConfigError(f"ingest.max_tag_vocab must be >= 0, got {self.max_tag_vocab}")
+        if self.max_ts_ahead_s < 0:
+            raise ConfigError(f"ingest.max_ts_ahead_s must be >= 0, got {self.max_ts_ahead_s}")
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,14 @@ per table. No shuffle, and a task's memory grows with its bucket, not with the n
 users: ``lake.num_buckets`` (set at ingest) is the memory knob.
 
 Global inputs every bucket needs are computed first by small Ray tasks over the ``ts`` and
-``item_id`` columns only: the exact time-split cut-offs (memory bounded by the time span, see
-components/groups.py), then item popularity over the train period (for negatives).
+``item_id`` columns only (pipelines/features_stats.py): the exact time-split cut-offs, then
+item popularity over the train period (for negatives).
 
-Both commits carry ``run_metadata`` (job id, events version, loader settings) in their Delta
-commit info; ``sequences`` commits first and ``components.sequence_join.load_groups`` pairs
-the two tables by job id. Sequences are stored in full: ``max_seq_len`` applies at load time.
+The inputs are ONE ingest run's items/users/events triple (``ingest_runs.pin_ingest``: a lake
+whose latest ingest run is incomplete is refused). Both commits carry ``run_metadata`` (job id,
+that triple: ingest run id and table versions, loader settings) in their Delta commit info;
+``sequences`` commits first and ``components.sequence_join.load_groups`` pairs the two tables
+by job id. Sequences are stored in full: ``max_seq_len`` applies at load time.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from components import groups, lake
+from components import groups, lake, lake_files
+from components.ingest_runs import pin_ingest
 from components.lake import (
     SAMPLES_PARTITION,
     SAMPLES_SCHEMA,
@@ -44,6 +47,7 @@ from components.lake import (
 from components.transforms import OOV, action_bucket
 from pipelines.cli import pipeline_main
 from pipelines.config import FeaturesConfig, PipelineConfig
+from pipelines.features_stats import EventStats, FeaturesError, bucket_filter, check_train_period, global_stats
 from pipelines.ray_runtime import ray_runtime
 
 logger = logging.getLogger(__name__)
@@ -103,78 +107,6 @@ def item_arrays(items: pa.Table, tags_per_item: int) -> dict[str, np.ndarray]:
         "year": year,
         "tags": tags,
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Global statistics: three small passes over (ts, item_id) per bucket
-# ---------------------------------------------------------------------------------------------
-def _bucket_filter(bucket: int) -> pc.Expression:
-    return pc.field("bucket") == pa.scalar(bucket, pa.int32())
-
-
-@ray.remote(num_cpus=1)
-def _pass_counts(events: lake.PinnedTable, bucket: int) -> tuple:
-    ts = events.read(["ts"], _bucket_filter(bucket))["ts"].to_numpy()
-    return (ts.size, int(ts.min()) if ts.size else 0, int(ts.max()) if ts.size else 0)
-
-
-@ray.remote(num_cpus=1)
-def _pass_train_items(events: lake.PinnedTable, bucket: int, valid_start_ts: int) -> tuple:
-    """(item ids, counts) of the bucket's TRAIN-period events: popularity must not see the future."""
-    train = _bucket_filter(bucket) & (pc.field("ts") < pa.scalar(valid_start_ts, pa.int64()))
-    items = events.read(["item_id"], train)["item_id"].to_numpy()
-    return np.unique(items, return_counts=True)
-
-
-@ray.remote(num_cpus=1)
-def _pass_histogram(events: lake.PinnedTable, bucket: int, ts_min: int, shift: int) -> tuple:
-    ts = events.read(["ts"], _bucket_filter(bucket))["ts"].to_numpy()
-    return groups.ts_histogram(ts, ts_min, shift)
-
-
-@ray.remote(num_cpus=1)
-def _pass_bin_values(events: lake.PinnedTable, bucket: int, ts_min: int, shift: int, bins: list) -> tuple:
-    ts = events.read(["ts"], _bucket_filter(bucket))["ts"].to_numpy()
-    return groups.values_in_bins(ts, ts_min, shift, bins)
-
-
-@dataclass(frozen=True)
-class EventStats:
-    """What the global passes learn about the events table (stays on the driver)."""
-
-    cutoffs: groups.TimeCutoffs
-    item_ids: np.ndarray  # (K,) int64 raw ids of the items with TRAIN-period events
-    item_counts: np.ndarray  # (K,) int64 their TRAIN-period event counts
-    num_events: int
-
-
-def global_stats(events: lake.PinnedTable, buckets: list[int], cfg: FeaturesConfig) -> EventStats:
-    """Exact time cut-offs, train-period item counts and the event count of the events table."""
-    first = ray.get([_pass_counts.remote(events, b) for b in buckets])
-    nonempty = [f for f in first if f[0]]
-    n = sum(f[0] for f in first)
-    if n == 0:
-        raise lake.LakeError(
-            f"events table {events.uri} (version {events.version}) has no rows "
-            f"({len(buckets)} bucket partition(s)); nothing to build features from"
-        )
-    ranks = groups.cutoff_ranks(n, cfg.valid_frac, cfg.test_frac)
-    ts_min, ts_max = min(f[1] for f in nonempty), max(f[2] for f in nonempty)
-    shift = groups.histogram_shift(ts_min, ts_max)
-    hist = groups.merge_counts(ray.get([_pass_histogram.remote(events, b, ts_min, shift) for b in buckets]))
-    located = groups.locate_ranks(*hist, [r for r in ranks if r < n])
-    values: dict[int, int] = {}
-    if located:
-        bins = sorted({bin_id for bin_id, _ in located.values()})
-        merged = groups.merge_counts(
-            ray.get([_pass_bin_values.remote(events, b, ts_min, shift, bins) for b in buckets])
-        )
-        values = groups.pick_ranks(located, ts_min, shift, *merged)
-    cutoffs = groups.cutoffs_from_values(n, ranks, values)
-    item_ids, item_counts = groups.merge_counts(
-        ray.get([_pass_train_items.remote(events, b, cutoffs.valid_start_ts) for b in buckets])
-    )
-    return EventStats(cutoffs, item_ids, item_counts, n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +261,7 @@ def _write_bucket(sequences: pa.Table, samples: pa.Table, bucket: int, job: Buck
     name = f"part-{bucket:05d}-{job.job_id}"
     write = lambda table, rows, uri, partition: {
         "table": table,
-        **lake.write_data_file(rows, uri, partition, name, job.storage_options),
+        **lake_files.write_data_file(rows, uri, partition, name, job.storage_options),
     }
     files = [write("sequences", sequences, job.sequences_uri, {"bucket": str(bucket)})]
     for split in groups.SPLITS:
@@ -344,7 +276,7 @@ def _process_buckets(batch: dict[str, np.ndarray], job: BucketJob) -> dict[str, 
     ctx: BucketContext = ray.get(job.ctx)
     rows: list[dict] = []
     for bucket in batch["bucket"].tolist():
-        events = job.events.read(EVENT_COLUMNS, _bucket_filter(bucket))
+        events = job.events.read(EVENT_COLUMNS, bucket_filter(bucket))
         # The users table is not bucketed: stream it through a filter so memory stays per bucket.
         bucket_users = pc.field("user_id").isin(pc.unique(events["user_id"]))
         users = job.users.read(["user_id", "user_idx"], bucket_users)
@@ -380,7 +312,17 @@ def commit_outputs(job: BucketJob, written: list[dict], metadata: dict[str, str]
         ("samples", job.samples_uri, SAMPLES_SCHEMA, SAMPLES_PARTITION),
     ):
         files = [w for w in written if w["table"] == table]
-        lake.commit_files_overwrite(uri, schema, partition_by, files, metadata, job.storage_options)
+        lake_files.commit_files_overwrite(uri, schema, partition_by, files, metadata, job.storage_options)
+
+
+def check_train_groups(written: list[dict], cfg: FeaturesConfig, stats: EventStats) -> None:
+    """FeaturesError when the run built no train group (called before any commit)."""
+    train = sum(int(w["num_rows"]) for w in written if w["table"] == "samples" and '"train"' in w["partition"])
+    if train == 0:
+        raise FeaturesError(
+            f"no train group was built from {stats.num_events} events: every train-period request has fewer "
+            f"than features.min_seq_len={cfg.min_seq_len} earlier events of its user (lower it); nothing was committed"
+        )
 
 
 def run_summary(job: BucketJob, stats: EventStats, buckets: int, written: list[dict], timings_s: dict) -> dict:
@@ -402,20 +344,24 @@ def run_summary(job: BucketJob, stats: EventStats, buckets: int, written: list[d
 
 
 def run_features(config: PipelineConfig) -> dict:
-    """Build and commit ``sequences`` and ``samples`` from the lake's events (Ray must be up)."""
+    """Build and commit ``sequences`` and ``samples`` from the lake's events (Ray must be up).
+
+    Reads ONE ingest run's items/users/events triple, pinned before anything is read
+    (components/ingest_runs.py), and records it in both commits.
+    """
     cfg, options = config.features, config.lake.storage_options
     root = lake_root(config.lake.root)
-    events = lake.pin_table(lake.table_uri(root, "events"), options)
-    buckets = event_buckets(events)
+    inputs = pin_ingest(root, options)
+    buckets = event_buckets(inputs.events)
     clock = time.perf_counter()
-    stats = global_stats(events, buckets, cfg)
-    items = lake.read_table(lake.table_uri(root, "items"), storage_options=options)
-    ctx_ref = ray.put(build_context(items, cfg, stats))
+    stats = global_stats(inputs.events, buckets, cfg)
+    check_train_period(stats)
+    ctx_ref = ray.put(build_context(inputs.items.read(), cfg, stats))
     stats_s, clock = time.perf_counter() - clock, time.perf_counter()
     job = BucketJob(
         ctx=ctx_ref,
-        events=events,
-        users=lake.pin_table(lake.table_uri(root, "users"), options),
+        events=inputs.events,
+        users=inputs.users,
         sequences_uri=lake.table_uri(root, "sequences"),
         samples_uri=lake.table_uri(root, "samples"),
         storage_options=dict(options),
@@ -427,9 +373,11 @@ def run_features(config: PipelineConfig) -> dict:
         .take_all()
     )
     job_s, clock = time.perf_counter() - clock, time.perf_counter()
-    commit_outputs(job, written, run_metadata(job.job_id, events.version, cfg.max_seq_len, cfg.candidates_per_group))
+    check_train_groups(written, cfg, stats)
+    metadata = run_metadata(job.job_id, inputs.metadata(), cfg.max_seq_len, cfg.candidates_per_group)
+    commit_outputs(job, written, metadata)
     timings_s = {"stats_s": stats_s, "buckets_s": job_s, "commit_s": time.perf_counter() - clock}
-    return run_summary(job, stats, len(buckets), written, timings_s)
+    return run_summary(job, stats, len(buckets), written, timings_s) | {"ingest_run_id": inputs.run_id}
 
 
 def _main(config: PipelineConfig, args: argparse.Namespace) -> int:
@@ -439,7 +387,9 @@ def _main(config: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return pipeline_main("pipelines.features", __doc__.splitlines()[0], argv, _main, failures=(lake.LakeError,))
+    return pipeline_main(
+        "pipelines.features", __doc__.splitlines()[0], argv, _main, failures=(lake.LakeError, FeaturesError)
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import polars as pl
 import pyarrow as pa
 
 from components import groups, lake
+from components.ingest_runs import pin_ingest
 from components.lake import (
     SAMPLES_PARTITION,
     SAMPLES_SCHEMA,
@@ -201,12 +202,12 @@ def run_reference(config: PipelineConfig, out_root: str | None = None) -> dict:
     cfg, options = config.features, config.lake.storage_options
     root = lake_root(config.lake.root)
     out = lake_root(out_root) if out_root else root
-    events = lake.pin_table(lake.table_uri(root, "events"), options)
-    events_rows = events.read(["user_id", "item_id", "ts", "value", "bucket"])
-    items = lake.read_table(lake.table_uri(root, "items"), storage_options=options)
-    users = lake.read_table(lake.table_uri(root, "users"), columns=["user_id", "user_idx"], storage_options=options)
-    sequences, samples = reference_tables(events_rows, items, users, cfg)
-    metadata = run_metadata(f"reference-{uuid.uuid4().hex}", events.version, cfg.max_seq_len, cfg.candidates_per_group)
+    inputs = pin_ingest(root, options)  # one ingest run's triple, as the Ray job reads it
+    events_rows = inputs.events.read(["user_id", "item_id", "ts", "value", "bucket"])
+    users = inputs.users.read(["user_id", "user_idx"])
+    sequences, samples = reference_tables(events_rows, inputs.items.read(), users, cfg)
+    job_id = f"reference-{uuid.uuid4().hex}"
+    metadata = run_metadata(job_id, inputs.metadata(), cfg.max_seq_len, cfg.candidates_per_group)
     for name, rows, partition_by in (
         ("sequences", sequences, SEQUENCES_PARTITION),
         ("samples", samples, SAMPLES_PARTITION),

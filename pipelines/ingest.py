@@ -14,9 +14,10 @@ Guarantees
 - Idempotent: each table is rewritten with ``mode="overwrite"`` as ONE new Delta version;
   rows are sorted, so re-running on the same input writes the same content again.
   A crash mid-write leaves that table at its previous version (Delta commits are atomic).
-  The three tables are three commits: a crash between them can leave e.g. ``items`` new
-  and ``events`` old; re-running repairs it. ``events`` is written last so a consumer that
-  sees new events also sees their items and users.
+- One run = one consistent set of tables: the three commits (items, users, events) record
+  one ingest run id (components/ingest_runs.py). A crash between them leaves the latest
+  versions from two runs; every reader (``ingest_runs.pin_ingest``) refuses such a lake
+  with "re-run ingest" instead of mixing two runs' vocabularies, and re-running repairs it.
 - Ray is not needed (the tables fit the driver); Delta writes go through components/lake.
 """
 
@@ -30,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from components.ingest_runs import TableCommit, new_run_id, write_ingest_tables
 from components.ingest_sources import (
     ITEM_ATTR_COLUMNS,
     SourceData,
@@ -38,35 +40,20 @@ from components.ingest_sources import (
     read_synthetic,
     resolve_movielens_dir,
 )
-from components.lake import (
-    LakeError,
-    events_table,
-    items_table,
-    table_uri,
-    users_table,
-    write_table,
-)
+from components.lake import LakeError, events_table, items_table, users_table
+from components.ts_units import TsRange, near_epoch_message
 from components.validation import IngestError, ValidationReport, check_reject_threshold, validate_events
 from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
 
-TABLES = ("items", "users", "events")  # write order: dimensions first, events last
-
-
-@dataclass(frozen=True)
-class TableCommit:
-    """One table written by the run."""
-
-    name: str
-    uri: str
-    version: int
-    rows: int
-
 
 @dataclass(frozen=True)
 class IngestResult:
+    """What one ingest run committed: its run id (in all three commits), the commits, the row report."""
+
+    run_id: str
     commits: tuple[TableCommit, ...]
     report: ValidationReport
 
@@ -104,8 +91,16 @@ def _complete_items(attrs: pa.Table, event_items: np.ndarray) -> pa.Table:
 def build_tables(cfg: PipelineConfig, source: SourceData) -> tuple[dict[str, pa.Table], ValidationReport]:
     """Validate the source's events and build the three lake tables in memory."""
     ingest = cfg.ingest
+    near_epoch = near_epoch_message(pc.drop_null(source.events["ts"]).to_numpy(), source.ts_unit)
+    if near_epoch:
+        raise IngestError(f"{source.name}: {near_epoch}; nothing was written")
     clean, report = validate_events(
-        source.events, ingest.value_min, ingest.value_max, max_samples=ingest.reject_samples
+        source.events,
+        ingest.value_min,
+        ingest.value_max,
+        max_samples=ingest.reject_samples,
+        ts_range=TsRange.from_config(ingest.min_ts_s, ingest.max_ts_ahead_s),
+        declared_ts_unit=source.ts_unit,
     )
     logger.info("%s: %s", source.name, report.summary())
     check_reject_threshold(report, ingest.max_reject_frac, source.name)
@@ -129,31 +124,13 @@ def build_tables(cfg: PipelineConfig, source: SourceData) -> tuple[dict[str, pa.
     return tables, report
 
 
-def write_tables(
-    cfg: PipelineConfig, tables: dict[str, pa.Table], metadata: dict[str, str] | None = None
-) -> tuple[TableCommit, ...]:
-    """Overwrite each table as one new version; returns what was committed."""
-    commits = []
-    for name in TABLES:
-        uri = table_uri(cfg.lake.root, name)
-        version = write_table(
-            uri,
-            tables[name],
-            mode="overwrite",
-            partition_by=["bucket"] if name == "events" else None,
-            storage_options=cfg.lake.storage_options,
-            custom_metadata=metadata if name == "items" else None,
-        )
-        commits.append(TableCommit(name, uri, version, tables[name].num_rows))
-    return tuple(commits)
-
-
 def run_ingest(cfg: PipelineConfig) -> IngestResult:
     """Read, validate, build and write; raises IngestError/ConfigError/LakeError on failure."""
     source = load_source(cfg)
     tables, report = build_tables(cfg, source)
-    commits = write_tables(cfg, tables, source.metadata)
-    return IngestResult(commits=commits, report=report)
+    run_id = new_run_id()
+    commits = write_ingest_tables(cfg.lake.root, tables, run_id, cfg.lake.storage_options, source.metadata)
+    return IngestResult(run_id=run_id, commits=commits, report=report)
 
 
 def _main(cfg: PipelineConfig, args: argparse.Namespace) -> int:

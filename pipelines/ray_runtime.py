@@ -1,7 +1,9 @@
 """Starting and stopping Ray for a pipeline entry point: embedded by default, a cluster when asked.
 
 An already-initialised Ray (tests, ``pipelines.run`` chaining stages, a Ray job driver)
-is reused and left running: only the caller that started Ray shuts it down.
+is reused and left running: only the caller that started Ray shuts it down. An embedded
+instance shares the driver's fate (pipelines/ray_watchdog.py): a killed driver's Ray
+processes are killed by a watchdog, and leftovers of earlier killed runs are reported.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 from collections.abc import Iterator
 
 from pipelines.config import RayConfig
+from pipelines.ray_watchdog import Watchdog, report_orphans
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +27,7 @@ def ray_runtime(config: RayConfig) -> Iterator[None]:
 
     # W&B runs offline unless a key is present; set before init so workers inherit it.
     os.environ.setdefault("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY") else "offline")
-    started = False
+    started, watchdog = False, None
     if not ray.is_initialized():
         address = config.address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -32,9 +35,7 @@ def ray_runtime(config: RayConfig) -> Iterator[None]:
             logger.info("connecting to Ray at %s", address)
             ray.init(address=address, log_to_driver=True)
         else:
-            # address="local": a stale cluster file must not make us join a dead head.
-            logger.info("starting embedded Ray with %d logical CPUs", config.num_cpus)
-            ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False)
+            watchdog = start_embedded(config)
         started = True
     DataContext.get_current().enable_progress_bars = config.enable_progress_bars
     try:
@@ -42,3 +43,27 @@ def ray_runtime(config: RayConfig) -> Iterator[None]:
     finally:
         if started:
             ray.shutdown()
+        if watchdog is not None:
+            watchdog.stop()
+
+
+def start_embedded(config: RayConfig) -> Watchdog:
+    """``ray.init`` of an embedded instance whose processes die with this driver (ray_watchdog)."""
+    import ray
+
+    try:
+        for message in report_orphans():
+            logger.warning(message)
+    except Exception as exc:  # a report must never stop a run
+        logger.warning("could not check for Ray processes left by killed runs: %s", exc)
+    watchdog = Watchdog()
+    # address="local": a stale cluster file must not make us join a dead head.
+    logger.info("starting embedded Ray with %d logical CPUs", config.num_cpus)
+    try:
+        with watchdog.tagged_environment():
+            ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False)
+    except BaseException:
+        ray.shutdown()
+        watchdog.stop()
+        raise
+    return watchdog

@@ -15,12 +15,12 @@ from collections.abc import Mapping
 
 import pyarrow as pa
 
-from components import lake
+from components import lake, lake_stats
 from components.collate import CollateConfig, collate_groups
 from components.validation import IngestError
 from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig
-from pipelines.features import run_features
+from pipelines.features import FeaturesError, run_features
 from pipelines.ingest import run_ingest
 from pipelines.ray_runtime import ray_runtime
 
@@ -52,7 +52,7 @@ def table_report(root: str, storage_options: Mapping[str, str] | None = None) ->
     for name in TABLES:
         uri = lake.table_uri(root, name)
         version = lake.table_version(uri, storage_options)
-        rows = lake.row_count(uri, version, storage_options) if version is not None else 0
+        rows = lake_stats.row_count(uri, version, storage_options) if version is not None else 0
         out.append((name, version, rows))
     return out
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         lambda config, _: run(config),
         default_preset="demo",
-        failures=(IngestError, lake.LakeError),
+        failures=(IngestError, lake.LakeError, FeaturesError),
     )
 
 

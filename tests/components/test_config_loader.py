@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from components.config_loader import ConfigError, load_config, parse_overrides
@@ -40,6 +42,37 @@ def test_configs_are_frozen():
 def test_bad_overrides_rejected_with_path(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(PipelineConfig, "demo", [override])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # A NaN or infinite float anywhere (YAML spells them .nan / .inf): comparisons with NaN are
+        # all false, so range checks pass it and it ends in silent garbage downstream.
+        ("--ingest.synthetic.zipf_exponent=.nan", "ingest.synthetic.zipf_exponent: must be a finite number, got nan"),
+        ("--ingest.value_max=.inf", "ingest.value_max: must be a finite number, got inf"),
+        ("--features.like_threshold=-.inf", "features.like_threshold: must be a finite number"),
+        ("--ingest.max_tag_vocab=-1", "ingest.max_tag_vocab must be >= 0, got -1"),
+        ("--ray.num_cpus=0", "ray.num_cpus must be >= 1, got 0"),  # 0 used to hang the features run
+        ("--ray.num_cpus=-1", "ray.num_cpus must be >= 1, got -1"),  # and -1 was a traceback
+        ("--lake.root=", "lake.root is empty"),
+        ("--lake.root=/", "lake.root '/' is the root of the file system"),
+        ("--lake.root=/tmp/..", "lake.root '/tmp/..' is the root of the file system"),
+        ("--lake.root=s3://", "lake.root 's3://' names no bucket or folder"),
+        ("--ingest.max_ts_ahead_s=-1", "ingest.max_ts_ahead_s must be >= 0"),
+    ],
+)
+def test_settings_that_cannot_be_right_are_config_errors_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(PipelineConfig, "demo", [override])
+
+
+def test_synthetic_without_users_names_num_users():
+    from components.ingest_sources import read_synthetic
+
+    cfg = load_config(PipelineConfig, "synthetic", ["--ingest.synthetic.num_users=0"])
+    with pytest.raises(ConfigError, match=r"ingest\.synthetic\.num_users must be >= 1, got 0"):
+        read_synthetic(cfg.ingest.synthetic)
 
 
 def test_mapping_entries_are_typed():

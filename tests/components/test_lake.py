@@ -21,21 +21,18 @@ from components.lake import (
     EVENTS_SCHEMA,
     ITEMS_SCHEMA,
     LakeError,
-    column_range,
-    commit_files_overwrite,
     commit_metadata,
     events_table,
-    events_time_range,
     find_version,
     items_table,
     read_table,
-    row_count,
     table_version,
     user_bucket,
     users_table,
-    write_data_file,
     write_table,
 )
+from components.lake_files import commit_files_overwrite, write_data_file
+from components.lake_stats import column_range, events_time_range, row_count
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -156,20 +153,38 @@ def test_user_bucket_property(ids, num_buckets):
 WRITER = r"""
 import os, sys, time
 import numpy as np, pyarrow as pa
+import components.lake_files as lake_files
 from components.lake import LakeWriteError, write_table
 uri, tag, mode, sync = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 schema = pa.schema([("x", pa.int64()), ("tag", pa.int64())])
-def batches():
+def pause():  # signal and wait (or hang forever)
+    open(f"{sync}.ready{tag}", "w").close()
+    while not os.path.exists(f"{sync}.go"):
+        time.sleep(0.01)
+def batches(pause_at=3):
     for i in range(6):
-        if i == 3:  # files of batches 0..2 are on disk now; signal and wait (or hang forever)
-            open(f"{sync}.ready{tag}", "w").close()
-            while not os.path.exists(f"{sync}.go"):
-                time.sleep(0.01)
+        if i == pause_at:  # files of batches 0..2 are on disk now
+            pause()
         yield pa.record_batch([pa.array(np.arange(i * 20_000, (i + 1) * 20_000)),
                                pa.array(np.full(20_000, tag))], schema=schema)
+def write_files():  # the features job's path: worker-written files, one driver commit
+    parts = [write_data_file(pa.Table.from_batches([b]), uri, {}, f"tag{tag}-{i}")
+             for i, b in enumerate(batches(pause_at=None))]
+    real_version = lake_files.table_version
+    def version_then_pause(*args):  # pause between "is there a table?" and the commit
+        lake_files.table_version = real_version
+        version = real_version(*args)
+        pause()
+        return version
+    lake_files.table_version = version_then_pause
+    lake_files.commit_files_overwrite(uri, schema, [], parts)
+write_data_file = lake_files.write_data_file
 try:
-    write_table(uri, pa.RecordBatchReader.from_batches(schema, batches()), mode=mode,
-                target_file_size=50_000)
+    if mode == "files":
+        write_files()
+    else:
+        write_table(uri, pa.RecordBatchReader.from_batches(schema, batches()), mode=mode,
+                    target_file_size=50_000)
 except LakeWriteError as exc:
     print(exc, file=sys.stderr)
     sys.exit(3)
@@ -275,3 +290,39 @@ def test_concurrent_writers_never_mix(tmp_path, writer_script, mode):
         assert len(xs) in (0, ROWS_PER_WRITE)
         if len(xs):
             assert np.array_equal(xs, np.arange(ROWS_PER_WRITE))
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "files"])
+def test_two_creators_of_a_new_table_never_leave_both_writes(tmp_path, writer_script, mode):
+    """No table yet: both writers see none, write their files, then race to create it.
+
+    ``overwrite`` (write_table): deltalake used to retry the loser's commit as version 1,
+    which removed nothing (it had read no files): both exited 0 and the table held both
+    writes. Now exactly one creates it and the other fails with a clear error.
+    ``files`` (the features job's commit): deltalake's create-or-replace either rejects the
+    loser or replaces the winner's version whole; never both writes in one version."""
+    uri = str(tmp_path / "t")
+    sync = tmp_path / "sync"
+    procs = [_start_writer(writer_script, uri, tag, mode, sync) for tag in (1, 2)]
+    try:
+        _wait_for(lambda: all(Path(f"{sync}.ready{t}").exists() for t in (1, 2)), "both ready", procs)
+        assert table_version(uri) is None  # neither has committed: both are creating the table
+        Path(f"{sync}.go").touch()
+        results = [(p.wait(timeout=60), p.communicate()[1]) for p in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    codes = sorted(code for code, _ in results)
+    final = read_table(uri)
+    tags = set(final["tag"].to_pylist())
+    assert len(tags) == 1, f"both writes are in the table: {results}"
+    assert np.array_equal(np.sort(final["x"].to_numpy()), np.arange(ROWS_PER_WRITE))
+    if mode == "overwrite" or codes == [0, 3]:
+        assert codes == [0, 3], results
+        loser = next(err for code, err in results if code == 3)
+        assert "created by a concurrent writer" in loser and uri in loser
+        assert table_version(uri) == 0 and tags == {1 + [code for code, _ in results].index(0)}
+    else:  # the later creator replaced the first one's version
+        assert codes == [0, 0] and table_version(uri) == 1

@@ -11,6 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from components.validation import (
+    ID_NON_INTEGER,
+    ID_OK,
+    ID_TOO_LARGE,
+    ID_TOO_SMALL,
     REASONS,
     TS_MAX_S,
     InputFileError,
@@ -35,10 +39,35 @@ def raw(user, item, ts, value) -> pa.Table:
 
 
 def test_ids_from_ints_floats_and_text():
-    assert coerce_ids(pa.array([1, -2, None]), "f", "u").to_pylist() == [1, -2, None]
-    assert coerce_ids(pa.array([1.0, 2.5, float("nan")]), "f", "u").to_pylist() == [1, None, None]
+    ids = coerce_ids(pa.array([1, -2, None]), "f", "u")
+    assert ids.values.to_pylist() == [1, -2, None] and ids.flaw.tolist() == [ID_OK] * 3
+    ids = coerce_ids(pa.array([1.0, 2.5, float("nan"), 2.0**60]), "f", "u")
+    assert ids.values.to_pylist() == [1, None, None, None]
+    assert ids.flaw.tolist() == [ID_OK, ID_NON_INTEGER, ID_NON_INTEGER, ID_NON_INTEGER]  # 2^60: float skips ints
     text = pa.chunked_array([["7", " 8 ", "x"], ["", None]])
-    assert coerce_ids(text, "f", "u").to_pylist() == [7, 8, None, None, None]
+    assert coerce_ids(text, "f", "u").values.to_pylist() == [7, 8, None, None, None]
+
+
+def test_ids_are_parsed_exactly_from_text_never_through_a_float():
+    cells = [str(2**53 + 1), str(2**53 + 3), "1.0", "+7", "007", "1.5", "1e3", str(2**63 - 1), str(2**63)]
+    cells += [str(-(2**63) - 1), "x", None]
+    ids = coerce_ids(pa.array(cells), "f", "u")
+    # 2^53 + 1 and 2^53 + 3 read as floats would both round to even neighbours (two users merged).
+    assert ids.values.to_pylist() == [2**53 + 1, 2**53 + 3, 1, 7, 7, None, None, 2**63 - 1, None, None, None, None]
+    ok, frac, big, small = ID_OK, ID_NON_INTEGER, ID_TOO_LARGE, ID_TOO_SMALL
+    assert ids.flaw.tolist() == [ok, ok, ok, ok, ok, frac, frac, ok, big, small, ok, ok]
+    unsigned = coerce_ids(pa.array([2**64 - 1, 5], pa.uint64()), "f", "u")  # Parquet uint64
+    assert unsigned.values.to_pylist() == [None, 5] and unsigned.flaw.tolist() == [ID_TOO_LARGE, ID_OK]
+
+
+def test_id_flaws_are_rejected_rows_with_their_own_reasons():
+    table = raw([1, None, None, 2, -4], [1, 1, 1, None, 1], [1_600_000_000] * 5, [1.0] * 5)
+    flaw = pa.array([ID_OK, ID_NON_INTEGER, ID_TOO_LARGE, ID_OK, ID_OK], pa.int8())
+    table = table.append_column("user_id_flaw", flaw).append_column("item_id_flaw", pa.array([0] * 5, pa.int8()))
+    clean, report = validate_events(table, 0.0, 5.0)
+    assert clean["user_id"].to_pylist() == [1]
+    counts = {k: v for k, v in report.rejected.items() if v}
+    assert counts == {"non_integer_user_id": 1, "user_id_too_large": 1, "invalid_item_id": 1, "negative_user_id": 1}
 
 
 def test_ids_of_the_wrong_kind_name_file_and_column():
@@ -89,8 +118,12 @@ def test_every_reason_is_counted_once_with_samples():
     assert clean.num_rows == 1 and clean.to_pylist()[0] == {"user_id": 1, "item_id": 1, "ts": 100, "value": 4.0}
     assert report.rejected == {
         "invalid_user_id": 2,
+        "non_integer_user_id": 0,
+        "user_id_too_large": 0,
         "negative_user_id": 1,
         "invalid_item_id": 1,
+        "non_integer_item_id": 0,
+        "item_id_too_large": 0,
         "negative_item_id": 1,
         "invalid_ts": 1,
         "ts_out_of_range": 1,

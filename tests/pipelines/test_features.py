@@ -7,8 +7,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from components import groups, lake
+from components import groups, lake, lake_files
 from components.config_loader import ConfigError
+from components.ingest_runs import RUN_ID_KEY, new_run_id, write_ingest_tables
 from components.lake import SAMPLES_SCHEMA, SEQUENCES_SCHEMA
 from components.sequence_join import resolve_sequences
 from components.transforms import action_bucket
@@ -16,6 +17,7 @@ from pipelines.bench_data import compare_lakes, synthetic_lake
 from pipelines.config import FeaturesConfig, LakeConfig, PipelineConfig, validate_features_config
 from pipelines.features import (
     BucketContext,
+    FeaturesError,
     build_bucket,
     item_arrays,
     main,
@@ -255,9 +257,12 @@ def test_missing_events_table_is_named(ray_session, tmp_path):
 
 def test_events_table_without_rows_is_a_clear_error(ray_session, tmp_path):
     root = str(tmp_path / "lake")
+    run = {RUN_ID_KEY: "run-1"}  # one ingest run: items and users, and events without rows
+    lake.write_table(lake.table_uri(root, "items"), _items_table(), custom_metadata=run)
+    lake.write_table(lake.table_uri(root, "users"), HAND_USERS, custom_metadata=run)
     uri = lake.table_uri(root, "events")  # one bucket partition holding an empty file
-    part = lake.write_data_file(lake.EVENTS_SCHEMA.empty_table(), uri, {"bucket": "0"}, "empty")
-    lake.commit_files_overwrite(uri, lake.EVENTS_SCHEMA, ["bucket"], [part])
+    part = lake_files.write_data_file(lake.EVENTS_SCHEMA.empty_table(), uri, {"bucket": "0"}, "empty")
+    lake_files.commit_files_overwrite(uri, lake.EVENTS_SCHEMA, ["bucket"], [part], custom_metadata=run)
     with pytest.raises(lake.LakeError, match="events table .* has no rows"):
         run_features(PipelineConfig(lake=LakeConfig(root=root)))
     empty = lake.EVENTS_SCHEMA.empty_table()
@@ -270,3 +275,40 @@ def test_empty_bucket_builds_empty_tables():
         _events(HAND_EVENTS).slice(0, 0), HAND_USERS, 0, _hand_context(groups.TimeCutoffs(0, 0))
     )
     assert sequences.num_rows == samples.num_rows == 0 and samples.schema == SAMPLES_SCHEMA
+
+
+# ----------------------------------------------------------------------------- empty output
+def _ingested_lake(root: str, ts: np.ndarray) -> None:
+    """One ingest run: 6 users x 10 events at the given times (cycled), items 5..29."""
+    n = 60
+    user, item = np.repeat(np.arange(1, 7), n // 6), 5 + np.arange(n) % 25
+    tables = {
+        "items": lake.items_table(np.arange(5, 30), np.zeros(25), np.zeros(25), [[]] * 25),
+        "users": lake.users_table(np.arange(1, 7)),
+        "events": lake.events_table(user, item, np.resize(ts, n), np.full(n, 3.0), 2),
+    }
+    write_ingest_tables(root, tables, new_run_id())
+
+
+def test_no_train_group_because_every_event_shares_one_timestamp_exits_1(ray_session, tmp_path, capsys):
+    root = str(tmp_path / "lake")
+    _ingested_lake(root, np.array([1_600_000_000]))
+    with pytest.raises(FeaturesError, match="no train group.*every event at one timestamp"):
+        run_features(PipelineConfig(lake=LakeConfig(root=root)))
+    assert main([f"--lake.root={root}"]) == 1
+    assert "features: failed: no train group" in capsys.readouterr().err
+    for table in ("sequences", "samples"):  # nothing committed
+        assert lake.table_version(lake.table_uri(root, table)) is None
+
+
+def test_no_train_group_because_min_seq_len_is_above_every_history_exits_1(ray_session, tmp_path):
+    root = str(tmp_path / "lake")
+    _ingested_lake(root, 1_600_000_000 + 3600 * np.arange(60))
+    small = {"candidates_per_group": 4, "max_positives_per_group": 2}
+    config = PipelineConfig(lake=LakeConfig(root=root), features=FeaturesConfig(**small))
+    assert run_features(config)["groups_train"] > 0
+    version = lake.table_version(lake.table_uri(root, "samples"))
+    strict = PipelineConfig(lake=config.lake, features=FeaturesConfig(**small, min_seq_len=50))
+    with pytest.raises(FeaturesError, match=r"no train group.*features\.min_seq_len=50"):
+        run_features(strict)
+    assert lake.table_version(lake.table_uri(root, "samples")) == version  # the previous version stays

@@ -12,16 +12,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from components.ingest_runs import RUN_ID_KEY
 from components.lake import (
     EVENTS_SCHEMA,
     ITEMS_SCHEMA,
     USERS_SCHEMA,
     commit_metadata,
-    events_time_range,
     read_table,
     table_version,
     user_bucket,
 )
+from components.lake_stats import events_time_range
 from pipelines.ingest import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,6 +117,8 @@ def test_movielens_tables_follow_the_data_contract(good_lake):
     assert items["tag_ids"].to_pylist() == [[2], [2, 3], [], [], []]
     assert users["user_idx"].to_pylist() == [2, 3, 4]
     assert events_time_range(str(good_lake / "events")) == (964981247, 1445715010)
+    run_ids = {commit_metadata(str(good_lake / name)).get(RUN_ID_KEY) for name in TABLES}
+    assert len(run_ids) == 1 and None not in run_ids  # one ingest run id in all three commits
 
 
 def test_rerun_is_idempotent_one_new_version_each(good_lake, tmp_path, capsys):
@@ -223,6 +226,8 @@ BAD_FILES = [
         ["--ingest.events.items_path=ITEMS"],
         ["items.csv", "column 'genres'", "ingest.events.item_genres_col"],
     ),
+    # A duplicated header name used to be a KeyError traceback.
+    ("user_id,item_id,timestamp,value,item_id\n1,2,5,3.0,4\n", [], ["events.csv", "column 'item_id'", "2 times"]),
 ]
 
 
@@ -290,6 +295,17 @@ def test_config_errors_exit_2(tmp_path, capsys):
     assert "ingest.sourse" in capsys.readouterr().err
     assert ingest(tmp_path / "lake", "--ingest.source=synthetic", "--ingest.synthetic.num_events=10") == 2
     assert "ingest.synthetic.num_events" in capsys.readouterr().err
+    for override, key in [
+        ("--ingest.synthetic.num_users=0", "ingest.synthetic.num_users"),
+        ("--ingest.synthetic.zipf_exponent=.nan", "ingest.synthetic.zipf_exponent"),
+        ("--ingest.max_tag_vocab=-1", "ingest.max_tag_vocab"),
+    ]:
+        assert ingest(tmp_path / "lake", "--ingest.source=synthetic", override) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("ingest: config error: ") and key in err
+    assert main(["--lake.root=", "--ingest.source=synthetic"]) == 2  # used to write /items, /users, /events
+    assert "lake.root is empty" in capsys.readouterr().err
+    assert not (tmp_path / "lake").exists()
     assert ingest(tmp_path / "lake", *movielens_args(tmp_path / "absent")) == 1
     assert "download_if_missing" in capsys.readouterr().err
 
