@@ -94,10 +94,13 @@ def per_token_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None, per_
     rows = x.reshape(-1, num_tokens, d_in).transpose(0, 1)  # (T, M, d_in), a strided view
     init = None if bias is None else bias.unsqueeze(1)  # (T, 1, d_out)
     if per_group is not None:
-        groups = per_group.shape[0]
-        per_row = per_group.transpose(0, 1).unsqueeze(2)  # (T, B, 1, d_out)
-        per_row = per_row.expand(num_tokens, groups, rows.shape[1] // groups, d_out).reshape(num_tokens, -1, d_out)
-        init = per_row if init is None else per_row + init  # (T, M, d_out)
+        rows_per_group = rows.shape[1] // per_group.shape[0]
+        per_row = per_group.transpose(0, 1).repeat_interleave(rows_per_group, dim=1)  # (T, M, d_out), a new tensor
+        if init is not None:
+            per_row = per_row + init
+        # per_row is a fresh (T, M, d_out) tensor: accumulate in place (baddbmm would copy it once more).
+        out = per_row.baddbmm_(rows, weight)
+        return out.transpose(0, 1).reshape(*lead, num_tokens, d_out)
     out = torch.bmm(rows, weight) if init is None else torch.baddbmm(init, rows, weight)  # (T, M, d_out)
     return out.transpose(0, 1).reshape(*lead, num_tokens, d_out)  # (..., T, d_out)
 
