@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -72,8 +73,27 @@ def _int8pack_mm_flops(a_shape: tuple[int, ...], b_shape: tuple[int, ...], *args
     return 2 * a_shape[0] * a_shape[1] * b_shape[0]
 
 
-# FlopCounterMode knows no formula for the int8 kernel; without this a quantized model looks free.
-_EXTRA_FLOP_FORMULAS = {torch.ops.aten._weight_int8pack_mm: _int8pack_mm_flops}
+def _baddbmm_flops(
+    self_shape: tuple[int, ...], a_shape: tuple[int, ...], b_shape: tuple[int, ...], *args: Any, **kwargs: Any
+) -> int:
+    """``C += A @ B`` in place, A (b, m, k), B (b, k, n): 2·b·m·n·k, as the out-of-place op."""
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+
+# FlopCounterMode knows no formula for the int8 kernel nor for in-place baddbmm_ (UG-Sep accumulates its
+# cached user share that way); without these a quantized model looks free and UG-Sep looks cheaper than it is.
+_EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._weight_int8pack_mm: _int8pack_mm_flops,
+    torch.ops.aten.baddbmm_: _baddbmm_flops,
+}
+
+
+def count_flops(fn: Callable[[], object]) -> float:
+    """Forward FLOPs of ``fn()`` (no grad): matmuls at 2mnk, element-wise ops free (MODELS.md §8)."""
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+    with torch.no_grad(), counter:
+        fn()
+    return float(counter.get_total_flops())
 
 
 def flops_per_candidate(model: nn.Module, batch: Any) -> float:
@@ -86,10 +106,7 @@ def flops_per_candidate(model: nn.Module, batch: Any) -> float:
     slots = int(batch.batch_size) * int(batch.num_candidates)
     if slots <= 0:
         raise ValueError(f"flops_per_candidate: batch has {slots} candidate slots (B·N must be > 0)")
-    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
-    with torch.no_grad(), counter:
-        model(batch)
-    return counter.get_total_flops() / slots
+    return count_flops(lambda: model(batch)) / slots
 
 
 def _sync(device: torch.device) -> None:

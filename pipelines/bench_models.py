@@ -20,10 +20,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from models.batch import GroupBatch
-from models.cost import count_parameters, flops_per_candidate, measure_peak_matmul_flops
+from models.cost import count_flops, count_parameters, flops_per_candidate, measure_peak_matmul_flops
 from models.layers import AuxLosses
 from models.longer import LongerConfig, LongerEncoder
 from models.memory import MSN, MSNConfig, PKMConfig
@@ -375,7 +374,7 @@ def compare_ugsep(
         diff = (separated().tokens - ugsep(x_user, x_group).tokens).abs().max().item()
     sep_s, plain_s = paired_best_seconds(separated, unmasked, sizes.repeats)
     return {
-        "flops_ratio": _counted_flops(separated) / _counted_flops(unmasked),
+        "flops_ratio": count_flops(separated) / count_flops(unmasked),
         "latency_ratio": sep_s / plain_s,
         "max_abs_diff": diff,
         "flops_ratio_analytic": ugsep_flops_per_candidate(ugsep.cfg, n) / flops_per_sample(tml),
@@ -402,13 +401,6 @@ def bench_ugsep(sizes: BenchSizes, device: torch.device) -> dict:
         for key, value in compare_ugsep(ugsep, plain, num_user, sizes, device).items():
             results[f"ugsep_{key}{suffix}"] = value
     return results
-
-
-def _counted_flops(fn: Callable[[], object]) -> float:
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        fn()
-    return float(counter.get_total_flops())
 
 
 def bench_variants(sizes: BenchSizes, device: torch.device) -> dict:

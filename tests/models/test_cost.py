@@ -96,3 +96,15 @@ def test_measure_peak_matmul_flops() -> None:
     assert math.isfinite(peak) and peak > 1e6
     with pytest.raises(ValueError, match="size"):
         measure_peak_matmul_flops(size=0)
+
+
+def test_in_place_baddbmm_counts_like_the_out_of_place_one() -> None:
+    """UG-Sep accumulates its cached user share with baddbmm_; a counter blind to it undercounts."""
+    from models.cost import count_flops
+
+    c, a, b = torch.zeros(3, 4, 5), torch.randn(3, 4, 6), torch.randn(3, 6, 5)
+    assert (
+        count_flops(lambda: c.clone().baddbmm_(a, b))
+        == count_flops(lambda: torch.baddbmm(c, a, b))
+        == 2 * 3 * 4 * 5 * 6
+    )
