@@ -254,22 +254,31 @@ def test_sigkill_mid_write_leaves_previous_version(tmp_path, writer_script):
     assert write_table(uri, base, mode="append") == 1
 
 
-@pytest.mark.parametrize("mode", ["overwrite", "append"])
-def test_concurrent_writers_never_mix(tmp_path, writer_script, mode):
-    uri = str(tmp_path / "t")
-    base = _seed_table(uri)
-    sync = tmp_path / "sync"
+def _race(writer_script, uri: str, mode: str, sync, when_ready=lambda: True) -> list[tuple[int, str]]:
+    """Two writer subprocesses (tags 1, 2) prepared up to their commit, then released together.
+
+    ``when_ready`` is asserted once both have written their files; returns (exit code, stderr) each.
+    """
     procs = [_start_writer(writer_script, uri, tag, mode, sync) for tag in (1, 2)]
     try:
-        # Both writers have read version 0 and written files before either commits.
         _wait_for(lambda: all(Path(f"{sync}.ready{t}").exists() for t in (1, 2)), "both ready", procs)
+        assert when_ready()
         Path(f"{sync}.go").touch()
-        results = [(p.wait(timeout=60), p.communicate()[1]) for p in procs]
+        return [(p.wait(timeout=60), p.communicate()[1]) for p in procs]
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "append"])
+def test_concurrent_writers_never_mix(tmp_path, writer_script, mode):
+    uri = str(tmp_path / "t")
+    base = _seed_table(uri)
+    sync = tmp_path / "sync"
+    # Both writers have read version 0 and written files before either commits.
+    results = _race(writer_script, uri, mode, sync)
     codes = sorted(code for code, _ in results)
     final = read_table(uri)
     counts = dict(zip(*[c.to_pylist() for c in pc.value_counts(final["tag"]).flatten()]))
@@ -303,17 +312,8 @@ def test_two_creators_of_a_new_table_never_leave_both_writes(tmp_path, writer_sc
     loser or replaces the winner's version whole; never both writes in one version."""
     uri = str(tmp_path / "t")
     sync = tmp_path / "sync"
-    procs = [_start_writer(writer_script, uri, tag, mode, sync) for tag in (1, 2)]
-    try:
-        _wait_for(lambda: all(Path(f"{sync}.ready{t}").exists() for t in (1, 2)), "both ready", procs)
-        assert table_version(uri) is None  # neither has committed: both are creating the table
-        Path(f"{sync}.go").touch()
-        results = [(p.wait(timeout=60), p.communicate()[1]) for p in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    # Neither has committed when both are ready: both are creating the table.
+    results = _race(writer_script, uri, mode, sync, when_ready=lambda: table_version(uri) is None)
     codes = sorted(code for code, _ in results)
     final = read_table(uri)
     tags = set(final["tag"].to_pylist())
