@@ -119,20 +119,26 @@ def _resolve_bucket(batch: dict[str, np.ndarray], job: SplitJob) -> Iterator[pa.
             yield resolve_sequences(part, sequences, job.max_seq_len)
 
 
-def pinned_versions(root: str, storage_options: Mapping[str, str] | None = None) -> tuple[int, int, dict[str, str]]:
+def pinned_versions(
+    root: str, storage_options: Mapping[str, str] | None = None, samples_version: int | None = None
+) -> tuple[int, int, dict[str, str]]:
     """(samples version, sequences version of the SAME features run, the samples commit info).
 
-    The newest ``samples`` version is pinned and its ``job_id`` looked up in the ``sequences``
-    history (pipelines/features.py records it in both commits). Two overlapping features runs,
+    The newest ``samples`` version (or ``samples_version``: a resumed training run keeps the
+    version it started on) is pinned and its ``job_id`` looked up in the ``sequences`` history (pipelines/features.py records it in both commits). Two overlapping features runs,
     or a run that died between its two commits, leave the latest versions of the two tables
     from different runs; resolving one run's (user, seq_end) against another run's sequences
     would silently slice the wrong events (possibly from after the request).
     """
     samples_uri, sequences_uri = lake.table_uri(root, "samples"), lake.table_uri(root, "sequences")
-    samples_version = lake.table_version(samples_uri, storage_options)
+    latest = lake.table_version(samples_uri, storage_options)
     sequences_latest = lake.table_version(sequences_uri, storage_options)
-    if samples_version is None or sequences_latest is None:
+    if latest is None or sequences_latest is None:
         raise lake.LakeError(f"no samples/sequences tables under {root} (run the features stage first)")
+    if samples_version is None:
+        samples_version = latest
+    elif not 0 <= samples_version <= latest:
+        raise lake.LakeError(f"samples table {samples_uri} has no version {samples_version} (latest is {latest})")
     info = lake.commit_metadata(samples_uri, samples_version, storage_options)
     job_id = info.get("job_id")
     if job_id is None:
@@ -167,6 +173,7 @@ def load_groups(
     max_seq_len: int | None = None,
     rows_per_block: int = 1024,
     storage_options: Mapping[str, str] | None = None,
+    samples_version: int | None = None,
 ):
     """Ray Dataset of resolved group rows of ``split`` (train/valid/test), one bucket per task.
 
@@ -177,13 +184,14 @@ def load_groups(
     ``sequences`` at the version written by the same features run (:func:`pinned_versions`),
     so neither a concurrent nor a half-finished features run can mix two runs into one epoch.
     ``storage_options`` (``lake.storage_options``) reach every read, also in the Ray tasks.
+    ``samples_version`` pins an older features run (a resumed training run keeps its data).
     """
     import ray
 
     if split not in ("train", "valid", "test"):
         raise ValueError(f"split must be one of train/valid/test, got {split!r}")
     root = lake.lake_root(lake_root)
-    samples_version, sequences_version, info = pinned_versions(root, storage_options)
+    samples_version, sequences_version, info = pinned_versions(root, storage_options, samples_version)
     options = dict(storage_options or {})
     samples = lake.PinnedTable(lake.table_uri(root, "samples"), samples_version, options)
     if max_seq_len is None:
@@ -196,6 +204,7 @@ def load_groups(
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
     buckets = sorted(int(b) for b in samples.partition_values("bucket", [("split", "=", split)]))
+    logger.debug("split %s: samples v%d, sequences v%d, %d buckets", split, samples_version, sequences_version, len(buckets))
     if not buckets:
         raise lake.LakeError(f"samples table {samples.uri} has no rows of split {split!r}")
     sequences = lake.PinnedTable(lake.table_uri(root, "sequences"), sequences_version, options)

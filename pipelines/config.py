@@ -19,6 +19,7 @@ from components.config_loader import ConfigError
 from components.ingest_sources import EventsFileConfig
 from components.synthetic import SyntheticConfig
 from components.ts_units import DEFAULT_MAX_TS_AHEAD_S, DEFAULT_MIN_TS_S
+from models.variants import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,97 @@ def validate_features_config(cfg: FeaturesConfig) -> None:
         raise ConfigError(str(exc)) from exc
 
 
+# Sharding types TorchRec's CPU kernels accept (row_wise needs CUDA; STACK.md).
+CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
+GPU_SHARDING_TYPES = (*CPU_SHARDING_TYPES, "row_wise", "table_row_wise", "grid_shard")
+SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Ray Train settings of ``pipelines.train`` (docs/DESIGN.md: DDP dense + sharded sparse)."""
+
+    # Ray Train workers; 0 runs the loop in the driver process (one rank; unit tests).
+    num_workers: int = 2
+    use_gpu: bool = False  # nccl + CUDA kernels; untested until a GPU run's numbers are in README
+    epochs: int = 3
+    # 0 = ``epochs`` whole epochs; > 0 stops after this many steps (smoke runs, benchmarks).
+    max_steps: int = 0
+    batch_size: int = 64  # groups per worker and step (the user side runs once per group)
+    # Sequence length L the model sees (the most recent events); 0 = the features run's max_seq_len.
+    max_seq_len: int = 256
+    lr: float = 1e-3  # AdamW, dense parameters
+    weight_decay: float = 0.0
+    # Fused TorchRec optimizer of the embedding tables, applied in the backward (never dense Adam state).
+    sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
+    sparse_lr: float = 0.05
+    # The MSN/LMN memory value tables: TorchRec tables with their own fused optimizer's rate.
+    memory_lr: float = 0.05
+    # Sharding types the planner may choose from (CPU: table_wise/column_wise; GPU: row_wise).
+    sharding_types: tuple[str, ...] = ("table_wise", "column_wise")
+    bf16: bool = False  # autocast the forward to bfloat16
+    activation_checkpointing: bool = False  # recompute backbone/sequence blocks in the backward
+    grad_clip_norm: float = 0.0  # 0 = off; dense parameters only
+    seed: int = 0
+    # Bit-for-bit repeatable: ordered data, deterministic kernels (slower; for resume checks).
+    deterministic: bool = False
+    shuffle_buffer: int = 512  # groups in each worker's seeded local shuffle buffer; 0 = no shuffle
+    log_every_steps: int = 20
+    checkpoint_every_steps: int = 0  # 0 = at the end of every epoch only
+    num_checkpoints_to_keep: int = 2
+    # Local folder or object-store URI; the run lives in ``storage_path/run_name``.
+    storage_path: str = "checkpoints"
+    run_name: str = ""  # "" = the variant's name
+    # auto: continue the run of the same name if it has a checkpoint; never: a fresh run;
+    # anything else: the path of a checkpoint to start from.
+    resume: str = "auto"
+    max_failures: int = 1  # worker-group restarts from the latest checkpoint (Ray Train FailureConfig)
+    valid_every_epoch: bool = True  # AUC/UAUC/logloss on the valid split after every epoch
+
+    def __post_init__(self) -> None:
+        for name in ("num_workers", "max_steps", "max_seq_len", "log_every_steps", "checkpoint_every_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("epochs", "batch_size", "num_checkpoints_to_keep"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "sparse_lr", "memory_lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.grad_clip_norm < 0 or self.shuffle_buffer < 0 or self.max_failures < -1:
+            raise ConfigError("train.weight_decay, grad_clip_norm, shuffle_buffer must be >= 0, max_failures >= -1")
+        allowed = GPU_SHARDING_TYPES if self.use_gpu else CPU_SHARDING_TYPES
+        bad = [s for s in self.sharding_types if s not in allowed]
+        if not self.sharding_types or bad:
+            hint = " (row_wise needs CUDA: set train.use_gpu=true)" if "row_wise" in bad else ""
+            raise ConfigError(f"train.sharding_types {list(self.sharding_types)}: use some of {list(allowed)}{hint}")
+        if not self.resume.strip():
+            raise ConfigError("train.resume is empty; use auto, never or a checkpoint path")
+        if not self.storage_path.strip():
+            raise ConfigError("train.storage_path is empty; set a folder or an object-store URI")
+
+    @property
+    def world_size(self) -> int:
+        return max(self.num_workers, 1)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``pipelines.evaluate``: batch inference over a split from a training checkpoint."""
+
+    # A checkpoint folder or URI; "" = the latest checkpoint of ``train.run_name`` in ``train.storage_path``.
+    checkpoint: str = ""
+    split: Literal["train", "valid", "test"] = "test"
+    batch_size: int = 64  # groups per inference batch
+    num_actors: int = 1  # actors in the inference pool, each loading the checkpoint once
+    # metrics.json goes here; "" = beside the checkpoint's run (``storage_path/run_name/metrics_<split>.json``).
+    output: str = ""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.num_actors < 1:
+            raise ConfigError(f"eval.batch_size and eval.num_actors must be >= 1, got {self.batch_size}, {self.num_actors}")
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """Root config; one section per pipeline stage."""
@@ -162,3 +254,7 @@ class PipelineConfig:
     lake: LakeConfig = field(default_factory=LakeConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    # The model: a variant of MODELS.md §7 over base sizes; vocabulary sizes come from the lake.
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,237 @@
+"""Training checkpoints: sharded tensors by ``torch.distributed.checkpoint``, facts in ``meta.json``.
+
+A checkpoint is a folder (local, or an object-store URI reached through ``pyarrow.fs``):
+
+    .metadata, __<rank>_0.distcp   torch.distributed.checkpoint files: tensors only
+                                   (model, fused sparse optimizer state, AdamW state)
+    meta.json                      CheckpointMeta: variant, resolved model config, pinned
+                                   samples/sequences versions, step counters, train config
+
+Nothing is ever unpickled: DCP stores tensors, the rest is JSON. A checkpoint is complete
+when both ``.metadata`` and ``meta.json`` exist (rank 0 writes ``meta.json`` after the DCP
+save returned on every rank). Every error names the file and what does not fit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+META_FILE = "meta.json"
+DCP_METADATA = ".metadata"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not fit the model asked for; names the file."""
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """Everything about a checkpoint except its tensors (``meta.json``).
+
+    ``step`` counts optimizer steps over the whole run; ``epoch`` is the epoch in progress and
+    ``step_in_epoch`` the batches of it already consumed (0 at an epoch boundary), so a resumed
+    run skips exactly those and ends at the uninterrupted run's step count.
+    """
+
+    variant: str
+    model: dict[str, Any]  # models.variants.ModelConfig as a dict, vocabulary sizes resolved
+    lake_root: str
+    samples_version: int
+    sequences_version: int
+    step: int
+    epoch: int
+    step_in_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    world_size: int
+    train: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True, default=float)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> CheckpointMeta:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{where} is not valid JSON ({exc}); the checkpoint is truncated or corrupt") from exc
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{where} holds {type(data).__name__}, not a checkpoint record")
+        if data.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"{where} has format {data.get('format')!r}; this code reads {FORMAT_VERSION}")
+        names = set(cls.__dataclass_fields__)
+        missing = sorted(n for n in names - set(data) if n not in ("train", "metrics", "format"))
+        if missing:
+            raise CheckpointError(f"{where} lacks field(s) {missing}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @property
+    def sparse_sizes(self) -> dict[str, int]:
+        return dict(self.model["ranker"]["sparse"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Locations: local folders and object-store URIs
+# ---------------------------------------------------------------------------------------------
+def _filesystem(path: str):
+    """(pyarrow filesystem, path inside it); local paths are made absolute."""
+    import pyarrow.fs as pafs
+
+    if "://" in path and not path.startswith("file://"):
+        return pafs.FileSystem.from_uri(path)
+    local = path[len("file://") :] if path.startswith("file://") else path
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local))
+
+
+def is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def read_meta(path: str) -> CheckpointMeta:
+    """The ``meta.json`` of checkpoint ``path``; CheckpointError when absent or incomplete."""
+    import pyarrow.fs as pafs
+
+    fs, base = _filesystem(path)
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if info.type != pafs.FileType.Directory:
+        raise CheckpointError(f"checkpoint {path} is not a folder")
+    meta_path, dcp_path = f"{base}/{META_FILE}", f"{base}/{DCP_METADATA}"
+    if fs.get_file_info(meta_path).type == pafs.FileType.NotFound:
+        raise CheckpointError(f"checkpoint {path} has no {META_FILE} (an incomplete save, or not a checkpoint)")
+    if fs.get_file_info(dcp_path).type == pafs.FileType.NotFound:
+        raise CheckpointError(f"checkpoint {path} has no {DCP_METADATA} (the tensor save did not finish)")
+    with fs.open_input_stream(meta_path) as stream:
+        return CheckpointMeta.from_json(stream.read().decode(), f"{path}/{META_FILE}")
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[str, CheckpointMeta]]:
+    """Complete checkpoints directly under ``run_dir``, oldest first (by step); [] if none."""
+    import pyarrow.fs as pafs
+
+    fs, base = _filesystem(run_dir)
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        return []
+    found = []
+    for entry in fs.get_file_info(pafs.FileSelector(base)):
+        if entry.type != pafs.FileType.Directory or not entry.base_name.startswith("checkpoint_"):
+            continue
+        path = entry.path if is_local(run_dir) else f"{run_dir.rstrip('/')}/{entry.base_name}"
+        try:
+            found.append((path, read_meta(path)))
+        except CheckpointError:
+            continue  # a save that died half-way is not a checkpoint
+    return sorted(found, key=lambda pm: (pm[1].step, pm[0]))
+
+
+def latest_checkpoint(run_dir: str) -> tuple[str, CheckpointMeta] | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+@contextmanager
+def local_copy(path: str) -> Iterator[str]:
+    """A local folder holding checkpoint ``path`` (itself when local, a download otherwise)."""
+    import pyarrow.fs as pafs
+
+    if is_local(path):
+        yield _filesystem(path)[1]
+        return
+    tmp = tempfile.mkdtemp(prefix="ultrarank-ckpt-")
+    try:
+        fs, base = _filesystem(path)
+        pafs.copy_files(base, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compatibility and loading
+# ---------------------------------------------------------------------------------------------
+def _diff(a: Any, b: Any, path: str = "") -> list[str]:
+    """Dotted keys where two nested dicts differ, with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _diff(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        a, b = list(a), list(b)
+    return [] if a == b else [f"{path}: checkpoint {a!r} vs asked {b!r}"]
+
+
+def check_compatible(path: str, meta: CheckpointMeta, model: dict[str, Any]) -> None:
+    """CheckpointError naming ``path`` and every model setting (variant, vocabulary sizes,
+    sizes) where the checkpoint differs from the model being asked for."""
+    if meta.variant != model["variant"]:
+        raise CheckpointError(
+            f"checkpoint {path} holds variant {meta.variant!r}, asked for {model['variant']!r} "
+            "(set model.variant to match, or train.resume=never to start afresh)"
+        )
+    diffs = _diff(meta.model, model, "model")
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was trained with other model settings: " + "; ".join(diffs[:8]))
+
+
+def load_tensors(path: str, state: dict, *, distributed: bool) -> None:
+    """``dcp.load`` checkpoint ``path`` into ``state`` in place (every rank when distributed).
+
+    DCP reshards as needed: a checkpoint saved by N ranks loads into M ranks or into one
+    unsharded process. A key or shape that does not fit becomes a CheckpointError naming it.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    with local_copy(path) as local:
+        try:
+            dcp.load(state, checkpoint_id=local, no_dist=not distributed)
+        except Exception as exc:  # DCP raises CheckpointException / RuntimeError with per-rank details
+            raise CheckpointError(f"checkpoint {path} does not fit this model: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) < 600 else text[:600] + " ..."
+
+
+def load_model(path: str, meta: CheckpointMeta | None = None) -> tuple[nn.Module, CheckpointMeta]:
+    """The trained model of checkpoint ``path``, unsharded and in eval mode (one process, no Ray).
+
+    Used by evaluation and serving; tensors go through DCP (no pickle).
+    """
+    from components.config_loader import from_dict
+    from models.variants import ModelConfig, build_model
+
+    meta = meta or read_meta(path)
+    model = build_model(from_dict(ModelConfig, meta.model, "model"))
+    state = {"model": model.state_dict()}
+    load_tensors(path, state, distributed=False)
+    model.load_state_dict(state["model"])
+    return model.eval(), meta
+
+
+def write_meta(directory: str, meta: CheckpointMeta) -> None:
+    """Write ``meta.json`` into a local checkpoint folder (atomic rename: never half-written)."""
+    target = os.path.join(directory, META_FILE)
+    tmp = target + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(meta.to_json())
+    os.replace(tmp, target)
+
+
+def parameter_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values() if isinstance(t, torch.Tensor))

@@ -1,0 +1,270 @@
+"""Train a ranker variant on the lake's group batches with Ray Train.
+
+    python -m pipelines.train --config PRESET [--model.variant=full] [--train.num_workers=2] ...
+
+A ``TorchTrainer`` of ``train.num_workers`` workers (gloo on CPU, nccl with
+``train.use_gpu``) runs pipelines/train_loop.py: TorchRec-sharded tables with fused
+row-wise Adagrad and DDP dense parameters with AdamW, one synchronous step per batch of
+``train.batch_size`` groups per worker. The driver pins the data (components/training_data.py),
+resolves vocabulary sizes and the resume point, and prints a summary at the end: best
+valid metrics, the checkpoint path and the W&B run.
+
+Resume (``train.resume``): ``auto`` continues the run ``storage_path/run_name`` from its
+latest checkpoint (also what Ray Train does after a worker failure, up to
+``train.max_failures`` times); ``never`` starts a fresh run (a new, timestamped run name if
+the old one has checkpoints); a path starts from that checkpoint. A checkpoint of another
+variant or other vocabulary sizes is refused with the file and the difference named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from components import lake
+from components.checkpoint import CheckpointError, CheckpointMeta, check_compatible, latest_checkpoint, read_meta
+from components.config_loader import to_dict
+from components.training_data import TrainingData, pin_training_data
+from models.variants import ModelConfig
+from pipelines.cli import pipeline_main
+from pipelines.config import PipelineConfig, TrainConfig
+from pipelines.ray_runtime import ray_runtime
+from pipelines.train_loop import LoopSpec, train_loop_per_worker
+
+logger = logging.getLogger(__name__)
+
+
+class TrainError(RuntimeError):
+    """The run failed (non-finite loss, data too small for one step, workers failing)."""
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """What ``run_train`` returns and prints."""
+
+    run_name: str
+    run_dir: str
+    checkpoint: str
+    steps: int
+    epochs: int
+    train_s: float
+    best_valid: dict[str, float]
+    wandb: str
+    resumed_from: str
+    samples_version: int
+    sparse_state_bytes: int
+    last: dict[str, float] = field(default_factory=dict)
+
+    def report(self) -> str:
+        lines = [
+            f"run {self.run_name}: {self.steps} steps, {self.epochs} epochs in {self.train_s:.1f} s"
+            + (f" (resumed from {self.resumed_from})" if self.resumed_from else ""),
+            f"  checkpoint: {self.checkpoint}",
+            f"  W&B run:    {self.wandb or '(tracking off: WANDB_MODE=disabled)'}",
+        ]
+        if self.best_valid:
+            lines.append("  best valid: " + ", ".join(f"{k[6:]}={v:.4f}" for k, v in sorted(self.best_valid.items())))
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving the run
+# ---------------------------------------------------------------------------------------------
+def resolved_model(config: ModelConfig, data: TrainingData) -> ModelConfig:
+    """``config`` with the vocabulary sizes of the pinned lake (the tables must fit the ids)."""
+    vocab = data.vocabulary
+    sparse = dataclasses.replace(
+        config.ranker.sparse, item_vocab=vocab.item_vocab, user_vocab=vocab.user_vocab, tag_vocab=vocab.tag_vocab
+    )
+    return dataclasses.replace(config, ranker=dataclasses.replace(config.ranker, sparse=sparse))
+
+
+def storage_root(path: str) -> str:
+    """Absolute local folder, or the URI unchanged (Ray Train writes to either)."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    run_name: str
+    resume_path: str  # explicit checkpoint to load when Ray has none for the run ("" = none)
+    meta: CheckpointMeta | None  # the checkpoint a resumed run continues from
+
+
+def plan_resume(t: TrainConfig, storage: str, base_name: str, model: dict[str, Any]) -> ResumePlan:
+    """Which run folder, and from which checkpoint (see module docstring)."""
+    latest = latest_checkpoint(f"{storage}/{base_name}")
+    fresh_name = f"{base_name}-{time.strftime('%Y%m%d-%H%M%S')}" if latest else base_name
+    if t.resume == "never":
+        return ResumePlan(fresh_name, "", None)
+    if t.resume == "auto":
+        if latest is None:
+            return ResumePlan(base_name, "", None)
+        path, meta = latest
+        check_compatible(path, meta, model)
+        # Ray Train restores a run's latest checkpoint itself; naming it also covers the
+        # in-process mode (num_workers=0), which does not.
+        return ResumePlan(base_name, path, meta)
+    meta = read_meta(t.resume)
+    check_compatible(t.resume, meta, model)
+    return ResumePlan(fresh_name, t.resume, meta)
+
+
+def steps_per_epoch(rows: int, world: int, batch_size: int) -> int:
+    """Full batches each rank gets: Ray's equal split gives every rank ``rows // world`` rows."""
+    return (rows // world) // batch_size
+
+
+def build_spec(
+    config: PipelineConfig, data: TrainingData, model: ModelConfig, plan: ResumePlan, storage: str
+) -> LoopSpec:
+    t = config.train
+    world = t.world_size
+    per_epoch = steps_per_epoch(data.split_rows["train"], world, t.batch_size)
+    if per_epoch < 1:
+        raise TrainError(
+            f"the train split has {data.split_rows['train']} groups: fewer than one batch of "
+            f"train.batch_size={t.batch_size} per worker ({world} workers); lower train.batch_size"
+        )
+    total = per_epoch * t.epochs if not t.max_steps else min(t.max_steps, per_epoch * t.epochs)
+    valid_rows = data.split_rows["valid"] // world
+    valid_batches = math.ceil(valid_rows / t.batch_size) if t.valid_every_epoch and valid_rows else 0
+    return LoopSpec(
+        model=to_dict(model),
+        train=t,
+        lake_root=data.lake_root,
+        samples_version=data.samples_version,
+        sequences_version=data.sequences_version,
+        steps_per_epoch=per_epoch,
+        total_steps=total,
+        valid_batches=valid_batches,
+        max_seq_len=t.max_seq_len or data.max_seq_len,
+        run_name=plan.run_name,
+        storage=storage,
+        wandb_dir=os.path.abspath("."),
+        resume_path=plan.resume_path,
+        extra_config={"samples_version": data.samples_version, "lake_root": data.lake_root},
+    )
+
+
+def make_trainer(config: PipelineConfig, spec: LoopSpec, data: TrainingData, storage: str):
+    """The ``TorchTrainer`` (datasets split equally across workers, seeded, pinned)."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = config.train
+    datasets = {"train": data.load_groups("train", spec.max_seq_len)}
+    if spec.valid_batches:
+        datasets["valid"] = data.load_groups("valid", spec.max_seq_len)
+    # Ordered execution makes the split (and so each rank's batches) repeatable.
+    options = ExecutionOptions(preserve_order=t.deterministic)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu),
+        run_config=RunConfig(
+            name=spec.run_name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.num_checkpoints_to_keep),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=list(datasets), execution_options=options),
+    )
+
+
+def run_train(config: PipelineConfig) -> TrainSummary:
+    """Train ``config.model`` on the lake (Ray must be up); raises TrainError/CheckpointError/LakeError."""
+    from ray.train import TrainingFailedError
+
+    t = config.train
+    storage = storage_root(t.storage_path)
+    base_name = t.run_name or config.model.variant
+    probe = pin_training_data(config.lake.root, config.lake.storage_options)
+    plan = plan_resume(t, storage, base_name, to_dict(resolved_model(config.model, probe)))
+    data = probe
+    if plan.meta is not None and plan.meta.samples_version != probe.samples_version:
+        # A resumed run keeps the data it started on, whatever features wrote since.
+        data = pin_training_data(config.lake.root, config.lake.storage_options, plan.meta.samples_version)
+        logger.info("resuming on samples version %d (latest is %d)", data.samples_version, probe.samples_version)
+    spec = build_spec(config, data, resolved_model(config.model, data), plan, storage)
+    logger.info(
+        "training %s: %d workers x %d groups/step, %d steps/epoch, %d steps, L=%d, run %s/%s",
+        config.model.variant,
+        t.world_size,
+        t.batch_size,
+        spec.steps_per_epoch,
+        spec.total_steps,
+        spec.max_seq_len,
+        storage,
+        spec.run_name,
+    )
+    try:
+        result = make_trainer(config, spec, data, storage).fit()
+    except TrainingFailedError as exc:
+        raise TrainError(f"training failed: {_root_cause(exc)}") from exc
+    out = result.return_value or {}
+    if "error" in out:
+        raise TrainError(out["error"])
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else ""
+    return TrainSummary(
+        run_name=spec.run_name,
+        run_dir=f"{storage}/{spec.run_name}",
+        checkpoint=checkpoint,
+        steps=int(out.get("step", 0)),
+        epochs=int(out.get("epochs", 0)),
+        train_s=float(out.get("train_s", 0.0)),
+        best_valid=dict(out.get("best_valid", {})),
+        wandb=str(out.get("wandb", "")),
+        resumed_from=plan.resume_path or ("" if plan.meta is None else f"step {plan.meta.step}"),
+        samples_version=data.samples_version,
+        sparse_state_bytes=int(out.get("sparse_state_bytes", 0)),
+        last=dict(out.get("last", {})),
+    )
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error's message (Ray wraps worker errors in several layers)."""
+    seen = exc
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip().splitlines()
+    return text[-1] if text else type(seen).__name__
+
+
+def _main(config: PipelineConfig, args: argparse.Namespace) -> int:
+    with ray_runtime(config.ray):
+        summary = run_train(config)
+    print(summary.report())
+    if args.json:
+        print(json.dumps(dataclasses.asdict(summary)))
+    return 0
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="also print the summary as one JSON line")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return pipeline_main(
+        "pipelines.train",
+        __doc__.splitlines()[0],
+        argv,
+        _main,
+        default_preset="demo",
+        failures=(lake.LakeError, CheckpointError, TrainError),
+        add_arguments=_add_arguments,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

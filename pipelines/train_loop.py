@@ -1,0 +1,412 @@
+"""The per-worker training loop that Ray Train runs (``TorchTrainer(train_loop_per_worker=...)``).
+
+Every rank: build the model, shard it (components/distributed_model.py), restore the latest
+checkpoint if there is one, then for each epoch iterate its shard of the train split as
+``GroupBatch``\\ es (``iter_torch_batches`` + ``GroupCollateFn``, a seeded local shuffle)
+taking exactly ``steps_per_epoch`` steps — equal on every rank, or TorchRec's collectives
+hang. Checkpoints (every epoch and every ``checkpoint_every_steps``) are DCP saves of every
+rank's shards, reported to Ray Train, which merges them into one folder in storage.
+
+Determinism: the RNG is re-seeded from (seed, step, rank) before every step and the shuffle
+from (seed, epoch, rank), so a run resumed at step k draws what the uninterrupted run drew
+at step k; with ``train.deterministic`` the data order is preserved too and the final
+weights match the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from components.checkpoint import CheckpointMeta, load_tensors, read_meta, write_meta
+from components.collate import CollateConfig, GroupCollateFn
+from components.distributed_model import DistributedRanker, ShardingSpec
+from components.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf; the message names the step and the batch."""
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """Everything a worker needs, resolved by the driver (pipelines/train.py); picklable."""
+
+    model: dict[str, Any]  # ModelConfig as a dict, vocabulary sizes resolved
+    train: Any  # pipelines.config.TrainConfig
+    lake_root: str
+    samples_version: int
+    sequences_version: int
+    steps_per_epoch: int
+    total_steps: int
+    valid_batches: int  # per rank; 0 = no validation
+    max_seq_len: int
+    run_name: str
+    storage: str  # absolute folder or URI; the run lives in storage/run_name
+    wandb_dir: str
+    resume_path: str = ""  # explicit checkpoint to start from when Ray holds none
+    extra_config: dict[str, Any] = field(default_factory=dict)  # logged to W&B beside the spec
+
+    @property
+    def sharding(self) -> ShardingSpec:
+        t = self.train
+        return ShardingSpec(t.sharding_types, t.sparse_optimizer, t.sparse_lr, t.memory_lr, t.lr, t.weight_decay)
+
+    def meta(self, progress: Progress, world_size: int, metrics: dict[str, float]) -> CheckpointMeta:
+        return CheckpointMeta(
+            variant=self.model["variant"],
+            model=self.model,
+            lake_root=self.lake_root,
+            samples_version=self.samples_version,
+            sequences_version=self.sequences_version,
+            step=progress.step,
+            epoch=progress.epoch,
+            step_in_epoch=progress.step_in_epoch,
+            steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps,
+            world_size=world_size,
+            train=asdict(self.train),
+            metrics=metrics,
+        )
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps taken in the whole run
+    epoch: int = 0  # epoch in progress
+    step_in_epoch: int = 0  # batches of ``epoch`` already consumed
+
+
+# ---------------------------------------------------------------------------------------------
+# Process group and model
+# ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_process_group() -> bool:
+    """A gloo group of one when Ray Train started none (``num_workers=0`` runs in-process);
+    returns True when this call created it (and must destroy it)."""
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    return True
+
+
+def build_distributed(spec: LoopSpec, device: torch.device) -> DistributedRanker:
+    from components.config_loader import from_dict
+    from models.task import RankingTask
+    from models.variants import ModelConfig, build_model
+
+    torch.manual_seed(spec.train.seed)  # identical dense init on every rank (DDP also broadcasts)
+    model = build_model(from_dict(ModelConfig, spec.model, "model"))
+    if spec.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    return DistributedRanker.build(RankingTask(model), spec.sharding, device)
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> int:
+    """Recompute the backbone's and LONGER's blocks in the backward instead of keeping their
+    activations; returns how many modules were wrapped (0: nothing to checkpoint)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing as apply,
+    )
+
+    names = {"TokenMixerLargeBlock", "RankMixerBlock", "LongerSelfBlock", "LongerCrossBlock"}
+    wrapped = [m for m in model.modules() if type(m).__name__ in names]
+    apply(model, checkpoint_impl=CheckpointImpl.NO_REENTRANT, check_fn=lambda m: type(m).__name__ in names)
+    return len(wrapped)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+def restore(dr: DistributedRanker, spec: LoopSpec) -> Progress:
+    """Load Ray's latest checkpoint (a restart after a failure, or an auto-resumed run), else
+    ``spec.resume_path``, else start at step 0."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as path:
+            return _load(dr, path)
+    if spec.resume_path:
+        return _load(dr, spec.resume_path)
+    return Progress()
+
+
+def _load(dr: DistributedRanker, path: str) -> Progress:
+    meta = read_meta(path)
+    state = dr.state_dict()
+    load_tensors(path, state, distributed=True)
+    dr.load_state_dict(state)
+    logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, meta.step, meta.epoch, meta.step_in_epoch)
+    return Progress(meta.step, meta.epoch, meta.step_in_epoch)
+
+
+def save_checkpoint(
+    dr: DistributedRanker, spec: LoopSpec, progress: Progress, metrics: dict[str, float], rank: int, world: int
+) -> None:
+    """Every rank saves its shards into a local folder; Ray Train merges them in storage."""
+    import ray.train
+    import torch.distributed.checkpoint as dcp
+
+    name = f"checkpoint_{progress.step:09d}"
+    with tempfile.TemporaryDirectory(prefix="ultrarank-ckpt-") as directory:
+        dcp.save(dr.state_dict(), checkpoint_id=directory)
+        if rank == 0:
+            write_meta(directory, spec.meta(progress, world, metrics))
+        checkpoint = ray.train.Checkpoint.from_directory(directory)
+        if spec.train.num_workers == 0:
+            # In-process mode reports without uploading: persist it ourselves, where Ray would.
+            checkpoint = persist(directory, f"{spec.storage}/{spec.run_name}/{name}")
+        ray.train.report(
+            {**metrics, "step": progress.step, "epoch": progress.epoch}, checkpoint=checkpoint, checkpoint_dir_name=name
+        )
+
+
+def persist(directory: str, target: str):
+    """Copy a local checkpoint folder to ``target`` (folder or URI); the copy's Checkpoint."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    fs, path = pafs.FileSystem.from_uri(target if "://" in target else f"file://{target}")
+    staging = f"{path}.partial"  # meta.json is last in and the rename makes it all appear at once
+    fs.create_dir(staging, recursive=True)
+    pafs.copy_files(directory, staging, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    fs.move(staging, path)
+    return ray.train.Checkpoint(path=target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------
+def _autocast(spec: LoopSpec, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.train.bf16)
+
+
+def train_step(dr: DistributedRanker, batch, spec: LoopSpec, device: torch.device) -> dict[str, float]:
+    """One synchronous step: forward, backward (fused sparse update inside), dense AdamW."""
+    with _autocast(spec, device):
+        loss, logs = dr.module(batch)
+    dr.zero_grad()
+    loss.backward()
+    if spec.train.grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_(dr.dense_parameters(), spec.train.grad_clip_norm)
+    dr.step()
+    return logs
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Average of every rank's values (one all-reduce); a NaN anywhere stays NaN everywhere,
+    so every rank sees a non-finite loss at the same step and stops together."""
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def validate(dr: DistributedRanker, spec: LoopSpec, device: torch.device) -> dict[str, float]:
+    """AUC/UAUC/logloss of the valid split as served (eval mode), computed on rank 0 from every
+    rank's scores (gathered: AUC does not decompose over shards)."""
+    import ray.train
+
+    from components.metrics import MetricsAccumulator
+
+    shard = ray.train.get_dataset_shard("valid")
+    collate = GroupCollateFn(CollateConfig(max_seq_len=spec.max_seq_len))
+    acc = MetricsAccumulator()
+    task = dr.task
+    for i, batch in enumerate(shard.iter_torch_batches(batch_size=spec.train.batch_size, collate_fn=collate)):
+        if i >= spec.valid_batches:
+            continue  # equal batch counts on every rank: the collectives of a forward must pair up
+        with _autocast(spec, device):
+            logits, _ = task.evaluate(batch)
+        acc.update(logits.float(), batch.labels, batch.cand_mask, batch.user_id)
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, acc.state())
+    if dist.get_rank() != 0:
+        return {}
+    return {f"valid/{k}": v for k, v in MetricsAccumulator.from_states(states).compute().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+class _Meter:
+    """Throughput between log lines."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.groups, self.candidates = time.perf_counter(), 0, 0
+
+    def add(self, batch) -> None:
+        self.groups += batch.batch_size
+        self.candidates += int(batch.cand_mask.sum())
+
+    def rates(self, world: int) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {"groups_per_s": self.groups * world / elapsed, "candidates_per_s": self.candidates * world / elapsed}
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's entry point; returns (rank 0) the run's summary as ``Result.return_value``."""
+    import ray.train
+
+    spec: LoopSpec = config["spec"]
+    _configure_logging()
+    own_group = ensure_process_group()
+    try:
+        return _run(spec, ray.train.get_context())
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _configure_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger(__name__).setLevel(logging.INFO)
+
+
+def _run(spec: LoopSpec, ctx) -> dict[str, Any]:
+    import ray.train
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    t = spec.train
+    device = torch.device("cuda", ray.train.torch.get_device().index or 0) if t.use_gpu else torch.device("cpu")
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    dr = build_distributed(spec, device)
+    progress = restore(dr, spec)
+    restored_at = progress.step
+    tracker = Tracker.start(
+        spec.run_name, {**spec.extra_config, "model": spec.model, "train": asdict(t)}, spec.wandb_dir, active=rank == 0
+    )
+    shard = ray.train.get_dataset_shard("train")
+    collate = GroupCollateFn(CollateConfig(max_seq_len=spec.max_seq_len))
+    meter, best, last_metrics = _Meter(), {}, {}
+    started = time.perf_counter()
+    try:
+        while progress.step < spec.total_steps:
+            batches = shard.iter_torch_batches(
+                batch_size=t.batch_size,
+                collate_fn=collate,
+                drop_last=True,
+                local_shuffle_buffer_size=t.shuffle_buffer or None,
+                local_shuffle_seed=(t.seed * 1_000_003 + progress.epoch * 101 + rank) if t.shuffle_buffer else None,
+            )
+            seen = 0
+            for i, batch in enumerate(batches):
+                seen = i + 1
+                # Skip what a resumed run already consumed; never break out early: a streaming
+                # split is consumed to the end of the epoch on every rank.
+                if i < progress.step_in_epoch or i >= spec.steps_per_epoch or progress.step >= spec.total_steps:
+                    continue
+                torch.manual_seed(t.seed * 1_000_003 + progress.step * 1009 + rank)
+                logs = mean_over_ranks(train_step(dr, batch, spec, device))
+                progress.step, progress.step_in_epoch = progress.step + 1, progress.step_in_epoch + 1
+                meter.add(batch)
+                if not math.isfinite(logs["loss"]):
+                    raise NonFiniteLoss(
+                        f"loss is {logs['loss']} at step {progress.step} (epoch {progress.epoch}, batch {i}); "
+                        f"first groups' user_idx {batch.user_id[:4].tolist()}; the last good checkpoint is kept"
+                    )
+                if t.log_every_steps and progress.step % t.log_every_steps == 0:
+                    _log_progress(spec, progress, logs, meter, world, tracker, rank)
+                    meter.reset()
+                last_metrics = {f"train/{k}": v for k, v in logs.items()}
+                end_of_epoch = progress.step_in_epoch >= spec.steps_per_epoch
+                last_step = end_of_epoch or progress.step >= spec.total_steps  # saved below, with validation
+                if t.checkpoint_every_steps and progress.step % t.checkpoint_every_steps == 0 and not last_step:
+                    save_checkpoint(dr, spec, progress, last_metrics, rank, world)
+            epoch_done = progress.step_in_epoch >= spec.steps_per_epoch
+            if not epoch_done and progress.step < spec.total_steps:
+                raise RuntimeError(
+                    f"rank {rank} got {seen} batches in epoch {progress.epoch}, expected {spec.steps_per_epoch} "
+                    "(the train split changed under the run, or Ray's split was unequal)"
+                )
+            if epoch_done or progress.step >= spec.total_steps:
+                epoch = progress.epoch
+                if epoch_done:  # a max_steps stop mid-epoch resumes inside the epoch
+                    progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
+                metrics = dict(last_metrics)
+                if spec.valid_batches:
+                    metrics |= validate(dr, spec, device)
+                    best = _better(best, metrics)
+                if rank == 0:
+                    logger.info("epoch %d done at step %d: %s", epoch, progress.step, _fmt(metrics))
+                tracker.log({**metrics, "epoch": epoch}, step=progress.step)
+                save_checkpoint(dr, spec, progress, metrics, rank, world)
+    except NonFiniteLoss as exc:
+        tracker.summary({"error": str(exc)})
+        tracker.finish()
+        return {"error": str(exc), "step": progress.step} if rank == 0 else {}
+    summary = {
+        "step": progress.step,
+        "epochs": progress.epoch,
+        "restored_at_step": restored_at,
+        "train_s": time.perf_counter() - started,
+        "best_valid": best,
+        "last": last_metrics,
+        "wandb": tracker.path,
+        "sparse_state_bytes": _sum_over_ranks(dr.sparse_state_bytes()),
+    }
+    tracker.summary({"best_valid": best, "steps": progress.step})
+    tracker.finish()
+    return summary if rank == 0 else {}
+
+
+def _sum_over_ranks(value: int) -> int:
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+BEST_KEY = "valid/like_auc"
+
+
+def _better(best: dict[str, float], metrics: dict[str, float]) -> dict[str, float]:
+    """The valid metrics of the best epoch so far (by like AUC)."""
+    if BEST_KEY not in metrics or not np.isfinite(metrics[BEST_KEY]):
+        return best
+    if not best or metrics[BEST_KEY] > best.get(BEST_KEY, -1.0):
+        return {k: v for k, v in metrics.items() if k.startswith("valid/")}
+    return best
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+
+
+def _log_progress(spec, progress, logs, meter, world, tracker, rank) -> None:
+    rates = meter.rates(world)
+    if rank == 0:
+        losses = " ".join(f"{k}={v:.4f}" for k, v in logs.items() if k.startswith("bce_") or k == "loss")
+        logger.info(
+            "epoch %d step %d/%d %s | %.1f groups/s %.0f candidates/s",
+            progress.epoch,
+            progress.step,
+            spec.total_steps,
+            losses,
+            rates["groups_per_s"],
+            rates["candidates_per_s"],
+        )
+    tracker.log({**{f"train/{k}": v for k, v in logs.items()}, **{f"train/{k}": v for k, v in rates.items()}}, step=progress.step)
