@@ -85,6 +85,7 @@ def _table_version_without_options(uri: str) -> str:
 
 def test_storage_options_reach_every_stage(ray_session, s3_options, tmp_path, monkeypatch, capsys):
     from components.config_loader import load_config
+    from components.floors import floor_metrics
     from pipelines.bench_data import compare_lakes
     from pipelines.config import PipelineConfig
     from pipelines.features_reference import run_reference
@@ -122,6 +123,9 @@ def test_storage_options_reach_every_stage(ray_session, s3_options, tmp_path, mo
     # The files the Ray job's workers wrote to the store hold exactly what the oracle computes.
     run_reference(load_config(PipelineConfig, "demo", overrides), f"s3://{BUCKET}/reference")
     assert compare_lakes(ROOT, f"s3://{BUCKET}/reference", s3_options) == []
+    # The floors read samples, events and items of the store through the options as well.
+    floors = floor_metrics(ROOT, "test", s3_options)
+    assert floors["item_mean_rating"]["num_candidates"] == floors["user_mean"]["num_candidates"] > 0
     # The premise: without the options the lake cannot be reached, from the driver or a worker.
     assert _table_version_without_options(samples_uri) == "LakeError"
     without_options = ray_session.remote(_table_version_without_options)
