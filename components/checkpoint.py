@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -116,7 +117,67 @@ def read_meta(path: str) -> CheckpointMeta:
     if fs.get_file_info(dcp_path).type == pafs.FileType.NotFound:
         raise CheckpointError(f"checkpoint {path} has no {DCP_METADATA} (the tensor save did not finish)")
     with fs.open_input_stream(meta_path) as stream:
-        return CheckpointMeta.from_json(stream.read().decode(), f"{path}/{META_FILE}")
+        meta = CheckpointMeta.from_json(stream.read().decode(), f"{path}/{META_FILE}")
+    check_files(path, fs, base)
+    return meta
+
+
+def check_files(path: str, fs, base: str) -> None:
+    """CheckpointError naming the first tensor file that is missing or shorter than the DCP
+    index says: a truncated upload must never load as a partial (silently zero) state."""
+    import io
+
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    with fs.open_input_stream(f"{base}/{DCP_METADATA}") as stream:
+        raw = stream.read()
+    try:
+        # DCP's own index (written by torch.distributed.checkpoint, restricted unpickler).
+        metadata = _read_dcp_metadata(io.BytesIO(raw))
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path}: {DCP_METADATA} is unreadable ({exc}); the save did not finish")
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise CheckpointError(f"checkpoint {path}: {DCP_METADATA} is not a torch.distributed.checkpoint index")
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        found = fs.get_file_info(f"{base}/{name}")
+        if found.size is None:
+            raise CheckpointError(f"checkpoint {path} lacks tensor file {name}")
+        if found.size < size:
+            raise CheckpointError(f"checkpoint {path}: {name} is truncated ({found.size} of {size} bytes)")
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """DCP's ``.metadata`` is a pickle; accept only the classes such an index is made of, so a
+    crafted checkpoint cannot run code when it is vetted (DCP itself then reads a vetted file)."""
+
+    ALLOWED_MODULES = ("torch.distributed.checkpoint", "torch.distributed._shard", "torch.distributed.tensor")
+    ALLOWED = {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("pathlib", "PosixPath"),  # the save's checkpoint_id
+        ("pathlib", "WindowsPath"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if module.startswith(self.ALLOWED_MODULES) or (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and name in _DTYPE_NAMES:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint index")
+
+
+_DTYPE_NAMES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool", "strided",
+                "contiguous_format", "preserve_format", "channels_last"}
+
+
+def _read_dcp_metadata(stream):
+    return _IndexUnpickler(stream).load()
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[str, CheckpointMeta]]:

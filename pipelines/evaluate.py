@@ -80,16 +80,17 @@ class GroupScorer:
         with torch.no_grad():
             out = self.model(batch)
         logits = getattr(out, "logits", out)
-        return score_rows(batch, logits)
+        # UAUC groups by the raw user id: vocabulary index 1 lumps every unknown user together.
+        return score_rows(batch, logits, table.column("user_id").to_numpy())
 
 
-def score_rows(batch: GroupBatch, logits) -> dict[str, np.ndarray]:
+def score_rows(batch: GroupBatch, logits, user_ids: np.ndarray) -> dict[str, np.ndarray]:
     """Flat per-candidate columns of a scored batch (real slots only)."""
     mask = batch.cand_mask.numpy()
-    user = np.broadcast_to(batch.user_id.numpy()[:, None], mask.shape)[mask]
+    user = np.broadcast_to(np.asarray(user_ids)[:, None], mask.shape)[mask]
     logit = logits.detach().float().numpy()[mask]  # (M, tasks)
     label = batch.labels.numpy()[mask]
-    out = {"user_idx": user.astype(np.int64)}
+    out = {"user_id": user.astype(np.int64)}
     for i, task in enumerate(GroupBatch.TASKS):
         out[f"logit_{task}"] = logit[:, i].astype(np.float32)
         out[f"label_{task}"] = label[:, i].astype(np.float32)
@@ -99,10 +100,10 @@ def score_rows(batch: GroupBatch, logits) -> dict[str, np.ndarray]:
 def metrics_of(rows: dict[str, np.ndarray]) -> dict[str, float]:
     """Per-candidate columns -> metrics (components/metrics.py)."""
     acc = MetricsAccumulator()
-    m = len(rows["user_idx"])
+    m = len(rows["user_id"])
     logits = np.stack([rows[f"logit_{t}"] for t in GroupBatch.TASKS], -1).reshape(m, 1, -1)
     labels = np.stack([rows[f"label_{t}"] for t in GroupBatch.TASKS], -1).reshape(m, 1, -1)
-    acc.update(logits, labels, np.ones((m, 1), bool), rows["user_idx"])
+    acc.update(logits, labels, np.ones((m, 1), bool), rows["user_id"])
     return acc.compute()
 
 

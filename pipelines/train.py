@@ -60,6 +60,7 @@ class TrainSummary:
     resumed_from: str
     samples_version: int
     sparse_state_bytes: int
+    restored_at_step: int  # the step the final worker group started from (> 0 after a restart)
     last: dict[str, float] = field(default_factory=dict)
 
     def report(self) -> str:
@@ -228,6 +229,7 @@ def run_train(config: PipelineConfig) -> TrainSummary:
         resumed_from=plan.resume_path or ("" if plan.meta is None else f"step {plan.meta.step}"),
         samples_version=data.samples_version,
         sparse_state_bytes=int(out.get("sparse_state_bytes", 0)),
+        restored_at_step=int(out.get("restored_at_step", 0)),
         last=dict(out.get("last", {})),
     )
 
