@@ -7,6 +7,11 @@ A PKM read costs O(sqrt(S) * d) instead of O(S * d): the query is split in two h
 each half scores its own sqrt(S) sub-keys, and the best k of the k*k sums of the two
 top-k lists is exactly the top-k over all S = sqrt(S)^2 product keys (any top-k pair
 has both halves in their half's top-k).
+
+The value table is a weighted TorchRec ``EmbeddingBagCollection`` (one table, SUM pooling,
+the softmax weights as per-sample weights) rather than an ``nn.EmbeddingBag``: training
+shards it with DMP and updates it sparsely with a fused row-wise optimiser at the memory's
+own learning rate (no dense Adam state for 70M values at 1M slots), applied from outside.
 """
 
 from __future__ import annotations
@@ -18,9 +23,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
-from models.embedding_init import init_embedding_
+from models.embedding_init import torchrec_init_fn
 from models.layers import masked_mean
+
+# The one feature of a value table's KJT: one bag per query, its heads' top-k slots.
+SLOT_FEATURE = "pkm_slot"
 
 
 @dataclass(frozen=True)
@@ -35,8 +44,10 @@ class PKMConfig:
     value_dim: int = 64
     use_norm: bool = True  # L2-normalise query halves and sub-keys (anti-collapse)
     key_expansion: int = 0  # > 0: over-parameterised sub-keys = raw (n, r) @ W (r, key_dim/2)
-    use_sparse_grad: bool = False  # sparse value gradients (pair with torch.optim.SparseAdam)
     track_usage: bool = True  # accumulate slot-hit counts for usage statistics
+    # TorchRec table name: unique within a model (the planner and the sharded state dict key
+    # by it), and ``t_*`` so it never equals an nn.ModuleDict attribute (STACK.md: "items" crashes).
+    table_name: str = "t_pkm_value"
 
     @property
     def num_subkeys(self) -> int:
@@ -52,6 +63,8 @@ class PKMConfig:
             raise ValueError(f"PKMConfig.key_dim={self.key_dim} must be even (two halves)")
         if self.topk > self.num_subkeys:
             raise ValueError(f"PKMConfig.topk={self.topk} exceeds sqrt(num_slots)={self.num_subkeys}")
+        if not (self.table_name.startswith("t_") and self.table_name.isidentifier()):
+            raise ValueError(f"PKMConfig.table_name={self.table_name!r} must be an identifier starting with 't_'")
 
 
 @functools.lru_cache(maxsize=64)
@@ -98,7 +111,9 @@ def pkm_topk(
 class ProductKeyMemory(nn.Module):
     """Multi-head product-key memory: (..., input_dim) -> (..., value_dim), heads summed."""
 
-    def __init__(self, cfg: PKMConfig) -> None:
+    def __init__(self, cfg: PKMConfig, device: torch.device | str | None = None) -> None:
+        """``device`` places the value table only (default cpu, as SparseArch); "meta" leaves it
+        unallocated for DMP to materialise shard by shard (each shard drawn by the same init)."""
         super().__init__()
         self.cfg = cfg
         h, n, half = cfg.num_heads, cfg.num_subkeys, cfg.key_dim // 2
@@ -109,8 +124,15 @@ class ProductKeyMemory(nn.Module):
         # Cosine scores live in [-2, 2]; a learned per-head scale sharpens the softmax.
         init = math.log(math.sqrt(half)) if cfg.use_norm else -math.log(math.sqrt(half))
         self.log_scale = nn.Parameter(torch.full((h, 1), init))
-        self.values = nn.EmbeddingBag(cfg.num_slots, cfg.value_dim, mode="sum", sparse=cfg.use_sparse_grad)
-        init_embedding_(self.values.weight)
+        table = EmbeddingBagConfig(
+            name=cfg.table_name,
+            embedding_dim=cfg.value_dim,
+            num_embeddings=cfg.num_slots,
+            feature_names=[SLOT_FEATURE],
+            pooling=PoolingType.SUM,
+            init_fn=torchrec_init_fn(cfg.value_dim),
+        )
+        self.values = EmbeddingBagCollection(tables=[table], is_weighted=True, device=torch.device(device or "cpu"))
         self.register_buffer("slot_hits", torch.zeros(cfg.num_slots, dtype=torch.long), persistent=False)
         self.register_buffer("num_reads", torch.zeros((), dtype=torch.long), persistent=False)
 
@@ -137,19 +159,41 @@ class ProductKeyMemory(nn.Module):
         idx, w = self.lookup(x.reshape(-1, self.cfg.input_dim))
         if self.cfg.track_usage:
             self._count(idx)
-        k = self.cfg.topk
-        out = self.values(idx.view(-1, k), per_sample_weights=w.reshape(-1, k))  # (B'*H, vd)
-        out = out.view(-1, self.cfg.num_heads, self.cfg.value_dim).sum(1)  # (B', vd)
-        return out.view(*lead, self.cfg.value_dim)
+        return self.read_values(idx, w).view(*lead, self.cfg.value_dim)
+
+    def read_values(self, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of value rows (B', value_dim) for slots idx and weights w, both (B', H, k).
+
+        One bag per query holds all its heads' H * k slots, so SUM pooling also sums the heads.
+        """
+        rows, per_row = idx.shape[0], idx.shape[1] * idx.shape[2]  # B', H * k
+        if rows == 0:  # TorchRec cannot split an empty lengths tensor: read one empty bag instead
+            return self.read_values(idx.new_zeros(1, 0, 0), w.new_zeros(1, 0, 0))[:0]
+        # stride and length_per_key given, so that TorchRec never syncs to compute them.
+        kjt = KeyedJaggedTensor(
+            keys=[SLOT_FEATURE],
+            values=idx.reshape(-1),
+            weights=w.reshape(-1),
+            lengths=torch.full((rows,), per_row, dtype=torch.long, device=idx.device),
+            stride=rows,
+            length_per_key=[rows * per_row],
+        )
+        return self.values(kjt)[SLOT_FEATURE]  # (B', vd)
 
     # ---- parameters and statistics ------------------------------------------------------
+    def value_tables(self) -> EmbeddingBagCollection:
+        """The value table's module, for the trainer to shard (DMP, EmbeddingBagCollectionSharder)
+        with a fused row-wise optimiser at the memory's own learning rate."""
+        return self.values
+
     def value_parameters(self) -> list[nn.Parameter]:
-        """The value table: give it its own (higher) learning rate, sparse optimiser if sparse."""
-        return [self.values.weight]
+        """The value table's (num_slots, value_dim) weight: its own (higher) learning rate."""
+        return list(self.values.parameters())
 
     def key_query_parameters(self) -> list[nn.Parameter]:
         """Everything except the values (query net, keys, scale)."""
-        return [p for p in self.parameters() if p is not self.values.weight]
+        values = set(map(id, self.value_parameters()))
+        return [p for p in self.parameters() if id(p) not in values]
 
     @torch.no_grad()
     def _count(self, idx: torch.Tensor) -> None:

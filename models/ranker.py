@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torchrec import EmbeddingBagCollection
 
 from models.batch import NUM_GENRES, NUM_YEAR_BUCKETS, GroupBatch
 from models.embedding_init import embedding
@@ -37,6 +38,10 @@ from models.ugsep import UGSepBackbone, UGSepConfig, UserTokenStates
 
 POOL_WINDOWS = (8, 64)  # pooling encoder: means of the last 8, last 64 and all events
 YEAR_DIM = 8
+# TorchRec names of the memories' value tables, set here whatever the configs say: the planner
+# and the sharded state dict key by table name, so MSN's and LMN's must differ.
+MSN_VALUE_TABLE = "t_msn_value"
+LMN_VALUE_TABLE = "t_lmn_value"
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,8 @@ class RankerConfig:
     """The full model; every variant of MODELS.md §7 is a setting of these fields (models/variants.py).
 
     ``num_tokens``/``dim``/``heads`` of the backbone configs are derived from the token
-    layout and ``dim``; the values written there are ignored.
+    layout and ``dim``, and the memories' ``input_dim`` and ``table_name`` from the layout
+    (``MSN_VALUE_TABLE``, ``LMN_VALUE_TABLE``); the values written there are ignored.
     """
 
     sparse: SparseConfig = field(default_factory=SparseConfig)
@@ -201,12 +207,11 @@ class Ranker(nn.Module):
             self.longer = LongerEncoder(self.longer_cfg)
             self.longer_user = nn.Linear(cfg.user_dim, cfg.seq_dim)  # user-global token
             self.longer_cand = nn.Linear(e, cfg.seq_dim)  # candidate token
-        self.msn = (
-            MSN(MSNConfig(token_dim=d, memory=replace(cfg.msn_memory, input_dim=cfg.user_dim + cfg.seq_dim)))
-            if cfg.use_msn
-            else None
-        )
-        self.lmn = LMN(replace(cfg.lmn, item_dim=e, user_dim=cfg.user_dim, token_dim=d)) if cfg.use_lmn else None
+        msn_memory = replace(cfg.msn_memory, input_dim=cfg.user_dim + cfg.seq_dim, table_name=MSN_VALUE_TABLE)
+        self.msn = MSN(MSNConfig(token_dim=d, memory=msn_memory)) if cfg.use_msn else None
+        lmn_memory = replace(cfg.lmn.memory, table_name=LMN_VALUE_TABLE)
+        lmn_cfg = replace(cfg.lmn, item_dim=e, user_dim=cfg.user_dim, token_dim=d, memory=lmn_memory)
+        self.lmn = LMN(lmn_cfg) if cfg.use_lmn else None
         self.tokenizer = SemanticTokenizer(cfg.tokenizer_config())
         backbone_cfg = cfg.backbone_config()
         if cfg.use_ugsep:
@@ -360,3 +365,11 @@ class Ranker(nn.Module):
     def memory_value_parameters(self) -> list[nn.Parameter]:
         """PKM value tables, which train with their own (higher) learning rate (MODELS.md §6)."""
         return [p for m in (self.msn, self.lmn) if m is not None for p in m.memory.value_parameters()]
+
+    def memory_value_tables(self) -> dict[str, EmbeddingBagCollection]:
+        """PKM value tables by table name (``MSN_VALUE_TABLE``, ``LMN_VALUE_TABLE``), each a weighted
+        one-table EmbeddingBagCollection at ``{msn,lmn}.memory.values``: the training stage shards
+        them (DMP, EmbeddingBagCollectionSharder) with a fused row-wise optimiser at the memories'
+        learning rate, and keeps ``memory_value_parameters`` out of the dense optimiser."""
+        memories = [m.memory for m in (self.msn, self.lmn) if m is not None]
+        return {memory.cfg.table_name: memory.value_tables() for memory in memories}

@@ -168,13 +168,19 @@ def longer_outputs(w: Weights, cfg, user_vec: Tensor, events: tuple, cand: Tenso
 
 
 # ---------------------------------------------------------------- memories
-def pkm_read(w: Weights, prefix: str, cfg, x: Tensor) -> Tensor:
+def pkm_values(w: Weights, prefix: str, table: str) -> Tensor:
+    """A memory's (num_slots, value_dim) value table: one table of a TorchRec EmbeddingBagCollection."""
+    return w(f"{prefix}.values.embedding_bags.{table}.weight")
+
+
+def pkm_read(w: Weights, prefix: str, table: str, cfg, x: Tensor) -> Tensor:
     """Product-key memory read by brute force over ALL slots: (input_dim,) -> (value_dim,)."""
     heads, half = cfg.num_heads, cfg.key_dim // 2
     q = w.linear(f"{prefix}.query", x).view(heads, cfg.key_dim)
     keys = w(f"{prefix}.raw_keys")  # (H, 2, n, width)
     if w.has(f"{prefix}.key_map.weight"):
         keys = keys @ w(f"{prefix}.key_map.weight").T
+    values = pkm_values(w, prefix, table)
     out = torch.zeros(cfg.value_dim, dtype=x.dtype)
     for h in range(heads):
         q1, q2, k1, k2 = q[h, :half], q[h, half:], keys[h, 0], keys[h, 1]
@@ -183,13 +189,13 @@ def pkm_read(w: Weights, prefix: str, cfg, x: Tensor) -> Tensor:
         scores = ((k1 @ q1)[:, None] + (k2 @ q2)[None, :]).flatten()  # slot i1 * n + i2
         top = scores.topk(cfg.topk)
         weights = softmax(top.values * torch.exp(w(f"{prefix}.log_scale")[h, 0]))
-        out = out + weights @ w(f"{prefix}.values.weight")[top.indices]
+        out = out + weights @ values[top.indices]
     return out
 
 
 def lmn_read(w: Weights, cfg, item: Tensor, user_vec: Tensor) -> Tensor:
     query = w.mlp("lmn.query_mlp", torch.cat([item, user_vec]))
-    return pkm_read(w, "lmn.memory", cfg.lmn.memory, query)
+    return pkm_read(w, "lmn.memory", "t_lmn_value", cfg.lmn.memory, query)
 
 
 # ---------------------------------------------------------------- token-mixing backbones
@@ -387,7 +393,7 @@ def group_logits(w: Weights, rc, batch: GroupBatch, b: int, n: int) -> tuple[Ten
         features["lmn_group"] = w.linear("lmn.group_proj", lmn_read(w, rc, item, user_vec))
     x, num_user = tokens(w, rc, features)
     if rc.use_msn:  # one gate from the user/context read multiplies every token, user and group
-        read = pkm_read(w, "msn.memory", rc.msn_memory, torch.cat([user_vec, seq_mean]))
+        read = pkm_read(w, "msn.memory", "t_msn_value", rc.msn_memory, torch.cat([user_vec, seq_mean]))
         x = x * (2.0 * sigmoid(w.linear("msn.gate_proj", read)))
     final, shallow = backbone(w, ranker_backbone_spec(rc), x, num_user)
     pooled = final.mean(0)

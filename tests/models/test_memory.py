@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torchrec import EmbeddingBagCollection, PoolingType
 
 from models.memory import LMN, MSN, LMNConfig, MSNConfig, PKMConfig, ProductKeyMemory, pkm_topk
 
@@ -13,6 +14,11 @@ from models.memory import LMN, MSN, LMNConfig, MSNConfig, PKMConfig, ProductKeyM
 def tiny_pkm(**overrides) -> PKMConfig:
     base = dict(input_dim=12, num_slots=64, key_dim=8, num_heads=2, topk=4, value_dim=6)
     return PKMConfig(**{**base, **overrides})
+
+
+def value_weight(pkm: ProductKeyMemory) -> torch.Tensor:
+    """The (num_slots, value_dim) value table, read where TorchRec keeps it."""
+    return pkm.values.embedding_bags[pkm.cfg.table_name].weight
 
 
 def dense_reference(pkm: ProductKeyMemory, x: torch.Tensor) -> torch.Tensor:
@@ -28,7 +34,7 @@ def dense_reference(pkm: ProductKeyMemory, x: torch.Tensor) -> torch.Tensor:
     full = (s1[..., :, None] + s2[..., None, :]).flatten(-2)  # (B, H, S), slot = i1 * n + i2
     scores, idx = full.topk(cfg.topk, -1)
     w = torch.softmax(scores * pkm.log_scale.exp(), -1)
-    return (pkm.values.weight[idx] * w[..., None]).sum((1, 2))
+    return (value_weight(pkm)[idx] * w[..., None]).sum((1, 2))
 
 
 @settings(max_examples=20, deadline=None)
@@ -71,16 +77,60 @@ def test_gradients_reach_keys_values_and_query_net():
     for name, p in pkm.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     values = set(map(id, pkm.value_parameters()))
-    assert values == {id(pkm.values.weight)}
+    assert values == {id(value_weight(pkm))}
     assert values.isdisjoint(map(id, pkm.key_query_parameters()))
     assert len(pkm.key_query_parameters()) + 1 == len(list(pkm.parameters()))
 
 
-def test_sparse_value_gradients():
-    pkm = ProductKeyMemory(tiny_pkm(use_sparse_grad=True))
-    pkm(torch.randn(4, 12)).sum().backward()
-    assert pkm.values.weight.grad.is_sparse
-    torch.optim.SparseAdam(pkm.value_parameters(), lr=1e-2).step()
+def test_value_table_is_a_weighted_torchrec_table_with_gradient_only_in_rows_read():
+    """Training shards the values with TorchRec and updates them sparsely (fused row-wise optimiser),
+    so they must be one weighted SUM table of an EmbeddingBagCollection, named by the config."""
+    torch.manual_seed(6)
+    pkm = ProductKeyMemory(tiny_pkm(num_slots=256, table_name="t_test_value"))
+    table = pkm.value_tables()
+    assert isinstance(table, EmbeddingBagCollection) and table.is_weighted()
+    (config,) = table.embedding_bag_configs()
+    assert (config.name, config.num_embeddings, config.embedding_dim) == ("t_test_value", 256, 6)
+    assert config.pooling == PoolingType.SUM
+    assert pkm.value_parameters() == [value_weight(pkm)] == list(table.parameters())
+    assert "values.embedding_bags.t_test_value.weight" in pkm.state_dict()
+    x = torch.randn(3, 12)
+    pkm(x).pow(2).sum().backward()
+    read = torch.zeros(256, dtype=torch.bool)
+    read[pkm.lookup(x)[0].flatten()] = True
+    assert 0 < read.sum() <= 3 * 2 * 4  # rows x heads x top-k
+    row_grad = value_weight(pkm).grad.abs().sum(1)  # unsharded: a dense (S, vd) gradient
+    assert (row_grad[read] > 0).all() and (row_grad[~read] == 0).all()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"key_expansion": 5}])
+def test_pkm_gradients_equal_dense_reference(overrides):
+    """The per-sample weights carry the gradient to the query net, keys and scale through the softmax."""
+    torch.manual_seed(7)
+    pkm = ProductKeyMemory(tiny_pkm(**overrides))
+    x, target = torch.randn(9, 12), torch.randn(9, 6)
+    grads = []
+    for read in (pkm, lambda x: dense_reference(pkm, x)):
+        pkm.zero_grad(set_to_none=True)
+        (read(x) - target).pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in pkm.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_value_table_initialisation_and_device():
+    """Values are N(0, 1) like every embedding table (models/embedding_init.py); "meta" defers them."""
+    torch.manual_seed(8)
+    weight = value_weight(ProductKeyMemory(tiny_pkm(num_slots=4096, value_dim=64)))
+    assert abs(weight.mean().item()) < 0.01 and abs(weight.std().item() - 1.0) < 0.01
+    lazy = ProductKeyMemory(tiny_pkm(), device="meta")
+    assert value_weight(lazy).is_meta and not lazy.query.weight.is_meta
+
+
+def test_empty_read():
+    pkm = ProductKeyMemory(tiny_pkm())
+    assert pkm(torch.randn(0, 12)).shape == (0, 6) and pkm(torch.randn(2, 0, 12)).shape == (2, 0, 6)
 
 
 def test_usage_stats_grow_and_reset():
@@ -117,6 +167,9 @@ def test_config_errors_are_named():
         LMNConfig(hidden_dim=32, memory=tiny_pkm())
     with pytest.raises(ValueError, match="memory input"):
         ProductKeyMemory(tiny_pkm())(torch.randn(3, 5))
+    for bad in ("items", "t_a.b"):  # a ModuleDict attribute crashes TorchRec; dots split module paths
+        with pytest.raises(ValueError, match="table_name"):
+            tiny_pkm(table_name=bad)
 
 
 def test_msn_gate_range_and_broadcasting():
@@ -135,7 +188,7 @@ def test_msn_gate_range_and_broadcasting():
     with pytest.raises(ValueError, match="does not broadcast"):
         msn(tokens, torch.randn(b, t + 1, 12))
     msn(group_tokens, per_token).sum().backward()
-    assert msn.memory.values.weight.grad.abs().sum() > 0
+    assert value_weight(msn.memory).grad.abs().sum() > 0
 
 
 def test_msn_gate_starts_near_identity():
@@ -159,7 +212,7 @@ def test_lmn_memory_learns_next_behaviour_transitions():
     opt = torch.optim.Adam(
         [
             {"params": lmn.memory.value_parameters(), "lr": 5e-2},
-            {"params": [p for p in lmn.parameters() if p is not lmn.memory.values.weight], "lr": 1e-2},
+            {"params": [p for p in lmn.parameters() if p is not value_weight(lmn.memory)], "lr": 1e-2},
         ]
     )
     losses = []

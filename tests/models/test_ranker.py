@@ -301,12 +301,28 @@ def test_memory_keys_and_values_learn(variant: str) -> None:
     memories = [m.memory for m in (model.msn, model.lmn) if m is not None]
     assert len(model.memory_value_parameters()) == len(memories)
     for memory in memories:
-        for name in ("values.weight", "raw_keys", "query.weight", "log_scale"):
+        values = f"values.embedding_bags.{memory.cfg.table_name}.weight"
+        for name in (values, "raw_keys", "query.weight", "log_scale"):
             grad = memory.get_parameter(name).grad
             assert grad is not None and grad.abs().sum() > 0, f"PKM {name} got no gradient"
         # Only the top-k slots read are touched: the value gradient is sparse in its rows.
-        hit_rows = (memory.values.weight.grad.abs().sum(1) > 0).sum()
+        hit_rows = (memory.get_parameter(values).grad.abs().sum(1) > 0).sum()
         assert 0 < hit_rows < memory.cfg.num_slots
+
+
+def test_memory_value_tables_have_distinct_torchrec_names() -> None:
+    """The planner and the sharded state dict key by table name: MSN's and LMN's must differ."""
+    model = make_ranker("ugsep_msn_lmn", seed=0)
+    tables = model.memory_value_tables()
+    assert list(tables) == ["t_msn_value", "t_lmn_value"]
+    assert tables["t_msn_value"] is model.msn.memory.values and tables["t_lmn_value"] is model.lmn.memory.values
+    weights = [p for table in tables.values() for p in table.parameters()]
+    assert list(map(id, weights)) == list(map(id, model.memory_value_parameters()))
+    assert {
+        "msn.memory.values.embedding_bags.t_msn_value.weight",
+        "lmn.memory.values.embedding_bags.t_lmn_value.weight",
+    } <= set(model.state_dict())
+    assert make_ranker("tml_longer", seed=0).memory_value_tables() == {}
 
 
 # ---------------------------------------------------------------- 8. W8A16
