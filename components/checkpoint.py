@@ -135,7 +135,9 @@ def check_files(path: str, fs, base: str) -> None:
         # DCP's own index (written by torch.distributed.checkpoint, restricted unpickler).
         metadata = _read_dcp_metadata(io.BytesIO(raw))
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {path}: {DCP_METADATA} is unreadable ({exc}); the save did not finish")
+        raise CheckpointError(
+            f"checkpoint {path}: {DCP_METADATA} is unreadable ({exc}); the save did not finish"
+        ) from exc
     if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
         raise CheckpointError(f"checkpoint {path}: {DCP_METADATA} is not a torch.distributed.checkpoint index")
     needed: dict[str, int] = {}
@@ -172,8 +174,21 @@ class _IndexUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint index")
 
 
-_DTYPE_NAMES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool", "strided",
-                "contiguous_format", "preserve_format", "channels_last"}
+_DTYPE_NAMES = {
+    "float32",
+    "float16",
+    "bfloat16",
+    "float64",
+    "int64",
+    "int32",
+    "int8",
+    "uint8",
+    "bool",
+    "strided",
+    "contiguous_format",
+    "preserve_format",
+    "channels_last",
+}
 
 
 def _read_dcp_metadata(stream):

@@ -125,7 +125,8 @@ def pinned_versions(
     """(samples version, sequences version of the SAME features run, the samples commit info).
 
     The newest ``samples`` version (or ``samples_version``: a resumed training run keeps the
-    version it started on) is pinned and its ``job_id`` looked up in the ``sequences`` history (pipelines/features.py records it in both commits). Two overlapping features runs,
+    version it started on) is pinned and its ``job_id`` looked up in the ``sequences`` history
+    (pipelines/features.py records it in both commits). Two overlapping features runs,
     or a run that died between its two commits, leave the latest versions of the two tables
     from different runs; resolving one run's (user, seq_end) against another run's sequences
     would silently slice the wrong events (possibly from after the request).
@@ -204,7 +205,9 @@ def load_groups(
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
     buckets = sorted(int(b) for b in samples.partition_values("bucket", [("split", "=", split)]))
-    logger.debug("split %s: samples v%d, sequences v%d, %d buckets", split, samples_version, sequences_version, len(buckets))
+    logger.debug(
+        "split %s: samples v%d, sequences v%d, %d buckets", split, samples_version, sequences_version, len(buckets)
+    )
     if not buckets:
         raise lake.LakeError(f"samples table {samples.uri} has no rows of split {split!r}")
     sequences = lake.PinnedTable(lake.table_uri(root, "sequences"), sequences_version, options)

@@ -189,7 +189,10 @@ class TrainConfig:
     seed: int = 0
     # Bit-for-bit repeatable: ordered data, deterministic kernels (slower; for resume checks).
     deterministic: bool = False
-    shuffle_buffer: int = 512  # groups in each worker's seeded local shuffle buffer; 0 = no shuffle
+    # Groups are stored user by user: "global" shuffles the train split (seeded, Ray Data) so a
+    # batch mixes users; "local" only shuffles within each worker's buffer; "none" keeps order.
+    shuffle: Literal["global", "local", "none"] = "global"
+    shuffle_buffer: int = 512  # groups in each worker's seeded local shuffle buffer (global/local)
     log_every_steps: int = 20
     checkpoint_every_steps: int = 0  # 0 = at the end of every epoch only
     num_checkpoints_to_keep: int = 2
@@ -243,7 +246,9 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.num_actors < 1:
-            raise ConfigError(f"eval.batch_size and eval.num_actors must be >= 1, got {self.batch_size}, {self.num_actors}")
+            raise ConfigError(
+                f"eval.batch_size and eval.num_actors must be >= 1, got {self.batch_size}, {self.num_actors}"
+            )
 
 
 @dataclass(frozen=True)
@@ -258,3 +263,13 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        # LONGER's position table has longer.max_seq_len rows; a longer training sequence
+        # would fail inside the first forward.
+        length, rows = self.train.max_seq_len or self.features.max_seq_len, self.model.ranker.longer.max_seq_len
+        if length > rows:
+            raise ConfigError(
+                f"train.max_seq_len={length} exceeds model.ranker.longer.max_seq_len={rows} "
+                "(LONGER's position table); raise the latter or lower the former"
+            )

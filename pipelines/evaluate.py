@@ -150,8 +150,14 @@ def run_evaluate(config: PipelineConfig) -> tuple[EvalReport, str]:
     if data.split_rows.get(cfg.split, 0) == 0:
         raise EvaluateError(f"split {cfg.split!r} of samples version {data.samples_version} has no groups")
     max_seq_len = int(meta.train.get("max_seq_len") or data.max_seq_len)
-    logger.info("evaluating %s (%s, step %d) on %s: %d groups", path, meta.variant, meta.step, cfg.split,
-                data.split_rows[cfg.split])
+    logger.info(
+        "evaluating %s (%s, step %d) on %s: %d groups",
+        path,
+        meta.variant,
+        meta.step,
+        cfg.split,
+        data.split_rows[cfg.split],
+    )
     scored = data.load_groups(cfg.split, max_seq_len).map_batches(
         GroupScorer,
         fn_constructor_kwargs={"checkpoint": path, "max_seq_len": max_seq_len},

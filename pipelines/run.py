@@ -2,13 +2,15 @@
 
     python -m pipelines.run --config demo [--section.key=value ...]
 
-Today: ingest -> features, then a report of each Delta table's version and row count
-and one resolved sample group. Later stages (train, evaluate, export, serve, loadtest)
-append here.
+Today: ingest -> features -> train -> evaluate, then a report of each Delta table's version
+and row count, one resolved sample group, the training summary and the test metrics. Later
+stages (export, serve, loadtest) append here. ``--stages`` runs a prefix of them.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -16,17 +18,21 @@ from collections.abc import Mapping
 import pyarrow as pa
 
 from components import lake, lake_stats
+from components.checkpoint import CheckpointError
 from components.collate import CollateConfig, collate_groups
 from components.validation import IngestError
 from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig
+from pipelines.evaluate import EvaluateError, run_evaluate
 from pipelines.features import FeaturesError, run_features
 from pipelines.ingest import run_ingest
 from pipelines.ray_runtime import ray_runtime
+from pipelines.train import TrainError, run_train
 
 logger = logging.getLogger(__name__)
 
 TABLES = ("events", "items", "users", "sequences", "samples")
+STAGES = ("ingest", "features", "train", "evaluate")
 
 
 def describe_group(row: pa.Table, max_seq_len: int) -> str:
@@ -57,27 +63,51 @@ def table_report(root: str, storage_options: Mapping[str, str] | None = None) ->
     return out
 
 
-def run(config: PipelineConfig) -> int:
-    """Run the stages; returns the process exit code."""
+def run(config: PipelineConfig, last_stage: str = STAGES[-1]) -> int:
+    """Run the stages up to ``last_stage``; returns the process exit code."""
     started = time.perf_counter()
+    stages = STAGES[: STAGES.index(last_stage) + 1]
     result = run_ingest(config)
     logger.info("ingest done: %s", ", ".join(f"{c.name} v{c.version} ({c.rows} rows)" for c in result.commits))
+    root, options = lake.lake_root(config.lake.root), config.lake.storage_options
+    trained, evaluated = None, None
     with ray_runtime(config.ray):
-        summary = run_features(config)
-        logger.info("features done: %s", summary)
-        from components.sequence_join import load_groups
+        summary = run_features(config) if "features" in stages else None
+        if summary is not None:
+            logger.info("features done: %s", summary)
+            from components.sequence_join import load_groups
 
-        root, options = lake.lake_root(config.lake.root), config.lake.storage_options
-        train = load_groups(root, "train", config.features.max_seq_len, storage_options=options)
-        sample = train.take_batch(1, batch_format="pyarrow")
+            train = load_groups(root, "train", config.features.max_seq_len, storage_options=options)
+            sample = train.take_batch(1, batch_format="pyarrow")
+        if "train" in stages:
+            trained = run_train(config)
+        if "evaluate" in stages:
+            checkpoint = trained.checkpoint if trained is not None else config.eval.checkpoint
+            evaluated, metrics_path = run_evaluate(
+                dataclasses.replace(config, eval=dataclasses.replace(config.eval, checkpoint=checkpoint))
+            )
     print(f"\n{'table':<10} {'version':>7} {'rows':>10}")
     for name, version, rows in table_report(root, options):
         print(f"{name:<10} {'-' if version is None else version:>7} {rows:>10}")
-    splits = {s: summary.get(f"groups_{s}", 0) for s in ("train", "valid", "test")}
-    print(f"\ngroups by split: {splits}")
-    print("\none sample group:\n" + describe_group(sample, config.features.max_seq_len))
+    if summary is not None:
+        splits = {s: summary.get(f"groups_{s}", 0) for s in ("train", "valid", "test")}
+        print(f"\ngroups by split: {splits}")
+        print("\none sample group:\n" + describe_group(sample, config.features.max_seq_len))
+    if trained is not None:
+        print("\n" + trained.report())
+    if evaluated is not None:
+        m = evaluated.metrics
+        print(
+            f"\n{evaluated.variant} on {evaluated.split} ({evaluated.num_groups} groups): "
+            + ", ".join(f"{k} {m[k]:.4f}" for k in ("like_auc", "like_uauc", "engage_auc", "like_auc_engaged"))
+            + f"\n  metrics: {metrics_path}"
+        )
     print(f"\ndone in {time.perf_counter() - started:.1f} s; lake at {root}")
     return 0
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stages", choices=STAGES[1:], default=STAGES[-1], help="run the stages up to this one")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         "pipelines.run",
         __doc__.splitlines()[0],
         argv,
-        lambda config, _: run(config),
+        lambda config, args: run(config, args.stages),
         default_preset="demo",
-        failures=(IngestError, lake.LakeError, FeaturesError),
+        failures=(IngestError, lake.LakeError, FeaturesError, TrainError, CheckpointError, EvaluateError),
+        add_arguments=_add_arguments,
     )
 
 

@@ -61,6 +61,7 @@ class TrainSummary:
     samples_version: int
     sparse_state_bytes: int
     restored_at_step: int  # the step the final worker group started from (> 0 after a restart)
+    candidates_per_s: float  # all workers, after the first two steps (validation and checkpoints included)
     last: dict[str, float] = field(default_factory=dict)
 
     def report(self) -> str:
@@ -162,7 +163,10 @@ def make_trainer(config: PipelineConfig, spec: LoopSpec, data: TrainingData, sto
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = config.train
-    datasets = {"train": data.load_groups("train", spec.max_seq_len)}
+    train = data.load_groups("train", spec.max_seq_len)
+    if t.shuffle == "global":
+        train = train.random_shuffle(seed=t.seed)
+    datasets = {"train": train}
     if spec.valid_batches:
         datasets["valid"] = data.load_groups("valid", spec.max_seq_len)
     # Ordered execution makes the split (and so each rank's batches) repeatable.
@@ -230,6 +234,7 @@ def run_train(config: PipelineConfig) -> TrainSummary:
         samples_version=data.samples_version,
         sparse_state_bytes=int(out.get("sparse_state_bytes", 0)),
         restored_at_step=int(out.get("restored_at_step", 0)),
+        candidates_per_s=float(out.get("run_candidates_per_s", 0.0)),
         last=dict(out.get("last", {})),
     )
 

@@ -120,16 +120,28 @@ def build_distributed(spec: LoopSpec, device: torch.device) -> DistributedRanker
 
 def apply_activation_checkpointing(model: torch.nn.Module) -> int:
     """Recompute the backbone's and LONGER's blocks in the backward instead of keeping their
-    activations; returns how many modules were wrapped (0: nothing to checkpoint)."""
+    activations; returns how many blocks were wrapped. State-dict keys are unchanged (the
+    wrapper strips its prefix), so checkpoints load with or without it."""
+    import functools
+
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl,
+        checkpoint_wrapper,
+    )
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         apply_activation_checkpointing as apply,
     )
 
-    names = {"TokenMixerLargeBlock", "RankMixerBlock", "LongerSelfBlock", "LongerCrossBlock"}
-    wrapped = [m for m in model.modules() if type(m).__name__ in names]
-    apply(model, checkpoint_impl=CheckpointImpl.NO_REENTRANT, check_fn=lambda m: type(m).__name__ in names)
-    return len(wrapped)
+    names = CHECKPOINTED_BLOCKS
+    wrapped = sum(type(m).__name__ in names for m in model.modules())
+    wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    apply(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: type(m).__name__ in names)
+    return wrapped
+
+
+# Blocks whose activations are recomputed under ``train.activation_checkpointing``. UG-Sep's
+# split calls (user_content/group_content) bypass the wrapper's forward and are not recomputed.
+CHECKPOINTED_BLOCKS = frozenset({"TokenMixerLargeBlock", "RankMixerBlock", "LongerBlock"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +315,9 @@ def _run(spec: LoopSpec, ctx) -> dict[str, Any]:
     shard = ray.train.get_dataset_shard("train")
     collate = GroupCollateFn(CollateConfig(max_seq_len=spec.max_seq_len))
     meter, best, last_metrics = _Meter(), {}, {}
+    run_meter, warmup_steps = _Meter(), progress.step + 2  # whole-run throughput, first steps excluded
+    run_rates: dict[str, float] = {}
+    buffer = t.shuffle_buffer if t.shuffle != "none" else 0
     started = time.perf_counter()
     try:
         while progress.step < spec.total_steps:
@@ -310,8 +325,8 @@ def _run(spec: LoopSpec, ctx) -> dict[str, Any]:
                 batch_size=t.batch_size,
                 collate_fn=collate,
                 drop_last=True,
-                local_shuffle_buffer_size=t.shuffle_buffer or None,
-                local_shuffle_seed=(t.seed * 1_000_003 + progress.epoch * 101 + rank) if t.shuffle_buffer else None,
+                local_shuffle_buffer_size=buffer or None,
+                local_shuffle_seed=(t.seed * 1_000_003 + progress.epoch * 101 + rank) if buffer else None,
             )
             seen = 0
             for i, batch in enumerate(batches):
@@ -324,6 +339,11 @@ def _run(spec: LoopSpec, ctx) -> dict[str, Any]:
                 logs = mean_over_ranks(train_step(dr, batch, spec, device))
                 progress.step, progress.step_in_epoch = progress.step + 1, progress.step_in_epoch + 1
                 meter.add(batch)
+                if progress.step == warmup_steps:
+                    run_meter.reset()
+                elif progress.step > warmup_steps:
+                    run_meter.add(batch)
+                    run_rates = run_meter.rates(world)  # at the step: no validation or saving inside
                 if not math.isfinite(logs["loss"]):
                     raise NonFiniteLoss(
                         f"loss is {logs['loss']} at step {progress.step} (epoch {progress.epoch}, batch {i}); "
@@ -367,6 +387,7 @@ def _run(spec: LoopSpec, ctx) -> dict[str, Any]:
         "best_valid": best,
         "last": last_metrics,
         "wandb": tracker.path,
+        **{f"run_{k}": v for k, v in run_rates.items()},
         "sparse_state_bytes": _sum_over_ranks(dr.sparse_state_bytes()),
     }
     tracker.summary({"best_valid": best, "steps": progress.step})
@@ -409,4 +430,7 @@ def _log_progress(spec, progress, logs, meter, world, tracker, rank) -> None:
             rates["groups_per_s"],
             rates["candidates_per_s"],
         )
-    tracker.log({**{f"train/{k}": v for k, v in logs.items()}, **{f"train/{k}": v for k, v in rates.items()}}, step=progress.step)
+    tracker.log(
+        {**{f"train/{k}": v for k, v in logs.items()}, **{f"train/{k}": v for k, v in rates.items()}},
+        step=progress.step,
+    )

@@ -74,3 +74,16 @@ def small_lake(ray_session, tmp_path_factory) -> str:
     run_ingest(config)
     run_features(config)
     return root
+
+
+@pytest.fixture(scope="session")
+def trained(small_lake, tmp_path_factory) -> tuple[str, str]:
+    """One in-process training run of one epoch on the small lake; (storage, checkpoint path)."""
+    from components.checkpoint import latest_checkpoint
+    from pipelines.train import main
+
+    storage = str(tmp_path_factory.mktemp("storage"))
+    assert main(train_args(small_lake, storage, "--train.run_name=base")) == 0
+    found = latest_checkpoint(f"{storage}/base")
+    assert found is not None
+    return storage, found[0]

@@ -1,10 +1,12 @@
-"""The main job (what `make demo` runs): ingest -> features -> report, on the session's Ray."""
+"""The main job (what `make demo` runs): ingest -> features -> train -> evaluate -> report, on the
+session's Ray."""
 
 from __future__ import annotations
 
 import re
 
 from pipelines.run import main
+from tests.pipelines.conftest import TINY_MODEL
 
 
 def test_run_synthetic_end_to_end(ray_session, tmp_path, capsys):
@@ -21,10 +23,21 @@ def test_run_synthetic_end_to_end(ray_session, tmp_path, capsys):
             "--ingest.synthetic.max_history=600",
             "--features.max_seq_len=50",
             "--ray.enable_progress_bars=false",
+            *TINY_MODEL,
+            "--model.ranker.sparse.embedding_dim=8",
+            "--train.num_workers=0",
+            "--train.max_steps=3",
+            "--train.batch_size=4",
+            "--train.max_seq_len=32",
+            f"--train.storage_path={tmp_path / 'ckpt'}",
         ]
     )
     out = capsys.readouterr().out
     assert code == 0, out
+    # The full model trained 3 steps, was checkpointed and evaluated on the test split.
+    assert re.search(r"^run full: 3 steps", out, re.M)
+    assert "full on test (" in out and "like_auc " in out
+    assert (tmp_path / "ckpt" / "full" / "metrics_test.json").is_file()
     for table in ("events", "items", "users", "sequences", "samples"):
         assert f"\n{table} " in out
     assert re.search(r"^events +0 +3000$", out, re.M)
