@@ -158,7 +158,6 @@ def validate_features_config(cfg: FeaturesConfig) -> None:
 # Sharding types TorchRec's CPU kernels accept (row_wise needs CUDA; STACK.md).
 CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
 GPU_SHARDING_TYPES = (*CPU_SHARDING_TYPES, "row_wise", "table_row_wise", "grid_shard")
-SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -222,6 +221,8 @@ class TrainConfig:
         if not self.sharding_types or bad:
             hint = " (row_wise needs CUDA: set train.use_gpu=true)" if "row_wise" in bad else ""
             raise ConfigError(f"train.sharding_types {list(self.sharding_types)}: use some of {list(allowed)}{hint}")
+        if self.sparse_optimizer == "adam" and not self.use_gpu:
+            raise ConfigError("train.sparse_optimizer=adam has no CPU kernel in FBGEMM; use rowwise_adagrad on CPU")
         if not self.resume.strip():
             raise ConfigError("train.resume is empty; use auto, never or a checkpoint path")
         if not self.storage_path.strip():

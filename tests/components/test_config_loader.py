@@ -100,3 +100,25 @@ def test_auto_bucket_count_scales_with_events():
     assert cfg.lake.buckets_for(20_000_000) == 20
     fixed = load_config(PipelineConfig, "demo", ["--lake.num_buckets=3"])
     assert fixed.lake.buckets_for(20_000_000) == 3
+
+
+def test_train_and_eval_sections_check_themselves_naming_the_key():
+    from pipelines.config import PipelineConfig
+
+    cases = {
+        "--train.sharding_types=[row_wise]": "row_wise needs CUDA",
+        "--train.sparse_optimizer=adam": "train.sparse_optimizer=adam",
+        "--train.batch_size=0": "train.batch_size",
+        "--train.lr=0": "train.lr",
+        "--train.resume=": "train.resume",
+        "--eval.split=dev": "eval.split",
+        "--model.variant=gpt": "model.variant",
+        "--train.max_seq_len=4000": "model.ranker.longer.max_seq_len",
+    }
+    for override, expected in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            load_config(PipelineConfig, "demo", [override])
+    config = load_config(PipelineConfig, "demo", ["--train.use_gpu=true", "--train.sharding_types=[row_wise]"])
+    assert config.train.sharding_types == ("row_wise",)
+    # YAML 1.1 reads 1e-3 as a string; a float key still takes it.
+    assert load_config(PipelineConfig, "demo", ["--train.lr=1e-3"]).train.lr == 0.001
