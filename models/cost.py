@@ -88,10 +88,11 @@ _EXTRA_FLOP_FORMULAS = {
 }
 
 
-def count_flops(fn: Callable[[], object]) -> float:
-    """Forward FLOPs of ``fn()`` (no grad): matmuls at 2mnk, element-wise ops free (MODELS.md §8)."""
+def count_flops(fn: Callable[[], object], backward: bool = False) -> float:
+    """FLOPs of ``fn()``: matmuls at 2mnk, element-wise ops free (MODELS.md §8). Run without
+    gradients, unless ``backward`` (``fn`` runs forward and backward: a training step's count)."""
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
-    with torch.no_grad(), counter:
+    with torch.set_grad_enabled(backward), counter:
         fn()
     return float(counter.get_total_flops())
 

@@ -155,9 +155,10 @@ def validate_features_config(cfg: FeaturesConfig) -> None:
         raise ConfigError(str(exc)) from exc
 
 
-# Sharding types TorchRec's CPU kernels accept (row_wise needs CUDA; STACK.md).
-CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
-GPU_SHARDING_TYPES = (*CPU_SHARDING_TYPES, "row_wise", "table_row_wise", "grid_shard")
+# Sharding types TorchRec's CPU kernels accept (row_wise needs CUDA; STACK.md). data_parallel
+# is left out on CPU: with it the process died in the first forward (no Python error) here.
+CPU_SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise")
+GPU_SHARDING_TYPES = (*CPU_SHARDING_TYPES, "data_parallel", "row_wise", "table_row_wise", "grid_shard")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from components import lake
+from tests.pipelines.conftest import TINY_MODEL
 
 BUCKET = "lake-bucket"
 ROOT = f"s3://{BUCKET}/lake"
@@ -109,13 +110,25 @@ def test_storage_options_reach_every_stage(ray_session, s3_options, tmp_path, mo
         "--ray.enable_progress_bars=false",
         *(f'--lake.storage_options.{key}="{value}"' for key, value in s3_options.items()),
     ]
-    code = main(["--config", "demo", *overrides])
+    # Train and evaluate read the store's groups too (checkpoints stay on local disk: Ray
+    # Train's storage is not given the lake's options).
+    checkpoints = tmp_path.parent / f"{tmp_path.name}-checkpoints"
+    training = [
+        *TINY_MODEL,
+        "--train.num_workers=0",
+        "--train.max_steps=2",
+        "--train.batch_size=2",
+        "--train.max_seq_len=16",
+        f"--train.storage_path={checkpoints}",
+    ]
+    code = main(["--config", "demo", *overrides, *training])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     # ingest wrote, features read and wrote, load_groups resolved a group, the report read all five.
     assert re.search(r"^events +0 +400$", captured.out, re.M)
     assert re.search(r"^samples +0 +[1-9]\d*$", captured.out, re.M)
     assert "one sample group:" in captured.out
+    assert "full on test (" in captured.out and (checkpoints / "full" / "metrics_test.json").is_file()
     assert list(tmp_path.iterdir()) == []
 
     samples_uri = lake.table_uri(ROOT, "samples")

@@ -1,0 +1,49 @@
+"""Training and quality benchmarks: their pieces on tiny sizes (the numbers live in README)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipelines.bench_quality import mean_std, targets
+from pipelines.bench_train import TrainBenchSizes, bench_group_vs_flat, bench_sparse_state
+
+
+def test_group_vs_flat_times_the_same_candidates_and_counts_training_flops():
+    torch.set_num_threads(1)
+    out = bench_group_vs_flat(
+        TrainBenchSizes(groups=1, num_candidates=4, seq_len=16, repeats=1, peak_seconds=0.05), "longer"
+    )
+    assert out["group_vs_flat_speedup"] == out["flat_step_s"] / out["group_step_s"]
+    assert out["group_candidates_per_s"] / out["flat_candidates_per_s"] == pytest.approx(out["group_vs_flat_speedup"])
+    # A training step counts the backward too: more than the forward alone.
+    assert out["train_step_flops"] > 0 and 0 < out["train_mfu"] < 1
+
+
+def test_row_wise_adagrad_keeps_one_float_per_row():
+    out = bench_sparse_state("full")
+    assert out["sparse_optimizer_state_ratio"] <= 0.05
+    # The demo preset's tables are 32 wide: 1 float per row vs Adam's 2 x 32.
+    assert out["sparse_optimizer_state_ratio"] == out["sparse_optimizer_state_bytes"] / (2 * out["sparse_table_bytes"])
+
+
+def test_quality_targets_are_judged_from_the_numbers():
+    row = lambda auc, uauc=0.7: {"like_auc": {"mean": auc, "std": 0.0}, "like_uauc": {"mean": uauc, "std": 0.0}}
+    variants = {
+        "full": row(0.80, 0.75),
+        "din": row(0.79, 0.70),
+        "dcnv2": row(0.77, 0.70),
+        "tokenmixer_large": row(0.78),
+        "rankmixer": row(0.785),
+        "dlrm_mlp": row(0.76),
+        "ugsep": row(0.779),
+    }
+    floors = {"item_mean_rating": {"like_auc": 0.62}, "user_mean": {"like_auc": 0.77}}
+    out = targets(variants, floors)
+    assert out["full_beats_din_like_auc"]["met"] and out["full_beats_din_like_uauc"]["met"]
+    assert not out["ordering_like_auc"]["met"]  # rankmixer above tokenmixer_large
+    assert out["ugsep_within_0.002"]["met"]
+    assert not out["dlrm_mlp_beats_floors"]["met"] and out["full_beats_floors"]["met"]
+    assert mean_std([1.0, 3.0]) == {"mean": 2.0, "std": math.sqrt(2.0)}
