@@ -164,7 +164,7 @@ def plot_seq_lens(result: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("max_seq_len (events the model sees)")
     ax.set_ylabel("test metric")
-    ax.set_title(f"longer on {Path(result['lake']).name}")
+    ax.set_title(f"longer, test split of the lake at {result['lake']}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
