@@ -71,8 +71,9 @@ class TrainSummary:
             f"  checkpoint: {self.checkpoint}",
             f"  W&B run:    {self.wandb or '(tracking off: WANDB_MODE=disabled)'}",
         ]
-        if self.best_valid:
-            lines.append("  best valid: " + ", ".join(f"{k[6:]}={v:.4f}" for k, v in sorted(self.best_valid.items())))
+        shown = {k[len("valid/") :]: v for k, v in self.best_valid.items() if not k.startswith("valid/num_")}
+        if shown:
+            lines.append("  best valid: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())))
         return "\n".join(lines)
 
 
