@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 META_FILE = "meta.json"
@@ -87,7 +86,7 @@ class CheckpointMeta:
 # ---------------------------------------------------------------------------------------------
 # Locations: local folders and object-store URIs
 # ---------------------------------------------------------------------------------------------
-def _filesystem(path: str):
+def filesystem(path: str):
     """(pyarrow filesystem, path inside it); local paths are made absolute."""
     import pyarrow.fs as pafs
 
@@ -101,11 +100,33 @@ def is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
 
 
+def storage_root(path: str) -> str:
+    """``train.storage_path`` as Ray Train takes it: an absolute local folder, or the URI unchanged."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def run_dir(storage_path: str, run_name: str) -> str:
+    """Where a training run's checkpoints live: ``storage_path/run_name``."""
+    return f"{storage_root(storage_path).rstrip('/')}/{run_name}"
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to a local path or object-store URI through a temporary name and a move,
+    so a reader never sees it half-written."""
+    fs, inner = filesystem(path)
+    parent = inner.rsplit("/", 1)[0]
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(f"{inner}.tmp") as stream:
+        stream.write(text.encode())
+    fs.move(f"{inner}.tmp", inner)
+
+
 def read_meta(path: str) -> CheckpointMeta:
     """The ``meta.json`` of checkpoint ``path``; CheckpointError when absent or incomplete."""
     import pyarrow.fs as pafs
 
-    fs, base = _filesystem(path)
+    fs, base = filesystem(path)
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -199,7 +220,7 @@ def list_checkpoints(run_dir: str) -> list[tuple[str, CheckpointMeta]]:
     """Complete checkpoints directly under ``run_dir``, oldest first (by step); [] if none."""
     import pyarrow.fs as pafs
 
-    fs, base = _filesystem(run_dir)
+    fs, base = filesystem(run_dir)
     if fs.get_file_info(base).type != pafs.FileType.Directory:
         return []
     found = []
@@ -225,11 +246,11 @@ def local_copy(path: str) -> Iterator[str]:
     import pyarrow.fs as pafs
 
     if is_local(path):
-        yield _filesystem(path)[1]
+        yield filesystem(path)[1]
         return
     tmp = tempfile.mkdtemp(prefix="ultrarank-ckpt-")
     try:
-        fs, base = _filesystem(path)
+        fs, base = filesystem(path)
         pafs.copy_files(base, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         yield tmp
     finally:
@@ -301,13 +322,5 @@ def load_model(path: str, meta: CheckpointMeta | None = None) -> tuple[nn.Module
 
 
 def write_meta(directory: str, meta: CheckpointMeta) -> None:
-    """Write ``meta.json`` into a local checkpoint folder (atomic rename: never half-written)."""
-    target = os.path.join(directory, META_FILE)
-    tmp = target + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(meta.to_json())
-    os.replace(tmp, target)
-
-
-def parameter_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values() if isinstance(t, torch.Tensor))
+    """Write ``meta.json`` into a checkpoint folder (never half-written)."""
+    write_text(os.path.join(directory, META_FILE), meta.to_json())

@@ -113,11 +113,8 @@ def bench_sparse_state(variant: str) -> dict:
     own = ensure_process_group()
     try:
         task = RankingTask(build_model(bench_model_config(variant, 256)))
-        table_bytes = sum(
-            sub.state_dict()[key].numel() * 4
-            for _, _, sub in {id(m): (p, n, m) for p, n, m in torchrec_tables(task)}.values()
-            for key in sub.state_dict()
-        )
+        modules = {id(m): m for _, _, m in torchrec_tables(task)}.values()  # one per collection
+        table_bytes = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
         dr = DistributedRanker.build(task, ShardingSpec(), torch.device("cpu"))
         state = dr.sparse_state_bytes()
     finally:

@@ -17,13 +17,20 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from components import lake
-from components.checkpoint import CheckpointError, CheckpointMeta, latest_checkpoint, read_meta
+from components.checkpoint import (
+    CheckpointError,
+    CheckpointMeta,
+    latest_checkpoint,
+    load_model,
+    read_meta,
+    run_dir,
+    write_text,
+)
 from components.collate import CollateConfig, collate_groups
 from components.metrics import MetricsAccumulator
 from components.tracking import Tracker
@@ -32,7 +39,6 @@ from models.batch import GroupBatch
 from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig
 from pipelines.ray_runtime import ray_runtime
-from pipelines.train import storage_root
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +72,6 @@ class GroupScorer:
 
     def __init__(self, checkpoint: str, max_seq_len: int, threads: int = 1) -> None:
         import torch
-
-        from components.checkpoint import load_model
 
         torch.set_num_threads(threads)
         self.model, _ = load_model(checkpoint)
@@ -112,31 +116,13 @@ def resolve_checkpoint(config: PipelineConfig) -> tuple[str, CheckpointMeta]:
     if config.eval.checkpoint:
         return config.eval.checkpoint, read_meta(config.eval.checkpoint)
     run = config.train.run_name or config.model.variant
-    run_dir = f"{storage_root(config.train.storage_path)}/{run}"
-    found = latest_checkpoint(run_dir)
+    where = run_dir(config.train.storage_path, run)
+    found = latest_checkpoint(where)
     if found is None:
         raise CheckpointError(
-            f"no checkpoint under {run_dir} (train first: python -m pipelines.train, or set eval.checkpoint)"
+            f"no checkpoint under {where} (train first: python -m pipelines.train, or set eval.checkpoint)"
         )
     return found
-
-
-def write_json(path: str, payload: dict[str, Any]) -> None:
-    """Write JSON to a local path or object-store URI; local writes are atomic (tmp + rename)."""
-    text = json.dumps(payload, indent=1, sort_keys=True)
-    if "://" in path and not path.startswith("file://"):
-        import pyarrow.fs as pafs
-
-        fs, inner = pafs.FileSystem.from_uri(path)
-        with fs.open_output_stream(inner) as stream:
-            stream.write(text.encode())
-        return
-    path = path[len("file://") :] if path.startswith("file://") else path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def run_evaluate(config: PipelineConfig) -> tuple[EvalReport, str]:
@@ -171,8 +157,7 @@ def run_evaluate(config: PipelineConfig) -> tuple[EvalReport, str]:
     if not rows:
         raise EvaluateError(f"split {cfg.split!r} produced no scored candidates")
     metrics = metrics_of(rows)
-    run_dir = path.rstrip("/").rsplit("/", 1)[0]
-    output = cfg.output or f"{run_dir}/metrics_{cfg.split}.json"
+    output = cfg.output or f"{path.rstrip('/').rsplit('/', 1)[0]}/metrics_{cfg.split}.json"
     tracker = Tracker.start(
         f"{meta.variant}-eval-{cfg.split}",
         {"checkpoint": path, "split": cfg.split, "model": meta.model, "step": meta.step},
@@ -194,7 +179,7 @@ def run_evaluate(config: PipelineConfig) -> tuple[EvalReport, str]:
         wandb=tracker.path,
     )
     tracker.finish()
-    write_json(output, asdict(report))
+    write_text(output, json.dumps(asdict(report), indent=1, sort_keys=True))
     return report, output
 
 

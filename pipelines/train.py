@@ -29,7 +29,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from components import lake
-from components.checkpoint import CheckpointError, CheckpointMeta, check_compatible, latest_checkpoint, read_meta
+from components.checkpoint import (
+    CheckpointError,
+    CheckpointMeta,
+    check_compatible,
+    latest_checkpoint,
+    read_meta,
+    run_dir,
+    storage_root,
+)
 from components.config_loader import to_dict
 from components.training_data import TrainingData, pin_training_data
 from models.variants import ModelConfig
@@ -89,11 +97,6 @@ def resolved_model(config: ModelConfig, data: TrainingData) -> ModelConfig:
     return dataclasses.replace(config, ranker=dataclasses.replace(config.ranker, sparse=sparse))
 
 
-def storage_root(path: str) -> str:
-    """Absolute local folder, or the URI unchanged (Ray Train writes to either)."""
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
 @dataclass(frozen=True)
 class ResumePlan:
     run_name: str
@@ -103,7 +106,7 @@ class ResumePlan:
 
 def plan_resume(t: TrainConfig, storage: str, base_name: str, model: dict[str, Any]) -> ResumePlan:
     """Which run folder, and from which checkpoint (see module docstring)."""
-    latest = latest_checkpoint(f"{storage}/{base_name}")
+    latest = latest_checkpoint(run_dir(storage, base_name))
     fresh_name = f"{base_name}-{time.strftime('%Y%m%d-%H%M%S')}" if latest else base_name
     if t.resume == "never":
         return ResumePlan(fresh_name, "", None)
@@ -224,7 +227,7 @@ def run_train(config: PipelineConfig) -> TrainSummary:
     checkpoint = result.checkpoint.path if result.checkpoint is not None else ""
     return TrainSummary(
         run_name=spec.run_name,
-        run_dir=f"{storage}/{spec.run_name}",
+        run_dir=run_dir(storage, spec.run_name),
         checkpoint=checkpoint,
         steps=int(out.get("step", 0)),
         epochs=int(out.get("epochs", 0)),

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from components.checkpoint import CheckpointMeta, load_tensors, read_meta, write_meta
+from components.checkpoint import CheckpointMeta, filesystem, load_tensors, read_meta, run_dir, write_meta
 from components.collate import CollateConfig, GroupCollateFn
 from components.distributed_model import DistributedRanker, ShardingSpec
 from components.tracking import Tracker
@@ -185,7 +185,7 @@ def save_checkpoint(
         checkpoint = ray.train.Checkpoint.from_directory(directory)
         if spec.train.num_workers == 0:
             # In-process mode reports without uploading: persist it ourselves, where Ray would.
-            checkpoint = persist(directory, f"{spec.storage}/{spec.run_name}/{name}")
+            checkpoint = persist(directory, f"{run_dir(spec.storage, spec.run_name)}/{name}")
         ray.train.report(
             {**metrics, "step": progress.step, "epoch": progress.epoch}, checkpoint=checkpoint, checkpoint_dir_name=name
         )
@@ -196,8 +196,8 @@ def persist(directory: str, target: str):
     import pyarrow.fs as pafs
     import ray.train
 
-    fs, path = pafs.FileSystem.from_uri(target if "://" in target else f"file://{target}")
-    staging = f"{path}.partial"  # meta.json is last in and the rename makes it all appear at once
+    fs, path = filesystem(target)
+    staging = f"{path}.partial"  # the move makes it all appear at once
     fs.create_dir(staging, recursive=True)
     pafs.copy_files(directory, staging, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     fs.move(staging, path)
