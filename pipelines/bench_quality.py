@@ -83,37 +83,83 @@ def targets(variants: dict[str, dict], floors: dict[str, dict]) -> dict[str, dic
     return out
 
 
+class RunLedger:
+    """Every finished (train, evaluate) run of a bench, kept on disk as it lands.
+
+    A table is tens of runs and over an hour: each run's metrics are written to
+    ``<json>.partial.json`` the moment it finishes, so a crash or Ctrl-C loses one run at most,
+    and ``--resume`` picks up the finished runs, provided the same preset and overrides
+    produced them (anything else would mix budgets in one table).
+    """
+
+    def __init__(self, json_path: Path, budget: dict, resume: bool) -> None:
+        self.path = json_path.with_suffix(".partial.json")
+        self.budget = budget
+        self.runs: dict[str, dict[str, float]] = {}
+        if resume and self.path.exists():
+            saved = json.loads(self.path.read_text())
+            if saved.get("budget") != budget:
+                raise ValueError(
+                    f"--resume: {self.path} was run with {saved.get('budget')}, this run is {budget}; "
+                    "delete it or pass the same preset and overrides"
+                )
+            self.runs = saved["runs"]
+            logger.info("resuming: %d finished run(s) from %s", len(self.runs), self.path)
+
+    def run(self, key: str, preset: str, overrides: list[str]) -> dict[str, float]:
+        """The run's test metrics (plus ``seconds``): from the ledger, or trained and evaluated now."""
+        if key not in self.runs:
+            metrics, took = train_and_evaluate(preset, overrides)
+            self.runs[key] = {**{m: metrics[m] for m in REPORTED}, "seconds": round(took, 1)}
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"budget": self.budget, "runs": self.runs}, indent=1, sort_keys=True))
+            tmp.replace(self.path)  # atomic: a kill mid-write keeps the previous ledger
+            logger.info("%s: like_auc %.4f in %.0f s (%d runs done)", key, metrics["like_auc"], took, len(self.runs))
+        return self.runs[key]
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _ledger(args: argparse.Namespace, extra: list[str], kind: str) -> RunLedger:
+    budget = {"kind": kind, "preset": args.preset, "lake": args.lake, "overrides": list(extra)}
+    return RunLedger(Path(args.json), budget, args.resume)
+
+
 def run_table(args: argparse.Namespace, variants: tuple[str, ...], seeds: int, extra: list[str]) -> dict:
     from pipelines.ray_runtime import ray_runtime
 
     base = load_config(PipelineConfig, args.preset, [f"--lake.root={args.lake}", *extra])
     floors = floor_metrics(base.lake.root, "test", base.lake.storage_options)
-    rows, seconds = {}, {}
+    ledger = _ledger(args, extra, "table")
+    rows = {}
     with ray_runtime(base.ray):
         for variant in variants:
-            runs = []
-            for seed in range(seeds):
-                overrides = [
-                    f"--lake.root={args.lake}",
-                    f"--model.variant={variant}",
-                    f"--train.seed={seed}",
-                    f"--train.run_name=quality-{variant}-s{seed}",
-                    "--train.resume=never",
-                    *extra,
-                ]
-                metrics, took = train_and_evaluate(args.preset, overrides)
-                logger.info("quality %s seed %d: like_auc %.4f in %.0f s", variant, seed, metrics["like_auc"], took)
-                runs.append(metrics)
-                seconds[f"{variant}/{seed}"] = round(took, 1)
+            runs = [
+                ledger.run(
+                    f"{variant}/{seed}",
+                    args.preset,
+                    [
+                        f"--lake.root={args.lake}",
+                        f"--model.variant={variant}",
+                        f"--train.seed={seed}",
+                        f"--train.run_name=quality-{variant}-s{seed}",
+                        "--train.resume=never",
+                        *extra,
+                    ],
+                )
+                for seed in range(seeds)
+            ]
             rows[variant] = {m: mean_std([r[m] for r in runs]) for m in REPORTED}
     t = base.train
-    return {
+    result = {
         "floors": {name: {m: v for m, v in f.items() if m in REPORTED} for name, f in floors.items()},
         "variants": rows,
         "seeds": seeds,
         "budget": {
             "preset": args.preset,
             "epochs": t.epochs,
+            "max_steps": t.max_steps,
             "batch_size_per_worker": t.batch_size,
             "num_workers": t.num_workers,
             "max_seq_len": t.max_seq_len,
@@ -121,33 +167,52 @@ def run_table(args: argparse.Namespace, variants: tuple[str, ...], seeds: int, e
             "sparse_lr": t.sparse_lr,
             "embedding_dim": base.model.ranker.sparse.embedding_dim,
             "dim": base.model.ranker.dim,
-            "run_seconds": seconds,
+            "run_seconds": {key: run["seconds"] for key, run in ledger.runs.items()},
         },
         "targets": targets(rows, floors),
     }
+    ledger.done()
+    return result
 
 
-def run_seq_lens(args: argparse.Namespace, lengths: list[int], extra: list[str]) -> dict:
-    """``longer`` test metrics vs the sequence length it sees (one seed each)."""
+def run_seq_lens(args: argparse.Namespace, lengths: list[int], seeds: int, extra: list[str]) -> dict:
+    """``longer`` test metrics (mean ± std over ``seeds``) vs the sequence length it sees."""
     from pipelines.ray_runtime import ray_runtime
 
     base = load_config(PipelineConfig, args.preset, [f"--lake.root={args.lake}", *extra])
+    ledger = _ledger(args, extra, "seq_lens")
     out = {}
     with ray_runtime(base.ray):
         for length in lengths:
-            overrides = [
-                f"--lake.root={args.lake}",
-                "--model.variant=longer",
-                f"--train.max_seq_len={length}",
-                f"--model.ranker.longer.max_seq_len={max(length, 2000)}",
-                f"--train.run_name=seqlen-{length}",
-                "--train.resume=never",
-                *extra,
+            runs = [
+                ledger.run(
+                    f"L{length}/{seed}",
+                    args.preset,
+                    [
+                        f"--lake.root={args.lake}",
+                        "--model.variant=longer",
+                        f"--train.max_seq_len={length}",
+                        f"--model.ranker.longer.max_seq_len={max(length, 2000)}",
+                        f"--train.seed={seed}",
+                        f"--train.run_name=seqlen-{length}-s{seed}",
+                        "--train.resume=never",
+                        *extra,
+                    ],
+                )
+                for seed in range(seeds)
             ]
-            metrics, took = train_and_evaluate(args.preset, overrides)
-            out[str(length)] = {**{m: metrics[m] for m in REPORTED}, "seconds": round(took, 1)}
-            logger.info("seq len %d: like_auc %.4f", length, metrics["like_auc"])
-    return {"lake": args.lake, "variant": "longer", "by_max_seq_len": out}
+            out[str(length)] = {m: mean_std([r[m] for r in runs]) for m in REPORTED}
+            out[str(length)]["seconds"] = round(sum(r["seconds"] for r in runs) / len(runs), 1)
+    t = base.train
+    result = {
+        "lake": args.lake,
+        "variant": "longer",
+        "seeds": seeds,
+        "budget": {"preset": args.preset, "epochs": t.epochs, "max_steps": t.max_steps, "overrides": extra},
+        "by_max_seq_len": out,
+    }
+    ledger.done()
+    return result
 
 
 def plot_seq_lens(result: dict, path: Path) -> None:
@@ -160,11 +225,13 @@ def plot_seq_lens(result: dict, path: Path) -> None:
     lengths = sorted(int(k) for k in rows)
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for metric in ("like_auc", "like_uauc", "engage_auc"):
-        ax.plot(lengths, [rows[str(n)][metric] for n in lengths], marker="o", label=metric)
+        means = [rows[str(n)][metric]["mean"] for n in lengths]
+        stds = [rows[str(n)][metric]["std"] for n in lengths]
+        ax.errorbar(lengths, means, yerr=stds, marker="o", capsize=3, label=metric)
     ax.set_xscale("log")
     ax.set_xlabel("max_seq_len (events the model sees)")
     ax.set_ylabel("test metric")
-    ax.set_title(f"longer, test split of the lake at {result['lake']}", fontsize=9)
+    ax.set_title(f"longer, test split of {result['lake']} ({result['seeds']} seed(s), mean ± std)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -178,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", required=True, help="where to write the results")
     parser.add_argument("--preset", default="quality")
     parser.add_argument("--lake", default="lake", help="lake root (built by make demo)")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per row (table and --seq-lens)")
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse the finished runs of an interrupted bench (<json>.partial.json)"
+    )
     parser.add_argument("--variants", default="", help="comma-separated subset (default: all of MODELS.md §7)")
     parser.add_argument("--seq-lens", default="", help="e.g. 16,64,256,1024,2000: the sequence-length study")
     parser.add_argument("overrides", nargs="*", help="--section.key=value overrides of the preset")
@@ -190,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     if args.seq_lens:
         lengths = [int(x) for x in args.seq_lens.split(",") if x]
-        result = run_seq_lens(args, lengths, extra)
+        result = run_seq_lens(args, lengths, args.seeds, extra)
         plot_seq_lens(result, path.with_suffix(".png"))
     else:
         variants = QUICK_VARIANTS if args.quick else tuple(v for v in args.variants.split(",") if v) or VARIANTS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -47,3 +48,20 @@ def test_quality_targets_are_judged_from_the_numbers():
     assert out["ugsep_within_0.002"]["met"]
     assert not out["dlrm_mlp_beats_floors"]["met"] and out["full_beats_floors"]["met"]
     assert mean_std([1.0, 3.0]) == {"mean": 2.0, "std": math.sqrt(2.0)}
+
+
+def test_quality_ledger_keeps_finished_runs_and_refuses_another_budget(tmp_path):
+    from pipelines.bench_quality import RunLedger
+
+    budget = {"kind": "table", "preset": "quality", "lake": "lake", "overrides": []}
+    ledger = RunLedger(tmp_path / "q.json", budget, resume=False)
+    ledger.runs["din/0"] = {"like_auc": 0.7, "seconds": 1.0}
+    ledger.path.write_text(json.dumps({"budget": budget, "runs": ledger.runs}))
+    # A resumed bench reuses the finished run (no training: run() returns it as stored).
+    resumed = RunLedger(tmp_path / "q.json", budget, resume=True)
+    assert resumed.run("din/0", "quality", []) == {"like_auc": 0.7, "seconds": 1.0}
+    assert RunLedger(tmp_path / "q.json", budget, resume=False).runs == {}
+    with pytest.raises(ValueError, match=r"q\.partial\.json was run with"):
+        RunLedger(tmp_path / "q.json", {**budget, "overrides": ["--train.epochs=3"]}, resume=True)
+    resumed.done()
+    assert not ledger.path.exists()

@@ -1,0 +1,155 @@
+"""Batch latency predictor of the SLO-aware scheduler (SERVING.md, SCORPIO's step-time model).
+
+A ranking batch costs a fixed overhead, the user side of every user whose ``encode_user``
+output is not cached (LONGER over ``L`` events: linear in ``L``), and per candidate a
+group-side pass that attends to the user's ``L`` cached keys::
+
+    ms ≈ c0 + Σ_missing users (a0 + a1·L_u) + Σ_requests N_r·(b0 + b1·L_u)
+
+Five coefficients, linear in them: ``fit`` solves least squares (non-negative, so a noisy
+sweep never predicts that more work is faster) on a profiling sweep run at replica start,
+and ``observe`` tracks drift afterwards with an EWMA of the ratio actual ÷ predicted.
+Errors are absorbed by the scheduler's margins (``SchedulerConfig.margin_ms``/``margin_factor``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+FEATURES = ("overhead", "missing_users", "missing_user_events", "candidates", "candidate_events")
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """What a batch costs depends on: per request (its candidates, its user's history length,
+    whether that user's side is cached). Tuples, one entry per request in the batch."""
+
+    candidates: tuple[int, ...]
+    seq_lens: tuple[int, ...]
+    cached: tuple[bool, ...]
+
+    def __post_init__(self) -> None:
+        if not len(self.candidates) == len(self.seq_lens) == len(self.cached):
+            raise ValueError(
+                f"BatchShape: candidates ({len(self.candidates)}), seq_lens ({len(self.seq_lens)}) and "
+                f"cached ({len(self.cached)}) must have one entry per request"
+            )
+
+    def features(self) -> np.ndarray:
+        """(5,) float64 in the order of ``FEATURES``."""
+        n = np.asarray(self.candidates, dtype=np.float64)
+        length = np.asarray(self.seq_lens, dtype=np.float64)
+        miss = ~np.asarray(self.cached, dtype=bool)
+        return np.array([1.0, miss.sum(), length[miss].sum(), n.sum(), (n * length).sum()])
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """How well the fitted model explains the profiling sweep (reported at replica start)."""
+
+    r2: float
+    mape: float  # mean |pred - actual| / actual
+    max_abs_error_ms: float
+    samples: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {"r2": self.r2, "mape": self.mape, "max_abs_error_ms": self.max_abs_error_ms, "samples": self.samples}
+
+
+class LatencyModel:
+    """``predict_ms(shape)``: the batch time the scheduler plans with (before its margins)."""
+
+    def __init__(self, coef: Sequence[float] = (1.0, 0.0, 0.0, 0.05, 0.0), ewma_alpha: float = 0.1) -> None:
+        if len(coef) != len(FEATURES):
+            raise ValueError(f"LatencyModel: {len(FEATURES)} coefficients {FEATURES}, got {len(coef)}")
+        if any(c < 0 or not math.isfinite(c) for c in coef):
+            raise ValueError(f"LatencyModel: coefficients must be finite and >= 0, got {tuple(coef)}")
+        if not 0.0 < ewma_alpha <= 1.0:
+            raise ValueError(f"LatencyModel: ewma_alpha must be in (0, 1], got {ewma_alpha}")
+        self.coef = np.asarray(coef, dtype=np.float64)
+        self.ewma_alpha = ewma_alpha
+        self.scale = 1.0  # EWMA of actual / predicted since the fit
+        self.report: FitReport | None = None
+
+    @classmethod
+    def fit(cls, shapes: Sequence[BatchShape], actual_ms: Sequence[float], ewma_alpha: float = 0.1) -> LatencyModel:
+        """Non-negative least squares on a profiling sweep; ``report`` holds R², MAPE, max error."""
+        if len(shapes) != len(actual_ms) or len(shapes) < len(FEATURES):
+            raise ValueError(
+                f"LatencyModel.fit needs one time per shape and at least {len(FEATURES)} samples, "
+                f"got {len(shapes)} shapes and {len(actual_ms)} times"
+            )
+        x = np.stack([s.features() for s in shapes])
+        y = np.asarray(actual_ms, dtype=np.float64)
+        if not np.all(np.isfinite(y)) or np.any(y <= 0):
+            raise ValueError("LatencyModel.fit: every measured time must be finite and > 0 ms")
+        model = cls(_nnls(x, y), ewma_alpha)
+        model.report = model.evaluate(shapes, actual_ms)
+        return model
+
+    def evaluate(self, shapes: Sequence[BatchShape], actual_ms: Sequence[float]) -> FitReport:
+        """R², MAPE and max absolute error of ``predict_ms`` against measured times."""
+        pred = np.array([self.predict_ms(s) for s in shapes])
+        y = np.asarray(actual_ms, dtype=np.float64)
+        residual = y - pred
+        total = float(((y - y.mean()) ** 2).sum())
+        r2 = 1.0 - float((residual**2).sum()) / total if total > 0 else 0.0
+        return FitReport(
+            r2=r2,
+            mape=float(np.mean(np.abs(residual) / y)),
+            max_abs_error_ms=float(np.abs(residual).max()),
+            samples=len(y),
+        )
+
+    def predict_ms(self, shape: BatchShape) -> float:
+        return float(self.coef @ shape.features()) * self.scale
+
+    def user_side_ms(self, seq_len: int) -> float:
+        """What encoding one uncached user adds to a batch."""
+        return float(self.coef[1] + self.coef[2] * seq_len) * self.scale
+
+    def candidate_ms(self, seq_len: int) -> float:
+        """What one candidate of a user with ``seq_len`` events adds to a batch."""
+        return float(self.coef[3] + self.coef[4] * seq_len) * self.scale
+
+    def overhead_ms(self) -> float:
+        return float(self.coef[0]) * self.scale
+
+    def observe(self, shape: BatchShape, actual_ms: float) -> None:
+        """Fold one executed batch's time into the drift correction (EWMA of actual ÷ predicted)."""
+        raw = float(self.coef @ shape.features())
+        if raw <= 0 or not math.isfinite(actual_ms) or actual_ms <= 0:
+            return
+        ratio = min(max(actual_ms / raw, 0.1), 10.0)  # one stall (GC, page fault) must not swing plans 100x
+        self.scale = (1 - self.ewma_alpha) * self.scale + self.ewma_alpha * ratio
+
+
+def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Exact non-negative least squares by trying every support (5 unknowns: 31 small solves).
+
+    The optimum's positive coefficients solve the unconstrained problem on their own columns,
+    so the best feasible subset solution is the NNLS optimum. Columns are scaled to unit norm
+    first: event counts are ~1e3x the request counts.
+    """
+    norms = np.linalg.norm(x, axis=0)
+    norms[norms == 0] = 1.0
+    xs = x / norms
+    best, best_sse = np.zeros(x.shape[1]), float((y**2).sum())
+    for support in itertools.chain.from_iterable(
+        itertools.combinations(range(x.shape[1]), k) for k in range(1, x.shape[1] + 1)
+    ):
+        cols = list(support)
+        sol, *_ = np.linalg.lstsq(xs[:, cols], y, rcond=None)
+        if (sol < 0).any():
+            continue
+        sse = float(((xs[:, cols] @ sol - y) ** 2).sum())
+        if sse < best_sse - 1e-12:
+            best = np.zeros(x.shape[1])
+            best[cols] = sol
+            best_sse = sse
+    return best / norms
