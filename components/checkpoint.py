@@ -240,6 +240,18 @@ def latest_checkpoint(run_dir: str) -> tuple[str, CheckpointMeta] | None:
     return found[-1] if found else None
 
 
+def find_checkpoint(checkpoint: str, storage_path: str, run_name: str) -> tuple[str, CheckpointMeta]:
+    """``checkpoint`` when given, else the latest checkpoint of run ``run_name`` under ``storage_path``
+    (what ``eval.checkpoint=""`` and ``export.checkpoint=""`` mean)."""
+    if checkpoint:
+        return checkpoint, read_meta(checkpoint)
+    where = run_dir(storage_path, run_name)
+    found = latest_checkpoint(where)
+    if found is None:
+        raise CheckpointError(f"no checkpoint under {where} (train first: python -m pipelines.train, or name one)")
+    return found
+
+
 @contextmanager
 def local_copy(path: str) -> Iterator[str]:
     """A local folder holding checkpoint ``path`` (itself when local, a download otherwise)."""

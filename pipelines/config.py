@@ -254,6 +254,18 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """``pipelines.export``: a training checkpoint -> a serving bundle (components/bundle.py)."""
+
+    # A checkpoint folder or URI; "" = the latest checkpoint of the train run the config names.
+    checkpoint: str = ""
+    w8a16: bool = False  # also write W8A16 weights (int8 weights, float activations)
+    # The bundle folder (local); "" = ``bundles/<run name>``. Give an absolute path in a preset
+    # meant for ``ray job submit`` (the job runs in an uploaded copy of the working directory).
+    output: str = ""
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Root config; one section per pipeline stage."""
 
@@ -265,6 +277,12 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def run_name(self) -> str:
+        """The training run's name: ``train.run_name``, or the model variant when empty."""
+        return self.train.run_name or self.model.variant
 
     def __post_init__(self) -> None:
         # LONGER's position table has longer.max_seq_len rows; a longer training sequence

@@ -24,11 +24,8 @@ import pyarrow as pa
 from components import lake
 from components.checkpoint import (
     CheckpointError,
-    CheckpointMeta,
-    latest_checkpoint,
+    find_checkpoint,
     load_model,
-    read_meta,
-    run_dir,
     write_text,
 )
 from components.collate import CollateConfig, collate_groups
@@ -111,25 +108,11 @@ def metrics_of(rows: dict[str, np.ndarray]) -> dict[str, float]:
     return acc.compute()
 
 
-def resolve_checkpoint(config: PipelineConfig) -> tuple[str, CheckpointMeta]:
-    """``eval.checkpoint``, or the latest checkpoint of the train run the config names."""
-    if config.eval.checkpoint:
-        return config.eval.checkpoint, read_meta(config.eval.checkpoint)
-    run = config.train.run_name or config.model.variant
-    where = run_dir(config.train.storage_path, run)
-    found = latest_checkpoint(where)
-    if found is None:
-        raise CheckpointError(
-            f"no checkpoint under {where} (train first: python -m pipelines.train, or set eval.checkpoint)"
-        )
-    return found
-
-
 def run_evaluate(config: PipelineConfig) -> tuple[EvalReport, str]:
     """Score ``eval.split`` with the checkpoint; (report, metrics.json path). Ray must be up."""
     started = time.perf_counter()
-    path, meta = resolve_checkpoint(config)
     cfg = config.eval
+    path, meta = find_checkpoint(cfg.checkpoint, config.train.storage_path, config.run_name)
     if os.path.abspath(meta.lake_root) != lake.lake_root(config.lake.root) and "://" not in meta.lake_root:
         logger.warning("checkpoint was trained on lake %s; evaluating on %s", meta.lake_root, config.lake.root)
     data = pin_training_data(config.lake.root, config.lake.storage_options, meta.samples_version)

@@ -197,7 +197,7 @@ def run_train(config: PipelineConfig) -> TrainSummary:
 
     t = config.train
     storage = storage_root(t.storage_path)
-    base_name = t.run_name or config.model.variant
+    base_name = config.run_name
     probe = pin_training_data(config.lake.root, config.lake.storage_options)
     plan = plan_resume(t, storage, base_name, to_dict(resolved_model(config.model, probe)))
     data = probe
