@@ -34,6 +34,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from components.json_record import parse_record
+
 BUNDLE_FORMAT = 1
 MANIFEST = "bundle.json"
 WEIGHTS = "weights.safetensors"
@@ -179,22 +181,8 @@ def read_manifest(path: str) -> BundleManifest:
         raise BundleError(f"bundle {path} does not exist (export one with python -m pipelines.export)")
     if not os.path.exists(where):
         raise BundleError(f"bundle {path} has no {MANIFEST}: not a bundle, or an export that did not finish")
-    try:
-        data = json.loads(open(where).read())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{where} is not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise BundleError(f"{where} holds {type(data).__name__}, not a bundle manifest")
-    if data.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{where} has format {data.get('format')!r}; this code reads {BUNDLE_FORMAT}")
-    names = set(BundleManifest.__dataclass_fields__)
-    missing = sorted(n for n in names - set(data) if n not in ("w8a16", "created_at", "format"))
-    if missing:
-        raise BundleError(f"{where} lacks field(s) {missing}")
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise BundleError(f"{where} has unknown field(s) {unknown}")
-    return BundleManifest(**data)
+    with open(where) as f:
+        return parse_record(BundleManifest, f.read(), where, BundleError, version=BUNDLE_FORMAT, strict=True)
 
 
 def check_files(path: str, manifest: BundleManifest) -> None:

@@ -26,6 +26,8 @@ from typing import Any
 
 from torch import nn
 
+from components.json_record import parse_record
+
 META_FILE = "meta.json"
 DCP_METADATA = ".metadata"
 FORMAT_VERSION = 1
@@ -64,19 +66,7 @@ class CheckpointMeta:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> CheckpointMeta:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{where} is not valid JSON ({exc}); the checkpoint is truncated or corrupt") from exc
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{where} holds {type(data).__name__}, not a checkpoint record")
-        if data.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"{where} has format {data.get('format')!r}; this code reads {FORMAT_VERSION}")
-        names = set(cls.__dataclass_fields__)
-        missing = sorted(n for n in names - set(data) if n not in ("train", "metrics", "format"))
-        if missing:
-            raise CheckpointError(f"{where} lacks field(s) {missing}")
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return parse_record(cls, text, where, CheckpointError, version=FORMAT_VERSION)
 
     @property
     def sparse_sizes(self) -> dict[str, int]:
