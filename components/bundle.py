@@ -58,6 +58,7 @@ class BundleManifest:
     variant: str
     model: dict[str, Any]  # models.variants.ModelConfig as a dict, vocabulary sizes resolved
     max_seq_len: int  # events of history the model reads per user (the training run's)
+    tags_per_item: int  # tags per candidate, as the features stage wrote them
     lake: dict[str, Any]  # root, samples/sequences/items/users versions trained on
     checkpoint: dict[str, Any]  # path and step it was exported from
     files: dict[str, dict[str, Any]]
@@ -113,6 +114,7 @@ def write_bundle(
     variant: str,
     model_config: dict[str, Any],
     max_seq_len: int,
+    tags_per_item: int,
     items: pa.Table,
     users: pa.Table,
     lake: dict[str, Any],
@@ -151,6 +153,7 @@ def write_bundle(
             variant=variant,
             model=model_config,
             max_seq_len=max_seq_len,
+            tags_per_item=tags_per_item,
             lake=lake,
             checkpoint=checkpoint,
             files=files,

@@ -163,6 +163,7 @@ class SchedulerStats:
     batches: int = 0
     chunks: int = 0  # batch items that scored part of a request
     completed: int = 0
+    cancelled: int = 0  # clients that went away while queued
 
 
 class SloScheduler:
@@ -189,6 +190,16 @@ class SloScheduler:
         self.queue.append(request)
         return QUEUED
 
+    def cancel(self, request: Pending) -> bool:
+        """Forget a queued request whose client went away; False if it is not queued (finished,
+        rejected, or unknown). A request inside a running batch is finished and then dropped."""
+        before = len(self.queue)
+        self.queue = [r for r in self.queue if r is not request]
+        if len(self.queue) < before:
+            self.stats.cancelled += 1
+            return True
+        return False
+
     def drain_rejected(self) -> list[tuple[Pending, Verdict]]:
         """Requests rejected from the queue since the last call (the caller answers them)."""
         out, self._rejected = self._rejected, []
@@ -206,7 +217,7 @@ class SloScheduler:
         else:
             order = self._by_deadline() if self.config.policy == "edf" else list(self.queue)
             items = self._form_greedy(order)
-        shape = _shape(items)
+        shape = batch_shape(items)
         self.stats.batches += 1
         self.stats.chunks += sum(not (item.start == 0 and item.completes) for item in items)
         return Batch(tuple(items), shape, self.model.predict_ms(shape))
@@ -325,11 +336,11 @@ class SloScheduler:
             """Within the budget, and every request it completes (but ``late``) meets its deadline."""
             if sum(item.count for item in trial) > cfg.max_batch_candidates:
                 return False
-            finish = now + self._planned(self.model.predict_ms(_shape(trial)))
+            finish = now + self._planned(self.model.predict_ms(batch_shape(trial)))
             return all(finish <= i.request.deadline_ms for i in trial if i.completes and i.request is not late)
 
         def quick(trial: list[BatchItem]) -> bool:
-            return self.model.predict_ms(_shape(trial)) <= cfg.batch_quantum_ms
+            return self.model.predict_ms(batch_shape(trial)) <= cfg.batch_quantum_ms
 
         for request in order:
             if len(counts) >= cfg.max_batch_requests:
@@ -377,7 +388,7 @@ def _largest(limit: int, ok) -> int:
     return lo
 
 
-def _shape(items: Iterable[BatchItem]) -> BatchShape:
+def batch_shape(items: Iterable[BatchItem]) -> BatchShape:
     """The predictor's view of a batch: a user's side is computed once per batch even when
     several of its requests (or chunks) are in it."""
     seen: set[int] = set()

@@ -20,6 +20,7 @@ from components.ingest_sources import EventsFileConfig
 from components.synthetic import SyntheticConfig
 from components.ts_units import DEFAULT_MAX_TS_AHEAD_S, DEFAULT_MIN_TS_S
 from models.variants import ModelConfig
+from serving.config import ServeConfig
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     @property
     def run_name(self) -> str:

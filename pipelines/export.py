@@ -30,6 +30,16 @@ def bundle_path(config: PipelineConfig) -> str:
     return os.path.abspath(config.export.output or os.path.join("bundles", config.run_name))
 
 
+def tags_per_item(root: str, samples_version: int, options: dict[str, str]) -> int:
+    """Tags per candidate in the features run's samples (read off one group)."""
+    dataset = lake.open_table(lake.table_uri(root, "samples"), samples_version, options).to_pyarrow_dataset()
+    for batch in dataset.to_batches(columns=["cand_item_idx", "cand_tags"], batch_size=64):
+        for items, tags in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            if items:
+                return len(tags) // len(items)
+    raise lake.LakeError(f"samples version {samples_version} under {root} has no group with candidates")
+
+
 def run_export(config: PipelineConfig) -> tuple[str, BundleManifest]:
     """Write the bundle; (its folder, its manifest). Reads the lake, needs no Ray."""
     cfg = config.export
@@ -50,6 +60,7 @@ def run_export(config: PipelineConfig) -> tuple[str, BundleManifest]:
         variant=meta.variant,
         model_config=meta.model,
         max_seq_len=max_seq_len,
+        tags_per_item=tags_per_item(meta.lake_root, samples_version, options),
         items=tables["items"],
         users=tables["users"],
         lake={

@@ -36,6 +36,7 @@ import ray
 
 from components import groups, lake, lake_files
 from components.ingest_runs import pin_ingest
+from components.item_features import item_arrays, lookup
 from components.lake import (
     SAMPLES_PARTITION,
     SAMPLES_SCHEMA,
@@ -73,40 +74,6 @@ class BucketContext:
     tags: np.ndarray  # (V+2, tags_per_item) int32 by item_idx, 0-padded
     negative_cdf: np.ndarray  # (V+2,) float64 cumulative popularity^0.75 weights
     cutoffs: groups.TimeCutoffs
-
-
-def lookup(sorted_keys: np.ndarray, values: np.ndarray, query: np.ndarray, default: int) -> np.ndarray:
-    """``values[k]`` where ``sorted_keys[k] == query``, else ``default`` (vectorised dictionary)."""
-    if sorted_keys.size == 0:
-        return np.full(len(query), default, dtype=values.dtype)
-    pos = np.minimum(np.searchsorted(sorted_keys, query), sorted_keys.size - 1)
-    return np.where(sorted_keys[pos] == query, values[pos], default).astype(values.dtype)
-
-
-def item_arrays(items: pa.Table, tags_per_item: int) -> dict[str, np.ndarray]:
-    """Items table -> raw-id dictionary and side features indexed by item_idx."""
-    items = items.sort_by("item_id")
-    idx = items["item_idx"].to_numpy().astype(np.int64)
-    size = int(idx.max(initial=OOV)) + 1
-    genre = np.zeros(size, np.int32)
-    genre[idx] = pc.fill_null(items["genre_mask"], 0).to_numpy()
-    year = np.zeros(size, np.int16)
-    year[idx] = pc.fill_null(items["year"], 0).to_numpy()
-    tag_col = items["tag_ids"].combine_chunks()
-    lengths = pc.fill_null(pc.list_value_length(tag_col), 0).to_numpy().astype(np.int64)
-    flat = pc.list_flatten(tag_col).to_numpy().astype(np.int32)
-    row = np.repeat(np.arange(len(idx)), lengths)
-    within = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    tags = np.zeros((size, tags_per_item), np.int32)
-    keep = within < tags_per_item
-    tags[idx[row[keep]], within[keep]] = flat[keep]
-    return {
-        "item_ids": items["item_id"].to_numpy(),
-        "item_idx": idx.astype(np.int32),
-        "genre_mask": genre,
-        "year": year,
-        "tags": tags,
-    }
 
 
 # ---------------------------------------------------------------------------------------------

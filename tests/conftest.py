@@ -26,3 +26,33 @@ def ray_session():
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_lake(ray_session, tmp_path_factory) -> str:
+    """Root of a real lake (ingest + features on ~4000 synthetic events), built once."""
+    from components.config_loader import load_config
+    from pipelines.config import PipelineConfig
+    from pipelines.features import run_features
+    from pipelines.ingest import run_ingest
+    from tests.small_runs import lake_args
+
+    root = str(tmp_path_factory.mktemp("train_lake") / "lake")
+    config = load_config(PipelineConfig, "demo", lake_args(root))
+    run_ingest(config)
+    run_features(config)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(small_lake, tmp_path_factory) -> tuple[str, str]:
+    """One in-process training run of one epoch on the small lake; (storage, checkpoint path)."""
+    from components.checkpoint import latest_checkpoint
+    from pipelines.train import main
+    from tests.small_runs import train_args
+
+    storage = str(tmp_path_factory.mktemp("storage"))
+    assert main(train_args(small_lake, storage, "--train.run_name=base")) == 0
+    found = latest_checkpoint(f"{storage}/base")
+    assert found is not None
+    return storage, found[0]

@@ -13,7 +13,7 @@ from components.collate import CollateConfig, collate_groups
 from components.metrics import MetricsAccumulator
 from components.training_data import pin_training_data
 from pipelines.evaluate import main
-from tests.pipelines.conftest import config_of, train_args
+from tests.small_runs import config_of, train_args
 
 KEYS = {f"{t}_{m}" for t in ("engage", "like") for m in ("auc", "uauc", "logloss")} | {"like_auc_engaged"}
 

@@ -15,7 +15,7 @@ from components.bundle import ITEMS, MANIFEST, WEIGHTS, WEIGHTS_W8A16, BundleErr
 from components.checkpoint import load_model
 from pipelines.export import main
 from tests.models import ranker_factories as rf
-from tests.pipelines.conftest import train_args
+from tests.small_runs import train_args
 
 
 @pytest.fixture(scope="module")

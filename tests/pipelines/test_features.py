@@ -10,6 +10,7 @@ import pytest
 from components import groups, lake, lake_files
 from components.config_loader import ConfigError
 from components.ingest_runs import RUN_ID_KEY, new_run_id, write_ingest_tables
+from components.item_features import item_arrays
 from components.lake import SAMPLES_SCHEMA, SEQUENCES_SCHEMA
 from components.sequence_join import resolve_sequences
 from components.transforms import action_bucket
@@ -19,7 +20,6 @@ from pipelines.features import (
     BucketContext,
     FeaturesError,
     build_bucket,
-    item_arrays,
     main,
     run_features,
 )

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from components import lake
-from tests.pipelines.conftest import TINY_MODEL
+from tests.small_runs import TINY_MODEL
 
 BUCKET = "lake-bucket"
 ROOT = f"s3://{BUCKET}/lake"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from pipelines.run import main
-from tests.pipelines.conftest import TINY_MODEL
+from tests.small_runs import TINY_MODEL
 
 
 def test_run_synthetic_end_to_end(ray_session, tmp_path, capsys):

@@ -17,7 +17,7 @@ import torch
 from components.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_model, read_meta
 from components.training_data import pin_training_data
 from pipelines.train import main, run_train, steps_per_epoch
-from tests.pipelines.conftest import config_of, train_args
+from tests.small_runs import config_of, train_args
 
 
 def _steps(root: str, world: int = 1, batch: int = 8) -> int:

@@ -10,7 +10,7 @@ from models.task import RankingTask
 from pipelines.train import main
 from pipelines.train_loop import apply_activation_checkpointing
 from tests.models import ranker_factories as rf
-from tests.pipelines.conftest import train_args
+from tests.small_runs import train_args
 
 
 def test_activation_checkpointing_changes_neither_loss_gradients_nor_state_keys():

@@ -1,8 +1,7 @@
-"""A small real lake shared by the training and evaluation tests (ingest + features, synthetic)."""
+"""Arguments of the small real runs the tests share: a lake of ~4000 synthetic events and a tiny
+model (the ``small_lake`` and ``trained`` fixtures of tests/conftest.py use them)."""
 
 from __future__ import annotations
-
-import pytest
 
 from components.config_loader import load_config
 from pipelines.config import PipelineConfig
@@ -61,29 +60,3 @@ def train_args(root: str, storage: str, *extra: str) -> list[str]:
 def config_of(args: list[str]) -> PipelineConfig:
     """The PipelineConfig a CLI call with ``args`` would load."""
     return load_config(PipelineConfig, args[1], args[2:])
-
-
-@pytest.fixture(scope="session")
-def small_lake(ray_session, tmp_path_factory) -> str:
-    """Root of a real lake (ingest + features on ~4000 synthetic events), built once."""
-    from pipelines.features import run_features
-    from pipelines.ingest import run_ingest
-
-    root = str(tmp_path_factory.mktemp("train_lake") / "lake")
-    config = load_config(PipelineConfig, "demo", lake_args(root))
-    run_ingest(config)
-    run_features(config)
-    return root
-
-
-@pytest.fixture(scope="session")
-def trained(small_lake, tmp_path_factory) -> tuple[str, str]:
-    """One in-process training run of one epoch on the small lake; (storage, checkpoint path)."""
-    from components.checkpoint import latest_checkpoint
-    from pipelines.train import main
-
-    storage = str(tmp_path_factory.mktemp("storage"))
-    assert main(train_args(small_lake, storage, "--train.run_name=base")) == 0
-    found = latest_checkpoint(f"{storage}/base")
-    assert found is not None
-    return storage, found[0]

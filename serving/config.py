@@ -1,0 +1,82 @@
+"""The ``serve`` config section: what the ranking service runs and how it protects its SLOs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from components.config_loader import ConfigError
+from components.slo_scheduler import SchedulerConfig
+
+
+def _default_classes() -> dict[str, float]:
+    # SERVING.md's classes; on 2 cores Serve's own p50 overhead is a few ms, so no SLO < 20 ms.
+    return {"tight": 50.0, "normal": 150.0, "loose": 500.0}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``python -m pipelines.serve`` and ``serving.app:build``."""
+
+    # The bundle folder (python -m pipelines.export); "" = export.output, i.e. bundles/<run name>.
+    bundle: str = ""
+    w8a16: bool = False  # serve the bundle's W8A16 weights
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route_prefix: str = "/"
+    num_replicas: int = 1  # ranker replicas
+    replica_cpus: float = 1.0  # Ray CPUs reserved per ranker replica
+    torch_threads: int = 1  # intra-op threads of a replica's model
+    # Requests: a body above max_body_bytes is refused (413) before it is parsed.
+    max_body_bytes: int = 1_000_000
+    max_candidates: int = 1000
+    slo_classes: dict[str, float] = field(default_factory=_default_classes)  # name -> deadline ms
+    default_slo_class: str = "normal"
+    # Ray Serve admission, set deliberately: the ingress forwards at most max_ongoing_requests per
+    # replica; the ranker takes more than its scheduler queue would hold, so requests wait in the
+    # scheduler's slack-ordered queue (not in Serve's FIFO), which answers 429 beyond its bound.
+    ingress_max_ongoing_requests: int = 256
+    ranker_max_ongoing_requests: int = 512
+    max_queued_requests: int = 1024  # Serve's own queue in front of a replica (-1 unbounded: never)
+    # The user-side cache of each replica.
+    cache: bool = True
+    cache_bytes: int = 256 << 20
+    cache_ttl_s: float = 600.0
+    # Request time is quantised to this many seconds: a cached user state is exact for every
+    # request in the same window (the gap features and the history cut depend on the time).
+    request_ts_granularity_s: int = 60
+    # Routing: "affinity" = rendezvous hashing on user_id with bounded-load spill-over
+    # (serving/router.py); "random" = Ray Serve's default power-of-two-choices.
+    routing: Literal["affinity", "random"] = "affinity"
+    bounded_load: float = 1.5  # spill over when a replica holds > this x the mean ongoing load (+1)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    profile_batches: int = 30  # profiling sweep at replica start (fits the latency model)
+    sequence_poll_s: float = 30.0  # how often a replica checks for a new ``sequences`` version
+    # Optional API key on /rank: the NAME of an environment variable holding it ("" = no auth).
+    api_key_env: str = ""
+
+    def __post_init__(self) -> None:
+        if self.num_replicas < 1 or self.torch_threads < 1 or self.replica_cpus <= 0:
+            raise ConfigError("serve.num_replicas and serve.torch_threads must be >= 1, serve.replica_cpus > 0")
+        if self.max_candidates < 1 or self.max_body_bytes < 1024:
+            raise ConfigError(
+                f"serve.max_candidates must be >= 1 and serve.max_body_bytes >= 1024, "
+                f"got {self.max_candidates}, {self.max_body_bytes}"
+            )
+        if not self.slo_classes or any(not ms > 0 for ms in self.slo_classes.values()):
+            raise ConfigError(f"serve.slo_classes must map names to deadlines > 0 ms, got {self.slo_classes}")
+        if self.default_slo_class not in self.slo_classes:
+            raise ConfigError(
+                f"serve.default_slo_class {self.default_slo_class!r} is not one of {sorted(self.slo_classes)}"
+            )
+        if self.request_ts_granularity_s < 1 or self.cache_ttl_s <= 0 or self.cache_bytes < 0:
+            raise ConfigError("serve.request_ts_granularity_s >= 1, serve.cache_ttl_s > 0, serve.cache_bytes >= 0")
+        if self.bounded_load < 1.0:
+            raise ConfigError(f"serve.bounded_load must be >= 1, got {self.bounded_load}")
+        if self.ranker_max_ongoing_requests < self.scheduler.max_queue:
+            raise ConfigError(
+                f"serve.ranker_max_ongoing_requests ({self.ranker_max_ongoing_requests}) must be >= "
+                f"serve.scheduler.max_queue ({self.scheduler.max_queue}): the scheduler, not Serve, queues requests"
+            )
+        if self.profile_batches < 6:
+            raise ConfigError(f"serve.profile_batches must be >= 6 (5 coefficients to fit), got {self.profile_batches}")

@@ -1,0 +1,76 @@
+"""Service metrics: ranker replicas report snapshots to one small deployment; /metrics renders
+them with the ingress's own HTTP counters as Prometheus text (no dashboard agent needed)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+
+class MetricsHub:
+    """Latest snapshot per ranker replica (replicas push every few batches)."""
+
+    def __init__(self) -> None:
+        self._snapshots: dict[str, dict[str, Any]] = {}
+
+    def report(self, replica: str, snapshot: dict[str, Any]) -> None:
+        self._snapshots[replica] = {**snapshot, "reported_at": time.time()}
+
+    def snapshots(self) -> dict[str, dict[str, Any]]:
+        return dict(self._snapshots)
+
+
+class HttpCounters:
+    """The ingress's counters: responses by status and reason, out-of-vocabulary ids."""
+
+    def __init__(self) -> None:
+        self.responses: Counter[tuple[int, str]] = Counter()
+
+    def count(self, status: int, reason: str = "") -> None:
+        self.responses[(status, reason)] += 1
+
+
+def _line(name: str, value: float, **labels: Any) -> str:
+    inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    return f"{name}{{{inner}}} {value}" if inner else f"{name} {value}"
+
+
+def render(http: HttpCounters, snapshots: dict[str, dict[str, Any]]) -> str:
+    """Prometheus text exposition format (version 0.0.4)."""
+    lines = ["# TYPE ultrarank_http_responses_total counter"]
+    for (status, reason), n in sorted(http.responses.items()):
+        lines.append(_line("ultrarank_http_responses_total", n, status=status, reason=reason or "ok"))
+    gauges = {
+        "ultrarank_cache_hits_total": ("cache", "hits"),
+        "ultrarank_cache_misses_total": ("cache", "misses"),
+        "ultrarank_cache_evictions_total": ("cache", "evictions"),
+        "ultrarank_cache_expirations_total": ("cache", "expirations"),
+        "ultrarank_cache_invalidations_total": ("cache", "invalidations"),
+        "ultrarank_cache_bytes": ("cache", "bytes"),
+        "ultrarank_cache_entries": ("cache", "entries"),
+        "ultrarank_requests_total": ("core", "requests"),
+        "ultrarank_unknown_users_total": ("core", "unknown_users"),
+        "ultrarank_unknown_items_total": ("core", "unknown_items"),
+        "ultrarank_batches_total": ("core", "batches"),
+        "ultrarank_compute_ms_total": ("core", "compute_ms"),
+        "ultrarank_scheduler_degraded_total": ("scheduler", "degraded"),
+        "ultrarank_scheduler_chunks_total": ("scheduler", "chunks"),
+        "ultrarank_scheduler_cancelled_total": ("scheduler", "cancelled"),
+    }
+    for name, (section, key) in gauges.items():
+        lines.append(f"# TYPE {name} {'counter' if name.endswith('_total') else 'gauge'}")
+        for replica, snap in sorted(snapshots.items()):
+            lines.append(_line(name, snap[section][key], replica=replica))
+    lines.append("# TYPE ultrarank_scheduler_rejected_total counter")
+    for replica, snap in sorted(snapshots.items()):
+        for reason, n in sorted(snap["scheduler"]["rejected"].items()):
+            lines.append(_line("ultrarank_scheduler_rejected_total", n, replica=replica, reason=reason))
+    lines.append("# TYPE ultrarank_queue_length gauge")
+    for replica, snap in sorted(snapshots.items()):
+        lines.append(_line("ultrarank_queue_length", snap["queue"], replica=replica))
+    lines.append("# TYPE ultrarank_latency_model gauge")
+    for replica, snap in sorted(snapshots.items()):
+        for key, value in sorted(snap.get("latency_fit", {}).items()):
+            lines.append(_line("ultrarank_latency_model", value, replica=replica, stat=key))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,220 @@
+"""The ranker replica as a Ray Serve deployment: ``RankerCore`` plus an asyncio scheduling loop.
+
+``rank(request)`` admits the request into the replica's SLO scheduler (or answers 429/503 at
+once) and awaits its future; one background task forms batches (``next_batch``), runs them on
+a single compute thread (the event loop stays free to admit and reject meanwhile), and
+resolves the futures. A client that disconnects cancels its future: the request leaves the
+queue and its slot is free. A second task polls the lake for a new ``sequences`` version and
+swaps it in without dropping requests (in-flight ones keep the version they started on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from ray import serve
+
+from components.bundle import load_bundle
+from components.config_loader import from_dict
+from serving.config import ServeConfig
+from serving.ranker_core import TASKS, RankerCore, Work
+from serving.sequence_store import SequenceStore, latest_version
+
+logger = logging.getLogger("ray.serve")
+
+
+class RankerReplica:
+    """Deployed by serving/app.py with options from ``ServeConfig`` (see ``ranker_deployment``)."""
+
+    def __init__(self, bundle_path: str, lake_root: str, storage_options: dict, config: dict, metrics=None) -> None:
+        self.config = from_dict(ServeConfig, config, "serve")
+        torch.set_num_threads(self.config.torch_threads)
+        self.lake_root, self.storage_options = lake_root, storage_options
+        bundle = load_bundle(bundle_path, w8a16=self.config.w8a16)
+        store = SequenceStore.load(lake_root, storage_options)
+        self.core = RankerCore(bundle, store, self.config)
+        started = time.perf_counter()
+        report = self.core.profile()
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside Serve (tests construct the class directly)
+            self.replica = "local"
+        logger.info(
+            "ranker %s ready: model %s, sequences v%d (%d users), latency fit %s in %.1f s",
+            self.replica,
+            self.core.bundle.model_version,
+            store.version,
+            store.user_ids.size,
+            report.as_dict(),
+            time.perf_counter() - started,
+        )
+        self.metrics = metrics
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="ranker-compute")
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="ranker-io")
+        self._wake: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.loop_error: BaseException | None = None
+
+    # ---------------------------------------------------------------- requests
+    async def rank(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``request``: user_id, candidates, deadline_ms (relative to ``received_s``, wall clock),
+        request_id, slo_class, optional request_ts. Returns the response body plus ``status``."""
+        self._start()
+        now_ms = time.monotonic() * 1000.0
+        waited_ms = max(time.time() - request["received_s"], 0.0) * 1000.0  # ingress and transit
+        deadline = now_ms + request["deadline_ms"] - waited_ms
+        pending = self.core.make_request(
+            request["request_id"],
+            request["user_id"],
+            request["candidates"],
+            deadline,
+            now_ms,
+            request.get("request_ts") or time.time(),
+        )
+        pending.slo_class = request["slo_class"]
+        verdict = self.core.scheduler.submit(pending, now_ms)
+        if not verdict.accepted:
+            return self._rejection(verdict.status, verdict.reason, verdict.retry_after_s)
+        work: Work = pending.payload
+        work.future = asyncio.get_running_loop().create_future()
+        self._wake.set()
+        try:
+            status, reason = await work.future
+        except asyncio.CancelledError:  # the client went away: free its slot now
+            self.core.scheduler.cancel(pending)
+            raise
+        if status != 200:
+            return self._rejection(status, reason, self.config.scheduler.retry_after_s)
+        scored = pending.target
+        scores = [
+            {"item_id": int(item), **{task: float(p) for task, p in zip(TASKS, work.scores[i])}}
+            for i, item in enumerate(work.candidates[:scored])
+        ]
+        done_ms = time.monotonic() * 1000.0
+        return {
+            "status": 200,
+            "request_id": pending.request_id,
+            "user_id": pending.user_id,
+            "scores": scores,
+            "degraded": pending.degraded,
+            "unscored": [int(x) for x in work.candidates[scored:]],
+            "cache_hit": bool(work.cache_hit),
+            "replica": self.replica,
+            "queue_ms": round(max(done_ms - now_ms - work.compute_ms, 0.0) + waited_ms, 3),
+            "compute_ms": round(work.compute_ms, 3),
+            "model_version": self.core.bundle.model_version,
+            "sequence_version": work.key.sequence_version,
+        }
+
+    def _rejection(self, status: int, reason: str, retry_after_s: float) -> dict[str, Any]:
+        return {"status": status, "reason": reason, "retry_after_s": retry_after_s, "replica": self.replica}
+
+    # ---------------------------------------------------------------- the loop
+    def _start(self) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+            loops = (self._serve_batches(), self._watch_sequences(), self._report_metrics())
+            self._tasks = [asyncio.create_task(loop) for loop in loops]
+
+    async def _serve_batches(self) -> None:
+        loop = asyncio.get_running_loop()
+        scheduler = self.core.scheduler
+        try:
+            while True:
+                if not scheduler.queue:
+                    self._wake.clear()
+                    await self._wake.wait()
+                batch = scheduler.next_batch(time.monotonic() * 1000.0)
+                for request, verdict in scheduler.drain_rejected():
+                    _resolve(request.payload, (verdict.status, verdict.reason))
+                if batch is None:
+                    continue
+                took = await loop.run_in_executor(self._compute, self.core.run_batch, batch)
+                for request in scheduler.complete(batch, took, time.monotonic() * 1000.0):
+                    _resolve(request.payload, (200, ""))
+        except BaseException as exc:  # noqa: BLE001 - surfaces through check_health
+            self.loop_error = exc
+            for request in scheduler.queue:
+                _resolve(request.payload, (503, "replica_error"))
+            raise
+
+    async def _watch_sequences(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.sequence_poll_s)
+            try:
+                version = await loop.run_in_executor(self._io, latest_version, self.lake_root, self.storage_options)
+                if version != self.core.store.version:
+                    store = await loop.run_in_executor(
+                        self._io, SequenceStore.load, self.lake_root, self.storage_options, version
+                    )
+                    dropped = self.core.swap_store(store)
+                    logger.info("sequences v%d loaded (%d cache entries dropped)", version, dropped)
+            except Exception:  # noqa: BLE001 - keep serving the version we have
+                logger.exception("sequences reload failed; still serving v%d", self.core.store.version)
+
+    async def _report_metrics(self) -> None:
+        """Push a snapshot to the metrics hub every second while anything changed."""
+        last = None
+        while self.metrics is not None:
+            stats = self.core.scheduler.stats
+            mark = (stats.submitted, stats.batches, stats.cancelled, self.core.store.version)
+            if mark != last:
+                self.metrics.report.remote(self.replica, self.snapshot())
+                last = mark
+            await asyncio.sleep(1.0)
+
+    # ---------------------------------------------------------------- health and stats
+    def check_health(self) -> None:
+        if self.loop_error is not None:
+            raise RuntimeError(f"ranker loop died: {self.loop_error!r}")
+
+    def ready(self) -> dict[str, Any]:
+        return {"replica": self.replica, "model_version": self.core.bundle.model_version}
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters for /metrics and the benches."""
+        core = self.core
+        return {
+            "replica": self.replica,
+            "model_version": core.bundle.model_version,
+            "sequence_version": core.store.version,
+            "core": asdict(core.stats),
+            "cache": asdict(core.cache.stats),
+            "scheduler": asdict(core.scheduler.stats),
+            "queue": len(core.scheduler.queue),
+            "latency_fit": core.fit_report.as_dict() if core.fit_report else {},
+            "latency_scale": core.latency.scale,
+        }
+
+
+def _resolve(work: Work, outcome: tuple[int, str]) -> None:
+    if work.future is not None and not work.future.done():
+        work.future.set_result(outcome)
+
+
+def ranker_deployment(config: ServeConfig):
+    """``RankerReplica`` as a Serve deployment with the config's replicas, CPUs, admission and routing."""
+    from ray.serve.config import RequestRouterConfig
+
+    options: dict[str, Any] = {
+        "name": "Ranker",
+        "num_replicas": config.num_replicas,
+        "ray_actor_options": {"num_cpus": config.replica_cpus},
+        "max_ongoing_requests": config.ranker_max_ongoing_requests,
+        "max_queued_requests": config.max_queued_requests,
+        "health_check_period_s": 2.0,
+        "graceful_shutdown_timeout_s": 5.0,
+    }
+    if config.routing == "affinity":
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class="serving.router:UserAffinityRouter",
+            request_router_kwargs={"bounded_load": config.bounded_load},
+        )
+    return serve.deployment(**options)(RankerReplica)

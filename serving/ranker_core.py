@@ -1,0 +1,209 @@
+"""A ranker replica's work, without Serve: requests in, scores out, user side cached.
+
+``RankerCore`` owns the model of a bundle, the replica's sequence store, the user-side cache,
+the latency model (fitted by a profiling sweep) and the SLO scheduler. The Serve deployment
+(serving/ranker.py) only adds the asyncio loop; the serving bench drives the same object
+in-process to separate the policy's effect from Serve's overhead.
+
+A batch is a list of (request, candidate range) items. Per item: the user side comes from the
+cache (key: user, model version, sequences version, quantised request time) or from
+``encode_user`` (then cached), and ``score_candidates`` scores the item's candidates against
+it. A hit is the very state a miss computes, so cached and uncached scores are identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from components.bundle import Bundle
+from components.latency_model import FitReport, LatencyModel
+from components.slo_scheduler import Batch, BatchItem, Pending, SloScheduler, batch_shape
+from serving.config import ServeConfig
+from serving.featurizer import Featurized, Featurizer
+from serving.sequence_store import SequenceStore
+from serving.user_cache import CacheKey, UserSideCache
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("engage", "like")
+
+
+@dataclass
+class Work:
+    """What the replica keeps about one admitted request (``Pending.payload``)."""
+
+    candidates: np.ndarray  # (N,) int64 raw item ids
+    request_ts: int  # quantised
+    key: CacheKey
+    store: SequenceStore  # the version its key names, even if a newer one is swapped in meanwhile
+    scores: np.ndarray  # (N, tasks) float32, filled chunk by chunk
+    featurized: Featurized | None = None
+    cache_hit: bool | None = None  # at its first chunk
+    compute_ms: float = 0.0
+    future: Any = None  # the Serve replica's asyncio future (serving/ranker.py)
+
+
+@dataclass
+class CoreStats:
+    requests: int = 0
+    unknown_users: int = 0
+    unknown_items: int = 0
+    batches: int = 0
+    compute_ms: float = 0.0
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # requests per batch -> count
+
+
+class RankerCore:
+    """One replica's model, store, cache, predictor and scheduler (see module docstring)."""
+
+    def __init__(self, bundle: Bundle, store: SequenceStore, config: ServeConfig, latency: LatencyModel | None = None):
+        self.bundle = bundle
+        self.config = config
+        self.featurizer = Featurizer(bundle)
+        self.store = store
+        self.cache = UserSideCache(config.cache_bytes if config.cache else 0, config.cache_ttl_s)
+        self.latency = latency or LatencyModel()
+        self.scheduler = SloScheduler(config.scheduler, self.latency)
+        self.stats = CoreStats()
+        self.fit_report: FitReport | None = None
+        # The cache is priced from the event loop (make_request) and filled from the compute
+        # thread (run_batch): one lock around it.
+        self._cache_lock = threading.Lock()
+
+    # ---------------------------------------------------------------- requests
+    def quantise_ts(self, request_ts: float) -> int:
+        step = self.config.request_ts_granularity_s
+        return int(request_ts // step) * step
+
+    def make_request(
+        self, request_id: str, user_id: int, candidates: list[int], deadline_ms: float, now_ms: float, request_ts: float
+    ) -> Pending:
+        """A scheduler entry for a validated request (``now_ms``/``deadline_ms`` on the monotonic clock)."""
+        ts = self.quantise_ts(request_ts)
+        store = self.store
+        key = CacheKey(user_id, self.bundle.model_version, store.version, ts)
+        cand = np.asarray(candidates, dtype=np.int64)
+        work = Work(cand, ts, key, store, np.zeros((len(cand), len(TASKS)), np.float32))
+        seq_len = len(self.featurizer.history(store, user_id, ts))
+        with self._cache_lock:
+            cached = self.cache.contains(key, time.monotonic())
+        self.stats.requests += 1
+        return Pending(request_id, user_id, len(cand), seq_len, cached, now_ms, deadline_ms, payload=work)
+
+    # ---------------------------------------------------------------- compute
+    @torch.inference_mode()
+    def run_batch(self, batch: Batch) -> float:
+        """Score every item of ``batch`` into its request's ``Work.scores``; returns the compute ms."""
+        started = time.perf_counter()
+        states: dict[CacheKey, object] = {}  # one user side per batch, cached or not
+        for item in batch.items:
+            work: Work = item.request.payload
+            if work.featurized is None:
+                history = self.featurizer.history(self.store, item.request.user_id, work.request_ts)
+                work.featurized = self.featurizer.featurize(
+                    item.request.user_id, work.candidates, work.request_ts, history
+                )
+                self.stats.unknown_users += work.featurized.unknown_user
+                self.stats.unknown_items += work.featurized.unknown_items
+            state = states.get(work.key)
+            if state is None:
+                state = self._cached(work.key)
+                if work.cache_hit is None:
+                    work.cache_hit = state is not None
+                if state is None:
+                    state = self.bundle.model.encode_user(work.featurized.batch)
+                    self._store(work.key, state)
+                states[work.key] = state
+            elif work.cache_hit is None:
+                work.cache_hit = True
+            index = torch.arange(item.start, item.start + item.count)
+            chunk = work.featurized.batch.candidate_slice(index)
+            logits = self.bundle.model.score_candidates(state, chunk).logits[0]  # (count, tasks)
+            work.scores[item.start : item.start + item.count] = torch.sigmoid(logits).numpy()
+        took = (time.perf_counter() - started) * 1000.0
+        for item in batch.items:
+            item.request.payload.compute_ms += took * item.count / max(batch.candidates, 1)
+        self.stats.batches += 1
+        self.stats.compute_ms += took
+        size = len(batch.items)
+        self.stats.batch_sizes[size] = self.stats.batch_sizes.get(size, 0) + 1
+        return took
+
+    def _cached(self, key: CacheKey):
+        if not self.config.cache:
+            return None
+        with self._cache_lock:
+            return self.cache.get(key, time.monotonic())
+
+    def _store(self, key: CacheKey, state) -> None:
+        if self.config.cache:
+            with self._cache_lock:
+                self.cache.put(key, state, state.nbytes(), time.monotonic())
+
+    def score_now(self, user_id: int, candidates: list[int], request_ts: float) -> tuple[np.ndarray, bool]:
+        """Score one request outside the scheduler (tests, warm-up): (scores (N, tasks), cache hit)."""
+        now = time.monotonic() * 1000.0
+        request = self.make_request("direct", user_id, candidates, now + 1e9, now, request_ts)
+        items = (_whole(request),)
+        batch = Batch(items, batch_shape(items), 0.0)
+        self.run_batch(batch)
+        return request.payload.scores, bool(request.payload.cache_hit)
+
+    # ---------------------------------------------------------------- store and profile
+    def swap_store(self, store: SequenceStore) -> int:
+        """Serve a new ``sequences`` version from now on; drops the cache entries of the old one."""
+        self.store = store
+        with self._cache_lock:
+            return self.cache.retain(self.bundle.model_version, store.version)
+
+    def profile(self, rng_seed: int = 0) -> FitReport:
+        """Fit the latency model on a sweep of real batches: users of the store (short and long
+        histories), candidate counts from 1 to ``max_candidates``, cached and not. Clears the cache."""
+        rng = np.random.default_rng(rng_seed)
+        users = self.store.user_ids
+        if users.size == 0:
+            raise ValueError("profile: the sequence store has no users")
+        item_ids = self.featurizer.items["item_ids"]
+        lengths = np.diff(self.store.offsets)
+        by_length = users[np.argsort(lengths)]
+        shapes, times = [], []
+        now_ts = time.time()
+        top = min(self.config.max_candidates, 512)
+        for i in range(self.config.profile_batches):
+            k = 1 + i % 4  # requests per batch
+            picks = [by_length[int(q * (len(users) - 1))] for q in rng.random(k)]
+            requests = []
+            for j, user in enumerate(picks):
+                n = int(np.clip(rng.geometric(1 / max(top / 4, 1)), 1, top))
+                cands = rng.choice(item_ids, size=min(n, item_ids.size), replace=False).tolist()
+                now = time.monotonic() * 1000.0
+                requests.append(self.make_request(f"profile-{i}-{j}", int(user), cands, now + 1e9, now, now_ts))
+            if i % 2 == 0:  # every other batch runs uncached users
+                self.cache.clear()
+            for r in requests:
+                r.cached = self.cache.contains(r.payload.key, time.monotonic())
+            items = tuple(_whole(r) for r in requests)
+            shape = batch_shape(items)
+            took = self.run_batch(Batch(items, shape, 0.0))
+            if i >= 2:  # the first batches pay one-off costs (allocator, lazy init)
+                shapes.append(shape)
+                times.append(max(took, 1e-3))
+        self.cache.clear()
+        self.latency = LatencyModel.fit(shapes, times)
+        self.scheduler.model = self.latency
+        self.fit_report = self.latency.report
+        self.stats = CoreStats()
+        self.cache.stats.hits = self.cache.stats.misses = self.cache.stats.invalidations = 0
+        logger.info("latency model fitted on %d batches: %s", len(shapes), self.fit_report.as_dict())
+        return self.fit_report
+
+
+def _whole(request: Pending) -> BatchItem:
+    return BatchItem(request, 0, request.candidates)

@@ -1,0 +1,64 @@
+"""User-affinity routing: a user's requests reach the replica that holds its cached user side.
+
+A Ray Serve ``RequestRouter`` (alpha API; SERVING.md: not model multiplexing, which splits
+batches per id). Replicas are ranked for a user by rendezvous hashing (highest random weight
+of ``(user_id, replica id)``): every router instance (one per ingress replica) agrees without
+talking, and adding or removing a replica moves only ~1/n of the users. Bounded load: a
+replica holding more than ``bounded_load`` x the mean ongoing requests (+1) is moved to the
+back, so a hot user or a slow replica spills over instead of queueing (Mirrokni et al.,
+consistent hashing with bounded loads). The ranks are returned in order, so Serve itself
+falls through to the next replica when one rejects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+
+def rendezvous_weight(user_id: int, replica: str) -> int:
+    """Stable across processes and runs (Python's ``hash`` is salted per process)."""
+    digest = hashlib.blake2b(f"{user_id}:{replica}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def rank_replicas(user_id: int, replicas: list[str], loads: dict[str, int], bounded_load: float) -> list[str]:
+    """Replica ids in preference order for ``user_id`` (pure: tested without Serve)."""
+    ranked = sorted(replicas, key=lambda r: rendezvous_weight(user_id, r), reverse=True)
+    if not ranked:
+        return []
+    cap = bounded_load * sum(loads.get(r, 0) for r in ranked) / len(ranked) + 1
+    return [r for r in ranked if loads.get(r, 0) <= cap] + [r for r in ranked if loads.get(r, 0) > cap]
+
+
+def user_of(pending: PendingRequest | None) -> int | None:
+    """The user id of a ranker call ``rank.remote(request_dict)``; None for anything else."""
+    if pending is None or not pending.args:
+        return None
+    first: Any = pending.args[0]
+    if isinstance(first, dict) and isinstance(first.get("user_id"), int):
+        return first["user_id"]
+    return None
+
+
+class UserAffinityRouter(RequestRouter):
+    """``request_router_config=RequestRouterConfig(request_router_class=UserAffinityRouter, ...)``."""
+
+    def initialize_state(self, bounded_load: float = 1.5, **kwargs) -> None:
+        self.bounded_load = bounded_load
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        user = user_of(pending_request)
+        if user is None:
+            return [candidate_replicas]
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        cache = self.replica_queue_len_cache
+        loads = {rid: cache.get(r.replica_id) or 0 for rid, r in by_id.items()}
+        order = rank_replicas(user, list(by_id), loads, getattr(self, "bounded_load", 1.5))
+        return [[by_id[rid]] for rid in order]

@@ -1,0 +1,123 @@
+"""Serving parts without Serve: request validation, the user-side cache, rendezvous routing,
+the sequence store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from serving.api import RequestError, parse_request
+from serving.router import rank_replicas, rendezvous_weight
+from serving.sequence_store import SequenceStore
+from serving.user_cache import CacheKey, UserSideCache
+
+
+# ---------------------------------------------------------------- request validation
+def _fields(body: dict | str, max_candidates: int = 5) -> list[str]:
+    raw = body if isinstance(body, str) else json.dumps(body)
+    with pytest.raises(RequestError) as info:
+        parse_request(raw.encode(), max_candidates)
+    assert info.value.status == 422
+    return [d["field"] for d in info.value.detail]
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"candidates": [1]}, "user_id"),
+        ({"user_id": "7", "candidates": [1]}, "user_id"),
+        ({"user_id": True, "candidates": [1]}, "user_id"),
+        ({"user_id": 2**63, "candidates": [1]}, "user_id"),
+        ({"user_id": 1, "candidates": []}, "candidates"),
+        ({"user_id": 1, "candidates": [1, 2, 1]}, "candidates"),
+        ({"user_id": 1, "candidates": [1, 2, 3, 4, 5, 6]}, "candidates"),
+        ({"user_id": 1, "candidates": [1, -(2**63) - 1]}, "candidates.1"),
+        ({"user_id": 1, "candidates": [1.5]}, "candidates.0"),
+        ({"user_id": 1, "candidates": [1], "deadline_ms": -5}, "deadline_ms"),
+        ({"user_id": 1, "candidates": [1], "deadline_ms": 1e9}, "deadline_ms"),
+        ({"user_id": 1, "candidates": [1], "extra": 0}, "extra"),
+        ('{"user_id": 1, "candidates": [1], "deadline_ms": NaN}', "body"),
+        ('{"user_id": 1, "candidates": [Infinity]}', "body"),
+        ("[1, 2]", "body"),
+        ("{not json", "body"),
+    ],
+)
+def test_malformed_request_is_422_naming_the_field(body, field):
+    assert field in _fields(body)
+
+
+def test_valid_request_parses_with_defaults():
+    request = parse_request(b'{"user_id": -3, "candidates": [9, 2**62], "deadline_ms": 80}'.replace(b"2**62", b"4"), 5)
+    assert (request.user_id, request.candidates, request.deadline_ms, request.slo_class) == (-3, [9, 4], 80.0, None)
+
+
+# ---------------------------------------------------------------- user-side cache
+def key(user: int, model: str = "m1", seq: int = 3, ts: int = 60) -> CacheKey:
+    return CacheKey(user, model, seq, ts)
+
+
+def test_cache_is_lru_within_its_byte_budget():
+    cache = UserSideCache(max_bytes=250, ttl_s=100)
+    for user in (1, 2):
+        cache.put(key(user), f"state{user}", 100, now=0.0)
+    assert cache.get(key(1), now=1.0) == "state1"  # 1 is now the most recent
+    cache.put(key(3), "state3", 100, now=2.0)  # over budget: evicts 2, the least recent
+    assert cache.get(key(2), now=3.0) is None and cache.get(key(1), now=3.0) == "state1"
+    assert (cache.stats.evictions, cache.stats.bytes, cache.stats.entries) == (1, 200, 2)
+    cache.put(key(4), "huge", 1000, now=4.0)  # bigger than the budget: never cached
+    assert cache.get(key(4), now=4.0) is None and cache.stats.bytes == 200
+
+
+def test_cache_expires_by_ttl_and_keys_name_model_and_sequence_versions():
+    cache = UserSideCache(max_bytes=10_000, ttl_s=10)
+    cache.put(key(1), "s", 10, now=0.0)
+    assert cache.contains(key(1), now=5.0) and not cache.contains(key(1, model="m2"), now=5.0)
+    assert cache.get(key(1, seq=4), now=5.0) is None  # a new sequences version misses
+    assert cache.get(key(1), now=11.0) is None and cache.stats.expirations == 1
+    cache.put(key(1), "s", 10, now=20.0)
+    cache.put(key(2, seq=4), "s", 10, now=20.0)
+    assert cache.retain("m1", 4) == 1 and cache.stats.invalidations == 1 and len(cache) == 1
+    assert (cache.stats.hits, cache.stats.misses) == (0, 2)
+
+
+# ---------------------------------------------------------------- routing
+def test_rendezvous_is_stable_balanced_and_moves_few_users_when_a_replica_goes():
+    replicas = ["a", "b", "c"]
+    first = {u: rank_replicas(u, replicas, {}, 1.5)[0] for u in range(3000)}
+    assert first == {u: rank_replicas(u, list(reversed(replicas)), {}, 1.5)[0] for u in range(3000)}
+    counts = np.bincount([replicas.index(r) for r in first.values()])
+    assert counts.min() > 800  # ~1000 each
+    after = {u: rank_replicas(u, ["a", "b"], {}, 1.5)[0] for u in range(3000)}
+    moved = [u for u in first if first[u] != after[u]]
+    assert all(first[u] == "c" for u in moved)  # only the users of the removed replica move
+    assert rendezvous_weight(7, "a") == rendezvous_weight(7, "a")
+
+
+def test_bounded_load_spills_a_hot_replica_to_the_back():
+    order = rank_replicas(42, ["a", "b", "c"], {}, 1.5)
+    loads = {order[0]: 30, order[1]: 0, order[2]: 0}  # mean 10: cap 16
+    spilled = rank_replicas(42, ["a", "b", "c"], loads, 1.5)
+    assert spilled == [order[1], order[2], order[0]]
+    assert rank_replicas(42, ["a", "b", "c"], {order[0]: 2}, 1.5) == order  # mean 2/3: cap 2, stays
+
+
+# ---------------------------------------------------------------- sequence store
+def test_history_is_the_last_events_before_the_request_time():
+    table = pa.table(
+        {
+            "user_id": pa.array([9, 4], pa.int64()),
+            "item_idx": pa.array([[5, 6, 7, 8], [2]], pa.list_(pa.int32())),
+            "action": pa.array([[1, 2, 3, 4], [1]], pa.list_(pa.int8())),
+            "ts": pa.array([[10, 20, 30, 40], [15]], pa.list_(pa.int64())),
+        }
+    )
+    store = SequenceStore.from_table(table, version=3)
+    h = store.history(9, before_ts=40, max_len=2)
+    assert h.item_idx.tolist() == [6, 7] and h.action.tolist() == [2, 3] and h.ts.tolist() == [20, 30]
+    assert store.history(9, before_ts=11, max_len=5).item_idx.tolist() == [5]
+    assert len(store.history(9, before_ts=10, max_len=5)) == 0
+    assert store.history(4, before_ts=100, max_len=5).item_idx.tolist() == [2]
+    assert len(store.history(5, before_ts=100, max_len=5)) == 0 and not store.knows(5) and store.knows(4)
