@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from components.config_loader import from_dict, load_config, to_dict
+from components.config_loader import ConfigError, from_dict, load_config, to_dict
 from serving.api import RankRequest, RequestError, parse_request, read_body
 from serving.config import ServeConfig
 from serving.metrics import HttpCounters, MetricsHub, render
@@ -51,14 +51,12 @@ def _error_response(error: RequestError, counters: HttpCounters) -> JSONResponse
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, ranker: DeploymentHandle, metrics: DeploymentHandle, config: dict) -> None:
+    def __init__(self, ranker: DeploymentHandle, metrics: DeploymentHandle, config: dict, api_key: str = "") -> None:
         self.config = from_dict(ServeConfig, config, "serve")
         self.ranker = ranker
         self.metrics = metrics
         self.counters = HttpCounters()
-        self.api_key = os.environ.get(self.config.api_key_env, "") if self.config.api_key_env else ""
-        if self.config.api_key_env and not self.api_key:
-            raise RuntimeError(f"serve.api_key_env names {self.config.api_key_env!r}, which is not set")
+        self.api_key = api_key
 
     @app.post(
         "/rank",
@@ -144,7 +142,20 @@ def application(config: ServeConfig, bundle: str, lake_root: str, storage_option
     ingress = Ingress.options(
         max_ongoing_requests=config.ingress_max_ongoing_requests, max_queued_requests=config.max_queued_requests
     )
-    return ingress.bind(ranker, metrics, to_dict(config))
+    return ingress.bind(ranker, metrics, to_dict(config), api_key_of(config))
+
+
+def api_key_of(config: ServeConfig) -> str:
+    """The key /rank requires, read by the deploying process from the variable the config names.
+
+    It reaches the ingress replicas as an init argument (Serve keeps those in its controller):
+    use a key meant for this service only."""
+    if not config.api_key_env:
+        return ""
+    key = os.environ.get(config.api_key_env, "")
+    if not key:
+        raise ConfigError(f"serve.api_key_env names {config.api_key_env!r}, which is not set or empty")
+    return key
 
 
 def build(args: dict[str, str]):

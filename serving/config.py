@@ -50,6 +50,12 @@ class ServeConfig:
     routing: Literal["affinity", "random"] = "affinity"
     bounded_load: float = 1.5  # spill over when a replica holds > this x the mean ongoing load (+1)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # "scheduler": the SLO-aware scheduler above (its policy picks slo / edf / reject_on_arrival /
+    # fifo); "stock": Ray Serve's own @serve.batch (FIFO, no rejection) at the sizes below, the
+    # baseline the serving bench tunes by a grid.
+    batching: Literal["scheduler", "stock"] = "scheduler"
+    stock_max_batch_size: int = 8
+    stock_batch_wait_timeout_s: float = 0.005
     profile_batches: int = 30  # profiling sweep at replica start (fits the latency model)
     sequence_poll_s: float = 30.0  # how often a replica checks for a new ``sequences`` version
     # Optional API key on /rank: the NAME of an environment variable holding it ("" = no auth).
@@ -77,6 +83,13 @@ class ServeConfig:
             raise ConfigError(
                 f"serve.ranker_max_ongoing_requests ({self.ranker_max_ongoing_requests}) must be >= "
                 f"serve.scheduler.max_queue ({self.scheduler.max_queue}): the scheduler, not Serve, queues requests"
+            )
+        if self.stock_max_batch_size < 1 or self.stock_batch_wait_timeout_s < 0:
+            raise ConfigError("serve.stock_max_batch_size must be >= 1 and serve.stock_batch_wait_timeout_s >= 0")
+        if self.batching == "stock" and self.ranker_max_ongoing_requests < self.stock_max_batch_size:
+            raise ConfigError(
+                f"serve.ranker_max_ongoing_requests ({self.ranker_max_ongoing_requests}) < "
+                f"serve.stock_max_batch_size ({self.stock_max_batch_size}): batches would never fill"
             )
         if self.profile_batches < 6:
             raise ConfigError(f"serve.profile_batches must be >= 6 (5 coefficients to fit), got {self.profile_batches}")

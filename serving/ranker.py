@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -22,6 +23,7 @@ from ray import serve
 
 from components.bundle import load_bundle
 from components.config_loader import from_dict
+from components.slo_scheduler import Batch, BatchItem, Pending, batch_shape
 from serving.config import ServeConfig
 from serving.ranker_core import TASKS, RankerCore, Work
 from serving.sequence_store import SequenceStore, latest_version
@@ -55,6 +57,9 @@ class RankerReplica:
             time.perf_counter() - started,
         )
         self.metrics = metrics
+        if self.config.batching == "stock":
+            self._stock_batch.set_max_batch_size(self.config.stock_max_batch_size)
+            self._stock_batch.set_batch_wait_timeout_s(self.config.stock_batch_wait_timeout_s)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="ranker-compute")
         self._io = ThreadPoolExecutor(1, thread_name_prefix="ranker-io")
         self._wake: asyncio.Event | None = None
@@ -66,19 +71,10 @@ class RankerReplica:
         """``request``: user_id, candidates, deadline_ms (relative to ``received_s``, wall clock),
         request_id, slo_class, optional request_ts. Returns the response body plus ``status``."""
         self._start()
-        now_ms = time.monotonic() * 1000.0
-        waited_ms = max(time.time() - request["received_s"], 0.0) * 1000.0  # ingress and transit
-        deadline = now_ms + request["deadline_ms"] - waited_ms
-        pending = self.core.make_request(
-            request["request_id"],
-            request["user_id"],
-            request["candidates"],
-            deadline,
-            now_ms,
-            request.get("request_ts") or time.time(),
-        )
-        pending.slo_class = request["slo_class"]
-        verdict = self.core.scheduler.submit(pending, now_ms)
+        if self.config.batching == "stock":
+            return await self._stock_batch(request)
+        pending = self._pending(request)
+        verdict = self.core.scheduler.submit(pending, pending.arrival_ms)
         if not verdict.accepted:
             return self._rejection(verdict.status, verdict.reason, verdict.retry_after_s)
         work: Work = pending.payload
@@ -91,12 +87,42 @@ class RankerReplica:
             raise
         if status != 200:
             return self._rejection(status, reason, self.config.scheduler.retry_after_s)
+        return self._response(pending)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _stock_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The stock baseline: Serve's FIFO batcher, every request admitted, one batch per call."""
+        pending = [self._pending(request) for request in requests]
+        items = tuple(BatchItem(p, 0, p.candidates) for p in pending)
+        batch = Batch(items, batch_shape(items), 0.0)
+        await asyncio.get_running_loop().run_in_executor(self._compute, self.core.run_batch, batch)
+        for p in pending:
+            p.served = p.target
+        return [self._response(p) for p in pending]
+
+    def _pending(self, request: dict[str, Any]) -> Pending:
+        now_ms = time.monotonic() * 1000.0
+        waited_ms = max(time.time() - request["received_s"], 0.0) * 1000.0  # ingress and transit
+        pending = self.core.make_request(
+            request["request_id"],
+            request["user_id"],
+            request["candidates"],
+            now_ms + request["deadline_ms"] - waited_ms,
+            now_ms,
+            request.get("request_ts") or time.time(),
+        )
+        pending.slo_class = request["slo_class"]
+        pending.payload.waited_ms = waited_ms
+        return pending
+
+    def _response(self, pending: Pending) -> dict[str, Any]:
+        work: Work = pending.payload
         scored = pending.target
         scores = [
             {"item_id": int(item), **{task: float(p) for task, p in zip(TASKS, work.scores[i])}}
             for i, item in enumerate(work.candidates[:scored])
         ]
-        done_ms = time.monotonic() * 1000.0
+        elapsed_ms = time.monotonic() * 1000.0 - pending.arrival_ms
         return {
             "status": 200,
             "request_id": pending.request_id,
@@ -106,7 +132,7 @@ class RankerReplica:
             "unscored": [int(x) for x in work.candidates[scored:]],
             "cache_hit": bool(work.cache_hit),
             "replica": self.replica,
-            "queue_ms": round(max(done_ms - now_ms - work.compute_ms, 0.0) + waited_ms, 3),
+            "queue_ms": round(max(elapsed_ms - work.compute_ms, 0.0) + work.waited_ms, 3),
             "compute_ms": round(work.compute_ms, 3),
             "model_version": self.core.bundle.model_version,
             "sequence_version": work.key.sequence_version,
@@ -164,7 +190,8 @@ class RankerReplica:
         last = None
         while self.metrics is not None:
             stats = self.core.scheduler.stats
-            mark = (stats.submitted, stats.batches, stats.cancelled, self.core.store.version)
+            queue = len(self.core.scheduler.queue)
+            mark = (stats.submitted, stats.batches, stats.completed, stats.cancelled, queue, self.core.store.version)
             if mark != last:
                 self.metrics.report.remote(self.replica, self.snapshot())
                 last = mark
@@ -176,13 +203,14 @@ class RankerReplica:
             raise RuntimeError(f"ranker loop died: {self.loop_error!r}")
 
     def ready(self) -> dict[str, Any]:
-        return {"replica": self.replica, "model_version": self.core.bundle.model_version}
+        return {"replica": self.replica, "pid": os.getpid(), "model_version": self.core.bundle.model_version}
 
     def snapshot(self) -> dict[str, Any]:
         """Counters for /metrics and the benches."""
         core = self.core
         return {
             "replica": self.replica,
+            "pid": os.getpid(),
             "model_version": core.bundle.model_version,
             "sequence_version": core.store.version,
             "core": asdict(core.stats),

@@ -48,6 +48,7 @@ class Work:
     cache_hit: bool | None = None  # at its first chunk
     compute_ms: float = 0.0
     future: Any = None  # the Serve replica's asyncio future (serving/ranker.py)
+    waited_ms: float = 0.0  # between the ingress receiving it and the replica admitting it
 
 
 @dataclass

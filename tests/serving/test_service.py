@@ -17,6 +17,7 @@ from serving.sequence_store import SequenceStore
 from tests.small_runs import lake_args
 
 REQUEST_TS = 1_900_000_000  # after every event of the small lake: the whole history counts
+API_KEY = "test-key-0123"
 
 
 def _free_port() -> int:
@@ -27,9 +28,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def service(ray_session, small_lake, bundle_dir):
+    import os
+
     from ray import serve
 
     from pipelines.serve import start
+
+    os.environ["ULTRARANK_TEST_API_KEY"] = API_KEY
 
     args = [
         *lake_args(small_lake),
@@ -40,10 +45,11 @@ def service(ray_session, small_lake, bundle_dir):
         "--serve.profile_batches=8",
         "--serve.max_candidates=40",
         "--serve.max_body_bytes=65536",
+        "--serve.api_key_env=ULTRARANK_TEST_API_KEY",
     ]
     config = load_config(PipelineConfig, "demo", args)
     url = start(config)
-    with httpx.Client(base_url=url, timeout=30.0) as client:
+    with httpx.Client(base_url=url, timeout=30.0, headers={"x-api-key": API_KEY}) as client:
         deadline = time.time() + 60
         while client.get("/readyz").status_code != 200:
             assert time.time() < deadline, "service never became ready"
@@ -177,3 +183,79 @@ def test_health_readiness_metrics_and_docs(service):
     assert "ultrarank_http_responses_total" in text and "ultrarank_cache_hits_total" in text
     spec = service.get("/openapi.json").json()
     assert "/rank" in spec["paths"] and "candidates" in json.dumps(spec["paths"]["/rank"])
+
+
+def test_rank_needs_the_api_key_when_one_is_configured(service, users, items):
+    body = {"user_id": users[0], "candidates": items[:2]}
+    assert service.post("/rank", json=body, headers={"x-api-key": ""}).status_code == 401
+    assert service.post("/rank", json=body, headers={"x-api-key": API_KEY + "x"}).status_code == 401
+    assert service.post("/rank", json=body).status_code == 200
+    assert service.get("/healthz", headers={"x-api-key": ""}).status_code == 200  # probes stay open
+
+
+def test_a_storm_of_disconnecting_clients_leaks_no_queue_slot(service, users, items):
+    import asyncio
+
+    async def storm() -> int:
+        async with httpx.AsyncClient(base_url=str(service.base_url), headers={"x-api-key": API_KEY}) as client:
+
+            async def one(i: int) -> bool:
+                body = {"user_id": users[i % len(users)], "candidates": items[:30], "slo_class": "loose"}
+                try:
+                    await client.post("/rank", json={**body, "request_ts": REQUEST_TS + 60 * i}, timeout=0.02)
+                except httpx.TimeoutException:
+                    return True
+                return False
+
+            return sum(await asyncio.gather(*(one(i) for i in range(40))))
+
+    gave_up = asyncio.run(storm())
+    assert gave_up > 0
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        text = service.get("/metrics").text
+        if _sum(text, "ultrarank_queue_length") == 0:
+            break
+        time.sleep(0.5)
+    assert _sum(text, "ultrarank_queue_length") == 0
+    assert rank(service, user_id=users[0], candidates=items[:3]).status_code == 200
+
+
+def test_a_killed_ranker_replica_costs_a_bounded_burst_and_comes_back(service, users, items):
+    import os
+    import signal
+    import threading
+
+    ready = service.get("/readyz").json()
+    victim_pid, victim = ready["pid"], ready["replica"]
+    mine = [u for u in users if rank(service, user_id=u, candidates=items[:2]).json()["replica"] == victim][:4]
+    assert mine, "no user routed to the replica that answered /readyz"
+    outcomes: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=service.base_url, timeout=30.0, headers={"x-api-key": API_KEY}) as client:
+            while not stop.is_set():
+                outcomes.append(rank(client, user_id=mine[len(outcomes) % len(mine)], candidates=items[:4]).status_code)
+                time.sleep(0.02)
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    time.sleep(1.0)
+    os.kill(victim_pid, signal.SIGKILL)
+    deadline = time.time() + 90
+    recovered = False
+    while time.time() < deadline:
+        time.sleep(1.0)
+        if outcomes[-5:] == [200] * 5 and len(outcomes) > 60:
+            recovered = True
+            break
+    stop.set()
+    thread.join()
+    assert recovered, outcomes[-20:]
+    errors = sum(code != 200 for code in outcomes)
+    assert errors <= 20, f"{errors} errors of {len(outcomes)}"
+    # The replacement's cache starts empty and refills: a miss, then a hit for the same user.
+    user = mine[0]
+    fresh = [rank(service, user_id=user, candidates=items[5:8], request_ts=REQUEST_TS + 3600).json() for _ in range(2)]
+    assert [r["cache_hit"] for r in fresh] == [False, True] and fresh[0]["replica"] == fresh[1]["replica"]
