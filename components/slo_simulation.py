@@ -127,8 +127,7 @@ def summarize(outcomes: Sequence[Outcome], duration_ms: float) -> dict:
         out["by_class"][name] = {
             "offered": len(rows),
             "attainment": float(np.mean([o.good for o in rows])),
-            "p50_ms": float(np.percentile(served, 50)) if served else None,
-            "p99_ms": float(np.percentile(served, 99)) if served else None,
+            **{f"p{q}_ms": float(np.percentile(served, q)) if served else None for q in (50, 95, 99)},
         }
     out["rejected"] = {}
     for o in outcomes:

@@ -17,6 +17,7 @@ from typing import Literal
 from components import groups
 from components.config_loader import ConfigError
 from components.ingest_sources import EventsFileConfig
+from components.load_schedule import LoadConfig
 from components.synthetic import SyntheticConfig
 from components.ts_units import DEFAULT_MAX_TS_AHEAD_S, DEFAULT_MIN_TS_S
 from models.variants import ModelConfig
@@ -280,6 +281,7 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    loadtest: LoadConfig = field(default_factory=LoadConfig)
 
     @property
     def run_name(self) -> str:

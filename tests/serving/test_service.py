@@ -259,3 +259,27 @@ def test_a_killed_ranker_replica_costs_a_bounded_burst_and_comes_back(service, u
     user = mine[0]
     fresh = [rank(service, user_id=user, candidates=items[5:8], request_ts=REQUEST_TS + 3600).json() for _ in range(2)]
     assert [r["cache_hit"] for r in fresh] == [False, True] and fresh[0]["replica"] == fresh[1]["replica"]
+
+
+def test_open_loop_load_test_writes_records_summary_and_plots(service, small_lake, bundle_dir, tmp_path):
+    from pipelines.loadtest import run_loadtest
+
+    args = [*lake_args(small_lake), f"--serve.bundle={bundle_dir}", "--serve.api_key_env=ULTRARANK_TEST_API_KEY"]
+    args += ["--loadtest.duration_s=3", "--loadtest.max_candidates=30", "--loadtest.candidates_min=5"]
+    config = load_config(PipelineConfig, "demo", args)
+    summary = run_loadtest(config, str(service.base_url).rstrip("/"), tmp_path, [4.0, 8.0])
+    assert set(summary["runs"]) == {"4", "8"} and set(summary["plots"]) == {
+        "goodput_vs_load.png",
+        "attainment_vs_load.png",
+        "latency_cdf.png",
+    }
+    for tag, run in summary["runs"].items():
+        scheduled = (tmp_path / f"schedule_{tag}.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in (tmp_path / f"requests_{tag}.jsonl").read_text().splitlines()]
+        assert len(records) == len(scheduled) == run["offered"] > 0
+        assert run["errors"] == 0 and 0 <= run["attainment"] <= 1 and "lag_p99_ms" in run
+        good = sum(r["good"] for r in records)
+        assert run["goodput_per_s"] == pytest.approx(good / 3.0)
+    assert (
+        json.loads((tmp_path / "summary.json").read_text())["runs"]["4"]["offered"] == summary["runs"]["4"]["offered"]
+    )
