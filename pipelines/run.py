@@ -2,9 +2,9 @@
 
     python -m pipelines.run --config demo [--section.key=value ...]
 
-Today: ingest -> features -> train -> evaluate, then a report of each Delta table's version
-and row count, one resolved sample group, the training summary and the test metrics. Later
-stages (export, serve, loadtest) append here. ``--stages`` runs a prefix of them.
+Today: ingest -> features -> train -> evaluate -> export (the serving bundle), then a report
+of each Delta table's version and row count, one resolved sample group, the training summary,
+the test metrics and how to serve the bundle. ``--stages`` runs a prefix of them.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from collections.abc import Mapping
 import pyarrow as pa
 
 from components import lake, lake_stats
+from components.bundle import BundleError
 from components.checkpoint import CheckpointError
 from components.collate import CollateConfig, collate_groups
 from components.validation import IngestError
 from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig
 from pipelines.evaluate import EvaluateError, run_evaluate
+from pipelines.export import run_export
 from pipelines.features import FeaturesError, run_features
 from pipelines.ingest import run_ingest
 from pipelines.ray_runtime import ray_runtime
@@ -32,7 +34,7 @@ from pipelines.train import TrainError, run_train
 logger = logging.getLogger(__name__)
 
 TABLES = ("events", "items", "users", "sequences", "samples")
-STAGES = ("ingest", "features", "train", "evaluate")
+STAGES = ("ingest", "features", "train", "evaluate", "export")
 
 
 def describe_group(row: pa.Table, max_seq_len: int) -> str:
@@ -63,7 +65,7 @@ def table_report(root: str, storage_options: Mapping[str, str] | None = None) ->
     return out
 
 
-def run(config: PipelineConfig, last_stage: str = STAGES[-1]) -> int:
+def run(config: PipelineConfig, last_stage: str = STAGES[-1], preset: str = "demo") -> int:
     """Run the stages up to ``last_stage``; returns the process exit code."""
     started = time.perf_counter()
     stages = STAGES[: STAGES.index(last_stage) + 1]
@@ -86,6 +88,12 @@ def run(config: PipelineConfig, last_stage: str = STAGES[-1]) -> int:
             evaluated, metrics_path = run_evaluate(
                 dataclasses.replace(config, eval=dataclasses.replace(config.eval, checkpoint=checkpoint))
             )
+    exported = None
+    if "export" in stages:
+        checkpoint = trained.checkpoint if trained is not None else config.export.checkpoint
+        exported = run_export(
+            dataclasses.replace(config, export=dataclasses.replace(config.export, checkpoint=checkpoint))
+        )
     print(f"\n{'table':<10} {'version':>7} {'rows':>10}")
     for name, version, rows in table_report(root, options):
         print(f"{name:<10} {'-' if version is None else version:>7} {rows:>10}")
@@ -102,6 +110,10 @@ def run(config: PipelineConfig, last_stage: str = STAGES[-1]) -> int:
             + ", ".join(f"{k} {m[k]:.4f}" for k in ("like_auc", "like_uauc", "engage_auc", "like_auc_engaged"))
             + f"\n  metrics: {metrics_path}"
         )
+    if exported is not None:
+        bundle_dir, manifest = exported
+        print(f"\nserving bundle {bundle_dir} (model_version {manifest.model_version})")
+        print(f"  serve it: python -m pipelines.serve --config {preset}")
     print(f"\ndone in {time.perf_counter() - started:.1f} s; lake at {root}")
     return 0
 
@@ -115,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         "pipelines.run",
         __doc__.splitlines()[0],
         argv,
-        lambda config, args: run(config, args.stages),
+        lambda config, args: run(config, args.stages, args.config),
         default_preset="demo",
-        failures=(IngestError, lake.LakeError, FeaturesError, TrainError, CheckpointError, EvaluateError),
+        failures=(IngestError, lake.LakeError, FeaturesError, TrainError, CheckpointError, EvaluateError, BundleError),
         add_arguments=_add_arguments,
     )
 

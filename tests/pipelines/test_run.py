@@ -1,5 +1,5 @@
-"""The main job (what `make demo` runs): ingest -> features -> train -> evaluate -> report, on the
-session's Ray."""
+"""The main job (what `make demo` runs): ingest -> features -> train -> evaluate -> export ->
+report, on the session's Ray."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def test_run_synthetic_end_to_end(ray_session, tmp_path, capsys):
             "--train.batch_size=4",
             "--train.max_seq_len=32",
             f"--train.storage_path={tmp_path / 'ckpt'}",
+            f"--export.output={tmp_path / 'bundle'}",
         ]
     )
     out = capsys.readouterr().out
@@ -38,6 +39,11 @@ def test_run_synthetic_end_to_end(ray_session, tmp_path, capsys):
     assert re.search(r"^run full: 3 steps", out, re.M)
     assert "full on test (" in out and "like_auc " in out
     assert (tmp_path / "ckpt" / "full" / "metrics_test.json").is_file()
+    # ... and exported as a serving bundle that loads.
+    from components.bundle import load_bundle
+
+    assert f"serving bundle {tmp_path / 'bundle'}" in out and "python -m pipelines.serve --config demo" in out
+    assert load_bundle(str(tmp_path / "bundle")).manifest.variant == "full"
     for table in ("events", "items", "users", "sequences", "samples"):
         assert f"\n{table} " in out
     assert re.search(r"^events +0 +3000$", out, re.M)
