@@ -74,6 +74,7 @@ class RankerCore:
         self.scheduler = SloScheduler(config.scheduler, self.latency)
         self.stats = CoreStats()
         self.fit_report: FitReport | None = None
+        self.profile_samples: tuple[list, list[float]] = ([], [])
         # The cache is priced from the event loop (make_request) and filled from the compute
         # thread (run_batch): one lock around it.
         self._cache_lock = threading.Lock()
@@ -197,6 +198,7 @@ class RankerCore:
                 shapes.append(shape)
                 times.append(max(took, 1e-3))
         self.cache.clear()
+        self.profile_samples = (shapes, times)  # what the model was fitted on (benches score others with it)
         self.latency = LatencyModel.fit(shapes, times)
         self.scheduler.model = self.latency
         self.fit_report = self.latency.report

@@ -1,0 +1,380 @@
+"""The serving bench: ``python -m pipelines.bench serving [--quick] --json PATH [--config demo]``.
+
+Every policy replays the SAME seeded schedules (components/load_schedule.py) against the
+real service (serving/app.py on Ray Serve, one app at a time), open loop (pipelines/loadtest.py).
+
+1. In process, no Serve: the latency predictor's fit and its error on held-out batches
+   (``predictor_mape``), the compute of a cache hit over a miss at the median
+   (``cache_hit_p50_ratio``), and the policies in simulated time on the fitted costs.
+2. Stock ``@serve.batch`` (FIFO, no rejection) over a grid of max_batch_size x
+   batch_wait_timeout_s; its capacity (served requests/s under a saturating load) is the
+   best cell's. Loads below are multiples of that capacity.
+3. At 1.2x capacity: ``goodput_ratio_vs_stock`` = goodput of the SLO scheduler (cache on,
+   affinity routing) / goodput of the tuned stock batcher. Full run: every baseline of
+   SERVING.md (EDF without rejection, reject-on-arrival) crossed with cache on/off and routing
+   random/affinity, and a sweep of 0.2x-1.5x, with ``--seeds`` seeds.
+4. At 0.8x capacity: ``attainment_tight`` of the SLO scheduler.
+5. ``serve_overhead_p50_ms``: Serve end to end at a light load minus the same requests scored
+   in process; ``generator_lag_p99_ms``: the worst lag p99 of the generator over all runs (a
+   run above 2 ms is marked invalid in ``runs``).
+6. W8A16: bundle bytes and in-process p50/p99 latency, quantised vs float, and the test-split
+   AUC change for each variant whose checkpoint is given (``--w8a16-checkpoints``; default the
+   bundle's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from components.config_loader import load_config
+from components.latency_model import LatencyModel
+from components.load_schedule import make_schedule
+from components.slo_scheduler import SloScheduler
+from components.slo_simulation import Arrival, simulate, summarize
+from pipelines.config import PipelineConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    duration_s: float
+    seeds: int
+    stock_grid: tuple[tuple[int, float], ...]
+    loads: tuple[float, ...]  # multiples of the stock capacity
+    policies: tuple[str, ...]  # names of POLICIES
+    w8a16_batches: int
+
+
+QUICK = Plan(12.0, 1, ((4, 0.002), (16, 0.01)), (0.8, 1.2), ("stock", "slo"), 20)
+FULL = Plan(
+    30.0,
+    3,
+    ((1, 0.0), (4, 0.002), (8, 0.005), (16, 0.01), (32, 0.02)),
+    (0.2, 0.5, 0.8, 1.0, 1.2, 1.5),
+    ("stock", "slo", "edf", "reject_on_arrival", "slo_nocache", "slo_random", "stock_nocache"),
+    60,
+)
+
+# name -> serve.* overrides (on top of the preset); "stock" gets the best grid cell.
+POLICIES = {
+    "stock": ["--serve.batching=stock"],
+    "stock_nocache": ["--serve.batching=stock", "--serve.cache=false"],
+    "slo": ["--serve.scheduler.policy=slo"],
+    "slo_nocache": ["--serve.scheduler.policy=slo", "--serve.cache=false"],
+    "slo_random": ["--serve.scheduler.policy=slo", "--serve.routing=random"],
+    "edf": ["--serve.scheduler.policy=edf"],
+    "reject_on_arrival": ["--serve.scheduler.policy=reject_on_arrival"],
+}
+
+
+# ---------------------------------------------------------------- in process
+def in_process(config: PipelineConfig, plan: Plan) -> tuple[dict, object]:
+    """Predictor fit and held-out error, cache hit/miss compute, simulated policies."""
+    import torch
+
+    from components.bundle import load_bundle
+    from components.lake import lake_root
+    from pipelines.serve import bundle_of
+    from serving.ranker_core import RankerCore
+    from serving.sequence_store import SequenceStore
+
+    torch.set_num_threads(config.serve.torch_threads)
+    bundle = load_bundle(bundle_of(config))
+    store = SequenceStore.load(lake_root(config.lake.root), config.lake.storage_options)
+    core = RankerCore(bundle, store, config.serve)
+    fit = core.profile(rng_seed=0)
+    # Held-out: a second sweep, scored by the model fitted on the first.
+    held = RankerCore(bundle, store, config.serve)
+    held.profile(rng_seed=1)
+    shapes, times = held.profile_samples
+    held_out = core.latency.evaluate(shapes, times)
+    # Cache: the same users and candidates, compute of a miss then of a hit.
+    rng = np.random.default_rng(0)
+    lengths = np.diff(store.offsets)
+    users = store.user_ids[np.argsort(lengths)[-40:]]  # long histories: what the cache is for
+    items = bundle.items["item_id"].to_numpy()
+    miss, hit = [], []
+    for i, user in enumerate(users):
+        cands = rng.choice(items, size=min(100, items.size), replace=False).tolist()
+        ts = 2_000_000_000 + 3600 * i
+        for bucket in (miss, hit):
+            started = time.perf_counter()
+            core.score_now(int(user), cands, ts)
+            bucket.append((time.perf_counter() - started) * 1000.0)
+    out = {
+        "predictor_fit": fit.as_dict(),
+        "predictor_held_out": held_out.as_dict(),
+        "predictor_mape": held_out.mape,
+        "predictor_coef": [float(c) for c in core.latency.coef],
+        "cache_miss_p50_ms": float(np.median(miss)),
+        "cache_hit_p50_ms": float(np.median(hit)),
+        "cache_hit_p50_ratio": float(np.median(hit) / np.median(miss)),
+        "user_state_bytes_mean": int(core.cache.stats.bytes / max(core.cache.stats.entries, 1)),
+    }
+    return out, core
+
+
+def simulated(core, config: PipelineConfig, capacity: float, plan: Plan) -> dict:
+    """The scheduler policies in simulated time, costs from the fitted model (x lognormal noise)."""
+    users, items = _users_items(config)
+    lengths = dict(zip(core.store.user_ids.tolist(), np.diff(core.store.offsets).tolist()))
+    out = {}
+    for load in plan.loads:
+        cfg = dataclasses.replace(config.loadtest, rate_per_s=load * capacity, duration_s=60.0, seed=0)
+        schedule = make_schedule(cfg, users, items)
+        arrivals = [
+            Arrival(
+                r.at_ms,
+                r.request_id,
+                r.user_id,
+                len(r.candidates),
+                min(lengths.get(r.user_id, 0), core.featurizer.max_seq_len),
+                r.slo_class,
+                config.serve.slo_classes[r.slo_class],
+            )
+            for r in schedule
+        ]
+        row = {}
+        for policy in ("fifo", "edf", "reject_on_arrival", "slo"):
+            truth, noise = LatencyModel(core.latency.coef), np.random.default_rng(0)  # same draws per policy
+
+            def true_ms(shape, truth=truth, noise=noise) -> float:
+                return truth.predict_ms(shape) * float(noise.lognormal(0.0, 0.15))
+
+            scheduler_config = dataclasses.replace(config.serve.scheduler, policy=policy)
+            scheduler = SloScheduler(scheduler_config, LatencyModel(core.latency.coef))
+            row[policy] = summarize(simulate(arrivals, scheduler, true_ms), cfg.duration_s * 1000.0)
+        out[f"{load:g}x"] = row
+    return out
+
+
+def _users_items(config: PipelineConfig) -> tuple[list[int], list[int]]:
+    from pipelines.loadtest import users_and_items
+
+    return users_and_items(config)
+
+
+# ---------------------------------------------------------------- over Serve
+class Service:
+    """Deploys one policy at a time on the running Ray and fires schedules at it."""
+
+    def __init__(self, preset: str, base: list[str]) -> None:
+        self.preset, self.base = preset, base
+        self.config: PipelineConfig | None = None
+        self.url = ""
+
+    def deploy(self, overrides: list[str]) -> PipelineConfig:
+        from ray import serve
+
+        from pipelines.serve import start
+
+        if self.config is not None:
+            serve.delete("ultrarank")
+        self.config = load_config(PipelineConfig, self.preset, [*self.base, *overrides])
+        self.url = start(self.config)
+        import httpx
+
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("the service did not become ready in 120 s")
+            time.sleep(0.5)
+        return self.config
+
+    def fire(self, rate: float, seed: int, duration_s: float) -> tuple[dict, list[dict]]:
+        from pipelines.loadtest import fire, summarize_run
+
+        cfg = dataclasses.replace(self.config.loadtest, rate_per_s=rate, duration_s=duration_s, seed=seed)
+        users, items = _users_items(self.config)
+        schedule = make_schedule(cfg, users, items)
+        started = time.perf_counter()
+        records = asyncio.run(fire(self.url, schedule, dict(self.config.serve.slo_classes)))
+        wall = time.perf_counter() - started
+        run = summarize_run(records, duration_s)
+        served = [r for r in records if r["status"] == 200]
+        # Capacity under saturation: served requests over the time it took to serve them.
+        run["served_per_wall_s"] = len(served) / max(wall - 0.2, 1e-3)
+        return run, records
+
+
+def serve_runs(preset: str, base: list[str], plan: Plan, in_proc: dict) -> dict:
+    svc = Service(preset, base)
+    out: dict = {"stock_grid": {}, "runs": {}}
+    # 1) stock grid: capacity under a saturating load (about 3x what in-process compute allows).
+    per_request_ms = max(in_proc["cache_miss_p50_ms"], 1.0)
+    saturating = 3.0 * 1000.0 / per_request_ms
+    best = None
+    for size, wait in plan.stock_grid:
+        overrides = [
+            *POLICIES["stock"],
+            f"--serve.stock_max_batch_size={size}",
+            f"--serve.stock_batch_wait_timeout_s={wait}",
+        ]
+        svc.deploy(overrides)
+        run, _ = svc.fire(saturating, seed=100, duration_s=plan.duration_s / 2)
+        cell = {"capacity_per_s": run["served_per_wall_s"], "goodput_per_s": run["goodput_per_s"]}
+        out["stock_grid"][f"{size}/{wait:g}"] = cell
+        logger.info("stock max_batch_size=%d wait=%gs: capacity %.1f req/s", size, wait, cell["capacity_per_s"])
+        if best is None or cell["capacity_per_s"] > best[2]:
+            best = (size, wait, cell["capacity_per_s"])
+    size, wait, capacity = best
+    out["stock_best"] = {"max_batch_size": size, "batch_wait_timeout_s": wait, "capacity_per_s": capacity}
+    stock_sizes = [f"--serve.stock_max_batch_size={size}", f"--serve.stock_batch_wait_timeout_s={wait}"]
+    # 2) every policy on the same schedules at every load.
+    for policy in plan.policies:
+        overrides = POLICIES[policy] + (stock_sizes if policy.startswith("stock") else [])
+        svc.deploy(overrides)
+        for load in plan.loads:
+            for seed in range(plan.seeds):
+                run, records = svc.fire(load * capacity, seed=seed, duration_s=plan.duration_s)
+                out["runs"].setdefault(policy, {}).setdefault(f"{load:g}x", []).append(run)
+                logger.info(
+                    "%s at %.1fx (%.1f req/s) seed %d: goodput %.2f/s attainment %.3f lag p99 %.2f ms",
+                    policy,
+                    load,
+                    load * capacity,
+                    seed,
+                    run["goodput_per_s"],
+                    run["attainment"],
+                    run["lag_p99_ms"],
+                )
+    # 3) Serve's overhead: a light load through Serve vs the same requests in process.
+    svc.deploy(POLICIES["slo"])
+    light, records = svc.fire(max(capacity * 0.1, 1.0), seed=7, duration_s=plan.duration_s / 2)
+    served = [r for r in records if r["status"] == 200]
+    out["light"] = {
+        "e2e_p50_ms": float(np.median([r["latency_ms"] for r in served])),
+        "compute_p50_ms": float(np.median([r["compute_ms"] for r in served])),
+    }
+    from ray import serve
+
+    serve.delete("ultrarank")
+    out["capacity_per_s"] = capacity
+    return out
+
+
+def _mean(runs: list[dict], key: str) -> float:
+    return float(np.mean([r[key] for r in runs]))
+
+
+def headline(result: dict) -> dict:
+    """The issue's keys, from the runs."""
+    runs = result["serve"]["runs"]
+    slo, stock = runs["slo"], runs["stock"]
+    tight = [r["by_class"].get("tight", {}).get("attainment", 0.0) for r in slo["0.8x"]]
+    lags = [r["lag_p99_ms"] for per_load in runs.values() for rs in per_load.values() for r in rs]
+    light = result["serve"]["light"]
+    return {
+        "goodput_ratio_vs_stock": _mean(slo["1.2x"], "goodput_per_s")
+        / max(_mean(stock["1.2x"], "goodput_per_s"), 1e-9),
+        "attainment_tight": float(np.mean(tight)),
+        "cache_hit_p50_ratio": result["in_process"]["cache_hit_p50_ratio"],
+        "predictor_mape": result["in_process"]["predictor_mape"],
+        # Serve end to end minus the in-process work of the same requests (compute + queue in process).
+        "serve_overhead_p50_ms": light["e2e_p50_ms"] - light["compute_p50_ms"],
+        "generator_lag_p99_ms": float(max(lags)),
+        "invalid_runs": sum(not r["valid"] for per_load in runs.values() for rs in per_load.values() for r in rs),
+    }
+
+
+# ---------------------------------------------------------------- W8A16
+def w8a16(config: PipelineConfig, checkpoints: list[str], batches: int) -> dict:
+    """Bytes, in-process latency and test AUC of W8A16 vs float for each checkpoint."""
+    import pyarrow as pa
+    import torch
+
+    from components.bundle import load_bundle
+    from components.collate import CollateConfig, collate_groups
+    from components.metrics import MetricsAccumulator
+    from components.training_data import pin_training_data
+    from pipelines.export import run_export
+
+    out = {}
+    for checkpoint in checkpoints:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = dataclasses.replace(
+                config, export=dataclasses.replace(config.export, checkpoint=checkpoint, w8a16=True, output=tmp)
+            )
+            bundle_dir, manifest = run_export(cfg)
+            row: dict = {
+                "float_bytes": manifest.files["weights.safetensors"]["bytes"],
+                "w8a16_bytes": manifest.files["weights_w8a16.safetensors"]["bytes"],
+            }
+            data = pin_training_data(
+                manifest.lake["root"], config.lake.storage_options, manifest.lake["samples_version"]
+            )
+            rows = data.load_groups("test", manifest.max_seq_len).take_all()
+            table = pa.Table.from_pylist(rows)
+            for name, quantized in (("float", False), ("w8a16", True)):
+                model = load_bundle(bundle_dir, w8a16=quantized).model
+                acc, times = MetricsAccumulator(), []
+                with torch.inference_mode():
+                    for start in range(0, table.num_rows, 32):
+                        part = table.slice(start, 32)
+                        batch = collate_groups(part, CollateConfig(max_seq_len=manifest.max_seq_len))
+                        t0 = time.perf_counter()
+                        logits = model(batch).logits
+                        if start // 32 < batches:
+                            times.append((time.perf_counter() - t0) * 1000.0)
+                        acc.update(logits, batch.labels, batch.cand_mask, part.column("user_id").to_numpy())
+                metrics = acc.compute()
+                row[f"{name}_like_auc"] = metrics["like_auc"]
+                row[f"{name}_p50_ms"] = float(np.percentile(times, 50))
+                row[f"{name}_p99_ms"] = float(np.percentile(times, 99))
+            row["like_auc_change"] = row["w8a16_like_auc"] - row["float_like_auc"]
+            out[manifest.variant] = row
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.bench serving", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="stock and slo only, 2 loads, 1 seed (<= 10 min)")
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--config", default="demo")
+    parser.add_argument("--seeds", type=int, default=0, help="override the plan's seeds")
+    parser.add_argument("--w8a16-checkpoints", default="", help="comma-separated checkpoints (default: the bundle's)")
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    plan = QUICK if args.quick else FULL
+    if args.seeds:
+        plan = dataclasses.replace(plan, seeds=args.seeds)
+    config = load_config(PipelineConfig, args.config, overrides)
+    started = time.perf_counter()
+    result: dict = {"quick": args.quick, "plan": dataclasses.asdict(plan), "config": args.config}
+    proc, core = in_process(config, plan)
+    result["in_process"] = proc
+    from pipelines.ray_runtime import ray_runtime
+
+    with ray_runtime(config.ray):
+        result["serve"] = serve_runs(args.config, overrides, plan, proc)
+    result["simulated"] = simulated(core, config, result["serve"]["capacity_per_s"], plan)
+    checkpoints = [c for c in args.w8a16_checkpoints.split(",") if c]
+    if not checkpoints:
+        from components.bundle import read_manifest
+        from pipelines.serve import bundle_of
+
+        checkpoints = [read_manifest(bundle_of(config)).checkpoint["path"]]
+    result["w8a16"] = w8a16(config, checkpoints, plan.w8a16_batches)
+    result.update(headline(result))
+    result["total_s"] = round(time.perf_counter() - started, 1)
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, sort_keys=True, default=float) + "\n")
+    keys = ("goodput_ratio_vs_stock", "attainment_tight", "cache_hit_p50_ratio", "predictor_mape")
+    print(json.dumps({k: result[k] for k in (*keys, "serve_overhead_p50_ms", "generator_lag_p99_ms")}, indent=2))
+    return 0
