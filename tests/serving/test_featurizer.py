@@ -57,3 +57,18 @@ def test_cached_user_side_scores_exactly_as_a_fresh_forward(small_lake, bundle_d
             reference = torch.sigmoid(bundle.model(fz.batch).logits[0]).numpy()
         np.testing.assert_allclose(scores, reference, rtol=0, atol=1e-5)
     assert core.stats.unknown_items == 1 and core.cache.stats.hits == 1
+
+
+def test_new_sequences_version_invalidates_the_cache_but_not_requests_in_flight(small_lake, bundle_dir):
+    bundle = load_bundle(bundle_dir)
+    store = SequenceStore.load(small_lake)
+    core = RankerCore(bundle, store, ServeConfig(profile_batches=6))
+    user = int(store.user_ids[0])
+    items = bundle.items["item_id"].to_pylist()[:3]
+    core.score_now(user, items, 1.9e9)
+    in_flight = core.make_request("r", user, items, 1e12, 0.0, 1.9e9)  # admitted before the swap
+    newer = dataclasses.replace(store, version=store.version + 1)  # what a new features run loads as
+    assert core.swap_store(newer) == 1 and len(core.cache) == 0
+    assert in_flight.payload.store is store and in_flight.payload.key.sequence_version == store.version
+    after = core.make_request("s", user, items, 1e12, 0.0, 1.9e9)
+    assert after.payload.key.sequence_version == store.version + 1 and not after.cached
