@@ -215,6 +215,25 @@ def run_seq_lens(args: argparse.Namespace, lengths: list[int], seeds: int, extra
     return result
 
 
+COLUMNS = ("like_auc", "like_uauc", "engage_auc", "engage_uauc", "like_auc_engaged", "like_logloss")
+
+
+def markdown_table(result: dict) -> str:
+    """The table README shows: floors, then each variant's mean ± std (and the seconds per run)."""
+    head = "| test split | " + " | ".join(c.replace("_", " ") for c in COLUMNS) + " |"
+    lines = [head, "|---" * (len(COLUMNS) + 1) + "|"]
+    fmt = lambda v: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+    for name, floor in result["floors"].items():
+        lines.append(f"| floor: {name.replace('_', ' ')} | " + " | ".join(fmt(floor.get(c)) for c in COLUMNS) + " |")
+    for variant, row in result["variants"].items():
+        cells = [
+            f"{row[c]['mean']:.4f} ± {row[c]['std']:.4f}" if result["seeds"] > 1 else fmt(row[c]["mean"])
+            for c in COLUMNS
+        ]
+        lines.append(f"| `{variant}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_seq_lens(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -273,4 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     result["quick"], result["total_s"] = args.quick, round(time.perf_counter() - started, 1)
     path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(json.dumps(result.get("targets", result.get("by_max_seq_len")), indent=2))
+    if "variants" in result:
+        print(markdown_table(result))
     return 0
