@@ -1,0 +1,35 @@
+"""The serving bench's headline keys come from its runs (literal hand-made runs here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.bench_serving import headline
+
+
+def _run(goodput: float, tight: float = 1.0, lag: float = 0.5) -> dict:
+    return {
+        "goodput_per_s": goodput,
+        "by_class": {"tight": {"attainment": tight}},
+        "lag_p99_ms": lag,
+        "valid": lag <= 2,
+    }
+
+
+def test_headline_keys_are_computed_from_the_runs():
+    result = {
+        "in_process": {"cache_hit_p50_ratio": 0.4, "predictor_mape": 0.12},
+        "serve": {
+            "runs": {
+                "slo": {"0.8x": [_run(8.0, 0.98), _run(8.0, 1.0)], "1.2x": [_run(12.0), _run(10.0, lag=2.5)]},
+                "stock": {"0.8x": [_run(8.0)], "1.2x": [_run(4.0)]},
+            },
+            "light": {"e2e_p50_ms": 30.0, "compute_p50_ms": 22.5},
+        },
+    }
+    out = headline(result)
+    assert out["goodput_ratio_vs_stock"] == pytest.approx(11.0 / 4.0)
+    assert out["attainment_tight"] == pytest.approx(0.99)
+    assert out["serve_overhead_p50_ms"] == pytest.approx(7.5)
+    assert out["generator_lag_p99_ms"] == 2.5 and out["invalid_runs"] == 1
+    assert (out["cache_hit_p50_ratio"], out["predictor_mape"]) == (0.4, 0.12)
