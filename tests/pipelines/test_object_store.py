@@ -110,8 +110,9 @@ def test_storage_options_reach_every_stage(ray_session, s3_options, tmp_path, mo
         "--ray.enable_progress_bars=false",
         *(f'--lake.storage_options.{key}="{value}"' for key, value in s3_options.items()),
     ]
-    # Train and evaluate read the store's groups too (checkpoints stay on local disk: Ray
-    # Train's storage is not given the lake's options).
+    # Train, evaluate and export read the store's groups and vocabularies too (checkpoints and
+    # the serving bundle stay on local disk: Ray Train's storage is not given the lake's options,
+    # and a bundle is a local folder that replicas load).
     checkpoints = tmp_path.parent / f"{tmp_path.name}-checkpoints"
     training = [
         *TINY_MODEL,
@@ -120,6 +121,7 @@ def test_storage_options_reach_every_stage(ray_session, s3_options, tmp_path, mo
         "--train.batch_size=2",
         "--train.max_seq_len=16",
         f"--train.storage_path={checkpoints}",
+        f"--export.output={checkpoints / 'bundle'}",
     ]
     code = main(["--config", "demo", *overrides, *training])
     captured = capsys.readouterr()
@@ -129,6 +131,7 @@ def test_storage_options_reach_every_stage(ray_session, s3_options, tmp_path, mo
     assert re.search(r"^samples +0 +[1-9]\d*$", captured.out, re.M)
     assert "one sample group:" in captured.out
     assert "full on test (" in captured.out and (checkpoints / "full" / "metrics_test.json").is_file()
+    assert (checkpoints / "bundle" / "bundle.json").is_file()  # items/users read from the store
     assert list(tmp_path.iterdir()) == []
 
     samples_uri = lake.table_uri(ROOT, "samples")
