@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.requests import ClientDisconnect
 
 from components.config_loader import ConfigError, from_dict, load_config, to_dict
 from serving.api import RankRequest, RequestError, parse_request, read_body
@@ -73,6 +74,8 @@ class Ingress:
             result = await self.ranker.rank.remote(payload)
         except RequestError as error:
             return _error_response(error, self.counters)
+        except ClientDisconnect:  # the client went away mid-body: nobody to answer, nothing broken
+            return _error_response(RequestError(499, "client_disconnected"), self.counters)
         except Exception as exc:  # noqa: BLE001 - Serve's own backpressure and replica loss
             from ray.serve.exceptions import BackPressureError
 
