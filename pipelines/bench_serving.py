@@ -307,9 +307,8 @@ def w8a16(config: PipelineConfig, checkpoints: list[str], batches: int) -> dict:
     out = {}
     for checkpoint in checkpoints:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = dataclasses.replace(
-                config, export=dataclasses.replace(config.export, checkpoint=checkpoint, w8a16=True, output=tmp)
-            )
+            export = dataclasses.replace(config.export, checkpoint=checkpoint, w8a16=True, output=f"{tmp}/bundle")
+            cfg = dataclasses.replace(config, export=export)
             bundle_dir, manifest = run_export(cfg)
             row: dict = {
                 "float_bytes": manifest.files["weights.safetensors"]["bytes"],
@@ -362,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with ray_runtime(config.ray):
         result["serve"] = serve_runs(args.config, overrides, plan, proc)
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save = lambda: path.write_text(json.dumps(result, indent=2, sort_keys=True, default=float) + "\n")
+    save()  # the Serve runs are the expensive part: kept even if what follows fails
     result["simulated"] = simulated(core, config, result["serve"]["capacity_per_s"], plan)
     checkpoints = [c for c in args.w8a16_checkpoints.split(",") if c]
     if not checkpoints:
@@ -372,9 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     result["w8a16"] = w8a16(config, checkpoints, plan.w8a16_batches)
     result.update(headline(result))
     result["total_s"] = round(time.perf_counter() - started, 1)
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, sort_keys=True, default=float) + "\n")
+    save()
     keys = ("goodput_ratio_vs_stock", "attainment_tight", "cache_hit_p50_ratio", "predictor_mape")
     print(json.dumps({k: result[k] for k in (*keys, "serve_overhead_p50_ms", "generator_lag_p99_ms")}, indent=2))
     return 0
