@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -80,7 +80,6 @@ class Bundle:
     items: pa.Table
     users: pa.Table
     quantized: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_version(self) -> str:

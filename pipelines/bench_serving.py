@@ -41,6 +41,7 @@ from components.load_schedule import make_schedule
 from components.slo_scheduler import SloScheduler
 from components.slo_simulation import Arrival, simulate, summarize
 from pipelines.config import PipelineConfig
+from pipelines.loadtest import users_and_items
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def in_process(config: PipelineConfig, plan: Plan) -> tuple[dict, object]:
 
 def simulated(core, config: PipelineConfig, capacity: float, plan: Plan) -> dict:
     """The scheduler policies in simulated time, costs from the fitted model (x lognormal noise)."""
-    users, items = _users_items(config)
+    users, items = users_and_items(config)
     lengths = dict(zip(core.store.user_ids.tolist(), np.diff(core.store.offsets).tolist()))
     out = {}
     for load in plan.loads:
@@ -156,12 +157,6 @@ def simulated(core, config: PipelineConfig, capacity: float, plan: Plan) -> dict
             row[policy] = summarize(simulate(arrivals, scheduler, true_ms), cfg.duration_s * 1000.0)
         out[f"{load:g}x"] = row
     return out
-
-
-def _users_items(config: PipelineConfig) -> tuple[list[int], list[int]]:
-    from pipelines.loadtest import users_and_items
-
-    return users_and_items(config)
 
 
 # ---------------------------------------------------------------- over Serve
@@ -200,7 +195,7 @@ class Service:
         from pipelines.loadtest import fire, summarize_run
 
         cfg = dataclasses.replace(self.config.loadtest, rate_per_s=rate, duration_s=duration_s, seed=seed)
-        users, items = _users_items(self.config)
+        users, items = users_and_items(self.config)
         schedule = make_schedule(cfg, users, items)
         started = time.perf_counter()
         records = asyncio.run(fire(self.url, schedule, dict(self.config.serve.slo_classes)))

@@ -1,7 +1,7 @@
 """The ranking application: a FastAPI ingress in front of the ranker replicas.
 
-    serve run serving.app:build config=demo [bundle=PATH] [serve.num_replicas=2 ...]
-    python -m pipelines.serve --config demo          # the same, on an embedded Ray
+    python -m pipelines.serve --config demo          # on an embedded Ray
+    serve run pipelines.serve:build config=demo      # the same application under the Serve CLI
 
 Routes: ``POST /rank`` (SERVING.md), ``GET /healthz`` (the ingress is up), ``GET /readyz``
 (a ranker replica answers, with its model version), ``GET /metrics`` (Prometheus text),
@@ -27,7 +27,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect
 
-from components.config_loader import ConfigError, from_dict, load_config, to_dict
+from components.config_loader import ConfigError, from_dict, to_dict
 from serving.api import RankRequest, RequestError, parse_request, read_body
 from serving.config import ServeConfig
 from serving.metrics import HttpCounters, MetricsHub, render
@@ -159,17 +159,3 @@ def api_key_of(config: ServeConfig) -> str:
     if not key:
         raise ConfigError(f"serve.api_key_env names {config.api_key_env!r}, which is not set or empty")
     return key
-
-
-def build(args: dict[str, str]):
-    """``serve run serving.app:build config=PRESET [bundle=PATH] [section.key=value ...]``."""
-    from components.lake import lake_root
-    from pipelines.config import PipelineConfig
-    from pipelines.export import bundle_path
-
-    args = dict(args)
-    preset = args.pop("config", "demo")
-    bundle = args.pop("bundle", "")
-    config = load_config(PipelineConfig, preset, [f"--{k}={v}" for k, v in args.items()])
-    where = os.path.abspath(bundle or config.serve.bundle or bundle_path(config))
-    return application(config.serve, where, lake_root(config.lake.root), config.lake.storage_options)

@@ -22,7 +22,7 @@ class MetricsHub:
 
 
 class HttpCounters:
-    """The ingress's counters: responses by status and reason, out-of-vocabulary ids."""
+    """The ingress's counters: responses by status and reason (unknown ids are counted by replicas)."""
 
     def __init__(self) -> None:
         self.responses: Counter[tuple[int, str]] = Counter()

@@ -27,8 +27,8 @@ from components.latency_model import FitReport, LatencyModel
 from components.slo_scheduler import Batch, BatchItem, Pending, SloScheduler, batch_shape
 from serving.config import ServeConfig
 from serving.featurizer import Featurized, Featurizer
-from serving.sequence_store import SequenceStore
-from serving.user_cache import CacheKey, UserSideCache
+from serving.sequence_store import History, SequenceStore
+from serving.user_cache import CacheKey, CacheStats, UserSideCache
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class Work:
     candidates: np.ndarray  # (N,) int64 raw item ids
     request_ts: int  # quantised
     key: CacheKey
-    store: SequenceStore  # the version its key names, even if a newer one is swapped in meanwhile
+    history: History  # read at admission from the sequences version its key names
     scores: np.ndarray  # (N, tasks) float32, filled chunk by chunk
     featurized: Featurized | None = None
     cache_hit: bool | None = None  # at its first chunk
@@ -92,12 +92,12 @@ class RankerCore:
         store = self.store
         key = CacheKey(user_id, self.bundle.model_version, store.version, ts)
         cand = np.asarray(candidates, dtype=np.int64)
-        work = Work(cand, ts, key, store, np.zeros((len(cand), len(TASKS)), np.float32))
-        seq_len = len(self.featurizer.history(store, user_id, ts))
+        history = self.featurizer.history(store, user_id, ts)
+        work = Work(cand, ts, key, history, np.zeros((len(cand), len(TASKS)), np.float32))
         with self._cache_lock:
             cached = self.cache.contains(key, time.monotonic())
         self.stats.requests += 1
-        return Pending(request_id, user_id, len(cand), seq_len, cached, now_ms, deadline_ms, payload=work)
+        return Pending(request_id, user_id, len(cand), len(history), cached, now_ms, deadline_ms, payload=work)
 
     # ---------------------------------------------------------------- compute
     @torch.inference_mode()
@@ -108,10 +108,8 @@ class RankerCore:
         for item in batch.items:
             work: Work = item.request.payload
             if work.featurized is None:
-                history = self.featurizer.history(self.store, item.request.user_id, work.request_ts)
-                work.featurized = self.featurizer.featurize(
-                    item.request.user_id, work.candidates, work.request_ts, history
-                )
+                user = item.request.user_id
+                work.featurized = self.featurizer.featurize(user, work.candidates, work.request_ts, work.history)
                 self.stats.unknown_users += work.featurized.unknown_user
                 self.stats.unknown_items += work.featurized.unknown_items
             state = states.get(work.key)
@@ -203,7 +201,7 @@ class RankerCore:
         self.scheduler.model = self.latency
         self.fit_report = self.latency.report
         self.stats = CoreStats()
-        self.cache.stats.hits = self.cache.stats.misses = self.cache.stats.invalidations = 0
+        self.cache.stats = CacheStats()  # the sweep is not traffic (the cache is empty again)
         logger.info("latency model fitted on %d batches: %s", len(shapes), self.fit_report.as_dict())
         return self.fit_report
 

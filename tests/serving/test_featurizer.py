@@ -69,6 +69,8 @@ def test_new_sequences_version_invalidates_the_cache_but_not_requests_in_flight(
     in_flight = core.make_request("r", user, items, 1e12, 0.0, 1.9e9)  # admitted before the swap
     newer = dataclasses.replace(store, version=store.version + 1)  # what a new features run loads as
     assert core.swap_store(newer) == 1 and len(core.cache) == 0
-    assert in_flight.payload.store is store and in_flight.payload.key.sequence_version == store.version
+    assert in_flight.payload.key.sequence_version == store.version
+    kept = store.history(user, in_flight.payload.request_ts, bundle.manifest.max_seq_len)  # the old version's
+    assert in_flight.payload.history.item_idx.tolist() == kept.item_idx.tolist()
     after = core.make_request("s", user, items, 1e12, 0.0, 1.9e9)
     assert after.payload.key.sequence_version == store.version + 1 and not after.cached
