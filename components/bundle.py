@@ -46,6 +46,12 @@ ITEM_COLUMNS = ("item_id", "item_idx", "genre_mask", "year", "tag_ids")
 USER_COLUMNS = ("user_id", "user_idx")
 
 
+def default_bundle_dir(export_output: str, run_name: str) -> str:
+    """Where ``export`` writes and ``serve`` reads a run's bundle: ``export.output``, else
+    ``bundles/<run name>`` (absolute, so Serve replicas in other folders find it)."""
+    return os.path.abspath(export_output or os.path.join("bundles", run_name))
+
+
 class BundleError(ValueError):
     """A bundle is missing a piece, or a piece does not match; the message names it."""
 

@@ -26,12 +26,60 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
+from components.config_loader import ConfigError
+
 logger = logging.getLogger(__name__)
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 # Vocabulary convention shared with components/transforms.py: 0 = padding, 1 = OOV.
 FIRST_INDEX = 2
+
+
+def check_lake_root(root: str) -> None:
+    """ConfigError for a ``lake.root`` that is empty or a root: tables would land beside the
+    system's own folders (an empty root used to write /items, /users and /events)."""
+    if not root.strip():
+        raise ConfigError("lake.root is empty; set a folder (e.g. lake) or an object-store URI (s3://bucket/lake)")
+    if "://" in root:
+        if not root.split("://", 1)[1].strip("/"):
+            raise ConfigError(f"lake.root {root!r} names no bucket or folder; e.g. s3://bucket/lake")
+        if root.startswith("file://") and os.path.abspath(root[len("file://") :] or "/") == "/":
+            raise ConfigError(f"lake.root {root!r} is the root of the file system; set a folder such as lake")
+    elif os.path.abspath(os.path.expanduser(root)) == "/":
+        raise ConfigError(f"lake.root {root!r} is the root of the file system; set a folder such as lake")
+
+
+@dataclass(frozen=True)
+class LakeConfig:
+    """The Delta Lake: a local folder or an object-store URI (s3://, gs://, abfss://)."""
+
+    root: str = "lake"
+    # Events and sequences are partitioned by ``bucket = hash(user_id) % num_buckets`` so every
+    # per-user step is bucket-local (no shuffle), and a task's memory is one bucket's. 0 = auto:
+    # enough buckets that each holds about ``events_per_bucket`` events (at least ``min_buckets``).
+    num_buckets: int = 0
+    events_per_bucket: int = 1_000_000
+    min_buckets: int = 8
+    # deltalake's object-store options (endpoint, credentials, region: AWS_ENDPOINT_URL, AWS_REGION,
+    # ...); every stage passes them to every Delta read and write, also inside Ray tasks and to the
+    # features job's data files (components/lake.py). Empty for a local folder.
+    storage_options: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_lake_root(self.root)
+        if self.num_buckets < 0 or self.events_per_bucket < 1 or self.min_buckets < 1:
+            raise ValueError(
+                f"num_buckets must be >= 0 (0 = auto), events_per_bucket and min_buckets >= 1; "
+                f"got {self.num_buckets}, {self.events_per_bucket}, {self.min_buckets}"
+            )
+
+    def buckets_for(self, num_events: int) -> int:
+        """The bucket count used for ``num_events`` events (``num_buckets`` unless auto)."""
+        if self.num_buckets:
+            return self.num_buckets
+        return max(self.min_buckets, -(-num_events // self.events_per_bucket))
+
 
 EVENTS_SCHEMA = pa.schema(
     [

@@ -36,8 +36,9 @@ import psutil
 
 from components import lake
 from components.ingest_runs import new_run_id, write_ingest_tables
+from components.lake import LakeConfig
 from components.synthetic import SyntheticConfig
-from pipelines.config import FeaturesConfig, LakeConfig, PipelineConfig, RayConfig
+from pipelines.config import FeaturesConfig, PipelineConfig, RayConfig
 
 logger = logging.getLogger(__name__)
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 
 from components import lake
-from components.bundle import BundleError, BundleManifest, load_bundle, write_bundle
+from components.bundle import BundleError, BundleManifest, default_bundle_dir, load_bundle, write_bundle
 from components.checkpoint import CheckpointError, find_checkpoint, load_model
 from components.sequence_join import pinned_versions
 from pipelines.cli import pipeline_main
@@ -27,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 def bundle_path(config: PipelineConfig) -> str:
     """Where ``export`` writes (and ``serve`` reads) the bundle of the run the config names."""
-    return os.path.abspath(config.export.output or os.path.join("bundles", config.run_name))
+    return default_bundle_dir(config.export.output, config.run_name)
 
 
 def tags_per_item(root: str, samples_version: int, options: dict[str, str]) -> int:

@@ -1,7 +1,7 @@
 """Serve the ranking service over HTTP until interrupted.
 
     python -m pipelines.serve --config PRESET [--serve.bundle=PATH] [--serve.num_replicas=2 ...]
-    serve run pipelines.serve:build config=PRESET [bundle=PATH] [serve.num_replicas=2 ...]
+    serve run serving.app:build config=PRESET [bundle=PATH] [serve.num_replicas=2 ...]
 
 Deploys serving/app.py (ingress + ranker replicas + metrics) on the configured Ray (embedded
 by default) with the bundle of the run the config names (python -m pipelines.export), prints
@@ -59,18 +59,6 @@ def start(config: PipelineConfig, *, blocking: bool = False) -> str:
     app = application(cfg, bundle_dir, lake.lake_root(config.lake.root), config.lake.storage_options)
     serve.run(app, name="ultrarank", route_prefix=cfg.route_prefix, blocking=blocking)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
-
-
-def build(args: dict[str, str]):
-    """``serve run pipelines.serve:build config=PRESET [bundle=PATH] [section.key=value ...]``."""
-    from components.config_loader import load_config
-    from serving.app import application
-
-    args = dict(args)
-    preset, bundle = args.pop("config", "demo"), args.pop("bundle", "")
-    config = load_config(PipelineConfig, preset, [f"--{k}={v}" for k, v in args.items()])
-    where = os.path.abspath(bundle) if bundle else bundle_of(config)
-    return application(config.serve, where, lake.lake_root(config.lake.root), config.lake.storage_options)
 
 
 def _main(config: PipelineConfig, args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """The ranking application: a FastAPI ingress in front of the ranker replicas.
 
     python -m pipelines.serve --config demo          # on an embedded Ray
-    serve run pipelines.serve:build config=demo      # the same application under the Serve CLI
+    serve run serving.app:build config=demo          # the same application under the Serve CLI
 
 Routes: ``POST /rank`` (SERVING.md), ``GET /healthz`` (the ingress is up), ``GET /readyz``
 (a ranker replica answers, with its model version), ``GET /metrics`` (Prometheus text),
@@ -27,7 +27,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect
 
-from components.config_loader import ConfigError, from_dict, to_dict
+from components.bundle import default_bundle_dir
+from components.config_loader import ConfigError, from_dict, merge, parse_overrides, read_preset, to_dict
+from components.lake import LakeConfig, lake_root
+from models.variants import ModelConfig
 from serving.api import RankRequest, RequestError, parse_request, read_body
 from serving.config import ServeConfig
 from serving.metrics import HttpCounters, MetricsHub, render
@@ -159,3 +162,29 @@ def api_key_of(config: ServeConfig) -> str:
     if not key:
         raise ConfigError(f"serve.api_key_env names {config.api_key_env!r}, which is not set or empty")
     return key
+
+
+def resolve(args: dict[str, str]) -> tuple[ServeConfig, str, str, dict[str, str]]:
+    """``build``'s arguments -> (serve config, bundle folder, lake root, storage options).
+
+    Reads the preset's ``serve`` and ``lake`` sections (overrides as ``serve.num_replicas=2``);
+    the bundle is ``bundle=``, else ``serve.bundle``, else the one ``export`` writes for the
+    preset's run (``export.output`` or ``bundles/<train.run_name or model.variant>``). Only the
+    sections serving reads are validated here: ``python -m pipelines.serve`` checks the whole
+    preset and the bundle before deploying."""
+    args = dict(args)
+    preset, bundle = args.pop("config", "demo"), args.pop("bundle", "")
+    data = merge(read_preset(preset), parse_overrides([f"--{key}={value}" for key, value in args.items()]))
+    config = from_dict(ServeConfig, data.get("serve"), "serve")
+    lake_config = from_dict(LakeConfig, data.get("lake"), "lake")
+    if not bundle:
+        train, model = data.get("train") or {}, data.get("model") or {}
+        run_name = train.get("run_name") or model.get("variant") or ModelConfig().variant
+        bundle = config.bundle or default_bundle_dir((data.get("export") or {}).get("output", ""), run_name)
+    return config, os.path.abspath(bundle), lake_root(lake_config.root), lake_config.storage_options
+
+
+def build(args: dict[str, str]):
+    """``serve run serving.app:build [config=PRESET] [bundle=PATH] [section.key=value ...]``
+    (see :func:`resolve`)."""
+    return application(*resolve(args))

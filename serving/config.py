@@ -16,7 +16,7 @@ def _default_classes() -> dict[str, float]:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """``python -m pipelines.serve`` and ``pipelines.serve:build``."""
+    """``python -m pipelines.serve`` and ``serving.app:build``."""
 
     # The bundle folder (python -m pipelines.export); "" = export.output, i.e. bundles/<run name>.
     bundle: str = ""

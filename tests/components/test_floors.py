@@ -15,7 +15,8 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from components import floors, lake
 from components.floors import FloorError, History, SplitGroups
-from pipelines.config import FeaturesConfig, LakeConfig, PipelineConfig
+from components.lake import LakeConfig
+from pipelines.config import FeaturesConfig, PipelineConfig
 from pipelines.features import run_features
 from pipelines.ingest import main as ingest_main
 

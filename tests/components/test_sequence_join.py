@@ -82,8 +82,9 @@ def _shifted_items(sequences: pa.Table, shift: int) -> pa.Table:
 
 def test_load_groups_resolves_every_bucket(ray_session, tmp_path):
     from components.collate import collate_groups
+    from components.lake import LakeConfig
     from pipelines.bench_data import synthetic_lake
-    from pipelines.config import FeaturesConfig, LakeConfig, PipelineConfig
+    from pipelines.config import FeaturesConfig, PipelineConfig
     from pipelines.features import run_features
 
     root = str(tmp_path / "lake")
@@ -111,8 +112,9 @@ def test_load_groups_resolves_every_bucket(ray_session, tmp_path):
 
 
 def test_load_groups_pairs_samples_with_the_sequences_of_the_same_run(ray_session, tmp_path):
+    from components.lake import LakeConfig
     from pipelines.bench_data import synthetic_lake
-    from pipelines.config import FeaturesConfig, LakeConfig, PipelineConfig
+    from pipelines.config import FeaturesConfig, PipelineConfig
     from pipelines.features import run_features
 
     root = str(tmp_path / "lake")

@@ -11,11 +11,11 @@ from components import groups, lake, lake_files
 from components.config_loader import ConfigError
 from components.ingest_runs import RUN_ID_KEY, new_run_id, write_ingest_tables
 from components.item_features import item_arrays
-from components.lake import SAMPLES_SCHEMA, SEQUENCES_SCHEMA
+from components.lake import SAMPLES_SCHEMA, SEQUENCES_SCHEMA, LakeConfig
 from components.sequence_join import resolve_sequences
 from components.transforms import action_bucket
 from pipelines.bench_data import compare_lakes, synthetic_lake
-from pipelines.config import FeaturesConfig, LakeConfig, PipelineConfig, validate_features_config
+from pipelines.config import FeaturesConfig, PipelineConfig, validate_features_config
 from pipelines.features import (
     BucketContext,
     FeaturesError,

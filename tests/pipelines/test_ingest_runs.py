@@ -16,8 +16,9 @@ import pytest
 
 from components import lake
 from components.ingest_runs import RUN_ID_KEY, pin_ingest
+from components.lake import LakeConfig
 from pipelines import features
-from pipelines.config import FeaturesConfig, LakeConfig, PipelineConfig
+from pipelines.config import FeaturesConfig, PipelineConfig
 from pipelines.ingest import main as ingest_main
 
 REPO = Path(__file__).resolve().parents[2]

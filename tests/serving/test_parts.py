@@ -121,3 +121,18 @@ def test_history_is_the_last_events_before_the_request_time():
     assert len(store.history(9, before_ts=10, max_len=5)) == 0
     assert store.history(4, before_ts=100, max_len=5).item_idx.tolist() == [2]
     assert len(store.history(5, before_ts=100, max_len=5)) == 0 and not store.knows(5) and store.knows(4)
+
+
+# ---------------------------------------------------------------- the Serve CLI's builder
+def test_serve_cli_builder_resolves_the_presets_bundle_lake_and_overrides(tmp_path):
+    from components.config_loader import ConfigError
+    from serving.app import resolve
+
+    config, bundle, root, options = resolve({"config": "demo", "serve.num_replicas": "2"})
+    assert config.num_replicas == 2
+    assert bundle.endswith("bundles/full") and root.endswith("/lake") and options == {}
+    config, bundle, _, _ = resolve({"bundle": str(tmp_path), "train.run_name": "mine"})
+    assert bundle == str(tmp_path)
+    assert resolve({"train.run_name": "mine"})[1].endswith("bundles/mine")
+    with pytest.raises(ConfigError, match="num_replicas"):
+        resolve({"serve.num_replicas": "0"})
