@@ -7,8 +7,9 @@ real service (serving/app.py on Ray Serve, one app at a time), open loop (pipeli
    (``predictor_mape``), the compute of a cache hit over a miss at the median
    (``cache_hit_p50_ratio``), and the policies in simulated time on the fitted costs.
 2. Stock ``@serve.batch`` (FIFO, no rejection) over a grid of max_batch_size x
-   batch_wait_timeout_s; its capacity (served requests/s under a saturating load) is the
-   best cell's. Loads below are multiples of that capacity.
+   batch_wait_timeout_s. Capacity: the most requests/s any cell serves at a mild overload
+   (``probe_capacity``); loads below are multiples of it. The tuned stock baseline is the cell
+   with the best goodput at 1.2x capacity.
 3. At 1.2x capacity: ``goodput_ratio_vs_stock`` = goodput of the SLO scheduler (cache on,
    affinity routing) / goodput of the tuned stock batcher. Full run: every baseline of
    SERVING.md (EDF without rejection, reject-on-arrival) crossed with cache on/off and routing
@@ -192,44 +193,81 @@ class Service:
         return self.config
 
     def fire(self, rate: float, seed: int, duration_s: float) -> tuple[dict, list[dict]]:
-        from pipelines.loadtest import fire, summarize_run
+        from pipelines.loadtest import fire, generator_priority, summarize_run
 
         cfg = dataclasses.replace(self.config.loadtest, rate_per_s=rate, duration_s=duration_s, seed=seed)
         users, items = users_and_items(self.config)
         schedule = make_schedule(cfg, users, items)
         started = time.perf_counter()
-        records = asyncio.run(fire(self.url, schedule, dict(self.config.serve.slo_classes)))
+        with generator_priority():
+            records = asyncio.run(fire(self.url, schedule, dict(self.config.serve.slo_classes)))
         wall = time.perf_counter() - started
         run = summarize_run(records, duration_s)
         served = [r for r in records if r["status"] == 200]
         # Capacity under saturation: served requests over the time it took to serve them.
         run["served_per_wall_s"] = len(served) / max(wall - 0.2, 1e-3)
+        # How long the service took, after the last scheduled send, to answer what was left.
+        run["drain_s"] = max(wall - 0.2 - duration_s, 0.0)
         return run, records
+
+
+def probe_capacity(svc: Service, guess: float, duration_s: float, probes: int = 4) -> dict:
+    """Requests/s the deployed service sustains. Fire at 1.25x the estimate: if it kept up (the
+    backlog left at the end drains within a tenth of the run), that rate is the new estimate;
+    once it falls behind, what it served per second of wall time at that mild overload is the
+    capacity (a heavy overload would understate it: on 2 cores the proxy's work on the excess
+    competes with the replicas). Counting served requests against the offered rate instead
+    mistakes a Poisson schedule's short count for falling behind."""
+    estimate, steps = guess, []
+    for _ in range(probes):
+        rate = 1.25 * estimate
+        run, _ = svc.fire(rate, seed=100 + len(steps), duration_s=duration_s)
+        served, drain = run["served_per_wall_s"], run["drain_s"]
+        steps.append({"offered_per_s": rate, "served_per_s": served, "drain_s": drain})
+        if drain <= max(0.1 * duration_s, 0.5):
+            estimate = rate
+            continue
+        settled = abs(served - estimate) <= 0.1 * estimate
+        estimate = served
+        if settled:
+            break
+    return {"capacity_per_s": estimate, "probes": steps}
 
 
 def serve_runs(preset: str, base: list[str], plan: Plan, in_proc: dict) -> dict:
     svc = Service(preset, base)
     out: dict = {"stock_grid": {}, "runs": {}}
-    # 1) stock grid: capacity under a saturating load (about 3x what in-process compute allows).
-    per_request_ms = max(in_proc["cache_miss_p50_ms"], 1.0)
-    saturating = 3.0 * 1000.0 / per_request_ms
-    best = None
-    for size, wait in plan.stock_grid:
-        overrides = [
+
+    # 1) stock grid. Capacity: the most any cell serves per second at a mild overload. Tuned
+    #    stock: the cell with the best goodput at 1.2x that capacity (where the headline is read;
+    #    the highest-throughput cell batches too long for the tight class).
+    def stock_args(size: int, wait: float) -> list[str]:
+        return [
             *POLICIES["stock"],
             f"--serve.stock_max_batch_size={size}",
             f"--serve.stock_batch_wait_timeout_s={wait}",
         ]
-        svc.deploy(overrides)
-        run, _ = svc.fire(saturating, seed=100, duration_s=plan.duration_s / 2)
-        cell = {"capacity_per_s": run["served_per_wall_s"], "goodput_per_s": run["goodput_per_s"]}
+
+    guess = 0.5 * 1000.0 / max(in_proc["cache_miss_p50_ms"], 1.0)  # Serve's own work about halves it
+    for size, wait in plan.stock_grid:
+        svc.deploy(stock_args(size, wait))
+        cell = probe_capacity(svc, guess, plan.duration_s / 2)
         out["stock_grid"][f"{size}/{wait:g}"] = cell
         logger.info("stock max_batch_size=%d wait=%gs: capacity %.1f req/s", size, wait, cell["capacity_per_s"])
-        if best is None or cell["capacity_per_s"] > best[2]:
-            best = (size, wait, cell["capacity_per_s"])
-    size, wait, capacity = best
+        guess = cell["capacity_per_s"]
+    capacity = max(cell["capacity_per_s"] for cell in out["stock_grid"].values())
+    best = None
+    for size, wait in plan.stock_grid:
+        svc.deploy(stock_args(size, wait))
+        run, _ = svc.fire(1.2 * capacity, seed=99, duration_s=plan.duration_s / 2)
+        cell = out["stock_grid"][f"{size}/{wait:g}"]
+        cell["goodput_at_1.2x_per_s"] = run["goodput_per_s"]
+        logger.info("stock max_batch_size=%d wait=%gs: goodput %.2f/s at 1.2x", size, wait, run["goodput_per_s"])
+        if best is None or run["goodput_per_s"] > best[2]:
+            best = (size, wait, run["goodput_per_s"])
+    size, wait, _ = best
     out["stock_best"] = {"max_batch_size": size, "batch_wait_timeout_s": wait, "capacity_per_s": capacity}
-    stock_sizes = [f"--serve.stock_max_batch_size={size}", f"--serve.stock_batch_wait_timeout_s={wait}"]
+    stock_sizes = stock_args(size, wait)[1:]
     # 2) every policy on the same schedules at every load.
     for policy in plan.policies:
         overrides = POLICIES[policy] + (stock_sizes if policy.startswith("stock") else [])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -36,10 +37,28 @@ from pipelines.config import PipelineConfig
 logger = logging.getLogger(__name__)
 
 LAG_LIMIT_MS = 2.0
+SPIN_S = 0.001  # the generator sleeps until this long before a send, then spins to the time
 
 
 class LoadTestError(RuntimeError):
     """The service could not be reached."""
+
+
+@contextlib.contextmanager
+def generator_priority(nice: int = -10):
+    """Run the generator's thread at a higher CPU priority where allowed (root, CAP_SYS_NICE):
+    on a small machine it shares the cores with the service, and a generator that wakes late
+    measures itself (lag), not the service. Without the right it runs as it is, and lag shows it."""
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)  # on Linux: this thread (and threads it starts)
+    except OSError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.setpriority(os.PRIO_PROCESS, 0, before)
 
 
 async def fire(
@@ -55,7 +74,8 @@ async def fire(
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
         loop = asyncio.get_running_loop()
 
-        async def one(request: ScheduledRequest, payload: bytes, target: float, sent: float) -> dict:
+        async def one(request: ScheduledRequest, payload: bytes, target: float) -> dict:
+            sent = loop.time()  # when this request's task runs: the send starts now
             record = {
                 "request_id": request.request_id,
                 "user_id": request.user_id,
@@ -85,9 +105,11 @@ async def fire(
         for request, payload in zip(schedule, payloads):
             target = start + request.at_ms / 1000.0
             delay = target - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(request, payload, target, loop.time())))
+            if delay > SPIN_S:
+                await asyncio.sleep(delay - SPIN_S)
+            while loop.time() < target:  # the loop's timers wake up to 1 ms late (epoll's resolution)
+                pass
+            tasks.append(asyncio.create_task(one(request, payload, target)))
         return list(await asyncio.gather(*tasks))
 
 
@@ -194,7 +216,8 @@ def run_loadtest(config: PipelineConfig, url: str, out: Path, rates: list[float]
         tag = f"{rate:g}"
         write_schedule(out / f"schedule_{tag}.jsonl", schedule)
         started = time.perf_counter()
-        records = asyncio.run(fire(url, schedule, deadlines, api_key))
+        with generator_priority():
+            records = asyncio.run(fire(url, schedule, deadlines, api_key))
         if records and all(r["status"] == 0 for r in records):
             raise LoadTestError(f"no request reached {url}/rank (is the service up? python -m pipelines.serve)")
         with open(out / f"requests_{tag}.jsonl", "w") as f:

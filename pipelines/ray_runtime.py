@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 from pipelines.config import RayConfig
 from pipelines.ray_watchdog import Watchdog, report_orphans
+from serving.proxy_limits import proxy_environment
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ def start_embedded(config: RayConfig) -> Watchdog:
     except Exception as exc:  # a report must never stop a run
         logger.warning("could not check for Ray processes left by killed runs: %s", exc)
     watchdog = Watchdog()
+    # Serve's HTTP proxy takes its body ceiling from the environment of the workers Ray starts now.
+    for name, value in proxy_environment().items():
+        os.environ.setdefault(name, value)
     # address="local": a stale cluster file must not make us join a dead head.
     logger.info("starting embedded Ray with %d logical CPUs", config.num_cpus)
     try:

@@ -22,10 +22,12 @@ import time
 
 from components import lake
 from components.bundle import BundleError, load_bundle
+from components.config_loader import ConfigError
 from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig
 from pipelines.export import bundle_path
 from pipelines.ray_runtime import ray_runtime
+from serving import proxy_limits
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,19 @@ def start(config: PipelineConfig, *, blocking: bool = False) -> str:
     from serving.app import application
 
     cfg = config.serve
+    if not proxy_limits.installed():
+        logger.warning(
+            "Serve's HTTP proxy buffers whole request bodies: set %s=%s (and %s) in the cluster's "
+            "environment to bound them (serving/proxy_limits.py)",
+            proxy_limits.CALLBACK_ENV,
+            proxy_limits.CALLBACK,
+            proxy_limits.CEILING_ENV,
+        )
+    elif cfg.max_body_bytes > proxy_limits.ceiling():
+        raise ConfigError(
+            f"serve.max_body_bytes={cfg.max_body_bytes} exceeds the proxy's body ceiling "
+            f"{proxy_limits.CEILING_ENV}={proxy_limits.ceiling()}; raise the latter before Ray starts"
+        )
     bundle_dir = bundle_of(config)
     load_bundle(bundle_dir, w8a16=cfg.w8a16)  # fail here, with the bundle's own error, not in a replica
     serve.start(http_options={"host": cfg.host, "port": cfg.port})

@@ -4,7 +4,8 @@ Every malformed request is answered 422 with the offending field named, before a
 work: wrong types (strict: no "5" for 5, no true for 1), extra fields, NaN/Infinity (JSON
 extensions Python would otherwise accept), integers outside int64, duplicate or too many
 candidates. A body above the limit is refused 413 from its Content-Length, or as soon as a
-chunked body passes the limit, so a 100 MB upload never sits in memory.
+chunked body passes the limit; the proxy in front stops reading past its own ceiling
+(serving/proxy_limits.py), so a 100 MB upload never sits in memory.
 """
 
 from __future__ import annotations

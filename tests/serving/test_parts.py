@@ -136,3 +136,20 @@ def test_serve_cli_builder_resolves_the_presets_bundle_lake_and_overrides(tmp_pa
     assert resolve({"train.run_name": "mine"})[1].endswith("bundles/mine")
     with pytest.raises(ConfigError, match="num_replicas"):
         resolve({"serve.num_replicas": "0"})
+
+
+def test_the_proxy_body_ceiling_is_read_from_the_environment_and_checked(monkeypatch):
+    from components.config_loader import ConfigError, load_config
+    from pipelines.config import PipelineConfig
+    from pipelines.serve import start
+    from serving import proxy_limits
+
+    monkeypatch.setenv(proxy_limits.CEILING_ENV, "lots")
+    with pytest.raises(ValueError, match=proxy_limits.CEILING_ENV):
+        proxy_limits.ceiling()
+    monkeypatch.setenv(proxy_limits.CEILING_ENV, str(1 << 20))
+    monkeypatch.setenv(proxy_limits.CALLBACK_ENV, proxy_limits.CALLBACK)
+    assert proxy_limits.proxy_environment()[proxy_limits.CEILING_ENV] == str(1 << 20)
+    config = load_config(PipelineConfig, "demo", ["--serve.max_body_bytes=2000000"])
+    with pytest.raises(ConfigError, match="max_body_bytes=2000000 exceeds the proxy's body ceiling"):
+        start(config)  # refused before anything is deployed

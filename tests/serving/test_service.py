@@ -4,7 +4,6 @@ matrix, unknown ids, health and metrics."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import httpx
@@ -14,48 +13,25 @@ import pytest
 from components.config_loader import load_config
 from pipelines.config import PipelineConfig
 from serving.sequence_store import SequenceStore
+from tests.serving.live_service import REQUEST_TS, deployed, metric_sum
 from tests.small_runs import lake_args
 
-REQUEST_TS = 1_900_000_000  # after every event of the small lake: the whole history counts
 API_KEY = "test-key-0123"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def service(ray_session, small_lake, bundle_dir):
     import os
 
-    from ray import serve
-
-    from pipelines.serve import start
-
     os.environ["ULTRARANK_TEST_API_KEY"] = API_KEY
-
-    args = [
-        *lake_args(small_lake),
-        f"--serve.bundle={bundle_dir}",
-        f"--serve.port={_free_port()}",
+    overrides = (
         "--serve.num_replicas=2",
-        "--serve.replica_cpus=0.25",
-        "--serve.profile_batches=8",
         "--serve.max_candidates=40",
         "--serve.max_body_bytes=65536",
         "--serve.api_key_env=ULTRARANK_TEST_API_KEY",
-    ]
-    config = load_config(PipelineConfig, "demo", args)
-    url = start(config)
-    with httpx.Client(base_url=url, timeout=30.0, headers={"x-api-key": API_KEY}) as client:
-        deadline = time.time() + 60
-        while client.get("/readyz").status_code != 200:
-            assert time.time() < deadline, "service never became ready"
-            time.sleep(0.5)
+    )
+    with deployed(small_lake, bundle_dir, *overrides, headers={"x-api-key": API_KEY}) as client:
         yield client
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +129,61 @@ def test_oversized_body_is_413_by_length_and_while_chunked(service, users, items
     assert rank(service, user_id=users[1], candidates=items[:2]).status_code == 200
 
 
+def _serve_processes() -> list:
+    """The HTTP proxy's and the ingress replicas' processes (where a request body is read):
+    workers of the Ray this test process started, by their process titles."""
+    import psutil
+
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        if title.startswith("ray::ProxyActor") or (title.startswith("ray::ServeReplica") and ":Ingress" in title):
+            found.append(process)
+    return found
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_100_mb_body_is_refused_without_the_server_holding_it(service, users, items, chunked):
+    import threading
+
+    processes = _serve_processes()
+    assert processes, "no proxy or ingress process found"
+    base = sum(p.memory_info().rss for p in processes)
+    peak, done = [base], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak.append(sum(p.memory_info().rss for p in processes))
+            time.sleep(0.01)
+
+    chunk = b"1," * 500_000  # 1 MB
+    total = 100 * len(chunk)
+
+    def body():
+        yield b'{"user_id": 1, "candidates": ['
+        for _ in range(100):
+            yield chunk
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        headers = {} if chunked else {"content-length": str(len(b'{"user_id": 1, "candidates": [') + total)}
+        response = service.post("/rank", content=body(), headers=headers)
+        status = response.status_code
+    except httpx.HTTPError:  # the server may close the connection before the upload ends
+        status = 413
+    finally:
+        done.set()
+        sampler.join()
+    assert status == 413
+    grew = max(peak) - base
+    assert grew < 32 << 20, f"the proxy and ingress grew by {grew >> 20} MiB for a 100 MB body"
+    assert rank(service, user_id=users[1], candidates=items[:2]).status_code == 200
+
+
 def test_unknown_user_and_items_are_scored_through_oov_and_counted(service, items):
     response = rank(service, user_id=987654321987, candidates=[items[0], 10**15])
     assert response.status_code == 200
@@ -160,14 +191,13 @@ def test_unknown_user_and_items_are_scored_through_oov_and_counted(service, item
     deadline = time.time() + 10
     while time.time() < deadline:  # replicas report their counters every ~second
         text = service.get("/metrics").text
-        if "ultrarank_unknown_items_total" in text and _sum(text, "ultrarank_unknown_items_total") >= 1:
+        if "ultrarank_unknown_items_total" in text and metric_sum(text, "ultrarank_unknown_items_total") >= 1:
             break
         time.sleep(0.5)
-    assert _sum(text, "ultrarank_unknown_items_total") >= 1 and _sum(text, "ultrarank_unknown_users_total") >= 1
-
-
-def _sum(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+    assert (
+        metric_sum(text, "ultrarank_unknown_items_total") >= 1
+        and metric_sum(text, "ultrarank_unknown_users_total") >= 1
+    )
 
 
 def test_unattainable_deadline_is_503_with_retry_after(service, users, items):
@@ -214,10 +244,10 @@ def test_a_storm_of_disconnecting_clients_leaks_no_queue_slot(service, users, it
     deadline = time.time() + 20
     while time.time() < deadline:
         text = service.get("/metrics").text
-        if _sum(text, "ultrarank_queue_length") == 0:
+        if metric_sum(text, "ultrarank_queue_length") == 0:
             break
         time.sleep(0.5)
-    assert _sum(text, "ultrarank_queue_length") == 0
+    assert metric_sum(text, "ultrarank_queue_length") == 0
     assert rank(service, user_id=users[0], candidates=items[:3]).status_code == 200
 
 
