@@ -67,6 +67,9 @@ FULL = Plan(
     60,
 )
 
+# Two ranker replicas, so that affinity vs random routing (and the cache behind it) differ.
+BENCH_DEFAULTS = ["--serve.num_replicas=2"]
+
 # name -> serve.* overrides (on top of the preset); "stock" gets the best grid cell.
 POLICIES = {
     "stock": ["--serve.batching=stock"],
@@ -381,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=0, help="override the plan's seeds")
     parser.add_argument("--w8a16-checkpoints", default="", help="comma-separated checkpoints (default: the bundle's)")
     args, overrides = parser.parse_known_args(argv)
+    overrides = [*BENCH_DEFAULTS, *overrides]  # the caller's overrides win
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     plan = QUICK if args.quick else FULL
     if args.seeds:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -100,17 +101,22 @@ async def fire(
             record["good"] = record["status"] == 200 and record["latency_ms"] <= record["deadline_ms"]
             return record
 
+        gc.collect()
         start = loop.time() + 0.2
         tasks = []
-        for request, payload in zip(schedule, payloads):
-            target = start + request.at_ms / 1000.0
-            delay = target - loop.time()
-            if delay > SPIN_S:
-                await asyncio.sleep(delay - SPIN_S)
-            while loop.time() < target:  # the loop's timers wake up to 1 ms late (epoll's resolution)
-                pass
-            tasks.append(asyncio.create_task(one(request, payload, target)))
-        return list(await asyncio.gather(*tasks))
+        gc.disable()  # a collection in the middle of the run is a multi-ms pause of every send
+        try:
+            for request, payload in zip(schedule, payloads):
+                target = start + request.at_ms / 1000.0
+                delay = target - loop.time()
+                if delay > SPIN_S:
+                    await asyncio.sleep(delay - SPIN_S)
+                while loop.time() < target:  # the loop's timers wake up to 1 ms late (epoll's resolution)
+                    pass
+                tasks.append(asyncio.create_task(one(request, payload, target)))
+            return list(await asyncio.gather(*tasks))
+        finally:
+            gc.enable()
 
 
 def summarize_run(records: Sequence[dict], duration_s: float) -> dict:
