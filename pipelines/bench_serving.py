@@ -328,6 +328,45 @@ def headline(result: dict) -> dict:
     }
 
 
+def plot(result: dict, out_dir: Path, stem: str) -> list[str]:
+    """``<stem>_goodput.png`` (goodput vs load, every policy) and ``<stem>_attainment.png``
+    (overall and tight-class attainment vs load); means over seeds, the bars their range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, capacity = result["serve"]["runs"], result["serve"]["capacity_per_s"]
+    panels = {
+        f"{stem}_goodput.png": [("goodput (good responses / s)", lambda r: r["goodput_per_s"])],
+        f"{stem}_attainment.png": [
+            ("SLO attainment, all classes", lambda r: r["attainment"]),
+            ("SLO attainment, tight class", lambda r: r["by_class"].get("tight", {}).get("attainment", np.nan)),
+        ],
+    }
+    written = []
+    for name, metrics in panels.items():
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.4), squeeze=False)
+        for ax, (label, value) in zip(axes[0], metrics):
+            for policy, per_load in runs.items():
+                loads = sorted(per_load, key=lambda x: float(x.rstrip("x")))
+                xs = [float(x.rstrip("x")) for x in loads]
+                values = [[value(r) for r in per_load[x]] for x in loads]
+                means = [float(np.mean(v)) for v in values]
+                low = [m - min(v) for m, v in zip(means, values)]
+                high = [max(v) - m for m, v in zip(means, values)]
+                ax.errorbar(xs, means, yerr=[low, high], marker="o", ms=3, capsize=2, label=policy)
+            ax.set_xlabel(f"offered load (x stock capacity {capacity:.0f} req/s)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
 # ---------------------------------------------------------------- W8A16
 def w8a16(config: PipelineConfig, checkpoints: list[str], batches: int) -> dict:
     """Bytes, in-process latency and test AUC of W8A16 vs float for each checkpoint."""
@@ -412,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     result["w8a16"] = w8a16(config, checkpoints, plan.w8a16_batches)
     result.update(headline(result))
     result["total_s"] = round(time.perf_counter() - started, 1)
+    result["plots"] = plot(result, path.parent, path.stem)
     save()
     keys = ("goodput_ratio_vs_stock", "attainment_tight", "cache_hit_p50_ratio", "predictor_mape")
     print(json.dumps({k: result[k] for k in (*keys, "serve_overhead_p50_ms", "generator_lag_p99_ms")}, indent=2))

@@ -142,11 +142,14 @@ def application(config: ServeConfig, bundle: str, lake_root: str, storage_option
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=64,
         max_queued_requests=256,
+        logging_config={"enable_access_log": config.access_log},
     )(MetricsHub)
     metrics = hub.bind()
     ranker = ranker_deployment(config).bind(bundle, lake_root, storage_options, to_dict(config), metrics)
     ingress = Ingress.options(
-        max_ongoing_requests=config.ingress_max_ongoing_requests, max_queued_requests=config.max_queued_requests
+        max_ongoing_requests=config.ingress_max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests,
+        logging_config={"enable_access_log": config.access_log},
     )
     return ingress.bind(ranker, metrics, to_dict(config), api_key_of(config))
 

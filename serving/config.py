@@ -56,6 +56,9 @@ class ServeConfig:
     batching: Literal["scheduler", "stock"] = "scheduler"
     stock_max_batch_size: int = 8
     stock_batch_wait_timeout_s: float = 0.005
+    # Serve's per-request access log line (in every replica, and streamed to the driver): off by
+    # default, it is a log write per request on the serving path; errors are logged either way.
+    access_log: bool = False
     profile_batches: int = 30  # profiling sweep at replica start (fits the latency model)
     sequence_poll_s: float = 30.0  # how often a replica checks for a new ``sequences`` version
     # Optional API key on /rank: the NAME of an environment variable holding it ("" = no auth).

@@ -239,6 +239,7 @@ def ranker_deployment(config: ServeConfig):
         "max_queued_requests": config.max_queued_requests,
         "health_check_period_s": 2.0,
         "graceful_shutdown_timeout_s": 5.0,
+        "logging_config": {"enable_access_log": config.access_log},
     }
     if config.routing == "affinity":
         options["request_router_config"] = RequestRouterConfig(
