@@ -7,13 +7,19 @@ group-side pass that attends to the user's ``L`` cached keys::
     ms ≈ c0 + Σ_missing users (a0 + a1·L_u) + Σ_requests N_r·(b0 + b1·L_u)
 
 Five coefficients, linear in them: ``fit`` solves least squares (non-negative, so a noisy
-sweep never predicts that more work is faster) on a profiling sweep run at replica start,
-and ``observe`` tracks drift afterwards with an EWMA of the ratio actual ÷ predicted.
+sweep never predicts that more work is faster) on a profiling sweep run at replica start.
+``observe`` tracks drift afterwards with an EWMA of the ratio actual ÷ predicted, and every
+``refit_every`` executed batches refits the coefficients on the sweep plus the recent batches,
+keeping the refit only if it predicts those batches better. The sweep runs while the other
+replicas start too (on 2 cores their fits had R² 0.7), and one scale factor cannot correct
+an overhead that is too high and a per-candidate cost that is too low: a predictor that
+overestimates makes the scheduler reject requests that would have made their deadline.
 Errors are absorbed by the scheduler's margins (``SchedulerConfig.margin_ms``/``margin_factor``).
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 from collections.abc import Sequence
@@ -64,20 +70,40 @@ class FitReport:
 class LatencyModel:
     """``predict_ms(shape)``: the batch time the scheduler plans with (before its margins)."""
 
-    def __init__(self, coef: Sequence[float] = (1.0, 0.0, 0.0, 0.05, 0.0), ewma_alpha: float = 0.1) -> None:
+    def __init__(
+        self,
+        coef: Sequence[float] = (1.0, 0.0, 0.0, 0.05, 0.0),
+        ewma_alpha: float = 0.1,
+        refit_every: int = 64,
+        window: int = 512,
+    ) -> None:
         if len(coef) != len(FEATURES):
             raise ValueError(f"LatencyModel: {len(FEATURES)} coefficients {FEATURES}, got {len(coef)}")
         if any(c < 0 or not math.isfinite(c) for c in coef):
             raise ValueError(f"LatencyModel: coefficients must be finite and >= 0, got {tuple(coef)}")
         if not 0.0 < ewma_alpha <= 1.0:
             raise ValueError(f"LatencyModel: ewma_alpha must be in (0, 1], got {ewma_alpha}")
+        if refit_every < 0 or window < len(FEATURES):
+            raise ValueError(f"LatencyModel: refit_every >= 0 (0 = never) and window >= {len(FEATURES)}")
         self.coef = np.asarray(coef, dtype=np.float64)
         self.ewma_alpha = ewma_alpha
         self.scale = 1.0  # EWMA of actual / predicted since the fit
-        self.report: FitReport | None = None
+        self.report: FitReport | None = None  # of the profiling sweep
+        self.live: FitReport | None = None  # of the recent batches, at the last refit
+        self.refit_every, self.refits = refit_every, 0
+        self._sweep = (np.zeros((0, len(FEATURES))), np.zeros(0))
+        self._recent: collections.deque[tuple[np.ndarray, float]] = collections.deque(maxlen=window)
+        self._since_refit = 0
 
     @classmethod
-    def fit(cls, shapes: Sequence[BatchShape], actual_ms: Sequence[float], ewma_alpha: float = 0.1) -> LatencyModel:
+    def fit(
+        cls,
+        shapes: Sequence[BatchShape],
+        actual_ms: Sequence[float],
+        ewma_alpha: float = 0.1,
+        refit_every: int = 64,
+        window: int = 512,
+    ) -> LatencyModel:
         """Non-negative least squares on a profiling sweep; ``report`` holds R², MAPE, max error."""
         if len(shapes) != len(actual_ms) or len(shapes) < len(FEATURES):
             raise ValueError(
@@ -88,8 +114,9 @@ class LatencyModel:
         y = np.asarray(actual_ms, dtype=np.float64)
         if not np.all(np.isfinite(y)) or np.any(y <= 0):
             raise ValueError("LatencyModel.fit: every measured time must be finite and > 0 ms")
-        model = cls(_nnls(x, y), ewma_alpha)
+        model = cls(_nnls(x, y), ewma_alpha, refit_every, window)
         model.report = model.evaluate(shapes, actual_ms)
+        model._sweep = (x, y)
         return model
 
     def evaluate(self, shapes: Sequence[BatchShape], actual_ms: Sequence[float]) -> FitReport:
@@ -127,6 +154,33 @@ class LatencyModel:
             return
         ratio = min(max(actual_ms / raw, 0.1), 10.0)  # one stall (GC, page fault) must not swing plans 100x
         self.scale = (1 - self.ewma_alpha) * self.scale + self.ewma_alpha * ratio
+        self._recent.append((shape.features(), float(actual_ms)))
+        self._since_refit += 1
+        if self.refit_every and self._since_refit >= self.refit_every:
+            self._since_refit = 0
+            self._refit()
+
+    def _refit(self) -> None:
+        """NNLS on the sweep plus the recent batches; adopted (scale reset to 1) only if it has a
+        lower mean absolute percentage error on the recent batches than the model in use."""
+        recent_x = np.stack([f for f, _ in self._recent])
+        recent_y = np.array([t for _, t in self._recent])
+        coef = _nnls(np.vstack([self._sweep[0], recent_x]), np.concatenate([self._sweep[1], recent_y]))
+
+        def mape(c: np.ndarray, scale: float) -> float:
+            return float(np.mean(np.abs(recent_x @ c * scale - recent_y) / recent_y))
+
+        if mape(coef, 1.0) < mape(self.coef, self.scale):
+            self.coef, self.scale = coef, 1.0
+            self.refits += 1
+        pred = recent_x @ self.coef * self.scale
+        total = float(((recent_y - recent_y.mean()) ** 2).sum())
+        self.live = FitReport(
+            r2=1.0 - float(((recent_y - pred) ** 2).sum()) / total if total > 0 else 0.0,
+            mape=float(np.mean(np.abs(recent_y - pred) / recent_y)),
+            max_abs_error_ms=float(np.abs(recent_y - pred).max()),
+            samples=len(recent_y),
+        )
 
 
 def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:

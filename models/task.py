@@ -17,6 +17,12 @@ from models.batch import GroupBatch
 from models.ranker import RankerOutput
 
 
+def logits_of(out: RankerOutput | torch.Tensor) -> torch.Tensor:
+    """(B, C, T) logits of any model's forward: rankers return a ``RankerOutput``, the
+    baselines (models/baselines.py) their logits."""
+    return out.logits if isinstance(out, RankerOutput) else out
+
+
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-task BCE averaged over real candidate slots: (B, N, tasks) -> (tasks,)."""
     weight = mask.unsqueeze(-1).to(logits.dtype)  # (B, N, 1)
@@ -74,6 +80,6 @@ class RankingTask(nn.Module):
             out = self.model(batch)
         finally:
             self.model.train(was_training)
-        logits = out.logits if isinstance(out, RankerOutput) else out
+        logits = logits_of(out)
         per_task = masked_bce(logits, batch.labels, batch.cand_mask)
         return logits, {f"bce_{name}": float(v) for name, v in zip(GroupBatch.TASKS, per_task)}

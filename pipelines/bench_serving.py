@@ -57,7 +57,7 @@ class Plan:
     w8a16_batches: int
 
 
-QUICK = Plan(12.0, 1, ((4, 0.002), (16, 0.01)), (0.8, 1.2), ("stock", "slo"), 20)
+QUICK = Plan(12.0, 1, ((4, 0.002), (16, 0.01)), (0.2, 0.8, 1.2), ("stock", "slo", "edf"), 20)
 FULL = Plan(
     30.0,
     3,
@@ -103,19 +103,31 @@ def in_process(config: PipelineConfig, plan: Plan) -> tuple[dict, object]:
     held.profile(rng_seed=1)
     shapes, times = held.profile_samples
     held_out = core.latency.evaluate(shapes, times)
-    # Cache: the same users and candidates, compute of a miss then of a hit.
+
+    # Cache: the same request scored as a miss, then as a hit (request times an hour apart, so
+    # every miss is one). The headline uses the load schedule's own requests (Zipf users, Pareto
+    # candidate counts: the traffic the bench serves); 100 candidates for the 40 longest
+    # histories is kept as a fixed point across runs.
+    def hit_and_miss(requests: list[tuple[int, list[int]]], first_ts: int) -> tuple[list[float], list[float]]:
+        miss, hit = [], []
+        for i, (user, cands) in enumerate(requests):
+            for bucket in (miss, hit):
+                started = time.perf_counter()
+                core.score_now(int(user), cands, first_ts + 3600 * i)
+                bucket.append((time.perf_counter() - started) * 1000.0)
+        return miss, hit
+
     rng = np.random.default_rng(0)
     lengths = np.diff(store.offsets)
-    users = store.user_ids[np.argsort(lengths)[-40:]]  # long histories: what the cache is for
     items = bundle.items["item_id"].to_numpy()
-    miss, hit = [], []
-    for i, user in enumerate(users):
-        cands = rng.choice(items, size=min(100, items.size), replace=False).tolist()
-        ts = 2_000_000_000 + 3600 * i
-        for bucket in (miss, hit):
-            started = time.perf_counter()
-            core.score_now(int(user), cands, ts)
-            bucket.append((time.perf_counter() - started) * 1000.0)
+    longest = store.user_ids[np.argsort(lengths)[-40:]]  # long histories: what the cache is for
+    fixed_miss, fixed_hit = hit_and_miss(
+        [(int(u), rng.choice(items, size=min(100, items.size), replace=False).tolist()) for u in longest],
+        first_ts=2_000_000_000,
+    )
+    users, item_ids = [int(u) for u in store.user_ids], items.tolist()
+    schedule = make_schedule(dataclasses.replace(config.loadtest, rate_per_s=10.0, duration_s=12.0), users, item_ids)
+    miss, hit = hit_and_miss([(r.user_id, list(r.candidates)) for r in schedule[:120]], first_ts=2_100_000_000)
     out = {
         "predictor_fit": fit.as_dict(),
         "predictor_held_out": held_out.as_dict(),
@@ -124,6 +136,11 @@ def in_process(config: PipelineConfig, plan: Plan) -> tuple[dict, object]:
         "cache_miss_p50_ms": float(np.median(miss)),
         "cache_hit_p50_ms": float(np.median(hit)),
         "cache_hit_p50_ratio": float(np.median(hit) / np.median(miss)),
+        "cache_requests": len(miss),
+        "cache_candidates_p50": float(np.median([len(r.candidates) for r in schedule[:120]])),
+        "cache_miss_p50_ms_100c": float(np.median(fixed_miss)),
+        "cache_hit_p50_ms_100c": float(np.median(fixed_hit)),
+        "cache_hit_p50_ratio_100c": float(np.median(fixed_hit) / np.median(fixed_miss)),
         "user_state_bytes_mean": int(core.cache.stats.bytes / max(core.cache.stats.entries, 1)),
     }
     return out, core
@@ -377,6 +394,7 @@ def w8a16(config: PipelineConfig, checkpoints: list[str], batches: int) -> dict:
     from components.collate import CollateConfig, collate_groups
     from components.metrics import MetricsAccumulator
     from components.training_data import pin_training_data
+    from models.task import logits_of
     from pipelines.export import run_export
 
     out = {}
@@ -402,7 +420,7 @@ def w8a16(config: PipelineConfig, checkpoints: list[str], batches: int) -> dict:
                         part = table.slice(start, 32)
                         batch = collate_groups(part, CollateConfig(max_seq_len=manifest.max_seq_len))
                         t0 = time.perf_counter()
-                        logits = model(batch).logits
+                        logits = logits_of(model(batch))
                         if start // 32 < batches:
                             times.append((time.perf_counter() - t0) * 1000.0)
                         acc.update(logits, batch.labels, batch.cand_mask, part.column("user_id").to_numpy())
@@ -417,11 +435,16 @@ def w8a16(config: PipelineConfig, checkpoints: list[str], batches: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench serving", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="stock and slo only, 2 loads, 1 seed (<= 10 min)")
+    parser.add_argument("--quick", action="store_true", help="stock, slo and edf at 0.2x, 0.8x, 1.2x, 1 seed (<= 10 min)")
     parser.add_argument("--json", required=True)
     parser.add_argument("--config", default="demo")
     parser.add_argument("--seeds", type=int, default=0, help="override the plan's seeds")
     parser.add_argument("--w8a16-checkpoints", default="", help="comma-separated checkpoints (default: the bundle's)")
+    parser.add_argument(
+        "--reuse-serve",
+        action="store_true",
+        help="keep the Serve runs already in --json (the hour-long part) and redo the rest",
+    )
     args, overrides = parser.parse_known_args(argv)
     overrides = [*BENCH_DEFAULTS, *overrides]  # the caller's overrides win
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -430,14 +453,24 @@ def main(argv: list[str] | None = None) -> int:
         plan = dataclasses.replace(plan, seeds=args.seeds)
     config = load_config(PipelineConfig, args.config, overrides)
     started = time.perf_counter()
+    path = Path(args.json)
     result: dict = {"quick": args.quick, "plan": dataclasses.asdict(plan), "config": args.config}
+    if args.reuse_serve:
+        try:
+            previous = json.loads(path.read_text())
+            result.update({key: previous[key] for key in ("quick", "plan", "config", "serve")})
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"--reuse-serve: no Serve runs to reuse in {path} ({exc!r})")
+            return 2
+        plan = Plan(**{k: tuple(map(tuple, v)) if k == "stock_grid" else v for k, v in result["plan"].items()})
+        logger.info("reusing the Serve runs of %s (%s)", path, ", ".join(result["serve"]["runs"]))
     proc, core = in_process(config, plan)
     result["in_process"] = proc
-    from pipelines.ray_runtime import ray_runtime
+    if not args.reuse_serve:
+        from pipelines.ray_runtime import ray_runtime
 
-    with ray_runtime(config.ray):
-        result["serve"] = serve_runs(args.config, overrides, plan, proc)
-    path = Path(args.json)
+        with ray_runtime(config.ray):
+            result["serve"] = serve_runs(args.config, overrides, plan, proc)
     path.parent.mkdir(parents=True, exist_ok=True)
     save = lambda: path.write_text(json.dumps(result, indent=2, sort_keys=True, default=float) + "\n")
     save()  # the Serve runs are the expensive part: kept even if what follows fails

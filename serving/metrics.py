@@ -72,5 +72,9 @@ def render(http: HttpCounters, snapshots: dict[str, dict[str, Any]]) -> str:
     lines.append("# TYPE ultrarank_latency_model gauge")
     for replica, snap in sorted(snapshots.items()):
         for key, value in sorted(snap.get("latency_fit", {}).items()):
-            lines.append(_line("ultrarank_latency_model", value, replica=replica, stat=key))
+            lines.append(_line("ultrarank_latency_model", value, replica=replica, stat=key, on="profile"))
+        for key, value in sorted(snap.get("latency_live", {}).items()):
+            lines.append(_line("ultrarank_latency_model", value, replica=replica, stat=key, on="served"))
+        lines.append(_line("ultrarank_latency_model", snap.get("latency_scale", 1.0), replica=replica, stat="scale"))
+        lines.append(_line("ultrarank_latency_model", snap.get("latency_refits", 0), replica=replica, stat="refits"))
     return "\n".join(lines) + "\n"

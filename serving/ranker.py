@@ -219,6 +219,8 @@ class RankerReplica:
             "queue": len(core.scheduler.queue),
             "latency_fit": core.fit_report.as_dict() if core.fit_report else {},
             "latency_scale": core.latency.scale,
+            "latency_live": core.latency.live.as_dict() if core.latency.live else {},
+            "latency_refits": core.latency.refits,
         }
 
 

@@ -62,6 +62,36 @@ def test_latency_model_tracks_drift_by_ewma():
     assert model.predict_ms(shape) == pytest.approx(6.0, rel=1e-4)
 
 
+def test_latency_model_refits_on_served_batches_what_one_scale_cannot_fix():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def shapes(n: int) -> list[BatchShape]:
+        return [
+            BatchShape((int(c),), (int(length),), (bool(h),))
+            for c, length, h in zip(rng.integers(1, 300, n), rng.integers(1, 1000, n), rng.random(n) < 0.5)
+        ]
+
+    truth = LatencyModel((1.0, 5.0, 0.01, 0.2, 0.0), refit_every=0)
+    # The startup sweep ran beside other replicas: overhead 10x, per candidate a quarter.
+    skewed = LatencyModel((10.0, 5.0, 0.01, 0.05, 0.0), refit_every=0)
+    sweep = shapes(30)
+    served = shapes(256)
+
+    def error(model: LatencyModel, batches: list[BatchShape]) -> float:
+        return float(np.mean([abs(model.predict_ms(b) / truth.predict_ms(b) - 1) for b in batches]))
+
+    refitting = LatencyModel.fit(sweep, [skewed.predict_ms(b) for b in sweep], refit_every=64)
+    scale_only = LatencyModel.fit(sweep, [skewed.predict_ms(b) for b in sweep], refit_every=0)
+    for model in (refitting, scale_only):
+        for b in served[:192]:
+            model.observe(b, truth.predict_ms(b))
+    assert refitting.refits >= 1 and refitting.live is not None and refitting.live.mape < 0.1
+    assert error(refitting, served[192:]) < 0.1 < 0.25 < error(scale_only, served[192:])
+    assert scale_only.refits == 0 and scale_only.live is None
+
+
 # ---------------------------------------------------------------- ordering and batching
 def test_batches_are_formed_in_deadline_order_not_arrival_order():
     s = scheduler(max_batch_requests=1)
