@@ -435,7 +435,7 @@ def w8a16(config: PipelineConfig, checkpoints: list[str], batches: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench serving", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="stock, slo and edf at 0.2x, 0.8x, 1.2x, 1 seed (<= 10 min)")
+    parser.add_argument("--quick", action="store_true", help="stock, slo, edf at 0.2x, 0.8x, 1.2x; 1 seed (<= 10 min)")
     parser.add_argument("--json", required=True)
     parser.add_argument("--config", default="demo")
     parser.add_argument("--seeds", type=int, default=0, help="override the plan's seeds")
