@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
 from components.config_loader import ConfigError, load_config
 from pipelines.config import PipelineConfig
+
+# The folder the entry point started in, for relative defaults (the W&B folder). A driver of
+# `ray job submit` runs in its uploaded working directory, and when a worker of the job starts
+# on a node whose Ray shares that folder (two nodes on one host), Ray unpacks it again in place
+# (runtime_env working_dir, overwrite=True): the driver's cwd is then a deleted directory and
+# os.getcwd() raises FileNotFoundError midway through the run.
+START_DIR = os.getcwd()
 
 
 def pipeline_main(

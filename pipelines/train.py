@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +40,7 @@ from components.checkpoint import (
 from components.config_loader import to_dict
 from components.training_data import TrainingData, pin_training_data
 from models.variants import ModelConfig
-from pipelines.cli import pipeline_main
+from pipelines.cli import START_DIR, pipeline_main
 from pipelines.config import PipelineConfig, TrainConfig
 from pipelines.ray_runtime import ray_runtime
 from pipelines.train_loop import LoopSpec, train_loop_per_worker
@@ -154,7 +153,7 @@ def build_spec(
         max_seq_len=t.max_seq_len or data.max_seq_len,
         run_name=plan.run_name,
         storage=storage,
-        wandb_dir=os.path.abspath("."),
+        wandb_dir=START_DIR,
         resume_path=plan.resume_path,
         extra_config={"samples_version": data.samples_version, "lake_root": data.lake_root},
     )

@@ -1,0 +1,149 @@
+"""The pipeline submitted unchanged to a real multi-process Ray cluster: ``ray start --head`` on
+loopback plus one ``ray start --address`` worker node, token authentication on (the token
+reaches every node and the submitting client through RAY_AUTH_MODE / RAY_AUTH_TOKEN, as Ray's
+token-auth guide says), the tiny pipeline sent with ``ray job submit --working-dir . --runtime-env
+infra/runtime-env.yaml``, its outputs read back from the lake, the checkpoint and the bundle.
+The cluster's processes are stopped by the PIDs this test started (never ``ray stop``, which
+would stop every Ray on the machine)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.small_runs import TINY_MODEL, lake_args
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cluster_processes(marker: str) -> list[psutil.Process]:
+    """Processes of the cluster whose session lives under ``marker`` (its temp dir), with their
+    descendants (the workers' command lines do not name the folder)."""
+    found: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if marker in " ".join(process.info["cmdline"] or ()):
+                found[process.pid] = process
+                for child in process.children(recursive=True):
+                    found[child.pid] = child
+        except psutil.Error:
+            continue
+    return list(found.values())
+
+
+def _stop(processes: list[psutil.Process]) -> None:
+    for process in processes:
+        try:
+            process.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=15)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+@pytest.fixture
+def cluster():
+    """A head and one worker node on 127.0.0.1; yields (dashboard URL, environment for clients)."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="urc-", dir="/tmp"))  # Ray's socket paths must stay < 108 bytes
+    port, dashboard = _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    ray = [sys.executable, "-m", "ray.scripts.scripts"]
+    head = [
+        *ray,
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        "--num-cpus=2",
+        f"--temp-dir={temp_dir}",
+    ]
+    worker = [*ray, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2"]
+    try:
+        for command in (head, worker):
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stdout + done.stderr
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        _stop(_cluster_processes(str(temp_dir)))
+        leftovers = _cluster_processes(str(temp_dir))
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not leftovers, "the cluster left processes behind"
+
+
+def test_the_pipeline_runs_unchanged_on_a_two_node_cluster(cluster, tmp_path):
+    from components.bundle import load_bundle
+    from components.lake import open_table, table_uri
+
+    address, env = cluster
+    work = tmp_path / "work"  # absolute: the job runs in an uploaded copy of the working directory
+    args = [
+        "--config",
+        "demo",
+        *lake_args(str(work / "lake")),
+        *TINY_MODEL,
+        "--features.max_seq_len=64",
+        "--model.variant=tokenmixer_large",
+        f"--train.storage_path={work / 'checkpoints'}",
+        "--train.num_workers=1",  # a real Ray Train worker, on whichever node has room
+        "--train.batch_size=8",
+        "--train.max_seq_len=32",
+        "--train.epochs=1",
+        f"--export.output={work / 'bundle'}",
+    ]
+    submit = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "job",
+        "submit",
+        f"--address={address}",
+        "--working-dir=.",
+        "--runtime-env=infra/runtime-env.yaml",
+        "--",
+        "python",
+        "-m",
+        "pipelines.run",
+        *args,
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0 and "succeeded" in log, log[-4000:]
+    assert time.perf_counter() - started < 600
+    for table in ("events", "sequences", "samples"):
+        assert open_table(table_uri(str(work / "lake"), table)).version() >= 0
+    metrics = list((work / "checkpoints").glob("*/metrics_test.json"))
+    assert len(metrics) == 1 and "like_auc" in metrics[0].read_text()
+    bundle = load_bundle(str(work / "bundle"))
+    assert bundle.model_version in log  # the job's own report names the bundle it wrote
