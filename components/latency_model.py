@@ -122,16 +122,7 @@ class LatencyModel:
     def evaluate(self, shapes: Sequence[BatchShape], actual_ms: Sequence[float]) -> FitReport:
         """R², MAPE and max absolute error of ``predict_ms`` against measured times."""
         pred = np.array([self.predict_ms(s) for s in shapes])
-        y = np.asarray(actual_ms, dtype=np.float64)
-        residual = y - pred
-        total = float(((y - y.mean()) ** 2).sum())
-        r2 = 1.0 - float((residual**2).sum()) / total if total > 0 else 0.0
-        return FitReport(
-            r2=r2,
-            mape=float(np.mean(np.abs(residual) / y)),
-            max_abs_error_ms=float(np.abs(residual).max()),
-            samples=len(y),
-        )
+        return _report(pred, np.asarray(actual_ms, dtype=np.float64))
 
     def predict_ms(self, shape: BatchShape) -> float:
         return float(self.coef @ shape.features()) * self.scale
@@ -166,21 +157,22 @@ class LatencyModel:
         recent_x = np.stack([f for f, _ in self._recent])
         recent_y = np.array([t for _, t in self._recent])
         coef = _nnls(np.vstack([self._sweep[0], recent_x]), np.concatenate([self._sweep[1], recent_y]))
-
-        def mape(c: np.ndarray, scale: float) -> float:
-            return float(np.mean(np.abs(recent_x @ c * scale - recent_y) / recent_y))
-
-        if mape(coef, 1.0) < mape(self.coef, self.scale):
+        if _report(recent_x @ coef, recent_y).mape < _report(recent_x @ self.coef * self.scale, recent_y).mape:
             self.coef, self.scale = coef, 1.0
             self.refits += 1
-        pred = recent_x @ self.coef * self.scale
-        total = float(((recent_y - recent_y.mean()) ** 2).sum())
-        self.live = FitReport(
-            r2=1.0 - float(((recent_y - pred) ** 2).sum()) / total if total > 0 else 0.0,
-            mape=float(np.mean(np.abs(recent_y - pred) / recent_y)),
-            max_abs_error_ms=float(np.abs(recent_y - pred).max()),
-            samples=len(recent_y),
-        )
+        self.live = _report(recent_x @ self.coef * self.scale, recent_y)
+
+
+def _report(pred: np.ndarray, y: np.ndarray) -> FitReport:
+    """R², MAPE and max absolute error of predictions ``pred`` against measured times ``y``."""
+    residual = y - pred
+    total = float(((y - y.mean()) ** 2).sum())
+    return FitReport(
+        r2=1.0 - float((residual**2).sum()) / total if total > 0 else 0.0,
+        mape=float(np.mean(np.abs(residual) / y)),
+        max_abs_error_ms=float(np.abs(residual).max()),
+        samples=len(y),
+    )
 
 
 def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
