@@ -8,19 +8,28 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable
 
 from components.config_loader import ConfigError, load_config
 from pipelines.config import PipelineConfig
 
-# The folder the entry point started in, for relative defaults (the W&B folder). A driver of
-# `ray job submit` runs in its uploaded working directory, and when a worker of the job starts
-# on a node whose Ray shares that folder (two nodes on one host), Ray unpacks it again in place
-# (runtime_env working_dir, overwrite=True): the driver's cwd is then a deleted directory and
-# os.getcwd() raises FileNotFoundError midway through the run.
-START_DIR = os.getcwd()
+# The loggers of the project's packages (``__main__``: an entry point run with ``python -m``).
+OWN_LOGGERS = ("__main__", "pipelines", "components", "models", "serving")
+
+
+def configure_logging() -> None:
+    """Libraries at WARNING (TorchRec's planner and FBGEMM print every table at INFO), the
+    project's own packages at INFO, one line format."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        # Importing fbgemm_gpu (via torchrec) calls logging.info, whose implicit basicConfig()
+        # installs a default handler and would turn the call below into a no-op.
+        if type(handler) is logging.StreamHandler and getattr(handler.formatter, "_fmt", None) == logging.BASIC_FORMAT:
+            root.removeHandler(handler)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for package in OWN_LOGGERS:
+        logging.getLogger(package).setLevel(logging.INFO)
 
 
 def pipeline_main(
@@ -45,7 +54,7 @@ def pipeline_main(
     if add_arguments is not None:
         add_arguments(parser)
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     name = prog.rsplit(".", 1)[-1]
     try:
         return body(load_config(PipelineConfig, args.config, overrides), args)

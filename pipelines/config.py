@@ -10,6 +10,7 @@ Presets live in ``pipelines/configs/*.yaml``; every CLI takes ``--config PRESET`
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,6 +23,13 @@ from components.synthetic import SyntheticConfig
 from components.ts_units import DEFAULT_MAX_TS_AHEAD_S, DEFAULT_MIN_TS_S
 from models.variants import ModelConfig
 from serving.config import ServeConfig
+
+# The folder the entry point started in, for relative defaults (the W&B folder). A driver of
+# `ray job submit` runs in its uploaded working directory, and when a worker of the job starts
+# on a node whose Ray shares that folder (two nodes on one host), Ray unpacks it again in place
+# (runtime_env working_dir, overwrite=True): the driver's cwd is then a deleted directory and
+# os.getcwd() raises FileNotFoundError midway through the run.
+START_DIR = os.getcwd()
 
 
 @dataclass(frozen=True)
@@ -223,6 +231,34 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class RunSettings:
+    """The ``run`` section: what ``pipelines.run`` writes besides the stages' own outputs."""
+
+    # Each run's folder: ``reports_dir/<run id>/`` holds manifest.json, report.md, its plots and
+    # the load test's files. A local or mounted folder; absolute in a preset for ``ray job submit``
+    # (the job runs in an uploaded copy of the working directory, deleted when the job ends).
+    reports_dir: str = "reports"
+    # The short load test after serve: one open-loop run per offered rate (requests/s), each
+    # ``loadtest_duration_s`` long, with the ``loadtest`` section's arrivals and request mix.
+    loadtest_rates: tuple[float, ...] = (5.0, 10.0, 20.0)
+    loadtest_duration_s: float = 10.0
+    # W&B's local folder (runs go to ``<wandb_dir>/wandb``); "" = the folder the command started
+    # in. Absolute on a cluster, for the same reason as ``reports_dir``.
+    wandb_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if "://" in self.reports_dir:
+            raise ConfigError(f"run.reports_dir must be a local or mounted folder, got {self.reports_dir!r}")
+        if not self.reports_dir.strip():
+            raise ConfigError("run.reports_dir is empty")
+        if not self.loadtest_rates or any(not r > 0 for r in self.loadtest_rates) or not self.loadtest_duration_s > 0:
+            raise ConfigError(
+                f"run.loadtest_rates must be rates > 0 and run.loadtest_duration_s > 0, "
+                f"got {list(self.loadtest_rates)}, {self.loadtest_duration_s}"
+            )
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Root config; one section per pipeline stage."""
 
@@ -237,6 +273,12 @@ class PipelineConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     loadtest: LoadConfig = field(default_factory=LoadConfig)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    @property
+    def wandb_dir(self) -> str:
+        """Where train and evaluate put W&B's files (``run.wandb_dir``, else the start folder)."""
+        return os.path.abspath(os.path.expanduser(self.run.wandb_dir)) if self.run.wandb_dir else START_DIR
 
     @property
     def run_name(self) -> str:

@@ -33,7 +33,7 @@ from components.metrics import MetricsAccumulator
 from components.tracking import Tracker
 from components.training_data import pin_training_data
 from models.batch import GroupBatch
-from pipelines.cli import START_DIR, pipeline_main
+from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig
 from pipelines.ray_runtime import ray_runtime
 
@@ -144,7 +144,7 @@ def run_evaluate(config: PipelineConfig) -> tuple[EvalReport, str]:
     tracker = Tracker.start(
         f"{meta.variant}-eval-{cfg.split}",
         {"checkpoint": path, "split": cfg.split, "model": meta.model, "step": meta.step},
-        START_DIR,
+        config.wandb_dir,
         job_type="evaluate",
     )
     tracker.log({f"{cfg.split}/{k}": v for k, v in metrics.items()})

@@ -80,8 +80,9 @@ def _main(config: PipelineConfig, args: argparse.Namespace) -> int:
     from ray import serve
 
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with ray_runtime(config.ray):
+        # After ray.init, which installs its own SIGTERM handler (it aborts the driver).
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         started = time.perf_counter()
         url = start(config)
         example = example_request(bundle_of(config), lake.lake_root(config.lake.root), config.lake.storage_options)

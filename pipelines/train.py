@@ -40,7 +40,7 @@ from components.checkpoint import (
 from components.config_loader import to_dict
 from components.training_data import TrainingData, pin_training_data
 from models.variants import ModelConfig
-from pipelines.cli import START_DIR, pipeline_main
+from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig, TrainConfig
 from pipelines.ray_runtime import ray_runtime
 from pipelines.train_loop import LoopSpec, train_loop_per_worker
@@ -70,6 +70,8 @@ class TrainSummary:
     restored_at_step: int  # the step the final worker group started from (> 0 after a restart)
     candidates_per_s: float  # all workers, after the first two steps (validation and checkpoints included)
     last: dict[str, float] = field(default_factory=dict)
+    # Logged steps' losses and each epoch's valid metrics, in step order (pipelines/train_loop.py).
+    history: list[dict[str, float]] = field(default_factory=list)
 
     def report(self) -> str:
         lines = [
@@ -153,7 +155,7 @@ def build_spec(
         max_seq_len=t.max_seq_len or data.max_seq_len,
         run_name=plan.run_name,
         storage=storage,
-        wandb_dir=START_DIR,
+        wandb_dir=config.wandb_dir,
         resume_path=plan.resume_path,
         extra_config={"samples_version": data.samples_version, "lake_root": data.lake_root},
     )
@@ -239,6 +241,7 @@ def run_train(config: PipelineConfig) -> TrainSummary:
         restored_at_step=int(out.get("restored_at_step", 0)),
         candidates_per_s=float(out.get("run_candidates_per_s", 0.0)),
         last=dict(out.get("last", {})),
+        history=list(out.get("history", [])),
     )
 
 

@@ -317,6 +317,9 @@ def _run(spec: LoopSpec, ctx) -> dict[str, Any]:
     meter, best, last_metrics = _Meter(), {}, {}
     run_meter, warmup_steps = _Meter(), progress.step + 2  # whole-run throughput, first steps excluded
     run_rates: dict[str, float] = {}
+    # The curves of the run's report (rank 0's copy is returned): every logged step's losses
+    # (means over ranks) and every epoch's validation metrics.
+    history: list[dict[str, float]] = []
     buffer = t.shuffle_buffer if t.shuffle != "none" else 0
     started = time.perf_counter()
     try:
@@ -351,6 +354,7 @@ def _run(spec: LoopSpec, ctx) -> dict[str, Any]:
                     )
                 if t.log_every_steps and progress.step % t.log_every_steps == 0:
                     _log_progress(spec, progress, logs, meter, world, tracker, rank)
+                    history.append({"step": progress.step, "epoch": progress.epoch, **logs})
                     meter.reset()
                 last_metrics = {f"train/{k}": v for k, v in logs.items()}
                 end_of_epoch = progress.step_in_epoch >= spec.steps_per_epoch
@@ -374,6 +378,7 @@ def _run(spec: LoopSpec, ctx) -> dict[str, Any]:
                 if rank == 0:
                     logger.info("epoch %d done at step %d: %s", epoch, progress.step, _fmt(metrics))
                 tracker.log({**metrics, "epoch": epoch}, step=progress.step)
+                history.append({"step": progress.step, "epoch": epoch, **metrics})
                 save_checkpoint(dr, spec, progress, metrics, rank, world)
     except NonFiniteLoss as exc:
         tracker.summary({"error": str(exc)})
@@ -387,6 +392,7 @@ def _run(spec: LoopSpec, ctx) -> dict[str, Any]:
         "best_valid": best,
         "last": last_metrics,
         "wandb": tracker.path,
+        "history": history,
         **{f"run_{k}": v for k, v in run_rates.items()},
         "sparse_state_bytes": _sum_over_ranks(dr.sparse_state_bytes()),
     }

@@ -1,56 +1,262 @@
 """The main job (what `make demo` runs): ingest -> features -> train -> evaluate -> export ->
-report, on the session's Ray."""
+serve -> loadtest -> report on the session's Ray, then reuse, --from, --only and --keep-serving."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from pipelines.run import main
-from tests.small_runs import TINY_MODEL
+import httpx
+import pytest
+
+from pipelines.run import STAGES, main, plan, unfinished_run_of
+from pipelines.run_manifest import MANIFEST, RunManifest, StageRecord, find_reusable, stage_key
+from tests.serving.live_service import free_port
+from tests.small_runs import TINY_MODEL, config_of
+
+PLOTS = (
+    "training_curves.png",
+    "metrics_per_variant.png",
+    "goodput_vs_load.png",
+    "attainment_vs_load.png",
+    "latency_cdf.png",
+    "cache_hit_rate.png",
+)
 
 
-def test_run_synthetic_end_to_end(ray_session, tmp_path, capsys):
-    code = main(
-        [
-            "--config",
-            "demo",
-            f"--lake.root={tmp_path / 'lake'}",
-            "--lake.num_buckets=2",
-            "--ingest.source=synthetic",
-            "--ingest.synthetic.num_events=3000",
-            "--ingest.synthetic.num_users=40",
-            "--ingest.synthetic.num_items=300",
-            "--ingest.synthetic.max_history=600",
-            "--features.max_seq_len=50",
-            "--ray.enable_progress_bars=false",
-            *TINY_MODEL,
-            "--model.ranker.sparse.embedding_dim=8",
-            "--train.num_workers=0",
-            "--train.max_steps=3",
-            "--train.batch_size=4",
-            "--train.max_seq_len=32",
-            f"--train.storage_path={tmp_path / 'ckpt'}",
-            f"--export.output={tmp_path / 'bundle'}",
-        ]
-    )
-    out = capsys.readouterr().out
-    assert code == 0, out
-    # The full model trained 3 steps, was checkpointed and evaluated on the test split.
-    assert re.search(r"^run full: 3 steps", out, re.M)
-    assert "full on test (" in out and "like_auc " in out
-    assert (tmp_path / "ckpt" / "full" / "metrics_test.json").is_file()
-    # ... and exported as a serving bundle that loads.
-    from components.bundle import load_bundle
+def run_args(tmp: Path, port: int) -> list[str]:
+    return [
+        "--config",
+        "demo",
+        f"--lake.root={tmp / 'lake'}",
+        "--lake.num_buckets=2",
+        "--ingest.source=synthetic",
+        "--ingest.synthetic.num_events=3000",
+        "--ingest.synthetic.num_users=40",
+        "--ingest.synthetic.num_items=300",
+        "--ingest.synthetic.max_history=600",
+        "--features.max_seq_len=50",
+        "--ray.enable_progress_bars=false",
+        *TINY_MODEL,
+        "--train.num_workers=0",
+        "--train.max_steps=4",
+        "--train.batch_size=4",
+        "--train.max_seq_len=32",
+        "--train.log_every_steps=2",
+        f"--train.storage_path={tmp / 'ckpt'}",
+        f"--export.output={tmp / 'bundle'}",
+        f"--serve.port={port}",
+        "--serve.replica_cpus=0.25",
+        "--serve.profile_batches=8",
+        f"--run.reports_dir={tmp / 'reports'}",
+        "--run.loadtest_rates=[4,8]",
+        "--run.loadtest_duration_s=2",
+    ]
 
-    assert f"serving bundle {tmp_path / 'bundle'}" in out and "python -m pipelines.serve --config demo" in out
-    assert load_bundle(str(tmp_path / "bundle")).manifest.variant == "full"
+
+def manifests(tmp: Path) -> list[RunManifest]:
+    found = [RunManifest.load(p) for p in (tmp / "reports").glob(f"*/{MANIFEST}")]
+    return sorted(found, key=lambda m: m.started)
+
+
+def statuses(manifest: RunManifest) -> dict[str, str]:
+    return {name: record.status for name, record in manifest.stages.items()}
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, tmp_path_factory):
+    """One whole run on a small synthetic lake: (its folder, its args, its stdout)."""
+    tmp = tmp_path_factory.mktemp("run")
+    args = run_args(tmp, free_port())
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(args)
+    assert code == 0, out.getvalue()[-3000:]
+    return tmp, args, out.getvalue()
+
+
+def test_the_whole_run_serves_load_tests_and_reports(first_run, ray_session):
+    tmp, _, out = first_run
+    # What the stages print: the lake's tables, one resolved group, training, test metrics, bundle.
+    assert re.search(r"^events +0 +3000$", out, re.M)
     for table in ("events", "items", "users", "sequences", "samples"):
         assert f"\n{table} " in out
-    assert re.search(r"^events +0 +3000$", out, re.M)
     assert "one sample group:" in out and "labels (1, 32, 2)" in out
-    # The lake is left where asked, Ray (owned by the fixture) is still up.
-    assert (tmp_path / "lake" / "samples" / "_delta_log").is_dir()
+    assert re.search(r"^run full: 4 steps", out, re.M)
+    assert "full on test (" in out and "like_auc " in out
+    assert f"serving bundle {tmp / 'bundle'}" in out
+    from components.bundle import load_bundle
+
+    assert load_bundle(str(tmp / "bundle")).manifest.variant == "full"
+    # The manifest: every stage ran, with its inputs' key and its outputs.
+    (manifest,) = manifests(tmp)
+    assert manifest.status == "succeeded"
+    assert statuses(manifest) == dict.fromkeys(STAGES, "ran")
+    folder = tmp / "reports" / manifest.run_id
+    assert f"report: {folder / 'report.md'}" in out
+    assert manifest.stages["export"].outputs["model_version"] == load_bundle(str(tmp / "bundle")).model_version
+    assert manifest.stages["ingest"].outputs["versions"] == {"items": 0, "users": 0, "events": 0}
+    # The load test hit the served model at both rates and answered (the service was up).
+    summary = json.loads((folder / "loadtest" / "summary.json").read_text())
+    assert sorted(summary["runs"], key=float) == ["4", "8"]
+    assert all(run["offered"] > 0 and run["goodput_per_s"] > 0 for run in summary["runs"].values())
+    # The report: every section, its plots written beside it, numbers from the run's JSON.
+    report = (folder / "report.md").read_text()
+    for heading in ("## Stages", "## Data", "## Training", "## Quality", "## Serving", "## Load test", "## Artifacts"):
+        assert heading in report
+    for plot in PLOTS:
+        assert (folder / plot).stat().st_size > 1000 and f"]({plot})" in report
+    metrics = json.loads((folder / "metrics_test.json").read_text())["metrics"]
+    assert f"| full | {metrics['like_auc']:.4f} |" in report
+    assert "floor: item_popularity" in report
+    assert str(tmp / "ckpt" / "full") in report and manifest.stages["export"].outputs["model_version"] in report
+    # Serve was shut down after the load test; the session's Ray is still up.
+    from ray import serve
+
+    assert serve.status().applications == {}
     assert ray_session.is_initialized()
+
+
+def test_keep_serving_serves_until_sigterm_then_shuts_down(first_run):
+    """--only serve in a fresh process (its own embedded Ray): ready, answers, stops cleanly on SIGTERM."""
+    tmp, args, _ = first_run
+    port = free_port()
+    args = [a for a in args if not a.startswith("--serve.port=")] + [f"--serve.port={port}", "--only", "serve"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.run", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    lines = []
+    try:
+        deadline = time.time() + 180
+        for line in child.stdout:
+            lines.append(line)
+            if "Ctrl-C (or SIGTERM) stops it." in line or time.time() > deadline:
+                break
+        assert any(f"at http://127.0.0.1:{port}" in line for line in lines), "".join(lines[-40:])
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30).json()
+        assert ready["ready"] is True
+        child.send_signal(signal.SIGTERM)
+        rest, _ = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, (rest or "")[-3000:]
+    assert "stopped serving" in rest and "driver died" not in rest
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+
+
+def test_unchanged_stages_are_reused_and_from_and_only_rerun_what_they_name(first_run):
+    tmp, args, _ = first_run
+    first = manifests(tmp)[0]
+    assert main([*args, "--stages", "export"]) == 0
+    reuse = manifests(tmp)[-1]
+    assert statuses(reuse) == dict.fromkeys(STAGES[:5], "reused")
+    assert {r.from_run for r in reuse.stages.values()} == {first.run_id}
+    assert reuse.stages["train"].outputs == first.stages["train"].outputs
+
+    assert main([*args, "--from", "export", "--stages", "export"]) == 0
+    assert statuses(manifests(tmp)[-1]) == {**dict.fromkeys(STAGES[:4], "reused"), "export": "ran"}
+
+    # --only report: a new report of the reused outputs, the load test's included.
+    assert main([*args, "--only", "report"]) == 0
+    only = manifests(tmp)[-1]
+    assert statuses(only) == {**dict.fromkeys(STAGES[:7], "reused"), "report": "ran"}
+    assert "## Load test" in (tmp / "reports" / only.run_id / "report.md").read_text()
+
+    # A features setting changes: features runs again, and so does everything downstream of it.
+    assert main([*args, "--features.session_gap_s=900", "--stages", "train"]) == 0
+    changed = manifests(tmp)[-1]
+    assert statuses(changed) == {"ingest": "reused", "features": "ran", "train": "ran"}
+    assert changed.stages["features"].outputs["versions"]["samples"] == 1
+    # The old run folder's checkpoint was trained on samples v0: a fresh run started beside it.
+    checkpoint = changed.stages["train"].outputs["checkpoint"]
+    assert re.search(r"/ckpt/full-\d{8}-\d{6}/checkpoint_", checkpoint)
+
+
+def test_only_fails_clearly_without_earlier_outputs(tmp_path, capsys):
+    args = run_args(tmp_path, free_port())
+    assert main([*args, "--only", "evaluate"]) == 1
+    err = capsys.readouterr().err
+    assert "--only needs the outputs of ingest" in err and "Traceback" not in err
+    (manifest,) = manifests(tmp_path)
+    assert manifest.status == "failed" and "RunError" in manifest.error
+
+
+# ---------------------------------------------------------------------------------------------
+# The parts
+# ---------------------------------------------------------------------------------------------
+def test_plan_modes():
+    assert plan() == {**dict.fromkeys(STAGES[:5], "reuse_or_run"), "serve": "run", "loadtest": "run", "report": "run"}
+    assert plan(start="train", last="export") == {
+        **dict.fromkeys(STAGES[:2], "reuse_or_run"),
+        **dict.fromkeys(STAGES[2:5], "run"),
+        **dict.fromkeys(STAGES[5:], "skip"),
+    }
+    assert plan(only="evaluate") == {
+        **dict.fromkeys(STAGES[:3], "reuse"),
+        "evaluate": "run",
+        **dict.fromkeys(STAGES[4:], "skip"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--from", "train", "--stages", "ingest"], "--from train comes after --stages ingest"),
+        (["--keep-serving", "--stages", "train"], "--keep-serving needs a bundle"),
+    ],
+)
+def test_contradictory_flags_exit_2(tmp_path, capsys, extra, message):
+    assert main([*run_args(tmp_path, 1), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "lake").exists()
+
+
+def test_reuse_needs_the_same_key_and_outputs_still_there(tmp_path):
+    reports = str(tmp_path)
+    old = RunManifest("20260101-000000-aaaa", "demo", [], {}, started=1.0)
+    old.record(StageRecord("train", "ran", stage_key({"lr": 1}), {"lr": 1}, {"checkpoint": "a"}))
+    old.save(tmp_path / old.run_id)
+    new = RunManifest("20260102-000000-bbbb", "demo", [], {}, started=2.0)
+    new.record(StageRecord("train", "ran", stage_key({"lr": 1}), {"lr": 1}, {"checkpoint": "b"}))
+    new.save(tmp_path / new.run_id)
+    key = stage_key({"lr": 1})
+    assert find_reusable(reports, "train", key, lambda out: True)[1].outputs == {"checkpoint": "b"}
+    # The newest one's outputs are gone: the older one is used.
+    found = find_reusable(reports, "train", key, lambda out: out["checkpoint"] == "a")
+    assert found[0] == old.run_id
+    assert find_reusable(reports, "train", stage_key({"lr": 2}), lambda out: True) is None
+    assert find_reusable(reports, "evaluate", key, lambda out: True) is None
+
+
+def test_a_checkpoint_of_other_settings_is_not_continued(small_lake, trained):
+    from components.checkpoint import read_meta
+    from tests.small_runs import train_args
+
+    storage, path = trained
+    args = train_args(small_lake, storage, "--train.run_name=base")
+    meta = read_meta(path)
+    config = config_of(args)
+    assert unfinished_run_of(meta, config, meta.samples_version) == ""
+    assert "epochs" not in unfinished_run_of(meta, config_of([*args, "--train.epochs=5"]), meta.samples_version)
+    assert "(lr)" in unfinished_run_of(meta, config_of([*args, "--train.lr=0.5"]), meta.samples_version)
+    assert "samples version" in unfinished_run_of(meta, config, meta.samples_version + 1)
+    assert "ranker.dim" in unfinished_run_of(meta, config_of([*args, "--model.ranker.dim=32"]), meta.samples_version)
 
 
 def test_run_rejects_bad_override(capsys):
@@ -64,6 +270,7 @@ def test_run_config_the_generator_cannot_honour_exits_2(tmp_path, capsys):
             "--config",
             "demo",
             f"--lake.root={tmp_path / 'lake'}",
+            f"--run.reports_dir={tmp_path / 'reports'}",
             "--ingest.source=synthetic",
             "--ingest.synthetic.num_items=1",
         ]
