@@ -241,7 +241,8 @@ def _data_section(manifest: RunManifest) -> list[str]:
         "events": (config["ingest"]["events"] or {}).get("path"),
         "synthetic": "seeded generator",
     }[source]
-    lines = ["## Data", "", f"Source `{source}` ({where}), lake `{config['lake']['root']}`.", ""]
+    root = ingest.get("lake") or config["lake"]["root"]
+    lines = ["## Data", "", f"Source `{source}` ({where}), lake `{root}`.", ""]
     rows = []
     counts = {**ingest.get("rows", {}), **features.get("rows", {})}
     for name, version in {**ingest.get("versions", {}), **features.get("versions", {})}.items():
@@ -379,7 +380,7 @@ def _loadtest_section(loadtest: Mapping[str, Any], folder: Path) -> list[str]:
 def _artifacts_section(manifest: RunManifest, folder: Path) -> list[str]:
     out = manifest.outputs
     train, evaluate, export = out("train"), out("evaluate"), out("export")
-    root = manifest.config["lake"]["root"]
+    root = out("ingest").get("lake") or manifest.config["lake"]["root"]
     versions = {**out("ingest").get("versions", {}), **out("features").get("versions", {})}
     items = [
         ("manifest (every stage's inputs and outputs)", str(folder / "manifest.json")),

@@ -287,6 +287,7 @@ class Pipeline:
             "rows": {c.name: c.rows for c in result.commits},
             "ingest_run_id": result.run_id,
             "source": self.config.ingest.source,
+            "lake": lake.lake_root(self.config.lake.root),
         }
 
     def features(self) -> dict[str, Any]:

@@ -70,7 +70,11 @@ def start(config: PipelineConfig, *, blocking: bool = False) -> str:
         )
     bundle_dir = bundle_of(config)
     load_bundle(bundle_dir, w8a16=cfg.w8a16)  # fail here, with the bundle's own error, not in a replica
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"enable_access_log": cfg.access_log})
+    serve.start(
+        proxy_location=cfg.proxy_location,
+        http_options={"host": cfg.host, "port": cfg.port},
+        logging_config={"enable_access_log": cfg.access_log},
+    )
     app = application(cfg, bundle_dir, lake.lake_root(config.lake.root), config.lake.storage_options)
     serve.run(app, name="ultrarank", route_prefix=cfg.route_prefix, blocking=blocking)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"

@@ -23,6 +23,9 @@ class ServeConfig:
     w8a16: bool = False  # serve the bundle's W8A16 weights
     host: str = "127.0.0.1"
     port: int = 8000
+    # Where Serve runs HTTP proxies: on every node with a replica (Ray's default, what a load
+    # balancer in front of the nodes needs), or on the head only (nodes sharing one host and port).
+    proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     route_prefix: str = "/"
     num_replicas: int = 1  # ranker replicas
     replica_cpus: float = 1.0  # Ray CPUs reserved per ranker replica

@@ -2,7 +2,8 @@
 loopback plus one ``ray start --address`` worker node, token authentication on (the token
 reaches every node and the submitting client through RAY_AUTH_MODE / RAY_AUTH_TOKEN, as Ray's
 token-auth guide says), the tiny pipeline sent with ``ray job submit --working-dir . --runtime-env
-infra/runtime-env.yaml``, its outputs read back from the lake, the checkpoint and the bundle.
+infra/runtime-env.yaml`` through serve, a load test and the report; its outputs read back from
+the lake, the checkpoint, the bundle and the report.
 The cluster's processes are stopped by the PIDs this test started (never ``ray stop``, which
 would stop every Ray on the machine)."""
 
@@ -130,6 +131,15 @@ def test_the_pipeline_runs_unchanged_on_a_two_node_cluster(cluster, tmp_path):
         "--train.max_seq_len=32",
         "--train.epochs=1",
         f"--export.output={work / 'bundle'}",
+        # serve, a short load test and the report, on the cluster too
+        f"--serve.port={_free_port()}",
+        "--serve.proxy_location=HeadOnly",  # both nodes share this host: one proxy per port
+        "--serve.replica_cpus=0.25",
+        "--serve.profile_batches=8",
+        "--run.loadtest_rates=[4]",
+        "--run.loadtest_duration_s=2",
+        f"--run.reports_dir={work / 'reports'}",
+        f"--run.wandb_dir={work}",
     ]
     submit = [
         sys.executable,
@@ -163,3 +173,10 @@ def test_the_pipeline_runs_unchanged_on_a_two_node_cluster(cluster, tmp_path):
     assert len(metrics) == 1 and "like_auc" in metrics[0].read_text()
     bundle = load_bundle(str(work / "bundle"))
     assert bundle.model_version in log  # the job's own report names the bundle it wrote
+    # The run's report, in the folder the preset names (not the job's deleted working copy).
+    (report,) = (work / "reports").glob("*/report.md")
+    assert f"report: {report}" in log
+    text = report.read_text()
+    assert "## Load test" in text and bundle.model_version in text
+    assert str(work / "lake") in text and "samples v0" in text
+    assert (report.parent / "latency_cdf.png").is_file()

@@ -84,8 +84,9 @@ def test_the_rayjob_runs_the_demo_command_with_the_cluster_preset():
     assert entry == "python " + demo.replace("$(PRESET)", "cluster")
 
 
-def test_the_cluster_preset_names_only_absolute_locations():
-    config = load_config(PipelineConfig, "cluster")
+@pytest.mark.parametrize("preset", ["cluster", "gpu"])
+def test_the_cluster_presets_name_only_absolute_locations(preset):
+    config = load_config(PipelineConfig, preset)
     assert config.ray.address is None  # RAY_ADDRESS (set by `ray job submit`) decides
     for where in (
         config.lake.root,
@@ -94,8 +95,20 @@ def test_the_cluster_preset_names_only_absolute_locations():
         config.train.storage_path,
         config.export.output,
         config.serve.bundle,
+        config.run.reports_dir,
+        config.run.wandb_dir,
     ):
         assert "://" in where or os.path.isabs(where), where
+    assert config.serve.bundle == config.export.output  # what the job exports is what is served
+
+
+def test_the_gpu_preset_trains_with_nccl_row_wise_and_bf16():
+    config = load_config(PipelineConfig, "gpu")
+    assert config.train.use_gpu and config.train.bf16  # use_gpu: the nccl backend (pipelines/train.py)
+    assert config.train.sharding_types[0] == "row_wise"
+    from pipelines.config import CPU_SHARDING_TYPES
+
+    assert "row_wise" not in CPU_SHARDING_TYPES  # it cannot be asked for without a GPU
 
 
 def test_the_rayservice_serve_config_builds_the_application():

@@ -125,6 +125,17 @@ def test_the_whole_run_serves_load_tests_and_reports(first_run, ray_session):
     assert ray_session.is_initialized()
 
 
+def test_a_failed_stage_is_recorded_with_its_error(ray_session, tmp_path, capsys):
+    args = run_args(tmp_path, free_port())
+    assert main([*args, "--features.min_seq_len=100000", "--stages", "train"]) == 1
+    assert "run: failed:" in capsys.readouterr().err
+    (manifest,) = manifests(tmp_path)
+    assert manifest.status == "failed"
+    assert statuses(manifest) == {"ingest": "ran", "features": "failed"}
+    assert manifest.stages["features"].error.startswith("FeaturesError")
+    assert manifest.error == manifest.stages["features"].error
+
+
 def test_keep_serving_serves_until_sigterm_then_shuts_down(first_run):
     """--only serve in a fresh process (its own embedded Ray): ready, answers, stops cleanly on SIGTERM."""
     tmp, args, _ = first_run
