@@ -73,7 +73,10 @@ def plot_training(history: list[dict], folder: Path) -> str | None:
     left.set_xlabel("step")
     left.set_ylabel("training loss (mean over workers)")
     left.grid(alpha=0.3)
-    left.legend(fontsize=8)
+    if steps:
+        left.legend(fontsize=8)
+    else:
+        left.text(0.5, 0.5, "no step logged (train.log_every_steps)", ha="center", transform=left.transAxes)
     for key in ("valid/like_auc", "valid/like_uauc", "valid/engage_auc"):
         points = [(h["step"], h[key]) for h in epochs if key in h]
         if points:
