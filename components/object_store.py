@@ -237,20 +237,24 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def upload_order(names: Sequence[str], last: Sequence[str]) -> list[str]:
+    """``names`` sorted, except that those in ``last`` come at the end, in ``last``'s order."""
+    return sorted(n for n in names if n not in last) + [n for n in last if n in names]
+
+
 def upload_folder(
     local_dir: str, location: str, storage_options: Mapping[str, str] | None, last: Sequence[str] = ()
 ) -> None:
     """Copy the files of ``local_dir`` (flat or nested) to ``location``, the ``last`` names at
     the end and in that order: readers that need those files never see a partial folder."""
     fs, base = filesystem(location, storage_options)
-    names = sorted(
+    names = [
         os.path.relpath(os.path.join(folder, name), local_dir)
         for folder, _, files in os.walk(local_dir)
         for name in files
-    )
-    ordered = [n for n in names if n not in last] + [n for n in last if n in names]
+    ]
     with explained(location, storage_options):
-        for name in ordered:
+        for name in upload_order(names, last):
             pafs.copy_files(
                 os.path.join(local_dir, name),
                 f"{base}/{name}",

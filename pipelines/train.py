@@ -9,6 +9,10 @@ row-wise Adagrad and DDP dense parameters with AdamW, one synchronous step per b
 resolves vocabulary sizes and the resume point, and prints a summary at the end: best
 valid metrics, the checkpoint path and the W&B run.
 
+Checkpoints go to ``train.storage_path/run_name``: a folder, or an object-store URI reached with
+``lake.storage_options`` (Ray Train gets the pyarrow filesystem built from them; its workers
+carry no store settings of their own).
+
 Resume (``train.resume``): ``auto`` continues the run ``storage_path/run_name`` from its
 latest checkpoint (also what Ray Train does after a worker failure, up to
 ``train.max_failures`` times); ``never`` starts a fresh run (a new, timestamped run name if

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from components.bundle import DEFAULT_CACHE_DIR
 from components.config_loader import ConfigError
 from components.slo_scheduler import SchedulerConfig
 
@@ -22,7 +23,7 @@ class ServeConfig:
     # bundles/<run name>. A URI is read with ``lake.storage_options`` and copied once into
     # ``bundle_cache``/<model_version> on each node, then loaded from there.
     bundle: str = ""
-    bundle_cache: str = "~/.cache/ultrarank/bundles"
+    bundle_cache: str = DEFAULT_CACHE_DIR
     w8a16: bool = False  # serve the bundle's W8A16 weights
     host: str = "127.0.0.1"
     port: int = 8000

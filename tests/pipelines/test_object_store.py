@@ -129,14 +129,16 @@ def store_run(ray_session, s3_options, tmp_path_factory) -> StoreRun:
         "--ray.enable_progress_bars=false",
         *(f'--lake.storage_options.{key}="{value}"' for key, value in s3_options.items()),
     ]
-    # Train (in-process: the loop uploads its checkpoints), evaluate (Ray Data actors download
-    # the checkpoint) and export (uploads the bundle) all go to the store.
+    # Train (one real Ray Train worker: Ray uploads its checkpoints through the filesystem built
+    # from the options), evaluate (Ray Data actors download the checkpoint) and export (uploads
+    # the bundle) all go to the store. In-process training is checked on its own below.
     training = [
         *TINY_MODEL,
-        "--train.num_workers=0",
+        "--train.num_workers=1",
         "--train.max_steps=2",
         "--train.batch_size=2",
         "--train.max_seq_len=16",
+        "--train.shuffle=local",  # no Ray Data shuffle stage: the test is about storage
         f"--train.storage_path={CHECKPOINTS}",
         f"--export.output={BUNDLE}",
     ]
@@ -183,17 +185,16 @@ def test_storage_options_reach_every_stage(ray_session, s3_options, store_run):
     assert ray_session.get(without_options.remote(samples_uri)) == "LakeError"
 
 
-def test_checkpoints_and_metrics_are_objects_in_the_bucket(s3_options, store_run):
+def test_ray_train_checkpoints_and_metrics_are_objects_in_the_bucket(s3_options, store_run):
     from components.checkpoint import latest_checkpoint
 
     assert store_run.code == 0, store_run.err[-3000:]
-    keys = _keys(s3_options, "checkpoints/full/")
-    assert {"checkpoint_000000002/meta.json", "checkpoint_000000002/.metadata"} <= set(keys)
-    assert any(re.fullmatch(r"checkpoint_000000002/__0_0\.distcp", k) for k in keys), keys
+    keys = set(_keys(s3_options, "checkpoints/full/"))
+    assert {f"checkpoint_000000002/{name}" for name in ("meta.json", ".metadata", "__0_0.distcp")} <= keys
     assert "metrics_test.json" in keys  # evaluate wrote it beside the run
     assert f"checkpoint: {CHECKPOINTS}/full/checkpoint_000000002" in store_run.out
     path, meta = latest_checkpoint(f"{CHECKPOINTS}/full", s3_options)
-    assert (path, meta.step) == (f"{CHECKPOINTS}/full/checkpoint_000000002", 2)
+    assert (path, meta.step, meta.world_size) == (f"{CHECKPOINTS}/full/checkpoint_000000002", 2, 1)
 
 
 def test_bundle_on_the_store_loads_through_a_local_cache(s3_options, store_run, tmp_path):
@@ -235,3 +236,62 @@ def test_a_damaged_bundle_on_the_store_is_refused_and_not_cached(s3_options, sto
     s3.delete_object(Bucket=BUCKET, Key=damaged + MANIFEST)
     with pytest.raises(BundleError, match=f"has no {MANIFEST}"):
         load_bundle(f"s3://{BUCKET}/{damaged}", storage_options=s3_options, cache_dir=str(cache))
+
+
+def test_in_process_training_uploads_its_checkpoint_meta_json_last(s3_options, tmp_path):
+    """``train.num_workers=0`` reports without Ray uploading anything: the loop publishes the
+    checkpoint itself, tensors first and ``meta.json`` last (a store has no folder rename)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from components.checkpoint import META_FILE, latest_checkpoint, load_tensors, write_meta
+    from pipelines.train_loop import persist
+    from tests.components.test_checkpoint import _meta
+
+    folder = tmp_path / "checkpoint"
+    state = {"model": {"w": torch.arange(6.0).reshape(2, 3)}}
+    dcp.save(state, checkpoint_id=str(folder), no_dist=True)
+    write_meta(str(folder), _meta(step=7))
+    target = f"s3://{BUCKET}/persisted/run/checkpoint_000000007"
+    saved = persist(str(folder), target, s3_options)
+    assert saved.path == f"{BUCKET}/persisted/run/checkpoint_000000007"  # inside its filesystem
+    assert set(_keys(s3_options, "persisted/run/checkpoint_000000007/")) == set(os.listdir(folder))
+    path, meta = latest_checkpoint(f"s3://{BUCKET}/persisted/run", s3_options)
+    assert (path, meta.step) == (target, 7)
+    loaded = {"model": {"w": torch.zeros(2, 3)}}
+    load_tensors(target, loaded, distributed=False, storage_options=s3_options)
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    # Without its meta.json (an upload cut short) it is not a checkpoint.
+    _client(s3_options).delete_object(Bucket=BUCKET, Key=f"persisted/run/checkpoint_000000007/{META_FILE}")
+    assert latest_checkpoint(f"s3://{BUCKET}/persisted/run", s3_options) is None
+
+
+def test_store_mistakes_are_named_and_leave_nothing_behind(s3_options, store_run, capsys, tmp_path, monkeypatch):
+    from pipelines import evaluate, export, train
+
+    assert store_run.code == 0, store_run.err[-3000:]
+    monkeypatch.chdir(tmp_path)
+    training = ["--train.max_steps=1", "--train.num_workers=0", "--train.max_seq_len=16"]
+    args = ["--config", "demo", *store_run.overrides, *TINY_MODEL, *training]
+
+    def fails(main, *extra: str) -> tuple[int, str]:
+        code = main([*args, *extra])
+        return code, capsys.readouterr().err
+
+    # A bucket that does not exist: refused before any work, naming it.
+    code, err = fails(train.main, "--train.storage_path=s3://no-such-bucket/checkpoints")
+    assert code == 2 and "bucket 'no-such-bucket' of s3://no-such-bucket/checkpoints does not exist" in err
+    code, err = fails(export.main, f"--train.storage_path={CHECKPOINTS}", "--export.output=s3://no-such-bucket/b")
+    assert code == 2 and "bucket 'no-such-bucket' of s3://no-such-bucket/b does not exist" in err
+    # No checkpoint under the URI, and a bundle over something that is not one.
+    code, err = fails(evaluate.main, f"--train.storage_path=s3://{BUCKET}/empty")
+    assert code == 1 and f"no checkpoint under s3://{BUCKET}/empty/full" in err
+    before = _keys(s3_options, "lake/")
+    code, err = fails(export.main, f"--train.storage_path={CHECKPOINTS}", f"--export.output={ROOT}")
+    assert code == 1 and f"{ROOT} holds ['events', 'items', 'samples', 'sequences', 'users']" in err
+    assert _keys(s3_options, "lake/") == before
+    # Options that contradict themselves (a key without its secret).
+    keyless = [a for a in args if "AWS_SECRET_ACCESS_KEY" not in a]
+    code = train.main([*keyless, f"--train.storage_path={CHECKPOINTS}"])
+    assert code == 2 and "gives AWS_ACCESS_KEY_ID without AWS_SECRET_ACCESS_KEY" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
