@@ -238,32 +238,28 @@ def test_a_damaged_bundle_on_the_store_is_refused_and_not_cached(s3_options, sto
         load_bundle(f"s3://{BUCKET}/{damaged}", storage_options=s3_options, cache_dir=str(cache))
 
 
-def test_in_process_training_uploads_its_checkpoint_meta_json_last(s3_options, tmp_path):
-    """``train.num_workers=0`` reports without Ray uploading anything: the loop publishes the
+def test_in_process_training_uploads_its_checkpoints_itself(s3_options, store_run, tmp_path, monkeypatch):
+    """``train.num_workers=0`` reports without Ray uploading anything: the loop publishes each
     checkpoint itself, tensors first and ``meta.json`` last (a store has no folder rename)."""
-    import torch
-    import torch.distributed.checkpoint as dcp
+    from components.checkpoint import META_FILE, latest_checkpoint
+    from components.config_loader import load_config
+    from pipelines.config import PipelineConfig
+    from pipelines.train import run_train
 
-    from components.checkpoint import META_FILE, latest_checkpoint, load_tensors, write_meta
-    from pipelines.train_loop import persist
-    from tests.components.test_checkpoint import _meta
-
-    folder = tmp_path / "checkpoint"
-    state = {"model": {"w": torch.arange(6.0).reshape(2, 3)}}
-    dcp.save(state, checkpoint_id=str(folder), no_dist=True)
-    write_meta(str(folder), _meta(step=7))
-    target = f"s3://{BUCKET}/persisted/run/checkpoint_000000007"
-    saved = persist(str(folder), target, s3_options)
-    assert saved.path == f"{BUCKET}/persisted/run/checkpoint_000000007"  # inside its filesystem
-    assert set(_keys(s3_options, "persisted/run/checkpoint_000000007/")) == set(os.listdir(folder))
-    path, meta = latest_checkpoint(f"s3://{BUCKET}/persisted/run", s3_options)
-    assert (path, meta.step) == (target, 7)
-    loaded = {"model": {"w": torch.zeros(2, 3)}}
-    load_tensors(target, loaded, distributed=False, storage_options=s3_options)
-    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert store_run.code == 0, store_run.err[-3000:]
+    monkeypatch.chdir(tmp_path)
+    training = ["--train.num_workers=0", "--train.max_steps=1", "--train.batch_size=2", "--train.max_seq_len=16"]
+    storage = [f"--train.storage_path={CHECKPOINTS}", "--train.run_name=in-process", "--train.shuffle=none"]
+    config = load_config(PipelineConfig, "demo", [*store_run.overrides, *TINY_MODEL, *training, *storage])
+    summary = run_train(config)
+    assert summary.checkpoint == f"{CHECKPOINTS}/in-process/checkpoint_000000001"
+    keys = _keys(s3_options, "checkpoints/in-process/checkpoint_000000001/")
+    assert {META_FILE, ".metadata", "__0_0.distcp"} <= set(keys) and not any(".partial" in k for k in keys)
+    assert latest_checkpoint(f"{CHECKPOINTS}/in-process", s3_options)[1].step == 1
     # Without its meta.json (an upload cut short) it is not a checkpoint.
-    _client(s3_options).delete_object(Bucket=BUCKET, Key=f"persisted/run/checkpoint_000000007/{META_FILE}")
-    assert latest_checkpoint(f"s3://{BUCKET}/persisted/run", s3_options) is None
+    _client(s3_options).delete_object(Bucket=BUCKET, Key=f"checkpoints/in-process/checkpoint_000000001/{META_FILE}")
+    assert latest_checkpoint(f"{CHECKPOINTS}/in-process", s3_options) is None
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_store_mistakes_are_named_and_leave_nothing_behind(s3_options, store_run, capsys, tmp_path, monkeypatch):
@@ -295,3 +291,25 @@ def test_store_mistakes_are_named_and_leave_nothing_behind(s3_options, store_run
     code = train.main([*keyless, f"--train.storage_path={CHECKPOINTS}"])
     assert code == 2 and "gives AWS_ACCESS_KEY_ID without AWS_SECRET_ACCESS_KEY" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ranker_replica_loads_the_bundle_uri_and_the_lake_with_the_options(s3_options, store_run, tmp_path):
+    """What Serve starts (serving/ranker.py), built directly: its only store settings are the
+    options it is given, as for a replica on a node without AWS settings."""
+    from components.config_loader import load_config, to_dict
+    from pipelines.config import PipelineConfig
+    from pipelines.serve import bundle_of
+    from serving.app import resolve
+    from serving.config import ServeConfig
+    from serving.ranker import RankerReplica
+
+    assert store_run.code == 0, store_run.err[-3000:]
+    assert bundle_of(load_config(PipelineConfig, "demo", [f"--serve.bundle={BUNDLE}"])) == BUNDLE
+    store = {f"lake.storage_options.{key}": f'"{value}"' for key, value in s3_options.items()}
+    _, bundle, root, options = resolve({"config": "demo", "lake.root": ROOT, "export.output": BUNDLE, **store})
+    assert (bundle, root, options) == (BUNDLE, ROOT, s3_options)  # a URI is never made a local path
+    serve = ServeConfig(bundle_cache=str(tmp_path / "cache"))
+    replica = RankerReplica(bundle, root, options, to_dict(serve))
+    manifest_version = replica.core.bundle.manifest.model_version
+    assert os.listdir(tmp_path / "cache") == [manifest_version]
+    assert replica.core.bundle.path == BUNDLE
