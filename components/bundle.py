@@ -16,7 +16,9 @@ so two exports of the same checkpoint have the same version and any change gets 
 the user-side cache keys on it. Loading checks every piece (format, files present, sizes and
 hashes, vocabulary sizes against the model's tables, every weight's name and shape) and names
 what is missing or mismatched. A bundle is written into a temporary sibling folder and moved
-into place, so a reader never sees half of one.
+into place, so a reader never sees half of one. On an object store (``s3://``, ``gs://``) a
+bundle is published file by file with ``bundle.json`` last, and read through a local cache
+keyed by ``model_version`` (components/bundle_store.py).
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from components import object_store
 from components.json_record import parse_record
 
 BUNDLE_FORMAT = 1
+DEFAULT_CACHE_DIR = "~/.cache/ultrarank/bundles"  # local copies of object-store bundles (serve.bundle_cache)
 MANIFEST = "bundle.json"
 WEIGHTS = "weights.safetensors"
 WEIGHTS_W8A16 = "weights_w8a16.safetensors"
@@ -47,9 +51,10 @@ USER_COLUMNS = ("user_id", "user_idx")
 
 
 def default_bundle_dir(export_output: str, run_name: str) -> str:
-    """Where ``export`` writes and ``serve`` reads a run's bundle: ``export.output``, else
-    ``bundles/<run name>`` (absolute, so Serve replicas in other folders find it)."""
-    return os.path.abspath(export_output or os.path.join("bundles", run_name))
+    """Where ``export`` writes and ``serve`` reads a run's bundle: ``export.output`` (a folder or
+    an object-store URI), else ``bundles/<run name>``; a folder is made absolute, so Serve
+    replicas in other folders find it."""
+    return object_store.absolute(export_output or os.path.join("bundles", run_name))
 
 
 class BundleError(ValueError):
@@ -80,7 +85,7 @@ class BundleManifest:
 class Bundle:
     """A loaded bundle: the model (eval mode; W8A16 when asked and present) and its vocabularies."""
 
-    path: str
+    path: str  # where it was loaded from: a local folder or an object-store URI
     manifest: BundleManifest
     model: nn.Module
     items: pa.Table
@@ -190,7 +195,12 @@ def read_manifest(path: str) -> BundleManifest:
     if not os.path.exists(where):
         raise BundleError(f"bundle {path} has no {MANIFEST}: not a bundle, or an export that did not finish")
     with open(where) as f:
-        return parse_record(BundleManifest, f.read(), where, BundleError, version=BUNDLE_FORMAT, strict=True)
+        return parse_manifest(f.read(), where)
+
+
+def parse_manifest(text: str, where: str) -> BundleManifest:
+    """A ``bundle.json``'s text, checked for shape; ``where`` names it in errors."""
+    return parse_record(BundleManifest, text, where, BundleError, version=BUNDLE_FORMAT, strict=True)
 
 
 def check_files(path: str, manifest: BundleManifest) -> None:
@@ -251,18 +261,34 @@ def _check_vocabulary(path: str, manifest: BundleManifest, items: pa.Table, user
             )
 
 
-def load_bundle(path: str, *, w8a16: bool = False) -> Bundle:
-    """Load and check the bundle at ``path``; ``w8a16`` serves its quantized weights."""
+def load_bundle(
+    path: str,
+    *,
+    w8a16: bool = False,
+    storage_options: dict[str, str] | None = None,
+    cache_dir: str = DEFAULT_CACHE_DIR,
+) -> Bundle:
+    """Load and check the bundle at ``path``; ``w8a16`` serves its quantized weights.
+
+    ``path`` may be an object-store URI: the bundle is then copied (once, checked) into
+    ``cache_dir/<model_version>`` with ``storage_options`` (``lake.storage_options``) and
+    loaded from there."""
     from components.config_loader import from_dict
     from models.variants import ModelConfig, build_model
 
-    path = os.path.abspath(path)
-    manifest = read_manifest(path)
-    check_files(path, manifest)
+    if object_store.is_remote(path):
+        from components.bundle_store import fetch_bundle  # builds on this module, hence imported here
+
+        local = fetch_bundle(path, storage_options, cache_dir)  # files and hashes checked
+        manifest = read_manifest(local)
+    else:
+        local = path = os.path.abspath(path)
+        manifest = read_manifest(local)
+        check_files(local, manifest)
     if w8a16 and not manifest.w8a16:
         raise BundleError(f"bundle {path} has no W8A16 weights (export with --export.w8a16=true)")
-    items = pq.read_table(os.path.join(path, ITEMS))
-    users = pq.read_table(os.path.join(path, USERS))
+    items = pq.read_table(os.path.join(local, ITEMS))
+    users = pq.read_table(os.path.join(local, USERS))
     _check_vocabulary(path, manifest, items, users)
     try:
         model = build_model(from_dict(ModelConfig, manifest.model, "model"))
@@ -272,7 +298,7 @@ def load_bundle(path: str, *, w8a16: bool = False) -> Bundle:
         from models.quant import quantize_w8a16
 
         model = quantize_w8a16(model, inplace=True)
-        _load_weights(model, os.path.join(path, WEIGHTS_W8A16))
+        _load_weights(model, os.path.join(local, WEIGHTS_W8A16))
     else:
-        _load_weights(model, os.path.join(path, WEIGHTS))
+        _load_weights(model, os.path.join(local, WEIGHTS))
     return Bundle(path, manifest, model.eval(), items, users, quantized=w8a16)

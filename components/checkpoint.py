@@ -1,6 +1,7 @@
 """Training checkpoints: sharded tensors by ``torch.distributed.checkpoint``, facts in ``meta.json``.
 
-A checkpoint is a folder (local, or an object-store URI reached through ``pyarrow.fs``):
+A checkpoint is a folder: local, or on an object store (an ``s3://``/``gs://`` URI reached
+through ``pyarrow.fs`` with ``lake.storage_options``, components/object_store.py):
 
     .metadata, __<rank>_0.distcp   torch.distributed.checkpoint files: tensors only
                                    (model, fused sparse optimizer state, AdamW state)
@@ -19,13 +20,14 @@ import os
 import pickle
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
 
+from components import object_store
 from components.json_record import parse_record
 
 META_FILE = "meta.json"
@@ -74,49 +76,37 @@ class CheckpointMeta:
 
 
 # ---------------------------------------------------------------------------------------------
-# Locations: local folders and object-store URIs
+# Locations: local folders and object-store URIs (components/object_store.py)
 # ---------------------------------------------------------------------------------------------
-def filesystem(path: str):
-    """(pyarrow filesystem, path inside it); local paths are made absolute."""
-    import pyarrow.fs as pafs
-
-    if "://" in path and not path.startswith("file://"):
-        return pafs.FileSystem.from_uri(path)
-    local = path[len("file://") :] if path.startswith("file://") else path
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local))
-
-
-def is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
-
-
-def storage_root(path: str) -> str:
-    """``train.storage_path`` as Ray Train takes it: an absolute local folder, or the URI unchanged."""
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
 def run_dir(storage_path: str, run_name: str) -> str:
     """Where a training run's checkpoints live: ``storage_path/run_name``."""
-    return f"{storage_root(storage_path).rstrip('/')}/{run_name}"
+    return object_store.join(object_store.absolute(storage_path), run_name)
 
 
-def write_text(path: str, text: str) -> None:
+def write_text(path: str, text: str, storage_options: Mapping[str, str] | None = None) -> None:
     """Write ``text`` to a local path or object-store URI through a temporary name and a move,
     so a reader never sees it half-written."""
-    fs, inner = filesystem(path)
+    fs, inner = object_store.filesystem(path, storage_options)
     parent = inner.rsplit("/", 1)[0]
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(f"{inner}.tmp") as stream:
-        stream.write(text.encode())
-    fs.move(f"{inner}.tmp", inner)
+    with object_store.explained(path, storage_options):
+        if parent:
+            fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(f"{inner}.tmp") as stream:
+            stream.write(text.encode())
+        fs.move(f"{inner}.tmp", inner)
 
 
-def read_meta(path: str) -> CheckpointMeta:
-    """The ``meta.json`` of checkpoint ``path``; CheckpointError when absent or incomplete."""
+def read_meta(path: str, storage_options: Mapping[str, str] | None = None) -> CheckpointMeta:
+    """The ``meta.json`` of checkpoint ``path``; CheckpointError when absent or incomplete.
+
+    ``storage_options`` (``lake.storage_options``) reach a checkpoint on an object store."""
+    with object_store.explained(path, storage_options):
+        return _read_meta(path, *object_store.filesystem(path, storage_options))
+
+
+def _read_meta(path: str, fs, base: str) -> CheckpointMeta:
     import pyarrow.fs as pafs
 
-    fs, base = filesystem(path)
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -206,54 +196,61 @@ def _read_dcp_metadata(stream):
     return _IndexUnpickler(stream).load()
 
 
-def list_checkpoints(run_dir: str) -> list[tuple[str, CheckpointMeta]]:
+def list_checkpoints(
+    run_dir: str, storage_options: Mapping[str, str] | None = None
+) -> list[tuple[str, CheckpointMeta]]:
     """Complete checkpoints directly under ``run_dir``, oldest first (by step); [] if none."""
     import pyarrow.fs as pafs
 
-    fs, base = filesystem(run_dir)
-    if fs.get_file_info(base).type != pafs.FileType.Directory:
-        return []
+    fs, base = object_store.filesystem(run_dir, storage_options)
+    with object_store.explained(run_dir, storage_options):
+        if fs.get_file_info(base).type != pafs.FileType.Directory:
+            return []
+        entries = fs.get_file_info(pafs.FileSelector(base))
     found = []
-    for entry in fs.get_file_info(pafs.FileSelector(base)):
+    for entry in entries:
         if entry.type != pafs.FileType.Directory or not entry.base_name.startswith("checkpoint_"):
             continue
-        path = entry.path if is_local(run_dir) else f"{run_dir.rstrip('/')}/{entry.base_name}"
+        path = object_store.join(run_dir, entry.base_name) if object_store.is_remote(run_dir) else entry.path
         try:
-            found.append((path, read_meta(path)))
+            found.append((path, read_meta(path, storage_options)))
         except CheckpointError:
             continue  # a save that died half-way is not a checkpoint
     return sorted(found, key=lambda pm: (pm[1].step, pm[0]))
 
 
-def latest_checkpoint(run_dir: str) -> tuple[str, CheckpointMeta] | None:
-    found = list_checkpoints(run_dir)
+def latest_checkpoint(
+    run_dir: str, storage_options: Mapping[str, str] | None = None
+) -> tuple[str, CheckpointMeta] | None:
+    found = list_checkpoints(run_dir, storage_options)
     return found[-1] if found else None
 
 
-def find_checkpoint(checkpoint: str, storage_path: str, run_name: str) -> tuple[str, CheckpointMeta]:
+def find_checkpoint(
+    checkpoint: str, storage_path: str, run_name: str, storage_options: Mapping[str, str] | None = None
+) -> tuple[str, CheckpointMeta]:
     """``checkpoint`` when given, else the latest checkpoint of run ``run_name`` under ``storage_path``
     (what ``eval.checkpoint=""`` and ``export.checkpoint=""`` mean)."""
     if checkpoint:
-        return checkpoint, read_meta(checkpoint)
+        return checkpoint, read_meta(checkpoint, storage_options)
     where = run_dir(storage_path, run_name)
-    found = latest_checkpoint(where)
+    found = latest_checkpoint(where, storage_options)
     if found is None:
+        object_store.check_bucket(where, storage_options)  # "no bucket" says more than "no checkpoint"
         raise CheckpointError(f"no checkpoint under {where} (train first: python -m pipelines.train, or name one)")
     return found
 
 
 @contextmanager
-def local_copy(path: str) -> Iterator[str]:
-    """A local folder holding checkpoint ``path`` (itself when local, a download otherwise)."""
-    import pyarrow.fs as pafs
-
-    if is_local(path):
-        yield filesystem(path)[1]
+def local_copy(path: str, storage_options: Mapping[str, str] | None = None) -> Iterator[str]:
+    """A local folder holding checkpoint ``path`` (itself when local, a download otherwise):
+    torch.distributed.checkpoint reads local files."""
+    if not object_store.is_remote(path):
+        yield object_store.filesystem(path)[1]
         return
     tmp = tempfile.mkdtemp(prefix="ultrarank-ckpt-")
     try:
-        fs, base = filesystem(path)
-        pafs.copy_files(base, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        object_store.download_folder(path, tmp, storage_options)
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -287,7 +284,9 @@ def check_compatible(path: str, meta: CheckpointMeta, model: dict[str, Any]) -> 
         raise CheckpointError(f"checkpoint {path} was trained with other model settings: " + "; ".join(diffs[:8]))
 
 
-def load_tensors(path: str, state: dict, *, distributed: bool) -> None:
+def load_tensors(
+    path: str, state: dict, *, distributed: bool, storage_options: Mapping[str, str] | None = None
+) -> None:
     """``dcp.load`` checkpoint ``path`` into ``state`` in place (every rank when distributed).
 
     DCP reshards as needed: a checkpoint saved by N ranks loads into M ranks or into one
@@ -295,7 +294,7 @@ def load_tensors(path: str, state: dict, *, distributed: bool) -> None:
     """
     import torch.distributed.checkpoint as dcp
 
-    with local_copy(path) as local:
+    with local_copy(path, storage_options) as local:
         try:
             dcp.load(state, checkpoint_id=local, no_dist=not distributed)
         except Exception as exc:  # DCP raises CheckpointException / RuntimeError with per-rank details
@@ -307,18 +306,20 @@ def _first_line(exc: BaseException) -> str:
     return text if len(text) < 600 else text[:600] + " ..."
 
 
-def load_model(path: str, meta: CheckpointMeta | None = None) -> tuple[nn.Module, CheckpointMeta]:
+def load_model(
+    path: str, meta: CheckpointMeta | None = None, storage_options: Mapping[str, str] | None = None
+) -> tuple[nn.Module, CheckpointMeta]:
     """The trained model of checkpoint ``path``, unsharded and in eval mode (one process, no Ray).
 
-    Used by evaluation and serving; tensors go through DCP (no pickle).
+    Used by evaluation and export; tensors go through DCP (no pickle).
     """
     from components.config_loader import from_dict
     from models.variants import ModelConfig, build_model
 
-    meta = meta or read_meta(path)
+    meta = meta or read_meta(path, storage_options)
     model = build_model(from_dict(ModelConfig, meta.model, "model"))
     state = {"model": model.state_dict()}
-    load_tensors(path, state, distributed=False)
+    load_tensors(path, state, distributed=False, storage_options=storage_options)
     model.load_state_dict(state["model"])
     return model.eval(), meta
 

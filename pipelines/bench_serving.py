@@ -87,14 +87,13 @@ def in_process(config: PipelineConfig, plan: Plan) -> tuple[dict, object]:
     """Predictor fit and held-out error, cache hit/miss compute, simulated policies."""
     import torch
 
-    from components.bundle import load_bundle
     from components.lake import lake_root
-    from pipelines.serve import bundle_of
+    from pipelines.serve import served_bundle
     from serving.ranker_core import RankerCore
     from serving.sequence_store import SequenceStore
 
     torch.set_num_threads(config.serve.torch_threads)
-    bundle = load_bundle(bundle_of(config))
+    bundle = served_bundle(config)
     store = SequenceStore.load(lake_root(config.lake.root), config.lake.storage_options)
     core = RankerCore(bundle, store, config.serve)
     fit = core.profile(rng_seed=0)
@@ -477,10 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     result["simulated"] = simulated(core, config, result["serve"]["capacity_per_s"], plan)
     checkpoints = [c for c in args.w8a16_checkpoints.split(",") if c]
     if not checkpoints:
-        from components.bundle import read_manifest
-        from pipelines.serve import bundle_of
+        from pipelines.serve import served_bundle
 
-        checkpoints = [read_manifest(bundle_of(config)).checkpoint["path"]]
+        checkpoints = [served_bundle(config).manifest.checkpoint["path"]]
     result["w8a16"] = w8a16(config, checkpoints, plan.w8a16_batches)
     result.update(headline(result))
     result["total_s"] = round(time.perf_counter() - started, 1)

@@ -161,7 +161,9 @@ class TrainConfig:
     log_every_steps: int = 20
     checkpoint_every_steps: int = 0  # 0 = at the end of every epoch only
     num_checkpoints_to_keep: int = 2
-    # Local folder or object-store URI; the run lives in ``storage_path/run_name``.
+    # Local folder or object-store URI (s3://bucket/checkpoints, gs://...); the run lives in
+    # ``storage_path/run_name``. A URI is reached with ``lake.storage_options`` (the same store
+    # as the lake: endpoint, credentials, region), given to Ray Train as a pyarrow filesystem.
     storage_path: str = "checkpoints"
     run_name: str = ""  # "" = the variant's name
     # auto: continue the run of the same name if it has a checkpoint; never: a fresh run;
@@ -225,8 +227,9 @@ class ExportConfig:
     # A checkpoint folder or URI; "" = the latest checkpoint of the train run the config names.
     checkpoint: str = ""
     w8a16: bool = False  # also write W8A16 weights (int8 weights, float activations)
-    # The bundle folder (local); "" = ``bundles/<run name>``. Give an absolute path in a preset
-    # meant for ``ray job submit`` (the job runs in an uploaded copy of the working directory).
+    # The bundle folder or object-store URI (s3://bucket/bundles/full, reached with
+    # ``lake.storage_options``); "" = ``bundles/<run name>``. Give an absolute path or a URI in a
+    # preset meant for ``ray job submit`` (the job runs in an uploaded copy of the working directory).
     output: str = ""
 
 

@@ -67,11 +67,13 @@ class GroupScorer:
     driver's metrics see every candidate exactly once whatever the batching.
     """
 
-    def __init__(self, checkpoint: str, max_seq_len: int, threads: int = 1) -> None:
+    def __init__(
+        self, checkpoint: str, max_seq_len: int, threads: int = 1, storage_options: dict[str, str] | None = None
+    ) -> None:
         import torch
 
         torch.set_num_threads(threads)
-        self.model, _ = load_model(checkpoint)
+        self.model, _ = load_model(checkpoint, storage_options=storage_options)
         self.collate = CollateConfig(max_seq_len=max_seq_len)
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
@@ -112,10 +114,11 @@ def run_evaluate(config: PipelineConfig) -> tuple[EvalReport, str]:
     """Score ``eval.split`` with the checkpoint; (report, metrics.json path). Ray must be up."""
     started = time.perf_counter()
     cfg = config.eval
-    path, meta = find_checkpoint(cfg.checkpoint, config.train.storage_path, config.run_name)
+    options = config.lake.storage_options
+    path, meta = find_checkpoint(cfg.checkpoint, config.train.storage_path, config.run_name, options)
     if os.path.abspath(meta.lake_root) != lake.lake_root(config.lake.root) and "://" not in meta.lake_root:
         logger.warning("checkpoint was trained on lake %s; evaluating on %s", meta.lake_root, config.lake.root)
-    data = pin_training_data(config.lake.root, config.lake.storage_options, meta.samples_version)
+    data = pin_training_data(config.lake.root, options, meta.samples_version)
     if data.split_rows.get(cfg.split, 0) == 0:
         raise EvaluateError(f"split {cfg.split!r} of samples version {data.samples_version} has no groups")
     max_seq_len = int(meta.train.get("max_seq_len") or data.max_seq_len)
@@ -129,7 +132,8 @@ def run_evaluate(config: PipelineConfig) -> tuple[EvalReport, str]:
     )
     scored = data.load_groups(cfg.split, max_seq_len).map_batches(
         GroupScorer,
-        fn_constructor_kwargs={"checkpoint": path, "max_seq_len": max_seq_len},
+        # The actors carry no store settings of their own: the options travel with them.
+        fn_constructor_kwargs={"checkpoint": path, "max_seq_len": max_seq_len, "storage_options": dict(options)},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         concurrency=cfg.num_actors,
@@ -162,7 +166,7 @@ def run_evaluate(config: PipelineConfig) -> tuple[EvalReport, str]:
         wandb=tracker.path,
     )
     tracker.finish()
-    write_text(output, json.dumps(asdict(report), indent=1, sort_keys=True))
+    write_text(output, json.dumps(asdict(report), indent=1, sort_keys=True), options)
     return report, output
 
 

@@ -4,8 +4,10 @@
 
 The bundle holds the consolidated weights (safetensors, no pickle), optional W8A16 weights,
 the item and user vocabularies at the lake versions the checkpoint was trained on, the model
-and serving config, and a content-hash ``model_version``. Exit 0 done, 1 a missing or bad
-checkpoint or lake, 2 a config error.
+and serving config, and a content-hash ``model_version``. ``export.output`` may be an
+object-store URI (reached with ``lake.storage_options``, like a checkpoint URI): the bundle is
+written and checked locally, then uploaded with ``bundle.json`` last. Exit 0 done, 1 a missing
+or bad checkpoint or lake, 2 a config error (also a store that cannot be reached as configured).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import time
 
 from components import lake
 from components.bundle import BundleError, BundleManifest, default_bundle_dir, load_bundle, write_bundle
-from components.checkpoint import CheckpointError, find_checkpoint, load_model
+from components.bundle_store import bundle_target
+from components.checkpoint import CheckpointError, CheckpointMeta, find_checkpoint, load_model
 from components.sequence_join import pinned_versions
 from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig
@@ -42,9 +45,18 @@ def tags_per_item(root: str, samples_version: int, options: dict[str, str]) -> i
 def run_export(config: PipelineConfig) -> tuple[str, BundleManifest]:
     """Write the bundle; (its folder, its manifest). Reads the lake, needs no Ray."""
     cfg = config.export
-    checkpoint, meta = find_checkpoint(cfg.checkpoint, config.train.storage_path, config.run_name)
-    model, meta = load_model(checkpoint, meta)
     options = config.lake.storage_options
+    checkpoint, meta = find_checkpoint(cfg.checkpoint, config.train.storage_path, config.run_name, options)
+    out = bundle_path(config)
+    with bundle_target(out, options) as folder:
+        manifest = _write(config, checkpoint, meta, folder)
+    return out, manifest
+
+
+def _write(config: PipelineConfig, checkpoint: str, meta: CheckpointMeta, out: str) -> BundleManifest:
+    """Write the bundle of ``checkpoint`` into the local folder ``out`` and check that it loads."""
+    options = config.lake.storage_options
+    model, meta = load_model(checkpoint, meta, options)
     samples_version, sequences_version, info = pinned_versions(meta.lake_root, options, meta.samples_version)
     versions = {name: int(info[f"{name}_version"]) for name in ("items", "users")}
     tables = {
@@ -52,7 +64,6 @@ def run_export(config: PipelineConfig) -> tuple[str, BundleManifest]:
         for name, version in versions.items()
     }
     max_seq_len = int(meta.train.get("max_seq_len") or info["max_seq_len"])
-    out = bundle_path(config)
     manifest = write_bundle(
         out,
         model,
@@ -69,10 +80,10 @@ def run_export(config: PipelineConfig) -> tuple[str, BundleManifest]:
             **{f"{name}_version": v for name, v in versions.items()},
         },
         checkpoint={"path": checkpoint, "step": meta.step},
-        w8a16=cfg.w8a16,
+        w8a16=config.export.w8a16,
     )
-    load_bundle(out, w8a16=cfg.w8a16)  # what was written loads: every check a replica will run
-    return out, manifest
+    load_bundle(out, w8a16=config.export.w8a16)  # what was written loads: every check a replica will run
+    return manifest
 
 
 def _main(config: PipelineConfig, args: argparse.Namespace) -> int:

@@ -198,13 +198,12 @@ def plot(summary: dict, records_by_rate: dict[str, list[dict]], out: Path) -> li
 
 def users_and_items(config: PipelineConfig) -> tuple[list[int], list[int]]:
     """Users of the lake's sequences and items of the served bundle (what the schedule draws from)."""
-    from components.bundle import load_bundle
     from components.lake import lake_root
-    from pipelines.serve import bundle_of
+    from pipelines.serve import served_bundle
     from serving.sequence_store import SequenceStore
 
     store = SequenceStore.load(lake_root(config.lake.root), config.lake.storage_options)
-    items = load_bundle(bundle_of(config)).items["item_id"].to_pylist()
+    items = served_bundle(config).items["item_id"].to_pylist()
     return [int(u) for u in store.user_ids], items
 
 

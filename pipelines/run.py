@@ -38,16 +38,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from components import lake, lake_stats
-from components.bundle import BundleError, read_manifest
-from components.checkpoint import (
-    CheckpointError,
-    CheckpointMeta,
-    latest_checkpoint,
-    read_meta,
-    run_dir,
-    storage_root,
-)
+from components import lake, lake_stats, object_store
+from components.bundle import MANIFEST as BUNDLE_MANIFEST
+from components.bundle import BundleError, parse_manifest
+from components.checkpoint import CheckpointError, CheckpointMeta, latest_checkpoint, read_meta, run_dir
 from components.collate import CollateConfig, collate_groups
 from components.config_loader import ConfigError, to_dict
 from components.validation import IngestError
@@ -156,6 +150,12 @@ def stage_inputs(name: str, config: PipelineConfig, manifest: RunManifest) -> di
     return {}
 
 
+def bundle_version(location: str, options: Mapping[str, str]) -> str | None:
+    """The ``model_version`` of the bundle at ``location`` (a folder or URI); None when absent."""
+    text = object_store.read_text(object_store.join(location, BUNDLE_MANIFEST), options)
+    return None if text is None else parse_manifest(text, location).model_version
+
+
 def still_there(name: str, config: PipelineConfig) -> Callable[[Mapping[str, Any]], bool]:
     """A check that recorded outputs of stage ``name`` still exist unchanged."""
     root, options = lake.lake_root(config.lake.root), config.lake.storage_options
@@ -171,12 +171,12 @@ def still_there(name: str, config: PipelineConfig) -> Callable[[Mapping[str, Any
             if name in ("ingest", "features"):
                 return tables_at(out["versions"])
             if name == "train":
-                read_meta(out["checkpoint"])
+                read_meta(out["checkpoint"], options)
                 return files(out["summary"])
             if name == "evaluate":
                 return files(out["metrics"], out["floors"])
             if name == "export":
-                return read_manifest(out["bundle"]).model_version == out["model_version"] and files(out["summary"])
+                return bundle_version(out["bundle"], options) == out["model_version"] and files(out["summary"])
             if name == "loadtest":
                 return files(out["summary"])
             return name == "serve"
@@ -327,7 +327,7 @@ class Pipeline:
         config, t = self.config, self.config.train
         if t.resume != "auto":
             return config
-        latest = latest_checkpoint(run_dir(storage_root(t.storage_path), config.run_name))
+        latest = latest_checkpoint(run_dir(t.storage_path, config.run_name), config.lake.storage_options)
         if latest is None:
             return config
         samples_version = self.manifest.outputs("features")["versions"]["samples"]
@@ -552,9 +552,8 @@ def _serve_until_stopped(pipeline: Pipeline) -> None:
     if not pipeline.url:
         pipeline.manifest.record(pipeline.timed("serve", pipeline.ensure_serving))
         pipeline.manifest.save(pipeline.folder)
-    config = pipeline.config
     bundle = pipeline.manifest.outputs("export")["bundle"]
-    example = example_request(bundle, lake.lake_root(config.lake.root), config.lake.storage_options)
+    example = example_request(pipeline.serving_config())
     print(f"\nserving {bundle} at {pipeline.url}")
     print(f"  curl -s {pipeline.url}/rank -H 'content-type: application/json' -d '{json.dumps(example)}'")
     print("Ctrl-C (or SIGTERM) stops it.", flush=True)

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import threading
 import time
 
-from components import lake
-from components.bundle import BundleError, load_bundle
+from components import lake, object_store
+from components.bundle import Bundle, BundleError, load_bundle
 from components.config_loader import ConfigError
 from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig
@@ -33,15 +32,22 @@ logger = logging.getLogger(__name__)
 
 
 def bundle_of(config: PipelineConfig) -> str:
-    return os.path.abspath(config.serve.bundle or bundle_path(config))
+    """The served bundle's location: ``serve.bundle``, else export's; a folder made absolute, a URI kept."""
+    return object_store.absolute(config.serve.bundle or bundle_path(config))
 
 
-def example_request(bundle_dir: str, root: str, storage_options: dict[str, str]) -> dict:
+def served_bundle(config: PipelineConfig, *, w8a16: bool = False) -> Bundle:
+    """The bundle ``serve`` would deploy, loaded as a replica loads it (a URI through the cache)."""
+    options, cache_dir = config.lake.storage_options, config.serve.bundle_cache
+    return load_bundle(bundle_of(config), w8a16=w8a16, storage_options=options, cache_dir=cache_dir)
+
+
+def example_request(config: PipelineConfig) -> dict:
     """A request for a user with a history and five known items (for the printed curl line)."""
     from serving.sequence_store import SequenceStore
 
-    bundle = load_bundle(bundle_dir)
-    store = SequenceStore.load(root, storage_options)
+    bundle = served_bundle(config)
+    store = SequenceStore.load(lake.lake_root(config.lake.root), config.lake.storage_options)
     lengths = store.offsets[1:] - store.offsets[:-1]
     user = int(store.user_ids[int(lengths.argmax())]) if store.user_ids.size else 0
     items = bundle.items["item_id"].to_pylist()[:5]
@@ -69,7 +75,7 @@ def start(config: PipelineConfig, *, blocking: bool = False) -> str:
             f"{proxy_limits.CEILING_ENV}={proxy_limits.ceiling()}; raise the latter before Ray starts"
         )
     bundle_dir = bundle_of(config)
-    load_bundle(bundle_dir, w8a16=cfg.w8a16)  # fail here, with the bundle's own error, not in a replica
+    served_bundle(config, w8a16=cfg.w8a16)  # fail here, with the bundle's own error, not in a replica
     serve.start(
         proxy_location=cfg.proxy_location,
         http_options={"host": cfg.host, "port": cfg.port},
@@ -89,7 +95,7 @@ def _main(config: PipelineConfig, args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         started = time.perf_counter()
         url = start(config)
-        example = example_request(bundle_of(config), lake.lake_root(config.lake.root), config.lake.storage_options)
+        example = example_request(config)
         print(f"serving {bundle_of(config)} at {url} (ready in {time.perf_counter() - started:.1f} s)")
         print(f"  curl -s {url}/rank -H 'content-type: application/json' -d '{json.dumps(example)}'")
         print(f"  curl -s {url}/readyz   |  {url}/metrics   |  {url}/docs")

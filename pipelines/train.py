@@ -9,6 +9,10 @@ row-wise Adagrad and DDP dense parameters with AdamW, one synchronous step per b
 resolves vocabulary sizes and the resume point, and prints a summary at the end: best
 valid metrics, the checkpoint path and the W&B run.
 
+Checkpoints go to ``train.storage_path/run_name``: a folder, or an object-store URI reached with
+``lake.storage_options`` (Ray Train gets the pyarrow filesystem built from them; its workers
+carry no store settings of their own).
+
 Resume (``train.resume``): ``auto`` continues the run ``storage_path/run_name`` from its
 latest checkpoint (also what Ray Train does after a worker failure, up to
 ``train.max_failures`` times); ``never`` starts a fresh run (a new, timestamped run name if
@@ -27,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from components import lake
+from components import lake, object_store
 from components.checkpoint import (
     CheckpointError,
     CheckpointMeta,
@@ -35,7 +39,6 @@ from components.checkpoint import (
     latest_checkpoint,
     read_meta,
     run_dir,
-    storage_root,
 )
 from components.config_loader import to_dict
 from components.training_data import TrainingData, pin_training_data
@@ -105,9 +108,11 @@ class ResumePlan:
     meta: CheckpointMeta | None  # the checkpoint a resumed run continues from
 
 
-def plan_resume(t: TrainConfig, storage: str, base_name: str, model: dict[str, Any]) -> ResumePlan:
+def plan_resume(
+    t: TrainConfig, storage: str, base_name: str, model: dict[str, Any], storage_options: dict[str, str] | None = None
+) -> ResumePlan:
     """Which run folder, and from which checkpoint (see module docstring)."""
-    latest = latest_checkpoint(run_dir(storage, base_name))
+    latest = latest_checkpoint(run_dir(storage, base_name), storage_options)
     fresh_name = f"{base_name}-{time.strftime('%Y%m%d-%H%M%S')}" if latest else base_name
     if t.resume == "never":
         return ResumePlan(fresh_name, "", None)
@@ -119,7 +124,7 @@ def plan_resume(t: TrainConfig, storage: str, base_name: str, model: dict[str, A
         # Ray Train restores a run's latest checkpoint itself; naming it also covers the
         # in-process mode (num_workers=0), which does not.
         return ResumePlan(base_name, path, meta)
-    meta = read_meta(t.resume)
+    meta = read_meta(t.resume, storage_options)
     check_compatible(t.resume, meta, model)
     return ResumePlan(fresh_name, t.resume, meta)
 
@@ -157,6 +162,7 @@ def build_spec(
         storage=storage,
         wandb_dir=config.wandb_dir,
         resume_path=plan.resume_path,
+        storage_options=dict(config.lake.storage_options),
         extra_config={"samples_version": data.samples_version, "lake_root": data.lake_root},
     )
 
@@ -168,6 +174,9 @@ def make_trainer(config: PipelineConfig, spec: LoopSpec, data: TrainingData, sto
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = config.train
+    # An object store goes to Ray as a pyarrow filesystem built from lake.storage_options and the
+    # path without its scheme: Ray's own from_uri would read the (absent) AWS env of each node.
+    storage_path, storage_filesystem = object_store.ray_storage(storage, spec.storage_options)
     train = data.load_groups("train", spec.max_seq_len)
     if t.shuffle == "global":
         train = train.random_shuffle(seed=t.seed)
@@ -183,7 +192,8 @@ def make_trainer(config: PipelineConfig, spec: LoopSpec, data: TrainingData, sto
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu),
         run_config=RunConfig(
             name=spec.run_name,
-            storage_path=storage,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.num_checkpoints_to_keep),
         ),
@@ -197,10 +207,11 @@ def run_train(config: PipelineConfig) -> TrainSummary:
     from ray.train import TrainingFailedError
 
     t = config.train
-    storage = storage_root(t.storage_path)
+    storage, options = object_store.absolute(t.storage_path), config.lake.storage_options
+    object_store.check_bucket(storage, options)  # before any work: the first save would fail
     base_name = config.run_name
-    probe = pin_training_data(config.lake.root, config.lake.storage_options)
-    plan = plan_resume(t, storage, base_name, to_dict(resolved_model(config.model, probe)))
+    probe = pin_training_data(config.lake.root, options)
+    plan = plan_resume(t, storage, base_name, to_dict(resolved_model(config.model, probe)), options)
     data = probe
     if plan.meta is not None and plan.meta.samples_version != probe.samples_version:
         # A resumed run keeps the data it started on, whatever features wrote since.
@@ -225,10 +236,13 @@ def run_train(config: PipelineConfig) -> TrainSummary:
     out = result.return_value or {}
     if "error" in out:
         raise TrainError(out["error"])
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else ""
+    where = run_dir(storage, spec.run_name)
+    # Ray's path is inside its filesystem (no scheme for a store): name it as the config does.
+    saved = result.checkpoint
+    checkpoint = object_store.join(where, saved.path.rstrip("/").rsplit("/", 1)[-1]) if saved is not None else ""
     return TrainSummary(
         run_name=spec.run_name,
-        run_dir=run_dir(storage, spec.run_name),
+        run_dir=where,
         checkpoint=checkpoint,
         steps=int(out.get("step", 0)),
         epochs=int(out.get("epochs", 0)),

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from components.checkpoint import CheckpointMeta, filesystem, load_tensors, read_meta, run_dir, write_meta
+from components import object_store
+from components.checkpoint import DCP_METADATA, META_FILE, CheckpointMeta, load_tensors, read_meta, run_dir, write_meta
 from components.collate import CollateConfig, GroupCollateFn
 from components.distributed_model import DistributedRanker, ShardingSpec
 from components.tracking import Tracker
@@ -56,6 +57,9 @@ class LoopSpec:
     storage: str  # absolute folder or URI; the run lives in storage/run_name
     wandb_dir: str
     resume_path: str = ""  # explicit checkpoint to start from when Ray holds none
+    # lake.storage_options: endpoint and credentials of an object-store ``storage`` or
+    # ``resume_path`` (workers carry no store settings of their own). Never logged.
+    storage_options: dict[str, str] = field(default_factory=dict, repr=False)
     extra_config: dict[str, Any] = field(default_factory=dict)  # logged to W&B beside the spec
 
     @property
@@ -157,14 +161,14 @@ def restore(dr: DistributedRanker, spec: LoopSpec) -> Progress:
         with checkpoint.as_directory() as path:
             return _load(dr, path)
     if spec.resume_path:
-        return _load(dr, spec.resume_path)
+        return _load(dr, spec.resume_path, spec.storage_options)
     return Progress()
 
 
-def _load(dr: DistributedRanker, path: str) -> Progress:
-    meta = read_meta(path)
+def _load(dr: DistributedRanker, path: str, storage_options: dict[str, str] | None = None) -> Progress:
+    meta = read_meta(path, storage_options)
     state = dr.state_dict()
-    load_tensors(path, state, distributed=True)
+    load_tensors(path, state, distributed=True, storage_options=storage_options)
     dr.load_state_dict(state)
     logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, meta.step, meta.epoch, meta.step_in_epoch)
     return Progress(meta.step, meta.epoch, meta.step_in_epoch)
@@ -185,23 +189,30 @@ def save_checkpoint(
         checkpoint = ray.train.Checkpoint.from_directory(directory)
         if spec.train.num_workers == 0:
             # In-process mode reports without uploading: persist it ourselves, where Ray would.
-            checkpoint = persist(directory, f"{run_dir(spec.storage, spec.run_name)}/{name}")
+            checkpoint = persist(directory, f"{run_dir(spec.storage, spec.run_name)}/{name}", spec.storage_options)
         ray.train.report(
             {**metrics, "step": progress.step, "epoch": progress.epoch}, checkpoint=checkpoint, checkpoint_dir_name=name
         )
 
 
-def persist(directory: str, target: str):
-    """Copy a local checkpoint folder to ``target`` (folder or URI); the copy's Checkpoint."""
+def persist(directory: str, target: str, storage_options: dict[str, str] | None = None):
+    """Copy a local checkpoint folder to ``target`` (folder or URI); the copy's Checkpoint.
+
+    A local copy is staged and moved into place at once. An object store has no folder move:
+    the tensor files go first, ``.metadata`` and ``meta.json`` last, and a reader counts a
+    checkpoint only once those are there (components/checkpoint.py ``read_meta``)."""
     import pyarrow.fs as pafs
     import ray.train
 
-    fs, path = filesystem(target)
-    staging = f"{path}.partial"  # the move makes it all appear at once
-    fs.create_dir(staging, recursive=True)
-    pafs.copy_files(directory, staging, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    fs.move(staging, path)
-    return ray.train.Checkpoint(path=target)
+    fs, path = object_store.filesystem(target, storage_options)
+    if object_store.is_remote(target):
+        object_store.upload_folder(directory, target, storage_options, last=(DCP_METADATA, META_FILE))
+    else:
+        staging = f"{path}.partial"
+        fs.create_dir(staging, recursive=True)
+        pafs.copy_files(directory, staging, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        fs.move(staging, path)
+    return ray.train.Checkpoint(path=path, filesystem=fs)
 
 
 # ---------------------------------------------------------------------------------------------

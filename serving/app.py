@@ -27,6 +27,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect
 
+from components import object_store
 from components.bundle import default_bundle_dir
 from components.config_loader import ConfigError, from_dict, merge, parse_overrides, read_preset, to_dict
 from components.lake import LakeConfig, lake_root
@@ -168,7 +169,7 @@ def api_key_of(config: ServeConfig) -> str:
 
 
 def resolve(args: dict[str, str]) -> tuple[ServeConfig, str, str, dict[str, str]]:
-    """``build``'s arguments -> (serve config, bundle folder, lake root, storage options).
+    """``build``'s arguments -> (serve config, bundle folder or URI, lake root, storage options).
 
     Reads the preset's ``serve`` and ``lake`` sections (overrides as ``serve.num_replicas=2``);
     the bundle is ``bundle=``, else ``serve.bundle``, else the one ``export`` writes for the
@@ -184,7 +185,7 @@ def resolve(args: dict[str, str]) -> tuple[ServeConfig, str, str, dict[str, str]
         train, model = data.get("train") or {}, data.get("model") or {}
         run_name = train.get("run_name") or model.get("variant") or ModelConfig().variant
         bundle = config.bundle or default_bundle_dir((data.get("export") or {}).get("output", ""), run_name)
-    return config, os.path.abspath(bundle), lake_root(lake_config.root), lake_config.storage_options
+    return config, object_store.absolute(bundle), lake_root(lake_config.root), lake_config.storage_options
 
 
 def build(args: dict[str, str]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from components.bundle import DEFAULT_CACHE_DIR
 from components.config_loader import ConfigError
 from components.slo_scheduler import SchedulerConfig
 
@@ -18,8 +19,11 @@ def _default_classes() -> dict[str, float]:
 class ServeConfig:
     """``python -m pipelines.serve`` and ``serving.app:build``."""
 
-    # The bundle folder (python -m pipelines.export); "" = export.output, i.e. bundles/<run name>.
+    # The bundle folder or object-store URI (python -m pipelines.export); "" = export.output, i.e.
+    # bundles/<run name>. A URI is read with ``lake.storage_options`` and copied once into
+    # ``bundle_cache``/<model_version> on each node, then loaded from there.
     bundle: str = ""
+    bundle_cache: str = DEFAULT_CACHE_DIR
     w8a16: bool = False  # serve the bundle's W8A16 weights
     host: str = "127.0.0.1"
     port: int = 8000

@@ -38,7 +38,10 @@ class RankerReplica:
         self.config = from_dict(ServeConfig, config, "serve")
         torch.set_num_threads(self.config.torch_threads)
         self.lake_root, self.storage_options = lake_root, storage_options
-        bundle = load_bundle(bundle_path, w8a16=self.config.w8a16)
+        # A bundle URI is fetched with the lake's options (replicas carry no store settings).
+        bundle = load_bundle(
+            bundle_path, w8a16=self.config.w8a16, storage_options=storage_options, cache_dir=self.config.bundle_cache
+        )
         store = SequenceStore.load(lake_root, storage_options)
         self.core = RankerCore(bundle, store, self.config)
         started = time.perf_counter()

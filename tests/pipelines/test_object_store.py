@@ -1,18 +1,23 @@
-"""``lake.storage_options`` reach every stage: the main job on a real S3-compatible server.
+"""``lake.storage_options`` reach every stage: the main job on a real S3-compatible server, with
+the lake, the training checkpoints (``train.storage_path``) and the serving bundle
+(``export.output``) all in one bucket and nothing written to local disk.
 
 moto's S3 server runs in a child process on 127.0.0.1 at a port chosen by the OS, and its
 endpoint exists ONLY in ``lake.storage_options``: neither this process nor the Ray workers
-carry any AWS setting. A stage (driver, Ray task or Ray Data UDF) that drops the options
-falls back to AWS' public endpoint without credentials and fails, and so does the test.
+carry any AWS setting. A stage (driver, Ray task, Ray Data UDF, Ray Train worker) that drops
+the options falls back to AWS' public endpoint without credentials and fails, and so does the test.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -21,6 +26,8 @@ from tests.small_runs import TINY_MODEL
 
 BUCKET = "lake-bucket"
 ROOT = f"s3://{BUCKET}/lake"
+CHECKPOINTS = f"s3://{BUCKET}/checkpoints"
+BUNDLE = f"s3://{BUCKET}/bundles/full"
 # Every variable that could point deltalake (object_store) at an endpoint or give it credentials.
 AWS_ENV = re.compile(r"^AWS_(?!CA_BUNDLE$)")
 # The server prints its port and serves until it is terminated. A child process, not a thread:
@@ -39,7 +46,6 @@ threading.Event().wait()
 @pytest.fixture(scope="module")
 def s3_options() -> Iterator[dict[str, str]]:
     """deltalake storage options of a fresh moto S3 server holding one empty bucket."""
-    import boto3
 
     env = {k: v for k, v in os.environ.items() if not AWS_ENV.match(k)}
     server = subprocess.Popen(
@@ -57,19 +63,31 @@ def s3_options() -> Iterator[dict[str, str]]:
             "AWS_ALLOW_HTTP": "true",
             "AWS_S3_ALLOW_UNSAFE_RENAME": "true",  # one writer at a time here; no lock service
         }
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id=options["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=options["AWS_SECRET_ACCESS_KEY"],
-            region_name=options["AWS_REGION"],
-        )
-        s3.create_bucket(Bucket=BUCKET)
+        _client(options).create_bucket(Bucket=BUCKET)
         yield options
     finally:
         server.terminate()  # the server keeps nothing worth a clean shutdown
         server.wait(timeout=10)
         server.stdout.close()
+
+
+def _client(options: dict[str, str]):
+    """boto3 on the server, to look at the bucket from outside the code under test."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=options["AWS_ENDPOINT_URL"],
+        aws_access_key_id=options["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=options["AWS_SECRET_ACCESS_KEY"],
+        region_name=options["AWS_REGION"],
+    )
+
+
+def _keys(options: dict[str, str], prefix: str) -> list[str]:
+    """Every object key under ``prefix`` in the bucket (relative to it)."""
+    pages = _client(options).get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return sorted(item["Key"][len(prefix) :] for page in pages for item in page.get("Contents", []))
 
 
 def _aws_env_of_this_process() -> list[str]:
@@ -84,19 +102,20 @@ def _table_version_without_options(uri: str) -> str:
         return "LakeError"
 
 
-def test_storage_options_reach_every_stage(ray_session, s3_options, tmp_path, monkeypatch, capsys):
-    from components.config_loader import load_config
-    from components.floors import floor_metrics
-    from pipelines.bench_data import compare_lakes
-    from pipelines.config import PipelineConfig
-    from pipelines.features_reference import run_reference
-    from pipelines.run import main
+@dataclass(frozen=True)
+class StoreRun:
+    """The main job run once with lake, checkpoints and bundle on the server."""
 
-    for key in _aws_env_of_this_process():
-        monkeypatch.delenv(key)
-    aws_env_of_workers = ray_session.remote(_aws_env_of_this_process)
-    assert ray_session.get(aws_env_of_workers.remote()) == [], "Ray workers must not carry AWS settings"
-    monkeypatch.chdir(tmp_path)  # a stage that wrote a local "lake" folder instead would show here
+    code: int
+    out: str
+    err: str
+    overrides: list[str]  # the lake's settings (store options included)
+    cwd_after: list[str]  # what the job left in the folder it ran in
+
+
+@pytest.fixture(scope="module")
+def store_run(ray_session, s3_options, tmp_path_factory) -> StoreRun:
+    from pipelines.run import main
 
     overrides = [
         f"--lake.root={ROOT}",
@@ -110,34 +129,52 @@ def test_storage_options_reach_every_stage(ray_session, s3_options, tmp_path, mo
         "--ray.enable_progress_bars=false",
         *(f'--lake.storage_options.{key}="{value}"' for key, value in s3_options.items()),
     ]
-    # Train, evaluate and export read the store's groups and vocabularies too (checkpoints and
-    # the serving bundle stay on local disk: Ray Train's storage is not given the lake's options,
-    # and a bundle is a local folder that replicas load).
-    checkpoints = tmp_path.parent / f"{tmp_path.name}-checkpoints"
+    # Train (one real Ray Train worker: Ray uploads its checkpoints through the filesystem built
+    # from the options), evaluate (Ray Data actors download the checkpoint) and export (uploads
+    # the bundle) all go to the store. In-process training is checked on its own below.
     training = [
         *TINY_MODEL,
-        "--train.num_workers=0",
+        "--train.num_workers=1",
         "--train.max_steps=2",
         "--train.batch_size=2",
         "--train.max_seq_len=16",
-        f"--train.storage_path={checkpoints}",
-        f"--export.output={checkpoints / 'bundle'}",
+        "--train.shuffle=local",  # no Ray Data shuffle stage: the test is about storage
+        f"--train.storage_path={CHECKPOINTS}",
+        f"--export.output={BUNDLE}",
     ]
-    code = main(["--config", "demo", *overrides, *training])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err[-3000:]
+    cwd = tmp_path_factory.mktemp("store-run-cwd")  # a stage that wrote locally would show here
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        for key in _aws_env_of_this_process():
+            patch.delenv(key)
+        patch.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["--config", "demo", *overrides, *training, "--stages=export"])
+    return StoreRun(code, out.getvalue(), err.getvalue(), overrides, sorted(os.listdir(cwd)))
+
+
+def test_storage_options_reach_every_stage(ray_session, s3_options, store_run):
+    from components.config_loader import load_config
+    from components.floors import floor_metrics
+    from pipelines.bench_data import compare_lakes
+    from pipelines.config import PipelineConfig
+    from pipelines.features_reference import run_reference
+
+    assert ray_session.get(ray_session.remote(_aws_env_of_this_process).remote()) == [], (
+        "Ray workers must not carry AWS settings"
+    )
+    assert store_run.code == 0, store_run.err[-3000:]
     # ingest wrote, features read and wrote, load_groups resolved a group, the report read all five.
-    assert re.search(r"^events +0 +400$", captured.out, re.M)
-    assert re.search(r"^samples +0 +[1-9]\d*$", captured.out, re.M)
-    assert "one sample group:" in captured.out
-    assert "full on test (" in captured.out and (checkpoints / "full" / "metrics_test.json").is_file()
-    assert (checkpoints / "bundle" / "bundle.json").is_file()  # items/users read from the store
-    assert list(tmp_path.iterdir()) == []
+    assert re.search(r"^events +0 +400$", store_run.out, re.M)
+    assert re.search(r"^samples +0 +[1-9]\d*$", store_run.out, re.M)
+    assert "one sample group:" in store_run.out
+    assert "full on test (" in store_run.out
+    assert store_run.cwd_after == []  # nothing local: no lake, checkpoints, bundle or metrics folder
 
     samples_uri = lake.table_uri(ROOT, "samples")
     assert lake.commit_metadata(samples_uri, storage_options=s3_options)["max_seq_len"] == "20"
     # The files the Ray job's workers wrote to the store hold exactly what the oracle computes.
-    run_reference(load_config(PipelineConfig, "demo", overrides), f"s3://{BUCKET}/reference")
+    run_reference(load_config(PipelineConfig, "demo", store_run.overrides), f"s3://{BUCKET}/reference")
     assert compare_lakes(ROOT, f"s3://{BUCKET}/reference", s3_options) == []
     # The floors read samples, events and items of the store through the options as well.
     floors = floor_metrics(ROOT, "test", s3_options)
@@ -146,3 +183,133 @@ def test_storage_options_reach_every_stage(ray_session, s3_options, tmp_path, mo
     assert _table_version_without_options(samples_uri) == "LakeError"
     without_options = ray_session.remote(_table_version_without_options)
     assert ray_session.get(without_options.remote(samples_uri)) == "LakeError"
+
+
+def test_ray_train_checkpoints_and_metrics_are_objects_in_the_bucket(s3_options, store_run):
+    from components.checkpoint import latest_checkpoint
+
+    assert store_run.code == 0, store_run.err[-3000:]
+    keys = set(_keys(s3_options, "checkpoints/full/"))
+    assert {f"checkpoint_000000002/{name}" for name in ("meta.json", ".metadata", "__0_0.distcp")} <= keys
+    assert "metrics_test.json" in keys  # evaluate wrote it beside the run
+    assert f"checkpoint: {CHECKPOINTS}/full/checkpoint_000000002" in store_run.out
+    path, meta = latest_checkpoint(f"{CHECKPOINTS}/full", s3_options)
+    assert (path, meta.step, meta.world_size) == (f"{CHECKPOINTS}/full/checkpoint_000000002", 2, 1)
+
+
+def test_bundle_on_the_store_loads_through_a_local_cache(s3_options, store_run, tmp_path):
+    import json
+
+    from components.bundle import MANIFEST, load_bundle
+
+    assert store_run.code == 0, store_run.err[-3000:]
+    manifest = json.loads(_client(s3_options).get_object(Bucket=BUCKET, Key=f"bundles/full/{MANIFEST}")["Body"].read())
+    assert _keys(s3_options, "bundles/full/") == sorted([MANIFEST, *manifest["files"]])
+    assert f"serving bundle {BUNDLE} (model_version {manifest['model_version']})" in store_run.out
+    assert manifest["checkpoint"]["path"] == f"{CHECKPOINTS}/full/checkpoint_000000002"
+
+    cache = tmp_path / "cache"
+    loaded = load_bundle(BUNDLE, storage_options=s3_options, cache_dir=str(cache))
+    assert loaded.model_version == manifest["model_version"] and loaded.path == BUNDLE
+    copy = cache / manifest["model_version"]
+    assert sorted(os.listdir(cache)) == [manifest["model_version"]]  # no temporary folder left
+    assert sorted(os.listdir(copy)) == sorted([MANIFEST, *manifest["files"]])
+    # A damaged cached file is noticed (sha256) and fetched again, not served.
+    (copy / "items.parquet").write_bytes(b"not parquet")
+    again = load_bundle(BUNDLE, storage_options=s3_options, cache_dir=str(cache))
+    assert again.items.num_rows == loaded.items.num_rows
+    assert again.model_version == manifest["model_version"]
+
+
+def test_a_damaged_bundle_on_the_store_is_refused_and_not_cached(s3_options, store_run, tmp_path):
+    from components.bundle import MANIFEST, BundleError, load_bundle
+
+    assert store_run.code == 0, store_run.err[-3000:]
+    s3, damaged = _client(s3_options), "bundles/damaged/"
+    for key in _keys(s3_options, "bundles/full/"):
+        s3.copy_object(Bucket=BUCKET, Key=damaged + key, CopySource={"Bucket": BUCKET, "Key": f"bundles/full/{key}"})
+    s3.put_object(Bucket=BUCKET, Key=damaged + "users.parquet", Body=b"truncated")
+    cache = tmp_path / "cache"
+    with pytest.raises(BundleError, match=r"bundle file s3://lake-bucket/bundles/damaged/users\.parquet has 9 bytes"):
+        load_bundle(f"s3://{BUCKET}/{damaged}", storage_options=s3_options, cache_dir=str(cache))
+    assert os.listdir(cache) == []  # nothing half-checked left behind
+    s3.delete_object(Bucket=BUCKET, Key=damaged + MANIFEST)
+    with pytest.raises(BundleError, match=f"has no {MANIFEST}"):
+        load_bundle(f"s3://{BUCKET}/{damaged}", storage_options=s3_options, cache_dir=str(cache))
+
+
+def test_in_process_training_uploads_its_checkpoints_itself(s3_options, store_run, tmp_path, monkeypatch):
+    """``train.num_workers=0`` reports without Ray uploading anything: the loop publishes each
+    checkpoint itself, tensors first and ``meta.json`` last (a store has no folder rename)."""
+    from components.checkpoint import META_FILE, latest_checkpoint
+    from components.config_loader import load_config
+    from pipelines.config import PipelineConfig
+    from pipelines.train import run_train
+
+    assert store_run.code == 0, store_run.err[-3000:]
+    monkeypatch.chdir(tmp_path)
+    training = ["--train.num_workers=0", "--train.max_steps=1", "--train.batch_size=2", "--train.max_seq_len=16"]
+    storage = [f"--train.storage_path={CHECKPOINTS}", "--train.run_name=in-process", "--train.shuffle=none"]
+    config = load_config(PipelineConfig, "demo", [*store_run.overrides, *TINY_MODEL, *training, *storage])
+    summary = run_train(config)
+    assert summary.checkpoint == f"{CHECKPOINTS}/in-process/checkpoint_000000001"
+    keys = _keys(s3_options, "checkpoints/in-process/checkpoint_000000001/")
+    assert {META_FILE, ".metadata", "__0_0.distcp"} <= set(keys) and not any(".partial" in k for k in keys)
+    assert latest_checkpoint(f"{CHECKPOINTS}/in-process", s3_options)[1].step == 1
+    # Without its meta.json (an upload cut short) it is not a checkpoint.
+    _client(s3_options).delete_object(Bucket=BUCKET, Key=f"checkpoints/in-process/checkpoint_000000001/{META_FILE}")
+    assert latest_checkpoint(f"{CHECKPOINTS}/in-process", s3_options) is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_store_mistakes_are_named_and_leave_nothing_behind(s3_options, store_run, capsys, tmp_path, monkeypatch):
+    from pipelines import evaluate, export, train
+
+    assert store_run.code == 0, store_run.err[-3000:]
+    monkeypatch.chdir(tmp_path)
+    training = ["--train.max_steps=1", "--train.num_workers=0", "--train.max_seq_len=16"]
+    args = ["--config", "demo", *store_run.overrides, *TINY_MODEL, *training]
+
+    def fails(main, *extra: str) -> tuple[int, str]:
+        code = main([*args, *extra])
+        return code, capsys.readouterr().err
+
+    # A bucket that does not exist: refused before any work, naming it.
+    code, err = fails(train.main, "--train.storage_path=s3://no-such-bucket/checkpoints")
+    assert code == 2 and "bucket 'no-such-bucket' of s3://no-such-bucket/checkpoints does not exist" in err
+    code, err = fails(export.main, f"--train.storage_path={CHECKPOINTS}", "--export.output=s3://no-such-bucket/b")
+    assert code == 2 and "bucket 'no-such-bucket' of s3://no-such-bucket/b does not exist" in err
+    # No checkpoint under the URI, and a bundle over something that is not one.
+    code, err = fails(evaluate.main, f"--train.storage_path=s3://{BUCKET}/empty")
+    assert code == 1 and f"no checkpoint under s3://{BUCKET}/empty/full" in err
+    before = _keys(s3_options, "lake/")
+    code, err = fails(export.main, f"--train.storage_path={CHECKPOINTS}", f"--export.output={ROOT}")
+    assert code == 1 and f"{ROOT} holds ['events', 'items', 'samples', 'sequences', 'users']" in err
+    assert _keys(s3_options, "lake/") == before
+    # Options that contradict themselves (a key without its secret).
+    keyless = [a for a in args if "AWS_SECRET_ACCESS_KEY" not in a]
+    code = train.main([*keyless, f"--train.storage_path={CHECKPOINTS}"])
+    assert code == 2 and "gives AWS_ACCESS_KEY_ID without AWS_SECRET_ACCESS_KEY" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ranker_replica_loads_the_bundle_uri_and_the_lake_with_the_options(s3_options, store_run, tmp_path):
+    """What Serve starts (serving/ranker.py), built directly: its only store settings are the
+    options it is given, as for a replica on a node without AWS settings."""
+    from components.config_loader import load_config, to_dict
+    from pipelines.config import PipelineConfig
+    from pipelines.serve import bundle_of
+    from serving.app import resolve
+    from serving.config import ServeConfig
+    from serving.ranker import RankerReplica
+
+    assert store_run.code == 0, store_run.err[-3000:]
+    assert bundle_of(load_config(PipelineConfig, "demo", [f"--serve.bundle={BUNDLE}"])) == BUNDLE
+    store = {f"lake.storage_options.{key}": f'"{value}"' for key, value in s3_options.items()}
+    _, bundle, root, options = resolve({"config": "demo", "lake.root": ROOT, "export.output": BUNDLE, **store})
+    assert (bundle, root, options) == (BUNDLE, ROOT, s3_options)  # a URI is never made a local path
+    serve = ServeConfig(bundle_cache=str(tmp_path / "cache"))
+    replica = RankerReplica(bundle, root, options, to_dict(serve))
+    manifest_version = replica.core.bundle.manifest.model_version
+    assert os.listdir(tmp_path / "cache") == [manifest_version]
+    assert replica.core.bundle.path == BUNDLE
