@@ -129,16 +129,15 @@ def store_run(ray_session, s3_options, tmp_path_factory) -> StoreRun:
         "--ray.enable_progress_bars=false",
         *(f'--lake.storage_options.{key}="{value}"' for key, value in s3_options.items()),
     ]
-    # Train (one real Ray Train worker: Ray uploads its checkpoints through the filesystem built
-    # from the options), evaluate (Ray Data actors download the checkpoint) and export (uploads
-    # the bundle) all go to the store. In-process training is checked on its own below.
+    # Train (in-process: the loop uploads its checkpoints itself), evaluate (Ray Data actors
+    # download the checkpoint) and export (uploads the bundle) all go to the store. Ray Train's
+    # own upload (real workers) is test_ray_train_workers_report_checkpoints_to_the_store.
     training = [
         *TINY_MODEL,
-        "--train.num_workers=1",
+        "--train.num_workers=0",
         "--train.max_steps=2",
         "--train.batch_size=2",
         "--train.max_seq_len=16",
-        "--train.shuffle=local",  # no Ray Data shuffle stage: the test is about storage
         f"--train.storage_path={CHECKPOINTS}",
         f"--export.output={BUNDLE}",
     ]
@@ -185,16 +184,24 @@ def test_storage_options_reach_every_stage(ray_session, s3_options, store_run):
     assert ray_session.get(without_options.remote(samples_uri)) == "LakeError"
 
 
-def test_ray_train_checkpoints_and_metrics_are_objects_in_the_bucket(s3_options, store_run):
-    from components.checkpoint import latest_checkpoint
+def test_checkpoints_and_metrics_are_objects_in_the_bucket(s3_options, store_run):
+    from components.checkpoint import META_FILE, latest_checkpoint
 
     assert store_run.code == 0, store_run.err[-3000:]
-    keys = set(_keys(s3_options, "checkpoints/full/"))
-    assert {f"checkpoint_000000002/{name}" for name in ("meta.json", ".metadata", "__0_0.distcp")} <= keys
+    keys = _keys(s3_options, "checkpoints/full/")
+    assert {f"checkpoint_000000002/{name}" for name in (META_FILE, ".metadata", "__0_0.distcp")} <= set(keys)
     assert "metrics_test.json" in keys  # evaluate wrote it beside the run
+    assert not any(".partial" in key or key.endswith(".tmp") for key in keys)
     assert f"checkpoint: {CHECKPOINTS}/full/checkpoint_000000002" in store_run.out
     path, meta = latest_checkpoint(f"{CHECKPOINTS}/full", s3_options)
-    assert (path, meta.step, meta.world_size) == (f"{CHECKPOINTS}/full/checkpoint_000000002", 2, 1)
+    assert (path, meta.step) == (f"{CHECKPOINTS}/full/checkpoint_000000002", 2)
+    # A copy without its meta.json (an upload cut short before the last file) is no checkpoint.
+    s3 = _client(s3_options)
+    for key in keys:
+        if key.startswith("checkpoint_000000002/") and not key.endswith(META_FILE):
+            source = {"Bucket": BUCKET, "Key": f"checkpoints/full/{key}"}
+            s3.copy_object(Bucket=BUCKET, Key=f"checkpoints/cut/{key}", CopySource=source)
+    assert latest_checkpoint(f"{CHECKPOINTS}/cut", s3_options) is None
 
 
 def test_bundle_on_the_store_loads_through_a_local_cache(s3_options, store_run, tmp_path):
@@ -238,27 +245,29 @@ def test_a_damaged_bundle_on_the_store_is_refused_and_not_cached(s3_options, sto
         load_bundle(f"s3://{BUCKET}/{damaged}", storage_options=s3_options, cache_dir=str(cache))
 
 
-def test_in_process_training_uploads_its_checkpoints_itself(s3_options, store_run, tmp_path, monkeypatch):
-    """``train.num_workers=0`` reports without Ray uploading anything: the loop publishes each
-    checkpoint itself, tensors first and ``meta.json`` last (a store has no folder rename)."""
-    from components.checkpoint import META_FILE, latest_checkpoint
+@pytest.mark.slow  # Ray Train's start-up alone is 15-20 s on 2 cores: run with --run-slow
+def test_ray_train_workers_report_checkpoints_to_the_store(s3_options, store_run, tmp_path, monkeypatch):
+    """The real TorchTrainer path: the worker reports a local checkpoint and Ray uploads it
+    through the pyarrow filesystem built from the options (RunConfig storage_filesystem); the
+    worker's own environment holds no endpoint or keys."""
+    from components.checkpoint import read_meta
     from components.config_loader import load_config
     from pipelines.config import PipelineConfig
     from pipelines.train import run_train
 
     assert store_run.code == 0, store_run.err[-3000:]
     monkeypatch.chdir(tmp_path)
-    training = ["--train.num_workers=0", "--train.max_steps=1", "--train.batch_size=2", "--train.max_seq_len=16"]
-    storage = [f"--train.storage_path={CHECKPOINTS}", "--train.run_name=in-process", "--train.shuffle=none"]
-    config = load_config(PipelineConfig, "demo", [*store_run.overrides, *TINY_MODEL, *training, *storage])
-    summary = run_train(config)
-    assert summary.checkpoint == f"{CHECKPOINTS}/in-process/checkpoint_000000001"
-    keys = _keys(s3_options, "checkpoints/in-process/checkpoint_000000001/")
-    assert {META_FILE, ".metadata", "__0_0.distcp"} <= set(keys) and not any(".partial" in k for k in keys)
-    assert latest_checkpoint(f"{CHECKPOINTS}/in-process", s3_options)[1].step == 1
-    # Without its meta.json (an upload cut short) it is not a checkpoint.
-    _client(s3_options).delete_object(Bucket=BUCKET, Key=f"checkpoints/in-process/checkpoint_000000001/{META_FILE}")
-    assert latest_checkpoint(f"{CHECKPOINTS}/in-process", s3_options) is None
+    training = ["--train.num_workers=1", "--train.max_steps=2", "--train.batch_size=2", "--train.max_seq_len=16"]
+    quick = ["--train.shuffle=local", "--train.valid_every_epoch=false", "--model.variant=tokenmixer_large"]
+    storage = [f"--train.storage_path={CHECKPOINTS}", "--train.run_name=workers"]
+    summary = run_train(
+        load_config(PipelineConfig, "demo", [*store_run.overrides, *TINY_MODEL, *training, *quick, *storage])
+    )
+    assert summary.checkpoint == f"{CHECKPOINTS}/workers/checkpoint_000000002"
+    assert (read_meta(summary.checkpoint, s3_options).step, summary.steps) == (2, 2)
+    assert {"meta.json", ".metadata", "__0_0.distcp"} <= set(
+        _keys(s3_options, "checkpoints/workers/checkpoint_000000002/")
+    )
     assert list(tmp_path.iterdir()) == []
 
 
