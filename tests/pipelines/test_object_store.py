@@ -111,6 +111,9 @@ class StoreRun:
     err: str
     overrides: list[str]  # the lake's settings (store options included)
     cwd_after: list[str]  # what the job left in the folder it ran in
+    reports: str  # run.reports_dir: each run's manifest and summaries, local by design
+    rerun_code: int  # the same command again: every stage reused from the store
+    rerun_err: str
 
 
 @pytest.fixture(scope="module")
@@ -142,14 +145,28 @@ def store_run(ray_session, s3_options, tmp_path_factory) -> StoreRun:
         f"--export.output={BUNDLE}",
     ]
     cwd = tmp_path_factory.mktemp("store-run-cwd")  # a stage that wrote locally would show here
-    out, err = io.StringIO(), io.StringIO()
+    reports = str(tmp_path_factory.mktemp("store-run-reports"))
+    argv = ["--config", "demo", *overrides, *training, f"--run.reports_dir={reports}", "--stages=export"]
+    outputs = [(io.StringIO(), io.StringIO()) for _ in range(2)]
     with pytest.MonkeyPatch.context() as patch:
         for key in _aws_env_of_this_process():
             patch.delenv(key)
         patch.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(["--config", "demo", *overrides, *training, "--stages=export"])
-    return StoreRun(code, out.getvalue(), err.getvalue(), overrides, sorted(os.listdir(cwd)))
+        codes = []
+        for out, err in outputs:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                codes.append(main(argv))
+    (out, err), (_, rerun_err) = outputs
+    return StoreRun(
+        codes[0],
+        out.getvalue(),
+        err.getvalue(),
+        overrides,
+        sorted(os.listdir(cwd)),
+        reports,
+        codes[1],
+        rerun_err.getvalue(),
+    )
 
 
 def test_storage_options_reach_every_stage(ray_session, s3_options, store_run):
@@ -182,6 +199,17 @@ def test_storage_options_reach_every_stage(ray_session, s3_options, store_run):
     assert _table_version_without_options(samples_uri) == "LakeError"
     without_options = ray_session.remote(_table_version_without_options)
     assert ray_session.get(without_options.remote(samples_uri)) == "LakeError"
+
+
+def test_a_second_run_reuses_every_stage_by_reading_the_store(store_run):
+    from pipelines.run import STAGES
+    from pipelines.run_manifest import earlier_runs
+
+    assert (store_run.code, store_run.rerun_code) == (0, 0), store_run.rerun_err[-3000:]
+    first, second = sorted(earlier_runs(store_run.reports), key=lambda m: m.started)
+    assert {name: record.status for name, record in second.stages.items()} == dict.fromkeys(STAGES[:5], "reused")
+    assert second.stages["export"].outputs["bundle"] == BUNDLE
+    assert {record.from_run for record in second.stages.values()} == {first.run_id}
 
 
 def test_checkpoints_and_metrics_are_objects_in_the_bucket(s3_options, store_run):
