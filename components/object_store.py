@@ -169,7 +169,13 @@ def filesystem(location: str, storage_options: Mapping[str, str] | None = None) 
         return pafs.S3FileSystem(**s3_arguments(storage_options)), inner
     if scheme in GCS_SCHEMES:
         return pafs.GcsFileSystem(**gcs_arguments(storage_options)), inner
-    return pafs.FileSystem.from_uri(location)
+    try:
+        return pafs.FileSystem.from_uri(location)  # its own defaults: lake.storage_options do not apply
+    except (ValueError, OSError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) for a scheme it lacks
+        raise ObjectStoreError(
+            f"{location}: checkpoints and bundles go to s3:// or gs:// (or what pyarrow reads by URI): "
+            f"{_first_line(exc)}"
+        ) from exc
 
 
 def ray_storage(location: str, storage_options: Mapping[str, str] | None) -> tuple[str, pafs.FileSystem | None]:

@@ -132,9 +132,11 @@ def test_ray_storage_is_a_stripped_path_and_a_filesystem_for_a_store_only(tmp_pa
     assert path == "bucket/checkpoints" and isinstance(fs, pafs.S3FileSystem)
 
 
-def test_a_uri_without_bucket_is_refused():
+def test_a_uri_without_bucket_or_of_an_unknown_scheme_is_refused():
     with pytest.raises(ObjectStoreError, match="names no bucket"):
         object_store.filesystem("s3:///", MOTO)
+    with pytest.raises(ObjectStoreError, match=r"^nosuch://bucket/x: checkpoints and bundles go to s3:// or gs://"):
+        object_store.filesystem("nosuch://bucket/x", MOTO)
 
 
 def test_upload_order_puts_the_named_files_last_in_their_order():
