@@ -16,20 +16,6 @@ if os.environ.get("CI"):
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``slow`` (a fixed cost of 20 s or more each) run only with ``--run-slow``."""
-    if config.getoption("--run-slow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --run-slow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="session")
 def ray_session():
     """Real local Ray (4 logical CPUs so Ray Data never starves beside train workers)."""

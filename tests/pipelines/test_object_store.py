@@ -273,7 +273,6 @@ def test_a_damaged_bundle_on_the_store_is_refused_and_not_cached(s3_options, sto
         load_bundle(f"s3://{BUCKET}/{damaged}", storage_options=s3_options, cache_dir=str(cache))
 
 
-@pytest.mark.slow  # Ray Train's start-up alone is 15-20 s on 2 cores: run with --run-slow
 def test_ray_train_workers_report_checkpoints_to_the_store(s3_options, store_run, tmp_path, monkeypatch):
     """The real TorchTrainer path: the worker reports a local checkpoint and Ray uploads it
     through the pyarrow filesystem built from the options (RunConfig storage_filesystem); the
