@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 
 from pipelines.config import RayConfig
@@ -18,6 +20,20 @@ from pipelines.ray_watchdog import Watchdog, report_orphans
 from serving.proxy_limits import proxy_environment
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def keeping_sigterm_handler() -> Iterator[None]:
+    """Put back the entry point's own SIGTERM handler after ``ray.init``, which installs a
+    handler that aborts the driver: the entry point's clean shutdown (Serve drained, Ray
+    stopped) would never run, and the watchdog would report a dead driver."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(previous):
+            signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -31,12 +47,13 @@ def ray_runtime(config: RayConfig) -> Iterator[None]:
     started, watchdog = False, None
     if not ray.is_initialized():
         address = config.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            # Joining a cluster: never pass num_cpus (STACK.md).
-            logger.info("connecting to Ray at %s", address)
-            ray.init(address=address, log_to_driver=True)
-        else:
-            watchdog = start_embedded(config)
+        with keeping_sigterm_handler():
+            if address:
+                # Joining a cluster: never pass num_cpus (STACK.md).
+                logger.info("connecting to Ray at %s", address)
+                ray.init(address=address, log_to_driver=True)
+            else:
+                watchdog = start_embedded(config)
         started = True
     DataContext.get_current().enable_progress_bars = config.enable_progress_bars
     try:

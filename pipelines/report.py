@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from components.checkpoint import write_text
 from pipelines.run_manifest import RunManifest
 
 REPORT = "report.md"
@@ -193,13 +194,11 @@ def write_report(manifest: RunManifest, folder: Path) -> Path:
     lines += _data_section(manifest)
     lines += _training_section(out("train"), config, folder)
     lines += _quality_section(out("evaluate"), folder)
-    lines += _serving_section(out("serve"), out("export"), folder)
+    lines += _serving_section(out("serve"), out("export"))
     lines += _loadtest_section(out("loadtest"), folder)
     lines += _artifacts_section(manifest, folder)
     path = folder / REPORT
-    tmp = folder / f".{REPORT}.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    write_text(str(path), "\n".join(lines))
     return path
 
 
@@ -309,7 +308,7 @@ def _quality_section(evaluate: Mapping[str, Any], folder: Path) -> list[str]:
     return lines
 
 
-def _serving_section(serve: Mapping[str, Any], export: Mapping[str, Any], folder: Path) -> list[str]:
+def _serving_section(serve: Mapping[str, Any], export: Mapping[str, Any]) -> list[str]:
     bundle = _read_json(export.get("summary"))
     if not bundle and not serve:
         return []

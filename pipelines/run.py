@@ -41,7 +41,7 @@ import pyarrow as pa
 from components import lake, lake_stats, object_store
 from components.bundle import MANIFEST as BUNDLE_MANIFEST
 from components.bundle import BundleError, parse_manifest
-from components.checkpoint import CheckpointError, CheckpointMeta, latest_checkpoint, read_meta, run_dir
+from components.checkpoint import CheckpointError, CheckpointMeta, latest_checkpoint, read_meta, run_dir, write_text
 from components.collate import CollateConfig, collate_groups
 from components.config_loader import ConfigError, to_dict
 from components.validation import IngestError
@@ -237,8 +237,6 @@ class Pipeline:
         if not self.ray_up:
             self.stack.enter_context(ray_runtime(self.config.ray))
             self.ray_up = True
-            if _main_thread():  # again: ray.init installs its own SIGTERM handler, which aborts
-                signal.signal(signal.SIGTERM, _interrupt)
 
     def serving_config(self) -> PipelineConfig:
         """The config with ``serve.bundle`` set to this run's bundle."""
@@ -296,8 +294,8 @@ class Pipeline:
 
         summary = run_features(self.config)
         root, options = lake.lake_root(self.config.lake.root), self.config.lake.storage_options
-        versions = {t: lake.table_version(lake.table_uri(root, t), options) for t in ("sequences", "samples")}
-        rows = {t: lake_stats.row_count(lake.table_uri(root, t), v, options) for t, v in versions.items()}
+        written = table_report(root, options, ("sequences", "samples"))
+        versions, rows = {t: v for t, v, _ in written}, {t: n for t, _, n in written}
         sample = load_groups(root, "train", self.config.features.max_seq_len, storage_options=options)
         self.printed.append(
             "one sample group:\n"
@@ -366,7 +364,7 @@ class Pipeline:
         bundle_dir, manifest = run_export(
             dataclasses.replace(config, export=dataclasses.replace(config.export, checkpoint=checkpoint))
         )
-        path = self.write_json("bundle.json", json.loads(manifest.to_json()))
+        path = self.write_json("bundle.json", dataclasses.asdict(manifest))
         self.printed.append(f"serving bundle {bundle_dir} (model_version {manifest.model_version})")
         return {"bundle": bundle_dir, "model_version": manifest.model_version, "summary": path}
 
@@ -395,12 +393,9 @@ class Pipeline:
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def write_json(self, name: str, data: Any) -> str:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / name
-        tmp = self.folder / f".{name}.tmp"
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=float))
-        os.replace(tmp, path)
-        return str(path)
+        path = str(self.folder / name)
+        write_text(path, json.dumps(data, indent=1, sort_keys=True, default=float))
+        return path
 
     def timed(self, name: str, body: Callable[[], dict[str, Any]]) -> StageRecord:
         inputs = stage_inputs(name, self.config, self.manifest)
@@ -435,10 +430,12 @@ def describe_group(row: pa.Table, max_seq_len: int) -> str:
     return "\n".join(lines)
 
 
-def table_report(root: str, storage_options: Mapping[str, str] | None = None) -> list[tuple[str, int | None, int]]:
-    """(name, Delta version, rows) for every lake table that exists."""
+def table_report(
+    root: str, storage_options: Mapping[str, str] | None = None, names: tuple[str, ...] = TABLES
+) -> list[tuple[str, int | None, int]]:
+    """(name, Delta version, rows) of each table in ``names`` (rows 0 where it does not exist)."""
     out = []
-    for name in TABLES:
+    for name in names:
         uri = lake.table_uri(root, name)
         version = lake.table_version(uri, storage_options)
         rows = lake_stats.row_count(uri, version, storage_options) if version is not None else 0

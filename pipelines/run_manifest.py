@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import socket
 import time
@@ -21,6 +20,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from components.checkpoint import write_text
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -83,11 +84,8 @@ class RunManifest:
 
     def save(self, folder: Path) -> Path:
         """Write ``folder/manifest.json`` through a temporary name (never half-written)."""
-        folder.mkdir(parents=True, exist_ok=True)
         path = folder / MANIFEST
-        tmp = folder / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=1, sort_keys=True, default=str))
-        os.replace(tmp, path)
+        write_text(str(path), json.dumps(asdict(self), indent=1, sort_keys=True, default=str))
         return path
 
     @classmethod

@@ -90,9 +90,8 @@ def _main(config: PipelineConfig, args: argparse.Namespace) -> int:
     from ray import serve
 
     stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # kept across ray.init (ray_runtime)
     with ray_runtime(config.ray):
-        # After ray.init, which installs its own SIGTERM handler (it aborts the driver).
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         started = time.perf_counter()
         url = start(config)
         example = example_request(config)
