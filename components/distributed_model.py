@@ -46,6 +46,7 @@ class ShardingSpec:
     memory_lr: float = 0.05
     lr: float = 1e-3
     weight_decay: float = 0.0
+    fused_optimizer: bool = True  # AdamW(fused=True): one kernel over every dense parameter
 
 
 def torchrec_tables(module: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
@@ -107,7 +108,7 @@ class DistributedRanker:
         plan = planner.collective_plan(task, sharders, dist.GroupMember.WORLD)
         module = DistributedModelParallel(task, device=device, sharders=sharders, plan=plan)
         dense = dict(in_backward_optimizer_filter(module.named_parameters()))
-        optimizer = torch.optim.AdamW(list(dense.values()), lr=spec.lr, weight_decay=spec.weight_decay)
+        optimizer = dense_adamw(list(dense.values()), spec)
         init_adamw_state(optimizer)
         return cls(module, optimizer, list(dense))
 
@@ -168,6 +169,13 @@ def _local_bytes(value) -> int:
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     return 0
+
+
+def dense_adamw(params: list[nn.Parameter], spec: ShardingSpec) -> torch.optim.AdamW:
+    """AdamW of the dense parameters: torch's fused kernel when ``spec.fused_optimizer``, else
+    its per-tensor (foreach) loop. Both compute the same update; the state dict is the same."""
+    fused = {"fused": True} if spec.fused_optimizer else {"foreach": True}
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, **fused)
 
 
 def init_adamw_state(optimizer: torch.optim.AdamW) -> None:

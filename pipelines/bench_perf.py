@@ -1,35 +1,56 @@
 """Performance against the hardware: ``python -m pipelines.bench perf [--quick] --json PATH``.
 
-Work in progress (issue 11), on branch ``perf``. The baseline figures of the eager models,
-each measured against the peak GEMM of the same dtype, taken in the same run before AND after
-the model (the best of both, so a noisy neighbour during one measurement cannot inflate a
-ratio):
+Every MFU is useful FLOPs / time / the peak GEMM rate of the same dtype, measured in the
+same run before AND after the model (the higher of the two, so a noisy neighbour during one
+peak measurement cannot inflate a ratio). The process runs with the training defaults:
+glibc's retained heap (``components.host_memory``) and fused AdamW.
 
-- ``train_step_mfu_fp32``: TokenMixer-Large T=17, D=544, L=4, expansion 4, batch 512; forward +
-  backward + AdamW step; useful FLOPs = 3 x forward matmul FLOPs (the backward is two GEMMs per
-  forward GEMM) / time / peak fp32.
+- ``train_step_mfu_fp32``: TokenMixer-Large T=17, D=544, L=4, expansion 4, batch 512;
+  forward + backward + AdamW step; useful FLOPs = 3 x forward matmul FLOPs (the backward is
+  two GEMMs per forward GEMM). ``train_step_mfu_fp32_compiled``: the same step with the
+  model under ``torch.compile`` (full runs only: compiling takes minutes on 2 cores).
 - ``fwd_mfu_bf16``: the same model's forward, weights and activations in bfloat16 / peak bf16.
 - ``moe_over_dense_equal_active``: Sparse-Pertoken MoE (E=8, top-2, D=272, L=4) forward
   samples/s / those of the dense model with the same active FLOPs per token (the shared expert
-  and two routed experts of width D are one dense SwiGLU of width 3D).
-
-Not yet measured here: ``full_ranker_train_candidates_per_s`` with its breakdown, and
-``features_events_per_s`` (the data bench's Ray figure).
+  and two routed experts of width D are one dense SwiGLU of width 3D), at batch 512; the same
+  ratio at batch 2048 beside it (experts see 4x the rows: GEMM efficiency is the limit).
+- ``full_ranker_train_candidates_per_s`` and ``full_ranker_train_mfu``: the ``full`` variant
+  (demo sizes) on group batches (N=32 candidates, L=512), the real training step: TorchRec
+  DMP (one rank) with the fused sparse optimizer inside the backward, fused AdamW on the
+  dense part. ``full_ranker_breakdown``: the step per component (``pipelines.step_profile``),
+  and ``data_loading_s``: collating one such batch from Arrow (``GroupCollateFn``).
+- ``features_events_per_s``: the data bench's Ray figure (start-up excluded) at 5M synthetic
+  events (200k with ``--quick``), its phase breakdown, and whether the outputs are identical to
+  the single-process reference.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import platform
+import shutil
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import torch
 
-from models.cost import measure_peak_matmul_flops
+from components.collate import CollateConfig, collate_groups
+from components.distributed_model import ShardingSpec, dense_adamw
+from components.host_memory import retain_freed_memory
+from models.batch import GroupBatch
+from models.cost import count_flops, measure_peak_matmul_flops
 from models.tokenmixer_large import SparseMoEConfig, TokenMixerLarge, TokenMixerLargeConfig, flops_per_sample
+from pipelines.cli import configure_logging
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,19 +61,40 @@ class PerfSizes:
     batch: int = 512
     moe_dim: int = 272
     moe_batch: int = 512
+    moe_large_batch: int = 2048
+    ranker_groups: int = 4  # as bench train: B groups of N candidates, sequences of L events
+    ranker_candidates: int = 32
+    ranker_seq_len: int = 512
+    events: int = 5_000_000
     repeats: int = 5
     peak_seconds: float = 2.0
+    peak_sizes: tuple[int, ...] = (1024, 2048)  # the best of these square GEMMs is the peak
+    compiled: bool = True
 
 
-QUICK = PerfSizes(dim=272, batch=128, moe_dim=136, moe_batch=128, repeats=3, peak_seconds=0.5)
+QUICK = PerfSizes(
+    dim=136,
+    batch=64,
+    moe_dim=136,
+    moe_batch=64,
+    moe_large_batch=256,
+    ranker_groups=2,
+    ranker_seq_len=128,
+    events=200_000,
+    repeats=2,
+    peak_seconds=0.2,
+    peak_sizes=(512,),
+    compiled=False,
+)
 
 
-def peak(dtype: torch.dtype, seconds: float) -> float:
-    """Best GEMM FLOP/s over two sizes."""
-    return max(measure_peak_matmul_flops(dtype, size=n, seconds=seconds / 2) for n in (1024, 2048))
+def peak(dtype: torch.dtype, sizes: PerfSizes) -> float:
+    """Best GEMM FLOP/s over the square sizes of ``sizes.peak_sizes``."""
+    seconds = sizes.peak_seconds / len(sizes.peak_sizes)
+    return max(measure_peak_matmul_flops(dtype, size=n, seconds=seconds) for n in sizes.peak_sizes)
 
 
-def best_seconds(fn, repeats: int, warmup: int = 1) -> float:
+def best_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
     best = float("inf")
@@ -63,41 +105,64 @@ def best_seconds(fn, repeats: int, warmup: int = 1) -> float:
     return best
 
 
-def bench_train_step(sizes: PerfSizes) -> dict:
+def against_peak(dtype: torch.dtype, sizes: PerfSizes, measure: Callable[[], float]) -> tuple[float, float]:
+    """``measure()`` seconds, bracketed by peak GEMM measurements: (seconds, the higher peak)."""
+    before = peak(dtype, sizes)
+    seconds = measure()
+    return seconds, max(before, peak(dtype, sizes))
+
+
+def tml_config(sizes: PerfSizes) -> TokenMixerLargeConfig:
+    return TokenMixerLargeConfig(num_tokens=sizes.tokens, dim=sizes.dim, num_layers=sizes.layers, expansion=4.0)
+
+
+def bench_train_step(sizes: PerfSizes, compiled: bool = False) -> dict:
+    """TokenMixer-Large forward + backward + fused AdamW: seconds and MFU (eager, or compiled)."""
     torch.manual_seed(0)
-    cfg = TokenMixerLargeConfig(num_tokens=sizes.tokens, dim=sizes.dim, num_layers=sizes.layers, expansion=4.0)
+    cfg = tml_config(sizes)
     model = TokenMixerLarge(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = dense_adamw(list(model.parameters()), ShardingSpec(lr=1e-4))
     x = torch.randn(sizes.batch, cfg.num_tokens, cfg.dim)
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = out.pooled.square().mean() + sum(s.square().mean() for s in out.shallow_logits)
-        loss.backward()
-        opt.step()
+    def loss_of(inputs: torch.Tensor) -> torch.Tensor:
+        out = model(inputs)
+        return out.pooled.square().mean() + sum(s.square().mean() for s in out.shallow_logits)
 
-    before = peak(torch.float32, sizes.peak_seconds)
-    seconds = best_seconds(step, sizes.repeats)
-    top = max(before, peak(torch.float32, sizes.peak_seconds))
+    forward = torch.compile(loss_of) if compiled else loss_of
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        forward(x).backward()
+        optimizer.step()
+
+    suffix = "_compiled" if compiled else ""
+    if compiled:
+        start = time.perf_counter()
+        step()  # compiles forward and backward
+        compile_s = time.perf_counter() - start
+    seconds, top = against_peak(torch.float32, sizes, lambda: best_seconds(step, sizes.repeats))
     useful = 3 * flops_per_sample(cfg) * sizes.batch
-    return {
-        "train_step_mfu_fp32": useful / seconds / top,
-        "train_step_s": seconds,
-        "peak_fp32_flops_per_s": top,
-        "train_step_config": f"T={cfg.num_tokens} D={cfg.dim} L={cfg.num_layers} exp=4 batch={sizes.batch} AdamW",
+    result = {
+        f"train_step_mfu_fp32{suffix}": useful / seconds / top,
+        f"train_step{suffix}_s": seconds,
+        f"peak_fp32_flops_per_s{suffix}": top,
     }
+    if compiled:
+        result["train_step_compile_s"] = compile_s
+    else:
+        result["train_step_config"] = (
+            f"T={cfg.num_tokens} D={cfg.dim} L={cfg.num_layers} exp=4 batch={sizes.batch} AdamW(fused)"
+        )
+    return result
 
 
 def bench_forward_bf16(sizes: PerfSizes) -> dict:
     torch.manual_seed(0)
-    cfg = TokenMixerLargeConfig(num_tokens=sizes.tokens, dim=sizes.dim, num_layers=sizes.layers, expansion=4.0)
+    cfg = tml_config(sizes)
     model = TokenMixerLarge(cfg).to(torch.bfloat16).eval()
     x = torch.randn(sizes.batch, cfg.num_tokens, cfg.dim, dtype=torch.bfloat16)
-    before = peak(torch.bfloat16, sizes.peak_seconds)
     with torch.inference_mode():
-        seconds = best_seconds(lambda: model(x), sizes.repeats)
-    top = max(before, peak(torch.bfloat16, sizes.peak_seconds))
+        seconds, top = against_peak(torch.bfloat16, sizes, lambda: best_seconds(lambda: model(x), sizes.repeats))
     return {
         "fwd_mfu_bf16": flops_per_sample(cfg) * sizes.batch / seconds / top,
         "fwd_bf16_s": seconds,
@@ -105,46 +170,201 @@ def bench_forward_bf16(sizes: PerfSizes) -> dict:
     }
 
 
+def paired_forward_seconds(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Best forward seconds of each model, timed in alternation (a slow spell hits all alike)."""
+    best = dict.fromkeys(models, float("inf"))
+    with torch.inference_mode():
+        for model in models.values():
+            model(x)
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def bench_moe_vs_dense(sizes: PerfSizes) -> dict:
     torch.manual_seed(0)
-    moe_cfg = TokenMixerLargeConfig(
-        num_tokens=sizes.tokens,
-        dim=sizes.moe_dim,
-        num_layers=sizes.layers,
-        moe=SparseMoEConfig(num_experts=8, top_k=2, expert_expansion=1.0),
-    )
+    moe = SparseMoEConfig(num_experts=8, top_k=2, expert_expansion=1.0)
+    moe_cfg = TokenMixerLargeConfig(num_tokens=sizes.tokens, dim=sizes.moe_dim, num_layers=sizes.layers, moe=moe)
     dense_cfg = TokenMixerLargeConfig(
         num_tokens=sizes.tokens, dim=sizes.moe_dim, num_layers=sizes.layers, expansion=3.0
     )
-    x = torch.randn(sizes.moe_batch, sizes.tokens, sizes.moe_dim)
-    seconds = {}
-    for name, cfg in (("moe", moe_cfg), ("dense", dense_cfg)):
-        model = TokenMixerLarge(cfg).eval()
-        with torch.inference_mode():
-            seconds[name] = best_seconds(lambda m=model: m(x), sizes.repeats)
+    models = {"moe": TokenMixerLarge(moe_cfg).eval(), "dense": TokenMixerLarge(dense_cfg).eval()}
+    result = {"moe_flops_per_sample": flops_per_sample(moe_cfg), "dense_flops_per_sample": flops_per_sample(dense_cfg)}
+    for batch, suffix in ((sizes.moe_batch, ""), (sizes.moe_large_batch, f"_batch_{sizes.moe_large_batch}")):
+        x = torch.randn(batch, sizes.tokens, sizes.moe_dim)
+        seconds = paired_forward_seconds(models, x, sizes.repeats)
+        result[f"moe_over_dense_equal_active{suffix}"] = seconds["dense"] / seconds["moe"]
+        result[f"moe_forward{suffix}_s"] = seconds["moe"]
+        result[f"dense_equal_active_forward{suffix}_s"] = seconds["dense"]
+    return result
+
+
+def group_table(batch: GroupBatch, seed: int = 0) -> pa.Table:
+    """The Arrow group rows a training batch of ``batch``'s shape is collated from (random values)."""
+    rng = np.random.default_rng(seed)
+    b, n, length = batch.batch_size, batch.num_candidates, batch.seq_item.shape[1]
+
+    def lists(width: int, values: np.ndarray, type_: pa.DataType) -> pa.ListArray:
+        offsets = pa.array(np.arange(b + 1, dtype=np.int32) * width)
+        return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type_))
+
+    return pa.table(
+        {
+            "user_idx": pa.array(batch.user_id.numpy().astype(np.int32)),
+            "request_ts": pa.array(np.full(b, 10**9, np.int64)),
+            "seq_item_idx": lists(length, batch.seq_item.numpy().astype(np.int32), pa.int32()),
+            "seq_action": lists(length, batch.seq_action.numpy().astype(np.int8), pa.int8()),
+            "seq_ts": lists(length, np.sort(rng.integers(0, 10**9, (b, length)), axis=1), pa.int64()),
+            "cand_item_idx": lists(n, batch.cand_item.numpy().astype(np.int32), pa.int32()),
+            "cand_genre_mask": lists(n, rng.integers(0, 1 << 18, (b, n)).astype(np.int32), pa.int32()),
+            "cand_year": lists(n, rng.integers(1950, 2020, (b, n)).astype(np.int16), pa.int16()),
+            "cand_tags": lists(3 * n, rng.integers(0, 100, (b, 3 * n)).astype(np.int32), pa.int32()),
+            "label_engage": lists(n, rng.integers(0, 2, (b, n)).astype(np.int8), pa.int8()),
+            "label_like": lists(n, rng.integers(0, 2, (b, n)).astype(np.int8), pa.int8()),
+        }
+    )
+
+
+def bench_full_ranker(sizes: PerfSizes) -> dict:
+    """The ``full`` variant's real training step on group batches: candidates/s, MFU, breakdown."""
+    import torch.distributed as dist
+
+    from components.distributed_model import DistributedRanker
+    from models.task import RankingTask
+    from models.variants import build_model
+    from pipelines.bench_models import BenchSizes, random_groups
+    from pipelines.bench_train import bench_model_config
+    from pipelines.step_profile import profile_step
+    from pipelines.train_loop import ensure_process_group
+
+    torch.manual_seed(0)
+    config = bench_model_config("full", sizes.ranker_seq_len)
+    shape = BenchSizes(
+        batch_groups=sizes.ranker_groups, num_candidates=sizes.ranker_candidates, seq_len=sizes.ranker_seq_len
+    )
+    batch = random_groups(shape, config.ranker.sparse, torch.device("cpu"))
+    own = ensure_process_group()
+    try:
+        dr = DistributedRanker.build(RankingTask(build_model(config)).train(), ShardingSpec(), torch.device("cpu"))
+
+        def forward_backward() -> None:
+            loss, _ = dr.module(batch)
+            dr.zero_grad()
+            loss.backward()
+
+        def step() -> None:
+            forward_backward()
+            dr.step()
+
+        step_flops = count_flops(lambda: dr.module(batch)[0].backward(), backward=True)
+        seconds, top = against_peak(torch.float32, sizes, lambda: best_seconds(step, sizes.repeats))
+        breakdown = profile_step(forward_backward, dr.task.model, dr.step)
+    finally:
+        if own:
+            dist.destroy_process_group()
+    table = group_table(batch)
+    collate = CollateConfig(max_seq_len=sizes.ranker_seq_len)
+    loading = best_seconds(lambda: collate_groups(table, collate), sizes.repeats)
+    candidates = sizes.ranker_groups * sizes.ranker_candidates
     return {
-        "moe_over_dense_equal_active": seconds["dense"] / seconds["moe"],
-        "moe_forward_s": seconds["moe"],
-        "dense_equal_active_forward_s": seconds["dense"],
-        "moe_flops_per_sample": flops_per_sample(moe_cfg),
-        "dense_flops_per_sample": flops_per_sample(dense_cfg),
+        "full_ranker_train_candidates_per_s": candidates / seconds,
+        "full_ranker_train_mfu": step_flops / seconds / top,
+        "full_ranker_step_s": seconds,
+        "full_ranker_step_flops": step_flops,
+        "full_ranker_breakdown": {**breakdown, "data_loading_s": round(loading, 4)},
+        "full_ranker_shape": f"B={sizes.ranker_groups} groups x N={sizes.ranker_candidates}, L={sizes.ranker_seq_len}",
     }
+
+
+def bench_features(sizes: PerfSizes) -> dict:
+    """The data bench's Ray features job at ``sizes.events`` synthetic events."""
+    from pipelines.bench_data import run_bench
+    from pipelines.config import RayConfig
+
+    workdir = tempfile.mkdtemp(prefix="bench_perf_features_")
+    try:
+        record = run_bench(sizes.events, workdir, num_buckets=0, num_cpus=RayConfig().num_cpus, seed=0)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {
+        "features_events_per_s": record["events_per_s"],
+        "features_events": record["events"],
+        "features_ray_s": record["ray_s"],
+        "features_single_s": record["single_s"],
+        "features_phases_s": record["ray_phases_s"],
+        "features_identical": record["identical"],
+        "features_differences": record["differences"],
+    }
+
+
+KEYS = (
+    "train_step_mfu_fp32",
+    "fwd_mfu_bf16",
+    "moe_over_dense_equal_active",
+    "full_ranker_train_candidates_per_s",
+    "full_ranker_train_mfu",
+    "features_events_per_s",
+)
+TARGETS = {
+    "train_step_mfu_fp32": 0.8,
+    "fwd_mfu_bf16": 0.8,
+    "moe_over_dense_equal_active": 0.95,
+    "features_events_per_s": 1.5e6,
+}
+
+
+def run(sizes: PerfSizes, skip_features: bool = False) -> dict:
+    """Every figure of the module docstring (features last: it starts Ray)."""
+    result: dict = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "retained_heap": retain_freed_memory(),
+        "sizes": sizes.__dict__,
+    }
+    steps: list[tuple[str, Callable[[], dict]]] = [
+        ("train step", lambda: bench_train_step(sizes)),
+        ("bf16 forward", lambda: bench_forward_bf16(sizes)),
+        ("moe vs dense", lambda: bench_moe_vs_dense(sizes)),
+        ("full ranker", lambda: bench_full_ranker(sizes)),
+    ]
+    if sizes.compiled:
+        steps.append(("compiled train step", lambda: bench_train_step(sizes, compiled=True)))
+    if not skip_features:
+        steps.append(("features", lambda: bench_features(sizes)))
+    for name, step in steps:
+        start = time.perf_counter()
+        result.update(step())
+        logger.info("bench perf: %s done in %.1f s", name, time.perf_counter() - start)
+    result["targets"] = {
+        k: {"target": t, "value": result.get(k), "met": (result.get(k) or 0) >= t} for k, t in TARGETS.items()
+    }
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench perf", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes (a smoke run, not the figures)")
     parser.add_argument("--json", required=True, help="where to write the results")
+    parser.add_argument("--skip-features", action="store_true", help="leave out the features job (no Ray)")
+    parser.add_argument(
+        "--events", type=int, default=0, help="synthetic events of the features job (0 = 5M, --quick 200k)"
+    )
     args = parser.parse_args(argv)
+    if args.events < 0:
+        parser.error(f"--events must be >= 0, got {args.events}")
+    configure_logging()
+    started = time.perf_counter()
     sizes = QUICK if args.quick else PerfSizes()
-    result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()},
-        "quick": args.quick,
-        **bench_train_step(sizes),
-        **bench_forward_bf16(sizes),
-        **bench_moe_vs_dense(sizes),
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    if args.events:
+        sizes = replace(sizes, events=args.events)
+    result = run(sizes, args.skip_features)
+    result["quick"], result["bench_s"] = args.quick, time.perf_counter() - started
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result.get(k) for k in KEYS}, indent=1))
     return 0

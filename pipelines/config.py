@@ -149,6 +149,16 @@ class TrainConfig:
     # Sharding types the planner may choose from (CPU: table_wise/column_wise; GPU: row_wise).
     sharding_types: tuple[str, ...] = ("table_wise", "column_wise")
     bf16: bool = False  # autocast the forward to bfloat16
+    # Dense AdamW as one fused kernel over all parameters (torch's fused=True) instead of the
+    # per-tensor loop; same update to rounding (tests/pipelines/test_train_perf.py).
+    fused_optimizer: bool = True
+    # torch.compile (inductor) the dense blocks: LONGER, MSN/LMN and the backbone (models/compiled.py).
+    # Off by default: on the 2-core CPU box it did not beat eager (README "Performance") and the
+    # first step pays minutes of compilation. Eager is the oracle it is tested against.
+    compile: bool = False
+    # glibc keeps freed activations for the next step instead of unmapping them
+    # (components/host_memory.py): one config switch, values unchanged.
+    retain_freed_memory: bool = True
     activation_checkpointing: bool = False  # recompute backbone/sequence blocks in the backward
     grad_clip_norm: float = 0.0  # 0 = off; dense parameters only
     seed: int = 0

@@ -31,6 +31,7 @@ from components import object_store
 from components.checkpoint import DCP_METADATA, META_FILE, CheckpointMeta, load_tensors, read_meta, run_dir, write_meta
 from components.collate import CollateConfig, GroupCollateFn
 from components.distributed_model import DistributedRanker, ShardingSpec
+from components.host_memory import retain_freed_memory
 from components.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,9 @@ class LoopSpec:
     @property
     def sharding(self) -> ShardingSpec:
         t = self.train
-        return ShardingSpec(t.sharding_types, t.sparse_optimizer, t.sparse_lr, t.memory_lr, t.lr, t.weight_decay)
+        return ShardingSpec(
+            t.sharding_types, t.sparse_optimizer, t.sparse_lr, t.memory_lr, t.lr, t.weight_decay, t.fused_optimizer
+        )
 
     def meta(self, progress: Progress, world_size: int, metrics: dict[str, float]) -> CheckpointMeta:
         return CheckpointMeta(
@@ -119,6 +122,10 @@ def build_distributed(spec: LoopSpec, device: torch.device) -> DistributedRanker
     model = build_model(from_dict(ModelConfig, spec.model, "model"))
     if spec.train.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if spec.train.compile:
+        from models.compiled import compile_dense_blocks
+
+        logger.info("train.compile: compiled %s (the first steps compile them)", compile_dense_blocks(model))
     return DistributedRanker.build(RankingTask(model), spec.sharding, device)
 
 
@@ -294,6 +301,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     spec: LoopSpec = config["spec"]
     _configure_logging()
+    if spec.train.retain_freed_memory:
+        retain_freed_memory()
     own_group = ensure_process_group()
     try:
         return _run(spec, ray.train.get_context())

@@ -1,0 +1,59 @@
+"""Keep freed host memory in the process: glibc malloc settings for tensor workloads.
+
+glibc serves every allocation at or above its mmap threshold (at most 32 MiB) with a fresh
+``mmap`` and gives it back with ``munmap`` on free. A training step of a large backbone
+allocates and frees hundreds of MiB of activations and gradients, so every step the kernel
+maps, page-faults and zero-fills them anew. On the 2-core VM of docs/STACK.md that kernel
+work was two thirds of a TokenMixer-Large training step (``sys`` time; README "Performance").
+
+``retain_freed_memory`` switches the process to serving big blocks from the heap and never
+trimming it: a freed activation is reused by the next step, as a caching allocator would.
+The price is that the process keeps its high-water mark of heap (it is not returned to the
+kernel until exit), which is what a trainer or a serving replica wants anyway.
+
+It changes allocation only, never values: the same tensors, the same kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import platform
+
+logger = logging.getLogger(__name__)
+
+# mallopt(3) parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_MAX = -4
+
+_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest value, i.e. never trim in practice
+_TOP_PAD = 64 * 2**20  # grow the heap in 64 MiB steps: fewer brk calls (address space, not RSS)
+
+_applied = False
+
+
+def retain_freed_memory() -> bool:
+    """Apply the settings to this process (idempotent); False where malloc is not glibc's.
+
+    Must be called in the process that does the tensor work (a Ray worker, not its driver).
+    Threads of the process share the settings.
+    """
+    global _applied
+    if _applied:
+        return True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        logger.info("retain_freed_memory: not glibc (%s), left as is", platform.libc_ver()[0] or platform.system())
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    # Order matters: with M_MMAP_MAX = 0 no block is mmapped, so a freed block stays in the heap.
+    ok = all(libc.mallopt(param, value) == 1 for param, value in _SETTINGS)
+    if not ok:
+        logger.warning("retain_freed_memory: mallopt refused a setting; allocation left as glibc's default")
+        return False
+    _applied = True
+    return True
+
+
+_SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (M_TOP_PAD, _TOP_PAD))
