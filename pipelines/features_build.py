@@ -186,7 +186,9 @@ def group_bounds(ev: dict[str, np.ndarray], cfg: FeaturesConfig, cutoffs: groups
     )
 
 
-def _candidates(ev: dict[str, np.ndarray], bounds: GroupBounds, negatives: np.ndarray, width: int) -> tuple:
+def _candidates(
+    ev: dict[str, np.ndarray], bounds: GroupBounds, negatives: np.ndarray, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(candidates (G, C) int32, is_positive (G, C) bool, positive event (G, C) int64).
 
     Slot c of group g holds its c-th event while c < num_pos[g], then its negatives in
@@ -203,7 +205,7 @@ def _candidates(ev: dict[str, np.ndarray], bounds: GroupBounds, negatives: np.nd
     return np.where(is_pos, ev["item_idx"][event], negative).astype(np.int32), is_pos, event
 
 
-def _group_negatives(ev: dict[str, np.ndarray], bounds: GroupBounds, gid: np.ndarray, ctx: BucketContext):
+def _group_negatives(ev: dict[str, np.ndarray], bounds: GroupBounds, gid: np.ndarray, ctx: BucketContext) -> np.ndarray:
     """Dense (G, max need) negatives of every group (components.groups.sample_negatives)."""
     cfg = ctx.features
     pos_offsets = np.concatenate([[0], np.cumsum(bounds.num_pos)])
