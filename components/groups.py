@@ -95,9 +95,14 @@ def histogram_shift(ts_min: int, ts_max: int, max_bins: int = 1 << 20) -> int:
 
 
 def ts_histogram(ts: np.ndarray, ts_min: int, shift: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sparse histogram: (bin ids, counts) of ``(ts - ts_min) >> shift``."""
-    bins = (np.asarray(ts, dtype=np.int64) - np.int64(ts_min)) >> np.int64(shift)
-    return np.unique(bins, return_counts=True)
+    """Sparse histogram: (bin ids, counts) of ``(ts - ts_min) >> shift`` (ts >= ts_min).
+
+    Counted densely, since ``histogram_shift`` keeps the bins below 2^20: 10x faster than
+    ``np.unique``'s sort (614k events: 5 ms against 55 ms).
+    """
+    counts = np.bincount((np.asarray(ts, dtype=np.int64) - np.int64(ts_min)) >> np.int64(shift))
+    bins = np.flatnonzero(counts)
+    return bins, counts[bins]
 
 
 def merge_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -167,6 +172,45 @@ def _uniforms(stream: np.ndarray, draw: np.ndarray) -> np.ndarray:
     return (mix64(x.view(np.int64)) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+@dataclass(frozen=True)
+class InverseCdf:
+    """``search(x) == np.searchsorted(cdf, x, side="right")``, by table look-up instead of bisection.
+
+    Bisection over the catalogue cost ~115 ns a draw (cache misses on every step; a third of
+    the sampler). A guide table of ~4 bins per item answers most draws with two gathers, and a
+    skip table jumps over runs of equal cdf values (items of weight 0), so the draws that land
+    past their bin's first item take a step or two. Exact: every answer is checked against the
+    cdf itself, and the rare value whose bin start was rounded past it is bisected.
+    """
+
+    cdf: np.ndarray  # (V+1,) float64 the cdf, then +inf: a sentinel that stops every walk
+    guide: np.ndarray  # (K+1,) int64 first index whose cdf exceeds bin k's start k * total / K
+    skip: np.ndarray  # (V+1,) int64 first index whose cdf exceeds cdf[i]
+    scale: float  # K / total
+
+    @classmethod
+    def build(cls, cdf: np.ndarray, bins_per_item: int = 4) -> InverseCdf:
+        """Tables for a non-decreasing ``cdf`` with a positive total."""
+        cdf = np.asarray(cdf, dtype=np.float64)
+        bins = 1 << int(bins_per_item * cdf.size).bit_length()
+        scale = bins / float(cdf[-1])
+        guide = np.searchsorted(cdf, np.arange(bins + 1) / scale, side="right")
+        skip = np.append(np.searchsorted(cdf, cdf, side="right"), cdf.size)
+        return cls(np.append(cdf, np.inf), guide, skip, scale)
+
+    def search(self, x: np.ndarray) -> np.ndarray:
+        """Index of the first cdf value above each ``x`` (0 <= x < inf), as int64 of x's shape."""
+        shape, x, cdf = np.shape(x), np.ravel(x), self.cdf
+        at = self.guide[np.minimum((x * self.scale).astype(np.int64), self.guide.size - 1)]
+        overshot = np.flatnonzero((at > 0) & (cdf[at - 1] > x))  # bin start rounded above x
+        at[overshot] = np.searchsorted(cdf[:-1], x[overshot], side="right")
+        walk = np.flatnonzero(cdf[at] <= x)
+        while walk.size:  # invariant: every cdf value before at[i] is <= x[i]
+            at[walk] = self.skip[at[walk]]
+            walk = walk[cdf[at[walk]] <= x[walk]]
+        return at.reshape(shape)
+
+
 def _dense_rows(offsets: np.ndarray, values: np.ndarray, fill: int) -> np.ndarray:
     """Ragged rows -> (R, max_len) int64 matrix padded with ``fill``."""
     lengths = np.diff(offsets)
@@ -176,24 +220,27 @@ def _dense_rows(offsets: np.ndarray, values: np.ndarray, fill: int) -> np.ndarra
     return out
 
 
-def _accept_draws(blocked: np.ndarray, draws: np.ndarray) -> np.ndarray:
+def _accept_draws(blocked: np.ndarray, draws: np.ndarray, num_items: int) -> np.ndarray:
     """(A, m) bool: draw is the first occurrence of its item in its row and not in ``blocked``.
 
     One row-wise sort of ``[blocked | draws]`` keyed by (item, column): the first element of a
     run of equal items wins, so a draw is accepted only if no blocked entry and no earlier
-    draw of its row holds the same item. No hashing: cheap for many short rows.
+    draw of its row holds the same item. No hashing: cheap for many short rows. Items are
+    < ``num_items`` (pads -1); the keys are int32 whenever they fit (sorts ~2x faster).
     """
     nb, m = blocked.shape[1], draws.shape[1]
-    width = 1 << int(nb + m - 1).bit_length()  # column fits in the low bits
-    code = np.concatenate([blocked, draws], axis=1) * width + np.arange(nb + m)
+    bits = int(nb + m - 1).bit_length()  # the column fits in the low bits
+    dtype = np.int32 if num_items << bits < 2**31 else np.int64
+    code = np.concatenate([blocked, draws], axis=1, dtype=dtype) << bits | np.arange(nb + m, dtype=dtype)
     code.sort(axis=1)
-    item, col = code // width, code % width  # floor division: -1 pads stay -1
+    item, col = code >> bits, code & ((1 << bits) - 1)  # arithmetic shift: -1 pads stay -1
     first = np.ones(code.shape, dtype=bool)
     first[:, 1:] = item[:, 1:] != item[:, :-1]
-    rows, cols = np.nonzero(first & (col >= nb))
-    accepted = np.zeros(draws.shape, dtype=bool)
-    accepted[rows, col[rows, cols] - nb] = True
-    return accepted
+    accepted = np.empty(code.shape, dtype=bool)
+    # Back to column order by one dense scatter: ~25% off the sampler against nonzero + a
+    # scatter of the accepted cells (614k-event bucket: 0.10 s against 0.14 s).
+    np.put_along_axis(accepted, col.astype(np.intp), first, axis=1)
+    return accepted[:, nb:]
 
 
 def sample_negatives(
@@ -205,7 +252,7 @@ def sample_negatives(
     seed: int,
     draws_per_round: int = 32,
     max_draws: int = 1024,
-    chunk_groups: int = 32768,
+    chunk_groups: int = 2048,
 ) -> np.ndarray:
     """Deterministic popularity negatives, dense ``(G, max(num_needed))`` int32, 0-padded.
 
@@ -215,6 +262,9 @@ def sample_negatives(
     That definition depends only on the group, so results do not change with batching,
     ``draws_per_round`` or ``chunk_groups``. A group that cannot be filled (tiny catalogue)
     keeps 0 (padding) in its remaining slots.
+
+    ``chunk_groups`` 2048 keeps a round's (groups, draws) work arrays in L2 cache: measured on
+    a 12.8k-group bucket, 35 ms against 60 ms with one 32k chunk.
     """
     gids = np.asarray(gids, dtype=np.int64)
     need = np.asarray(num_needed, dtype=np.int64)
@@ -226,10 +276,11 @@ def sample_negatives(
     positives = _dense_rows(pos_offsets, np.asarray(pos_items, dtype=np.int64), fill=-1)
     with np.errstate(over="ignore"):
         streams = mix64(gids ^ mix64(np.array([seed], dtype=np.int64)).view(np.int64)[0])
+    inverse = InverseCdf.build(cdf)
     for lo in range(0, gids.size, chunk_groups):
         hi = min(lo + chunk_groups, gids.size)
         out[lo:hi] = _fill_negatives(
-            streams[lo:hi], need[lo:hi], positives[lo:hi], cdf, width, draws_per_round, max_draws
+            streams[lo:hi], need[lo:hi], positives[lo:hi], inverse, width, draws_per_round, max_draws
         )
     return out
 
@@ -238,7 +289,7 @@ def _fill_negatives(
     streams: np.ndarray,
     need: np.ndarray,
     positives: np.ndarray,
-    cdf: np.ndarray,
+    inverse: InverseCdf,
     width: int,
     draws_per_round: int,
     max_draws: int,
@@ -246,7 +297,8 @@ def _fill_negatives(
     """Rounds of draws for one chunk of groups (see sample_negatives)."""
     out = np.zeros((streams.size, width), dtype=np.int32)
     taken = np.zeros(streams.size, dtype=np.int64)
-    total, last_item = float(cdf[-1]), len(cdf) - 1
+    num_items = inverse.cdf.size - 1  # the cdf's, without the sentinel
+    total = float(inverse.cdf[-2])
     active = np.flatnonzero(need > 0)
     for start in range(0, max_draws, draws_per_round):
         if active.size == 0:
@@ -254,9 +306,13 @@ def _fill_negatives(
         m = min(draws_per_round, max_draws - start)
         j = np.arange(start, start + m, dtype=np.int64)
         u = _uniforms(streams[active][:, None], j[None, :])  # (A, m)
-        draws = np.minimum(np.searchsorted(cdf, u * total, side="right"), last_item)
-        blocked = np.concatenate([positives[active], np.where(out[active] > 0, out[active], -1)], axis=1)
-        accepted = _accept_draws(blocked, draws)
+        draws = np.minimum(inverse.search(u * total), num_items - 1)
+        # Before the first round nothing is taken: the positives alone block (and the sort
+        # stays narrow). Later rounds hold only the few groups that drew many duplicates.
+        blocked = positives[active]
+        if start:
+            blocked = np.concatenate([blocked, np.where(out[active] > 0, out[active], -1)], axis=1)
+        accepted = _accept_draws(blocked, draws, num_items)
         slot = taken[active][:, None] + np.cumsum(accepted, axis=1) - 1  # (A, m)
         keep = accepted & (slot < need[active][:, None])
         rows, cols = np.nonzero(keep)

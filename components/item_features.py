@@ -15,9 +15,19 @@ from components.transforms import OOV
 
 
 def lookup(sorted_keys: np.ndarray, values: np.ndarray, query: np.ndarray, default: int) -> np.ndarray:
-    """``values[k]`` where ``sorted_keys[k] == query``, else ``default`` (vectorised dictionary)."""
+    """``values[k]`` where ``sorted_keys[k] == query``, else ``default`` (vectorised dictionary).
+
+    More queries than keys (a bucket's events against the catalogue) go through a hash table
+    of the keys (``pc.index_in``: 614k events, 20k items: 2.4 ms against 50 ms bisecting);
+    fewer (serving's candidates) bisect the sorted keys and build nothing.
+    """
     if sorted_keys.size == 0:
         return np.full(len(query), default, dtype=values.dtype)
+    query = np.asarray(query)
+    if query.size > sorted_keys.size and query.dtype == sorted_keys.dtype:
+        found = pc.index_in(pa.array(query), value_set=pa.array(sorted_keys))
+        pos = pc.fill_null(found, -1).to_numpy()
+        return np.where(pos >= 0, values[pos], default).astype(values.dtype)
     pos = np.minimum(np.searchsorted(sorted_keys, query), sorted_keys.size - 1)
     return np.where(sorted_keys[pos] == query, values[pos], default).astype(values.dtype)
 

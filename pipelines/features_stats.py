@@ -2,8 +2,11 @@
 
 Every bucket task needs a few numbers computed over ALL events: the exact time-split
 cut-offs (memory bounded by the time span, see components/groups.py) and item popularity
-over the train period (for negatives). Small Ray tasks read only the ``ts`` and
-``item_id`` columns of one bucket each; the driver merges their answers.
+over the train period (for negatives). The event count and time range come from the Delta
+log's file statistics (no data read); then two rounds of small Ray tasks read only the
+``ts`` and ``item_id`` columns of one bucket each, and the driver merges their answers.
+Each round of reads cost ~0.1 s a bucket (5M events, one core): the four rounds this used
+to take (count, histogram, bin values, train items) were a tenth of the whole job.
 """
 
 from __future__ import annotations
@@ -24,18 +27,32 @@ def bucket_filter(bucket: int) -> pc.Expression:
     return pc.field("bucket") == pa.scalar(bucket, pa.int32())
 
 
+def logged_time_range(events: lake.PinnedTable) -> tuple[int, int, int] | None:
+    """(events, first ts, last ts) from the Delta log's per-file statistics; None when a file lacks them."""
+    actions = pa.table(lake.open_table(events.uri, events.version, events.storage_options).get_add_actions(True))
+    if not {"num_records", "min.ts", "max.ts"} <= set(actions.column_names) or actions["num_records"].null_count:
+        return None
+    nonempty = actions.filter(pc.field("num_records") > 0)  # an empty file has no min/max
+    if nonempty["min.ts"].null_count or nonempty["max.ts"].null_count:
+        return None
+    if nonempty.num_rows == 0:
+        return 0, 0, 0
+    n = int(pc.sum(nonempty["num_records"]).as_py())
+    return n, int(pc.min(nonempty["min.ts"]).as_py()), int(pc.max(nonempty["max.ts"]).as_py())
+
+
 @ray.remote(num_cpus=1)
 def _pass_counts(events: lake.PinnedTable, bucket: int) -> tuple:
     ts = events.read(["ts"], bucket_filter(bucket))["ts"].to_numpy()
     return (ts.size, int(ts.min()) if ts.size else 0, int(ts.max()) if ts.size else 0)
 
 
-@ray.remote(num_cpus=1)
-def _pass_train_items(events: lake.PinnedTable, bucket: int, valid_start_ts: int) -> tuple:
-    """(item ids, counts) of the bucket's TRAIN-period events: popularity must not see the future."""
-    train = bucket_filter(bucket) & (pc.field("ts") < pa.scalar(valid_start_ts, pa.int64()))
-    items = events.read(["item_id"], train)["item_id"].to_numpy()
-    return np.unique(items, return_counts=True)
+def scanned_time_range(events: lake.PinnedTable, buckets: list[int]) -> tuple[int, int, int]:
+    """(events, first ts, last ts) by one round of bucket reads (files without log statistics)."""
+    parts = [p for p in ray.get([_pass_counts.remote(events, b) for b in buckets]) if p[0]]
+    if not parts:
+        return 0, 0, 0
+    return sum(p[0] for p in parts), min(p[1] for p in parts), max(p[2] for p in parts)
 
 
 @ray.remote(num_cpus=1)
@@ -44,10 +61,35 @@ def _pass_histogram(events: lake.PinnedTable, bucket: int, ts_min: int, shift: i
     return groups.ts_histogram(ts, ts_min, shift)
 
 
+@dataclass(frozen=True)
+class BinsAndItems:
+    """One bucket's answer to the second round (see :func:`_pass_bins_and_items`)."""
+
+    bin_values: tuple[np.ndarray, np.ndarray]  # distinct ts inside the located bins, their counts
+    train_items: tuple[np.ndarray, np.ndarray]  # item ids of events BEFORE the boundary bin, counts
+    boundary: tuple[np.ndarray, np.ndarray, np.ndarray]  # (ts, item id, count) of events IN it
+
+
 @ray.remote(num_cpus=1)
-def _pass_bin_values(events: lake.PinnedTable, bucket: int, ts_min: int, shift: int, bins: list) -> tuple:
-    ts = events.read(["ts"], bucket_filter(bucket))["ts"].to_numpy()
-    return groups.values_in_bins(ts, ts_min, shift, bins)
+def _pass_bins_and_items(
+    events: lake.PinnedTable, bucket: int, ts_min: int, shift: int, bins: list[int], boundary_bin: int
+) -> BinsAndItems:
+    """The cut-off bins' values and the train-period item counts, from ONE read of the bucket.
+
+    The valid cut-off is not known yet, only its bin (``boundary_bin``): events of earlier
+    bins are train for sure; those inside it come back as distinct (ts, item) pairs, at most
+    2^shift times the catalogue, for the driver to settle once the cut-off is known.
+    """
+    table = events.read(["ts", "item_id"], bucket_filter(bucket))
+    ts, items = table["ts"].to_numpy(), table["item_id"].to_numpy()
+    bin_of = (ts - np.int64(ts_min)) >> np.int64(shift)
+    inside = bin_of == boundary_bin
+    pairs, counts = np.unique(np.stack([ts[inside], items[inside]]), axis=1, return_counts=True)
+    return BinsAndItems(
+        bin_values=groups.values_in_bins(ts, ts_min, shift, bins),
+        train_items=np.unique(items[bin_of < boundary_bin], return_counts=True),
+        boundary=(pairs[0], pairs[1], counts),
+    )
 
 
 @dataclass(frozen=True)
@@ -64,29 +106,26 @@ class EventStats:
 
 def global_stats(events: lake.PinnedTable, buckets: list[int], cfg: FeaturesConfig) -> EventStats:
     """Exact time cut-offs, train-period item counts and the event count of the events table."""
-    first = ray.get([_pass_counts.remote(events, b) for b in buckets])
-    nonempty = [f for f in first if f[0]]
-    n = sum(f[0] for f in first)
+    n, ts_min, ts_max = logged_time_range(events) or scanned_time_range(events, buckets)
     if n == 0:
         raise lake.LakeError(
             f"events table {events.uri} (version {events.version}) has no rows "
             f"({len(buckets)} bucket partition(s)); nothing to build features from"
         )
     ranks = groups.cutoff_ranks(n, cfg.valid_frac, cfg.test_frac)
-    ts_min, ts_max = min(f[1] for f in nonempty), max(f[2] for f in nonempty)
     shift = groups.histogram_shift(ts_min, ts_max)
     hist = groups.merge_counts(ray.get([_pass_histogram.remote(events, b, ts_min, shift) for b in buckets]))
     located = groups.locate_ranks(*hist, [r for r in ranks if r < n])
-    values: dict[int, int] = {}
-    if located:
-        bins = sorted({bin_id for bin_id, _ in located.values()})
-        merged = groups.merge_counts(
-            ray.get([_pass_bin_values.remote(events, b, ts_min, shift, bins) for b in buckets])
-        )
-        values = groups.pick_ranks(located, ts_min, shift, *merged)
+    bins = sorted({bin_id for bin_id, _ in located.values()})
+    # No valid split (its rank is past the end): every event is train, none is on a boundary.
+    boundary_bin = located[ranks[0]][0] if ranks[0] in located else groups.INT64_MAX
+    parts = ray.get([_pass_bins_and_items.remote(events, b, ts_min, shift, bins, boundary_bin) for b in buckets])
+    values = groups.pick_ranks(located, ts_min, shift, *groups.merge_counts([p.bin_values for p in parts]))
     cutoffs = groups.cutoffs_from_values(n, ranks, values)
+    edge_ts, edge_items, edge_counts = (np.concatenate(c) for c in zip(*(p.boundary for p in parts)))
+    is_train = edge_ts < cutoffs.valid_start_ts
     item_ids, item_counts = groups.merge_counts(
-        ray.get([_pass_train_items.remote(events, b, cutoffs.valid_start_ts) for b in buckets])
+        [p.train_items for p in parts] + [(edge_items[is_train], edge_counts[is_train])]
     )
     return EventStats(cutoffs, item_ids, item_counts, n, ts_min, ts_max)
 

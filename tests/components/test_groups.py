@@ -153,3 +153,35 @@ def test_negative_cdf_without_train_counts_falls_back_to_uniform():
     assert sorted(out[0].tolist()) == [2, 4, 5]
     # An item unseen in train keeps weight 0 as long as some item has a count.
     np.testing.assert_array_equal(groups.negative_cdf(np.array([0, 0, 0, 16])), [0, 0, 0, 8])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 30), min_size=1, max_size=300),
+    zero_run=st.integers(0, 200),
+    seed=st.integers(0, 2**31),
+)
+def test_inverse_cdf_table_equals_bisection(counts, zero_run, seed):
+    """The guide-table search is np.searchsorted(side="right") exactly: random points, every cdf
+    value and its float neighbours (bin edges, ties), and long runs of weight-0 items."""
+    cdf = groups.negative_cdf(np.array([0, 0, *counts[: len(counts) // 2], *[0] * zero_run, *counts], np.int64))
+    x = np.random.default_rng(seed).random(2000) * cdf[-1]
+    x = np.concatenate([x, cdf, np.nextafter(cdf, -np.inf), np.nextafter(cdf, np.inf), [0.0]])
+    x = x[(x >= 0) & (x < cdf[-1])].reshape(-1, 1)  # any shape: (n, 1) here
+    np.testing.assert_array_equal(groups.InverseCdf.build(cdf).search(x), np.searchsorted(cdf, x, side="right"))
+
+
+def test_accept_draws_same_with_int32_and_int64_keys():
+    rng = np.random.default_rng(0)
+    blocked = np.where(rng.random((50, 6)) < 0.3, -1, rng.integers(2, 9, (50, 6)))
+    draws = rng.integers(2, 9, (50, 16))
+    narrow = groups._accept_draws(blocked, draws, num_items=10)  # int32 keys
+    wide = groups._accept_draws(blocked, draws, num_items=2**40)  # int64 keys
+    np.testing.assert_array_equal(narrow, wide)
+    row = 7  # literal check of one row: first occurrences of items not blocked
+    seen = set(blocked[row][blocked[row] >= 0].tolist())
+    expected = []
+    for item in draws[row].tolist():
+        expected.append(item not in seen)
+        seen.add(item)
+    assert narrow[row].tolist() == expected

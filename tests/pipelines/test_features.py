@@ -91,6 +91,10 @@ def test_hand_built_sequences_and_groups():
     assert seq[0]["item_idx"] == [2, 3, 4, 5, 6, 7] and seq[0]["ts"] == [100, 100, 110, 5000, 5010, 5010]
     assert seq[0]["action"] == action_bucket(np.array([2.0, 4.0, 5.0, 1.0, 4.5, 3.0])).tolist()
     assert seq[1]["item_idx"] == [1, 8] and seq[0]["bucket"] == 3
+    # Rows come grouped by split (the writer slices them per split), then by user and time.
+    assert samples["split"].to_pylist() == ["train", "train", "valid", "valid"]
+    assert samples["request_ts"].to_pylist() == [110, 4000, 5000, 5010]
+    samples = samples.sort_by([("user_id", "ascending"), ("request_ts", "ascending")])
     rows = samples.to_pylist()
     first_event_pos = np.array([2, 3, 5, 1])  # the 5010 group starts at event 5 but sees only 4
     np.testing.assert_array_equal(
