@@ -12,6 +12,11 @@ The price is that the process keeps its high-water mark of heap (it is not retur
 kernel until exit), which is what a trainer or a serving replica wants anyway.
 
 It changes allocation only, never values: the same tensors, the same kernels.
+
+Limit: glibc gives each thread that allocates concurrently an arena of its own, and a
+non-main arena's heaps are at most 64 MiB, so a block above that allocated off the main
+thread (Ray Train runs the training function in a thread of the worker) is still mapped and
+unmapped each time; blocks below it are kept. The benchmarks run on the main thread.
 """
 
 from __future__ import annotations
