@@ -152,9 +152,9 @@ class TrainConfig:
     # Dense AdamW as one fused kernel over all parameters (torch's fused=True) instead of the
     # per-tensor loop; same update to rounding (tests/pipelines/test_train_perf.py).
     fused_optimizer: bool = True
-    # torch.compile (inductor) the dense blocks: LONGER, MSN/LMN and the backbone (models/compiled.py).
-    # Off by default: on the 2-core CPU box it did not beat eager (README "Performance") and the
-    # first step pays minutes of compilation. Eager is the oracle it is tested against.
+    # torch.compile (inductor) the dense blocks: LONGER and the backbone (models/compiled.py).
+    # Off by default: the first steps pay tens of seconds to minutes of compilation on 2 cores,
+    # for ~5% on a large backbone's step (README "Performance"). Eager is its tested oracle.
     compile: bool = False
     # glibc keeps freed activations for the next step instead of unmapping them
     # (components/host_memory.py): one config switch, values unchanged.
