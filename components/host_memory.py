@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import platform
 
@@ -33,32 +34,25 @@ M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_MAX = -4
 
-_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest value, i.e. never trim in practice
-_TOP_PAD = 64 * 2**20  # grow the heap in 64 MiB steps: fewer brk calls (address space, not RSS)
+_SETTINGS = (
+    (M_MMAP_MAX, 0),  # no block is mmapped: a freed block stays in the heap for reuse
+    (M_TRIM_THRESHOLD, 2**31 - 1),  # mallopt takes an int: the largest, i.e. never trim in practice
+    (M_TOP_PAD, 64 * 2**20),  # grow the heap in 64 MiB steps: fewer brk calls (address space, not RSS)
+)
 
-_applied = False
 
-
+@functools.cache
 def retain_freed_memory() -> bool:
     """Apply the settings to this process (idempotent); False where malloc is not glibc's.
 
     Must be called in the process that does the tensor work (a Ray worker, not its driver).
     Threads of the process share the settings.
     """
-    global _applied
-    if _applied:
-        return True
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         logger.info("retain_freed_memory: not glibc (%s), left as is", platform.libc_ver()[0] or platform.system())
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    # Order matters: with M_MMAP_MAX = 0 no block is mmapped, so a freed block stays in the heap.
-    ok = all(libc.mallopt(param, value) == 1 for param, value in _SETTINGS)
-    if not ok:
+    if not all(libc.mallopt(param, value) == 1 for param, value in _SETTINGS):
         logger.warning("retain_freed_memory: mallopt refused a setting; allocation left as glibc's default")
         return False
-    _applied = True
     return True
-
-
-_SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (M_TOP_PAD, _TOP_PAD))

@@ -13,8 +13,6 @@ parameters, the state dict and the checkpoints are those of the eager model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
@@ -29,7 +27,6 @@ def compile_dense_blocks(
     model: nn.Module,
     mode: str | None = None,
     blocks: tuple[str, ...] = tuple(COMPILED_METHODS),
-    compiler: Callable = torch.compile,
 ) -> list[str]:
     """Compile the dense ``blocks`` of ``model`` (a ``Ranker``) in place; the compiled method names.
 
@@ -48,6 +45,6 @@ def compile_dense_blocks(
         for method in methods:
             if method in vars(block) or not hasattr(block, method):  # already compiled, or absent
                 continue
-            setattr(block, method, compiler(getattr(block, method), mode=mode))
+            setattr(block, method, torch.compile(getattr(block, method), mode=mode))
             compiled.append(f"{block_name}.{method}")
     return compiled

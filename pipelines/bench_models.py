@@ -67,10 +67,11 @@ class BenchSizes:
 QUICK = BenchSizes(batch_groups=1, tml_dim=256, tml_layers=2, tml_batch=256, moe_batch=256, repeats=3, peak_seconds=0.5)
 
 
-def best_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Best wall time of ``fn`` over ``repeats`` runs (CUDA-synchronised)."""
+def best_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1, grad: bool = False) -> float:
+    """Best wall time of ``fn`` over ``repeats`` runs (CUDA-synchronised); in inference mode
+    unless ``grad`` (a training step)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    with torch.inference_mode():
+    with torch.inference_mode(not grad):
         for _ in range(warmup):
             fn()
         sync()
@@ -83,13 +84,15 @@ def best_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> flo
     return best
 
 
-def paired_best_seconds(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int) -> tuple[float, float]:
+def paired_best_seconds(
+    fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int, grad: bool = False
+) -> tuple[float, float]:
     """Best wall times of two functions timed in alternation, so a slow spell of a shared
-    machine hits both sides of a ratio alike."""
+    machine hits both sides of a ratio alike (``grad``: see ``best_seconds``)."""
     times_a, times_b = [], []
     for _ in range(repeats):
-        times_a.append(best_seconds(fn_a, 1, warmup=0 if times_a else 1))
-        times_b.append(best_seconds(fn_b, 1, warmup=0 if times_b else 1))
+        times_a.append(best_seconds(fn_a, 1, warmup=0 if times_a else 1, grad=grad))
+        times_b.append(best_seconds(fn_b, 1, warmup=0 if times_b else 1, grad=grad))
     return min(times_a), min(times_b)
 
 

@@ -50,6 +50,7 @@ from components.host_memory import retain_freed_memory
 from models.batch import GroupBatch
 from models.cost import count_flops, measure_peak_matmul_flops
 from models.tokenmixer_large import SparseMoEConfig, TokenMixerLarge, TokenMixerLargeConfig, flops_per_sample
+from pipelines.bench_models import BenchSizes, best_seconds, paired_best_seconds, random_groups
 from pipelines.cli import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -96,17 +97,6 @@ def peak(dtype: torch.dtype, sizes: PerfSizes) -> float:
     return max(measure_peak_matmul_flops(dtype, size=n, seconds=seconds) for n in sizes.peak_sizes)
 
 
-def best_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def against_peak(dtype: torch.dtype, sizes: PerfSizes, measure: Callable[[], float]) -> tuple[float, float]:
     """``measure()`` seconds, bracketed by peak GEMM measurements: (seconds, the higher peak)."""
     before = peak(dtype, sizes)
@@ -142,7 +132,7 @@ def bench_train_step(sizes: PerfSizes, compiled: bool = False) -> dict:
         start = time.perf_counter()
         step()  # compiles forward and backward
         compile_s = time.perf_counter() - start
-    seconds, top = against_peak(torch.float32, sizes, lambda: best_seconds(step, sizes.repeats))
+    seconds, top = against_peak(torch.float32, sizes, lambda: best_seconds(step, sizes.repeats, grad=True))
     useful = 3 * flops_per_sample(cfg) * sizes.batch
     result = {
         f"train_step_mfu_fp32{suffix}": useful / seconds / top,
@@ -170,27 +160,12 @@ def bench_forward_bf16(sizes: PerfSizes) -> dict:
     cfg = tml_config(sizes)
     model = TokenMixerLarge(cfg).to(torch.bfloat16).eval()
     x = torch.randn(sizes.batch, cfg.num_tokens, cfg.dim, dtype=torch.bfloat16)
-    with torch.inference_mode():
-        seconds, top = against_peak(torch.bfloat16, sizes, lambda: best_seconds(lambda: model(x), sizes.repeats))
+    seconds, top = against_peak(torch.bfloat16, sizes, lambda: best_seconds(lambda: model(x), sizes.repeats))
     return {
         "fwd_mfu_bf16": flops_per_sample(cfg) * sizes.batch / seconds / top,
         "fwd_bf16_s": seconds,
         "peak_bf16_flops_per_s": top,
     }
-
-
-def paired_forward_seconds(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Best forward seconds of each model, timed in alternation (a slow spell hits all alike)."""
-    best = dict.fromkeys(models, float("inf"))
-    with torch.inference_mode():
-        for model in models.values():
-            model(x)
-        for _ in range(repeats):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(x)
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def bench_moe_vs_dense(sizes: PerfSizes) -> dict:
@@ -200,14 +175,14 @@ def bench_moe_vs_dense(sizes: PerfSizes) -> dict:
     dense_cfg = TokenMixerLargeConfig(
         num_tokens=sizes.tokens, dim=sizes.moe_dim, num_layers=sizes.layers, expansion=3.0
     )
-    models = {"moe": TokenMixerLarge(moe_cfg).eval(), "dense": TokenMixerLarge(dense_cfg).eval()}
+    moe_model, dense_model = TokenMixerLarge(moe_cfg).eval(), TokenMixerLarge(dense_cfg).eval()
     result = {"moe_flops_per_sample": flops_per_sample(moe_cfg), "dense_flops_per_sample": flops_per_sample(dense_cfg)}
     for batch, suffix in ((sizes.moe_batch, ""), (sizes.moe_large_batch, f"_batch_{sizes.moe_large_batch}")):
         x = torch.randn(batch, sizes.tokens, sizes.moe_dim)
-        seconds = paired_forward_seconds(models, x, sizes.repeats)
-        result[f"moe_over_dense_equal_active{suffix}"] = seconds["dense"] / seconds["moe"]
-        result[f"moe_forward{suffix}_s"] = seconds["moe"]
-        result[f"dense_equal_active_forward{suffix}_s"] = seconds["dense"]
+        moe_s, dense_s = paired_best_seconds(lambda x=x: moe_model(x), lambda x=x: dense_model(x), sizes.repeats)
+        result[f"moe_over_dense_equal_active{suffix}"] = dense_s / moe_s
+        result[f"moe_forward{suffix}_s"] = moe_s
+        result[f"dense_equal_active_forward{suffix}_s"] = dense_s
     return result
 
 
@@ -244,7 +219,6 @@ def bench_full_ranker(sizes: PerfSizes) -> dict:
     from components.distributed_model import DistributedRanker
     from models.task import RankingTask
     from models.variants import build_model
-    from pipelines.bench_models import BenchSizes, random_groups
     from pipelines.bench_train import bench_model_config
     from pipelines.step_profile import profile_step
     from pipelines.train_loop import ensure_process_group
@@ -269,7 +243,7 @@ def bench_full_ranker(sizes: PerfSizes) -> dict:
             dr.step()
 
         step_flops = count_flops(lambda: dr.module(batch)[0].backward(), backward=True)
-        seconds, top = against_peak(torch.float32, sizes, lambda: best_seconds(step, sizes.repeats))
+        seconds, top = against_peak(torch.float32, sizes, lambda: best_seconds(step, sizes.repeats, grad=True))
         breakdown = profile_step(forward_backward, dr.task.model, dr.step)
     finally:
         if own:

@@ -29,7 +29,7 @@ from components.config_loader import load_config
 from models.cost import count_flops, measure_peak_matmul_flops
 from models.task import RankingTask
 from models.variants import ModelConfig, build_model
-from pipelines.bench_models import BenchSizes, random_groups
+from pipelines.bench_models import BenchSizes, paired_best_seconds, random_groups
 from pipelines.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
@@ -63,20 +63,6 @@ def _train_step(task: RankingTask, optimizer: torch.optim.Optimizer, batch) -> N
     optimizer.step()
 
 
-def paired_train_seconds(fn_a, fn_b, repeats: int) -> tuple[float, float]:
-    """Best wall times of two training steps timed in alternation (after one warm-up each),
-    so a slow spell of a shared machine hits both sides of the ratio alike. Gradients on:
-    ``bench_models.best_seconds`` times inference."""
-    fn_a(), fn_b()
-    times_a, times_b = [], []
-    for _ in range(repeats):
-        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return min(times_a), min(times_b)
-
-
 def bench_group_vs_flat(sizes: TrainBenchSizes, variant: str) -> dict:
     """Group batches vs the same candidates flattened (one per row), same model and optimizer."""
     torch.manual_seed(0)
@@ -87,7 +73,7 @@ def bench_group_vs_flat(sizes: TrainBenchSizes, variant: str) -> dict:
     group = random_groups(shape, config.ranker.sparse, torch.device("cpu"))
     flat = group.per_candidate()
     timed = lambda batch: lambda: _train_step(task, optimizer, batch)
-    group_s, flat_s = paired_train_seconds(timed(group), timed(flat), sizes.repeats)
+    group_s, flat_s = paired_best_seconds(timed(group), timed(flat), sizes.repeats, grad=True)
     step_flops = count_flops(lambda: task(group)[0].backward(), backward=True)
     candidates = sizes.groups * sizes.num_candidates
     peak = measure_peak_matmul_flops(torch.float32, seconds=sizes.peak_seconds)

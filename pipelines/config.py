@@ -154,7 +154,7 @@ class TrainConfig:
     fused_optimizer: bool = True
     # torch.compile (inductor) the dense blocks: LONGER and the backbone (models/compiled.py).
     # Off by default: the first steps pay tens of seconds to minutes of compilation on 2 cores,
-    # for ~5% on a large backbone's step (README "Performance"). Eager is its tested oracle.
+    # for 2-5% on a large backbone's step (README "Performance"). Eager is its tested oracle.
     compile: bool = False
     # glibc keeps freed activations for the next step instead of unmapping them
     # (components/host_memory.py): one config switch, values unchanged.

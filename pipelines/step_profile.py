@@ -47,11 +47,8 @@ def _exit(handle) -> None:
 def _scoped(fn: Callable, label: str) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        handle = _enter(label)
-        try:
+        with torch.profiler.record_function(SCOPE_PREFIX + label):
             return fn(*args, **kwargs)
-        finally:
-            _exit(handle)
 
     return wrapper
 
@@ -69,7 +66,8 @@ def _public_methods(module: nn.Module) -> list[str]:
 @contextmanager
 def component_scopes(model: nn.Module, components: dict[str, tuple[str, ...]] = RANKER_COMPONENTS) -> Iterator[None]:
     """Open a profiler scope around every call into each component of ``model`` (hooks on every
-    module of it, wrappers on the public methods of its top modules); all removed on exit."""
+    module of it, wrappers on the public methods of its top modules); all removed on exit.
+    The hooks enter and exit a scope in two calls, hence the profiler's raw ops there."""
     hooks, patched, handles = [], [], {}
     for label, attrs in components.items():
         for attr in attrs:
@@ -96,19 +94,17 @@ def component_scopes(model: nn.Module, components: dict[str, tuple[str, ...]] = 
 
 
 def _component_of(event, cache: dict[int, str | None]) -> str | None:
-    """The outermost component scope enclosing a profiler event, if any."""
-    found, node, chain = None, event, []
-    while node is not None:
-        if node.id in cache:
-            found = cache[node.id] if found is None else found
-            break
-        chain.append(node.id)
-        if node.name.startswith(SCOPE_PREFIX):
-            found = node.name[len(SCOPE_PREFIX) :]  # keep climbing: the outermost scope wins
+    """The outermost component scope enclosing a profiler event (itself included), if any."""
+    chain, node = [], event
+    while node is not None and node.id not in cache:
+        chain.append(node)
         node = node.cpu_parent
-    for node_id in chain:
-        cache[node_id] = found
-    return found
+    outer = None if node is None else cache[node.id]
+    for node in reversed(chain):  # top down: an enclosing scope wins over the ones inside it
+        if outer is None and node.name.startswith(SCOPE_PREFIX):
+            outer = node.name[len(SCOPE_PREFIX) :]
+        cache[node.id] = outer
+    return outer
 
 
 def profile_step(step: Callable[[], None], model: nn.Module, optimizer_step: Callable[[], None]) -> dict:

@@ -40,3 +40,19 @@ def test_perf_quick_writes_every_figure(tmp_path):
 
 def test_perf_rejects_bad_arguments(tmp_path):
     assert main(["perf", "--events", "-1", "--json", str(tmp_path / "x.json")]) == 2
+
+
+def test_an_op_is_charged_to_its_outermost_component_scope_only():
+    import torch
+
+    from pipelines.step_profile import SCOPE_PREFIX, _component_of
+
+    x = torch.ones(4)
+    with torch.profiler.profile() as prof, torch.profiler.record_function("outside"):
+        with torch.profiler.record_function(SCOPE_PREFIX + "a"), torch.profiler.record_function(SCOPE_PREFIX + "b"):
+            torch.add(x, 1)
+        torch.mul(x, 2)  # a sibling of the scopes, under the same unscoped parent
+    cache: dict = {}
+    ops = {ev.name: ev for ev in prof.events() if ev.name in ("aten::add", "aten::mul")}
+    assert _component_of(ops["aten::add"], cache) == "a"
+    assert _component_of(ops["aten::mul"], cache) is None  # the shared parent's cache entry stays unscoped
