@@ -38,5 +38,9 @@ bench-data: $(STAMP)
 bench-models: $(STAMP)
 	$(PY) -m pipelines.bench models --json bench/models.json
 
+# Outputs of local runs; bench results only where git does not track them (the committed ones are
+# README's figures), and only inside a git checkout (elsewhere every bench file is kept).
 clean:
-	rm -rf lake wandb bench/*.json .pytest_cache
+	rm -rf lake wandb .pytest_cache .hypothesis
+	if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+		git ls-files -z --others -- 'bench/*.json' | xargs -0r rm -f; fi

@@ -33,12 +33,28 @@ GEMM wins (2-3x over fp32 at 256 rows). ``KernelPolicy.path`` ("auto") follows t
 (the kernel's memory-bound regime) and dequantise (reference) on smaller ones or where K
 rules the kernel out; above, the bf16 upcast GEMM once a call has ``upcast_min_macs`` of
 work to pay its fixed cost, else dequantise.
+
+On a CPU without native bf16 (AVX2, or AVX-512 without BF16: ``models/capability.py``) a bf16
+GEMM is emulated (~100x slower than fp32), so "auto" never upcasts there, and int8pack's bf16
+kernel is slower than dequantising above a few rows. Measured on the 2-core AVX2 CPU, 1 thread,
+microseconds per call of G matrices (N, K) at M rows:
+
+    (G, N, K)          M    fp32 weights   int8pack   reference
+    (11, 256, 64)      1        20            92          86
+    (11, 256, 64)     64       381          1474        1497
+    (11, 256, 64)    256      1972          5957        2072
+    (8, 96, 176)     256       929          2848        1212
+    (1, 4096, 1024)    1       629           458        4132
+    (1, 4096, 1024)    8      3719          2532       30522
+    (1, 4096, 1024)   32      6886          9617       10670
+
+so there "auto" keeps int8pack for small calls on large matrices (memory-bound: it reads a
+quarter of the bytes) and dequantises every call above ``int8pack_max_rows``. Every choice is a
+pure function of the policy, a ``Capability`` record and the call's shape (``KernelPolicy.path``).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-logger = logging.getLogger(__name__)
+from models.capability import Capability, probe
 
 Kernel = Literal["auto", "int8pack", "upcast", "reference"]
 Path = Literal["int8pack", "upcast", "reference"]
@@ -68,54 +84,37 @@ UPCAST_MIN_MACS = 1 << 21
 UPCAST_CHUNK_ELEMENTS = 1 << 21
 
 
-@functools.cache
-def int8pack_supported(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether ``torch._weight_int8pack_mm`` runs for activations of ``dtype`` on ``device_type``."""
-    if not hasattr(torch, "_weight_int8pack_mm"):
-        return False
-    try:
-        a = torch.ones(2, 32, dtype=dtype, device=device_type)
-        b = torch.ones(8, 32, dtype=torch.int8, device=device_type)
-        out = torch._weight_int8pack_mm(a, b, torch.ones(8, dtype=dtype, device=device_type))
-        return bool(torch.allclose(out.float(), torch.full((2, 8), 32.0, device=device_type)))
-    except Exception as err:  # a probe: any failure means 'use another path'
-        logger.info("int8pack kernel unavailable for %s/%s (%s)", device_type, dtype, err)
-        return False
-
-
 def int8pack_shape_ok(in_features: int, dtype: torch.dtype) -> bool:
     """Shape rule of the int8pack kernel: bf16 activations need K % 16 == 0 (else it segfaults)."""
     return dtype != torch.bfloat16 or in_features % 16 == 0
 
 
-@functools.cache
-def fast_16bit_gemm(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether a ``dtype`` GEMM beats fp32 on this device: CUDA, or a CPU with native bf16 dot products."""
-    if device_type == "cuda":
-        return dtype != torch.bfloat16 or torch.cuda.is_bf16_supported()
-    if device_type == "cpu" and dtype == torch.bfloat16:
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
-
-
 @dataclass(frozen=True)
 class KernelPolicy:
-    """Which path a quantized layer's matmul takes (``path``); one per layer, set by ``QuantConfig``."""
+    """Which path a quantized layer's matmul takes (``path``); one per layer, set by ``QuantConfig``.
+
+    ``capability``: the machine the choices are made for; None (the default) probes this
+    process's (``models.capability.probe``). Tests pass a record to check each machine kind."""
 
     kernel: Kernel = "auto"
     activation_dtype: torch.dtype = torch.bfloat16  # of the int8pack / upcast paths
     int8pack_max_rows: int = INT8PACK_MAX_ROWS
     int8pack_min_weights: int = INT8PACK_MIN_WEIGHTS
     upcast_min_macs: int = UPCAST_MIN_MACS
+    capability: Capability | None = None
 
     def __post_init__(self) -> None:
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel={self.kernel!r}; expected one of {KERNELS}")
 
+    def machine(self) -> Capability:
+        """The record the choices are made for."""
+        return self.capability if self.capability is not None else probe()
+
     def int8pack_runs(self, device_type: str, in_features: int) -> bool:
         """Whether the int8pack kernel can take K = ``in_features`` here (never a shape that crashes)."""
         dtype = self.activation_dtype
-        return int8pack_shape_ok(in_features, dtype) and int8pack_supported(device_type, dtype)
+        return int8pack_shape_ok(in_features, dtype) and self.machine().int8pack_runs(device_type, dtype)
 
     def serves_int8pack(self, device_type: str, out_features: int, in_features: int) -> bool:
         """Whether small calls (<= ``int8pack_max_rows`` rows) of an (N, K) matrix run int8pack."""
@@ -124,25 +123,38 @@ class KernelPolicy:
         return self.kernel == "int8pack" or out_features * in_features >= self.int8pack_min_weights
 
     def path(self, x: Tensor, rows: int, out_features: int, in_features: int, matrices: int = 1) -> Path:
-        """The path for input ``x`` with ``rows`` rows per (N, K) = (out, in) weight matrix, of ``matrices``.
+        """The path for input ``x`` with ``rows`` rows per (N, K) = (out, in) weight matrix, of ``matrices``."""
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        return self.choose(x.device.type, rows, out_features, in_features, matrices, needs_grad)
+
+    def choose(
+        self,
+        device_type: str,
+        rows: int,
+        out_features: int,
+        in_features: int,
+        matrices: int = 1,
+        needs_grad: bool = False,
+    ) -> Path:
+        """``path`` as a pure function of the policy, its machine record and the call's shape.
 
         "reference" always dequantises; "int8pack" takes the kernel wherever it runs (else
         reference); "upcast" always upcasts; "auto" (module docstring) picks by rows, matrix size
-        and total work. A gradient needs the reference path: "auto" takes it, a forced kernel raises.
+        and total work, and upcasts only where a 16-bit GEMM is native. A gradient needs the
+        reference path: "auto" takes it, a forced kernel raises.
         """
         if self.kernel == "reference":
             return "reference"
-        if torch.is_grad_enabled() and x.requires_grad:
+        if needs_grad:
             if self.kernel != "auto":
                 raise RuntimeError(f"the {self.kernel} kernel has no backward; use kernel='reference' to train")
             return "reference"
         if self.kernel == "upcast":
             return "upcast"
-        device = x.device.type
         if self.kernel == "int8pack" or rows <= self.int8pack_max_rows:
-            return "int8pack" if self.serves_int8pack(device, out_features, in_features) else "reference"
-        if not fast_16bit_gemm(device, self.activation_dtype):  # elsewhere: the kernel when it runs
-            return "int8pack" if self.int8pack_runs(device, in_features) else "reference"
+            return "int8pack" if self.serves_int8pack(device_type, out_features, in_features) else "reference"
+        if not self.machine().fast_16bit_gemm(device_type, self.activation_dtype):  # emulated: dequantise
+            return "reference"
         return "upcast" if matrices * rows * out_features * in_features >= self.upcast_min_macs else "reference"
 
 
@@ -155,8 +167,10 @@ def int8_mm(x: Tensor, q: Tensor, scale: Tensor, path: Path, dtype: torch.dtype,
     The one-matrix case of ``int8_bmm``, with as few ops as possible: at M = 1 a 64 x 64 layer
     costs a few microseconds, most of them per-op overhead.
     """
-    if path == "reference":
-        return F.linear(x, (q.float() * scale.float().unsqueeze(-1)).to(x.dtype), bias)
+    if path == "reference":  # in x's dtype throughout: a 16-bit input meets a float32 bias here too
+        return F.linear(
+            x, (q.float() * scale.float().unsqueeze(-1)).to(x.dtype), None if bias is None else bias.to(x.dtype)
+        )
     if path == "upcast":
         out = torch.mm(x.to(dtype), q.to(dtype).t()).float().mul_(scale.float())  # (M, N) fp32
         return _finish(out, x.dtype, bias)

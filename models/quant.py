@@ -21,9 +21,10 @@ What gets quantized (the opt-in contract for other layers; the layers: models/qu
 
 Kernels (``QuantConfig.kernel``; paths and measurements in models/int8_matmul.py): "auto"
 runs int8pack (the kernel that reads int8) for calls of <= ``int8pack_max_rows`` rows per
-matrix of >= ``int8pack_min_weights`` weights, a bf16 upcast GEMM for more rows, and
-dequantises (reference) small calls of small matrices or of a K the kernel cannot take
-(logged per layer here) and larger calls too small to pay bf16 GEMM's fixed cost;
+matrix of >= ``int8pack_min_weights`` weights, a bf16 upcast GEMM for more rows where the
+machine computes bf16 natively (``models/capability.py``), and dequantises (reference) small
+calls of small matrices or of a K the kernel cannot take (logged per layer here), larger calls
+too small to pay bf16 GEMM's fixed cost, and every larger call on a CPU that emulates bf16;
 "reference" always dequantises and is the oracle.
 
 Column blocks (UG-Sep): a model lists the layers it calls on the two halves of their input
@@ -42,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from models.capability import probe
 from models.cost import is_sparse_module, sparse_tensor_ids
 from models.int8_matmul import (
     INT8PACK_MAX_ROWS,
@@ -49,7 +51,6 @@ from models.int8_matmul import (
     UPCAST_MIN_MACS,
     Kernel,
     KernelPolicy,
-    int8pack_supported,
 )
 from models.layers import ExpertBank, PerTokenLinear
 from models.quant_layers import (
@@ -123,7 +124,8 @@ def _log_fallback(path: str, layer: W8Module) -> None:
     if bad and layer.kernel in ("auto", "int8pack"):
         logger.info(
             "w8a16 %s: no int8pack for input width %s of %s (bf16 needs K %% 16 == 0): calls of <= %d rows "
-            "dequantise, larger ones the bf16 upcast GEMM (or dequantise, below its work threshold)",
+            "dequantise, larger ones the bf16 upcast GEMM where bf16 is native and the call holds enough work, "
+            "else dequantise",
             path,
             bad,
             widths,
@@ -173,10 +175,9 @@ def quantize_w8a16(model: nn.Module, config: QuantConfig = QuantConfig(), inplac
     The result is for inference: the int8 tensors do not train.
     """
     target = model if inplace else copy.deepcopy(model)
-    # Probe the kernel now, not inside the first forward (where e.g. a FLOP counter would see it).
-    for device_type in {t.device.type for t in [*target.parameters(), *target.buffers()]} | {"cpu"}:
-        for dtype in _ACTIVATION_DTYPES.values():
-            int8pack_supported(device_type, dtype)
+    # Probe the machine now, not inside the first forward (where e.g. a FLOP counter would see it).
+    if config.kernel != "reference":
+        probe()
     counts = dict.fromkeys(("QuantizedLinear", "QuantizedPerTokenLinear", "QuantizedExpertBank", "Int8Dequantize"), 0)
     _swap_modules(target, "", config, counts, _input_splits(target))
     if config.quantize_3d_params:

@@ -38,6 +38,7 @@ from components import lake
 from components.ingest_runs import new_run_id, write_ingest_tables
 from components.lake import LakeConfig
 from components.synthetic import SyntheticConfig
+from pipelines.cli import configure_logging
 from pipelines.config import FeaturesConfig, PipelineConfig, RayConfig
 
 logger = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--events and --num-cpus must be >= 1, got {args.events} and {args.num_cpus}")
     except SystemExit as exc:
         return exit_code(exc)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_data_")
     try:
         result = run_bench(args.events, os.path.abspath(workdir), args.buckets, args.num_cpus, args.seed, args.rerun)

@@ -4,8 +4,8 @@ Every figure is a ratio against a baseline measured in the same run (shared, noi
 machines): user-side reuse vs per-candidate recomputation, LONGER KV cache vs none,
 TokenMixer-Large FLOP/s vs the measured peak GEMM FLOP/s, a 1M-slot MSN read vs the
 ranker forward, sparse vs all-experts MoE, W8A16 vs fp32 weights. Times are the best of
-several runs after a warm-up. On a CUDA device the timed models run in bf16 (the
-exactness check stays fp32).
+several runs after a warm-up. On a CUDA device with native bf16 the timed models run in
+bf16 (the exactness check stays fp32).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from models.batch import GroupBatch
+from models.capability import probe
 from models.cost import count_flops, count_parameters, flops_per_candidate, measure_peak_matmul_flops
 from models.layers import AuxLosses
 from models.longer import LongerConfig, LongerEncoder
@@ -40,6 +41,7 @@ from models.tokenmixer_large import (
 from models.ugsep import UGSepBackbone, UGSepConfig
 from models.ugsep import flops_per_candidate as ugsep_flops_per_candidate
 from models.variants import VARIANTS, ModelConfig, build_model, ranker_config
+from pipelines.cli import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -420,7 +422,9 @@ def bench_variants(sizes: BenchSizes, device: torch.device) -> dict:
 
 
 def run(sizes: BenchSizes, device: torch.device) -> dict:
-    timed_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # bf16 where the device computes it natively on CUDA (Ampere on); CPUs time fp32, the training dtype
+    native = device.type == "cuda" and probe().fast_16bit_gemm("cuda", torch.bfloat16)
+    timed_dtype = torch.bfloat16 if native else torch.float32
     results: dict = {
         "device": str(device),
         "timed_dtype": str(timed_dtype).removeprefix("torch."),
@@ -452,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", required=True, help="where to write the results")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     device = torch.device(
         "cuda"
         if args.device == "auto" and torch.cuda.is_available()

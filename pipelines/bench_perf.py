@@ -12,6 +12,8 @@ glibc's retained heap (``components.host_memory``) and fused AdamW.
   ``train_step_mfu_fp32_compiled`` (the forward under ``torch.compile``, as ``train.compile``
   does; full runs only: compiling takes ~10-30 s here, ``train_step_compile_s``).
 - ``fwd_mfu_bf16``: the same model's forward, weights and activations in bfloat16 / peak bf16.
+  Null where bf16 GEMM is not native (a CPU without AVX512-BF16 or AMX, or a measured bf16
+  peak below the fp32 one): ``bf16_native`` is false and ``bf16_reason`` says why.
 - ``moe_over_dense_equal_active``: Sparse-Pertoken MoE (E=8, top-2, D=272, L=4) forward
   samples/s / those of the dense model with the same active FLOPs per token (the shared expert
   and two routed experts of width D are one dense SwiGLU of width 3D), at batch 512; the same
@@ -48,6 +50,7 @@ from components.collate import CollateConfig, collate_groups
 from components.distributed_model import ShardingSpec, dense_adamw
 from components.host_memory import retain_freed_memory
 from models.batch import GroupBatch
+from models.capability import probe
 from models.cost import count_flops, measure_peak_matmul_flops
 from models.tokenmixer_large import SparseMoEConfig, TokenMixerLarge, TokenMixerLargeConfig, flops_per_sample
 from pipelines.bench_models import BenchSizes, best_seconds, paired_best_seconds, random_groups
@@ -155,17 +158,32 @@ def best_train_step(result: dict) -> dict:
     return {"train_step_mfu_fp32": result[f"train_step_mfu_fp32_{best}"], "train_step_best": best}
 
 
-def bench_forward_bf16(sizes: PerfSizes) -> dict:
+def bench_forward_bf16(sizes: PerfSizes, fp32_peak: float | None = None) -> dict:
+    """``fwd_mfu_bf16``, or null with ``bf16_native: false`` and a reason where bf16 is not native.
+
+    A CPU without bf16 dot products (models/capability.py) emulates bf16 GEMM ~100x slower than
+    fp32: a ratio to that peak says nothing about the model, and the forward would take
+    minutes. Such a machine gets only a small bf16 GEMM timed (``peak_bf16_flops_per_s``, the
+    evidence); a machine said native whose measured bf16 peak is still below ``fp32_peak``
+    gets null too, with that measurement as the reason."""
+    machine = probe()
+    if not machine.fast_16bit_gemm("cpu", torch.bfloat16):
+        return {
+            "fwd_mfu_bf16": None,
+            "bf16_native": False,
+            "bf16_reason": f"no native bf16 GEMM on this CPU ({machine.describe()}): bf16 is emulated",
+            "peak_bf16_flops_per_s": measure_peak_matmul_flops(torch.bfloat16, size=256, seconds=0.2),
+        }
     torch.manual_seed(0)
     cfg = tml_config(sizes)
     model = TokenMixerLarge(cfg).to(torch.bfloat16).eval()
     x = torch.randn(sizes.batch, cfg.num_tokens, cfg.dim, dtype=torch.bfloat16)
     seconds, top = against_peak(torch.bfloat16, sizes, lambda: best_seconds(lambda: model(x), sizes.repeats))
-    return {
-        "fwd_mfu_bf16": flops_per_sample(cfg) * sizes.batch / seconds / top,
-        "fwd_bf16_s": seconds,
-        "peak_bf16_flops_per_s": top,
-    }
+    result = {"fwd_bf16_s": seconds, "peak_bf16_flops_per_s": top}
+    if fp32_peak is not None and top < fp32_peak:
+        reason = f"measured bf16 peak {top:.3g} FLOP/s is below the fp32 peak {fp32_peak:.3g}: bf16 is not native here"
+        return {**result, "fwd_mfu_bf16": None, "bf16_native": False, "bf16_reason": reason}
+    return {**result, "fwd_mfu_bf16": flops_per_sample(cfg) * sizes.batch / seconds / top, "bf16_native": True}
 
 
 def bench_moe_vs_dense(sizes: PerfSizes) -> dict:
@@ -303,7 +321,11 @@ def run(sizes: PerfSizes, skip_features: bool = False) -> dict:
     """Every figure of the module docstring. The features job runs first, on a fresh driver:
     after the model figures this process holds their retained heap (GBs at batch 512)."""
     result: dict = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "capability": probe().describe(),
+        },
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "sizes": sizes.__dict__,
@@ -314,7 +336,7 @@ def run(sizes: PerfSizes, skip_features: bool = False) -> dict:
     steps += [
         ("retained heap", lambda: {"retained_heap": retain_freed_memory()}),  # the training default
         ("train step", lambda: bench_train_step(sizes)),
-        ("bf16 forward", lambda: bench_forward_bf16(sizes)),
+        ("bf16 forward", lambda: bench_forward_bf16(sizes, result.get("peak_fp32_flops_per_s_eager"))),
         ("moe vs dense", lambda: bench_moe_vs_dense(sizes)),
         ("full ranker", lambda: bench_full_ranker(sizes)),
     ]

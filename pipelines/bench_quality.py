@@ -25,6 +25,7 @@ import numpy as np
 from components.config_loader import load_config
 from components.floors import floor_metrics
 from models.variants import VARIANTS
+from pipelines.cli import configure_logging
 from pipelines.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
@@ -239,6 +240,7 @@ def plot_seq_lens(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     rows = result["by_max_seq_len"]
     lengths = sorted(int(k) for k in rows)
@@ -248,6 +250,8 @@ def plot_seq_lens(result: dict, path: Path) -> None:
         stds = [rows[str(n)][metric]["std"] for n in lengths]
         ax.errorbar(lengths, means, yerr=stds, marker="o", capsize=3, label=metric)
     ax.set_xscale("log")
+    ax.set_xticks(lengths, [str(n) for n in lengths])  # the measured lengths, written plainly
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("max_seq_len (events the model sees)")
     ax.set_ylabel("test metric")
     ax.set_title(f"longer, test split of {result['lake']} ({result['seeds']} seed(s), mean ± std)", fontsize=9)
@@ -273,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="--section.key=value overrides of the preset")
     args, unknown = parser.parse_known_args(argv)
     extra = [*args.overrides, *unknown]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    configure_logging()
     started = time.perf_counter()
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ from components.latency_model import LatencyModel
 from components.load_schedule import make_schedule
 from components.slo_scheduler import SloScheduler
 from components.slo_simulation import Arrival, simulate, summarize
+from pipelines.cli import configure_logging
 from pipelines.config import PipelineConfig
 from pipelines.loadtest import users_and_items
 
@@ -446,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args, overrides = parser.parse_known_args(argv)
     overrides = [*BENCH_DEFAULTS, *overrides]  # the caller's overrides win
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    configure_logging()
     plan = QUICK if args.quick else FULL
     if args.seeds:
         plan = dataclasses.replace(plan, seeds=args.seeds)

@@ -30,6 +30,7 @@ from models.cost import count_flops, measure_peak_matmul_flops
 from models.task import RankingTask
 from models.variants import ModelConfig, build_model
 from pipelines.bench_models import BenchSizes, paired_best_seconds, random_groups
+from pipelines.cli import configure_logging
 from pipelines.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="full", help="model variant (default: the demo's full model)")
     parser.add_argument("--lake", default="lake", help="lake for the Ray Train runs ('' skips them)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    configure_logging()
     started = time.perf_counter()
     lake_root = args.lake or None
     if lake_root and not (Path(lake_root) / "samples").is_dir() and "://" not in lake_root:

@@ -18,9 +18,20 @@ from pipelines.config import PipelineConfig
 OWN_LOGGERS = ("__main__", "pipelines", "components", "models", "serving")
 
 
+class LibraryChatter(logging.Filter):
+    """Drops what FBGEMM logs below WARNING through the ROOT logger (a bare ``logging.info``):
+    each table batch's constructor logs its whole argument dict, multi-KB lines per table and
+    per worker. On the root logger itself, so it holds even where something sets root to INFO
+    (a worker, a bench, a user's own config); FBGEMM's warnings still pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "fbgemm_gpu" not in record.pathname
+
+
 def configure_logging() -> None:
     """Libraries at WARNING (TorchRec's planner and FBGEMM print every table at INFO), the
-    project's own packages at INFO, one line format."""
+    project's own packages at INFO, one line format. The same in the driver and in every Ray
+    worker that builds a model (``pipelines.train_loop``)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         # Importing fbgemm_gpu (via torchrec) calls logging.info, whose implicit basicConfig()
@@ -28,6 +39,9 @@ def configure_logging() -> None:
         if type(handler) is logging.StreamHandler and getattr(handler.formatter, "_fmt", None) == logging.BASIC_FORMAT:
             root.removeHandler(handler)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root.setLevel(logging.WARNING)  # basicConfig leaves the level of a root that already had handlers
+    if not any(isinstance(f, LibraryChatter) for f in root.filters):
+        root.addFilter(LibraryChatter())
     for package in OWN_LOGGERS:
         logging.getLogger(package).setLevel(logging.INFO)
 

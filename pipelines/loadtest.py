@@ -156,6 +156,7 @@ def plot(summary: dict, records_by_rate: dict[str, list[dict]], out: Path) -> li
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     rates = sorted(summary["runs"], key=float)
     offered = [float(r) for r in rates]
@@ -181,11 +182,19 @@ def plot(summary: dict, records_by_rate: dict[str, list[dict]], out: Path) -> li
         written.append(name)
     top = rates[-1]
     fig, ax = plt.subplots(figsize=(5, 3.2))
+    served = []
     for c in sorted({r["slo_class"] for r in records_by_rate[top]}):
         lat = np.sort([r["latency_ms"] for r in records_by_rate[top] if r["slo_class"] == c and r["status"] == 200])
         if lat.size:
             ax.plot(lat, np.arange(1, lat.size + 1) / lat.size, label=c)
+            served.append(lat)
     ax.set_xscale("log")
+    if served:
+        # matplotlib's own log ticks label a narrow range (e.g. 30-45 ms) with overlapping minor
+        # labels ("3x10^1 4x10^1"): a few round values, written plainly, instead
+        ticks = log_ticks(min(float(lat[0]) for lat in served), max(float(lat[-1]) for lat in served))
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(f"latency ms (served requests, {top} req/s)")
     ax.set_ylabel("CDF")
     ax.grid(alpha=0.3)
@@ -194,6 +203,14 @@ def plot(summary: dict, records_by_rate: dict[str, list[dict]], out: Path) -> li
     fig.savefig(out / "latency_cdf.png", dpi=110)
     plt.close(fig)
     return [*written, "latency_cdf.png"]
+
+
+def log_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """About ``count`` tick values for a log axis over [low, high]: geometric steps rounded to two
+    significant digits, distinct and ascending (one tick where the range is a point)."""
+    low, high = max(low, 1e-3), max(high, low * 1.0001, 1e-3)
+    ticks = [float(f"{v:.2g}") for v in np.geomspace(low, high, count)]
+    return sorted(set(ticks))
 
 
 def users_and_items(config: PipelineConfig) -> tuple[list[int], list[int]]:

@@ -33,6 +33,8 @@ from components.collate import CollateConfig, GroupCollateFn
 from components.distributed_model import DistributedRanker, ShardingSpec
 from components.host_memory import retain_freed_memory
 from components.tracking import Tracker
+from models.capability import probe
+from pipelines.cli import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +302,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
 
     spec: LoopSpec = config["spec"]
-    _configure_logging()
+    configure_logging()  # the driver's rules: FBGEMM's argument dumps never print
     if spec.train.retain_freed_memory:
         retain_freed_memory()
     own_group = ensure_process_group()
@@ -311,13 +313,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def _configure_logging() -> None:
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger(__name__).setLevel(logging.INFO)
-
-
 def _run(spec: LoopSpec, ctx) -> dict[str, Any]:
     import ray.train
 
@@ -326,6 +321,11 @@ def _run(spec: LoopSpec, ctx) -> dict[str, Any]:
     device = torch.device("cuda", ray.train.torch.get_device().index or 0) if t.use_gpu else torch.device("cpu")
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    if t.bf16 and rank == 0 and not probe().fast_16bit_gemm(device.type, torch.bfloat16):
+        logger.warning(
+            "train.bf16 on a device without native bf16 (%s): autocast is emulated, slower than fp32",
+            probe().describe(),
+        )
     dr = build_distributed(spec, device)
     progress = restore(dr, spec)
     restored_at = progress.step

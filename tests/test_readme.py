@@ -34,3 +34,21 @@ def test_documented_cli_answers_help(module):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage" in proc.stdout.lower()
+
+
+def test_make_clean_removes_run_outputs_and_keeps_committed_bench_results(tmp_path):
+    """In a git checkout holding the project's Makefile: a committed bench JSON (README's figures)
+    survives ``make clean``; an untracked one and the lake do not."""
+    git = ["git", "-c", "user.email=test@example.com", "-c", "user.name=test"]
+    (tmp_path / "Makefile").write_text((ROOT / "Makefile").read_text())
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "committed.json").write_text("{}")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "-f", "Makefile", "bench/committed.json"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "results"], cwd=tmp_path, check=True)
+    (tmp_path / "bench" / "local_run.json").write_text("{}")
+    (tmp_path / "lake").mkdir()
+    (tmp_path / "lake" / "events").write_text("x")
+    subprocess.run(["make", "-s", "clean"], cwd=tmp_path, check=True, capture_output=True)
+    assert sorted(p.name for p in (tmp_path / "bench").iterdir()) == ["committed.json"]
+    assert not (tmp_path / "lake").exists()

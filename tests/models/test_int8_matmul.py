@@ -10,20 +10,21 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from models import int8_matmul
-from models.int8_matmul import (
-    KERNELS,
-    KernelPolicy,
-    fast_16bit_gemm,
-    int8_bmm,
-    int8_mm,
-    int8pack_shape_ok,
-    int8pack_supported,
-)
+from models.capability import Capability, probe
+from models.int8_matmul import KERNELS, KernelPolicy, int8_bmm, int8_mm, int8pack_shape_ok
 
 BF16 = torch.bfloat16
-HAS_INT8PACK = int8pack_supported("cpu", BF16)
+HAS_INT8PACK = probe().int8pack_runs("cpu", BF16)
 needs_int8pack = pytest.mark.skipif(not HAS_INT8PACK, reason="torch._weight_int8pack_mm unavailable here")
-needs_fast_bf16 = pytest.mark.skipif(not fast_16bit_gemm("cpu", BF16), reason="no native bf16 GEMM on this CPU")
+
+# One record per machine kind: the policy's choices are checked for each on any machine.
+KERNEL_BUILD = frozenset({("cpu", "bfloat16"), ("cpu", "float16")})
+AVX2 = Capability("avx2", int8pack=KERNEL_BUILD)
+AVX512 = Capability("avx512", int8pack=KERNEL_BUILD)
+AVX512_BF16 = Capability("avx512", bf16_native=True, int8pack=KERNEL_BUILD)
+AMX = Capability("avx512", bf16_native=True, amx=True, int8pack=KERNEL_BUILD)
+CUDA = Capability("avx2", cuda=True, cuda_bf16=True, int8pack=KERNEL_BUILD | {("cuda", "bfloat16")})
+NO_KERNEL = Capability("avx512", bf16_native=True)  # a torch build without _weight_int8pack_mm
 
 
 def random_int8_weight(gen: torch.Generator, groups: int, n: int, k: int) -> tuple[Tensor, Tensor]:
@@ -102,24 +103,67 @@ def test_upcast_in_chunks_covers_every_matrix(monkeypatch: pytest.MonkeyPatch) -
     assert ((chunked - 2 * whole).abs() <= 2 * bf16_bound(x, q, scale)).all()
 
 
-@needs_int8pack
-@needs_fast_bf16
-def test_auto_policy_picks_by_rows_matrix_size_and_work() -> None:
-    auto, x = KernelPolicy(), torch.zeros(1)
-    assert auto.path(x, rows=1, out_features=256, in_features=64) == "int8pack"  # 16k weights
-    assert auto.path(x, rows=8, out_features=256, in_features=64) == "int8pack"
-    assert auto.path(x, rows=1, out_features=128, in_features=64) == "reference"  # 8k: dequantising is cheaper
-    assert auto.path(x, rows=1, out_features=352, in_features=88) == "reference"  # bf16 int8pack needs K % 16
-    assert auto.path(x, rows=9, out_features=256, in_features=64, matrices=16) == "upcast"  # 2.4M MACs
-    assert auto.path(x, rows=32, out_features=64, in_features=64) == "reference"  # 131k MACs: fixed cost
-    assert KernelPolicy("int8pack").path(x, 512, 64, 64) == "int8pack"
-    assert KernelPolicy("int8pack").path(x, 1, 352, 88) == "reference"
-    assert KernelPolicy("upcast").path(x, 1, 8, 8) == "upcast"
-    assert KernelPolicy("reference").path(x, 1, 256, 64) == "reference"
-    x_grad = torch.zeros(1, requires_grad=True)
-    assert auto.path(x_grad, 1, 256, 64) == "reference"
+def small_calls_and_forced_kernels(policy: KernelPolicy, device: str = "cpu") -> None:
+    """What every machine with the int8pack kernel chooses: rows <= 8 and the forced kernels."""
+    auto, forced = policy, lambda kernel: KernelPolicy(kernel, capability=policy.capability)
+    assert auto.choose(device, rows=1, out_features=256, in_features=64) == "int8pack"  # 16k weights
+    assert auto.choose(device, rows=8, out_features=256, in_features=64) == "int8pack"
+    assert auto.choose(device, rows=1, out_features=128, in_features=64) == "reference"  # 8k: dequantise
+    assert auto.choose(device, rows=1, out_features=352, in_features=88) == "reference"  # bf16 needs K % 16
+    assert forced("int8pack").choose(device, 512, 64, 64) == "int8pack"
+    assert forced("int8pack").choose(device, 1, 352, 88) == "reference"
+    assert forced("upcast").choose(device, 1, 8, 8) == "upcast"
+    assert forced("reference").choose(device, 1, 256, 64) == "reference"
+    assert auto.choose(device, 1, 256, 64, needs_grad=True) == "reference"
     with pytest.raises(RuntimeError, match="no backward"):
-        KernelPolicy("int8pack").path(x_grad, 1, 256, 64)
+        forced("int8pack").choose(device, 1, 256, 64, needs_grad=True)
+
+
+@pytest.mark.parametrize("machine", [AVX512_BF16, AMX], ids=["avx512_bf16", "amx"])
+def test_auto_policy_with_native_bf16_upcasts_calls_with_enough_work(machine: Capability) -> None:
+    auto = KernelPolicy(capability=machine)
+    small_calls_and_forced_kernels(auto)
+    assert auto.choose("cpu", rows=9, out_features=256, in_features=64, matrices=16) == "upcast"  # 2.4M MACs
+    assert auto.choose("cpu", rows=32, out_features=64, in_features=64) == "reference"  # 131k MACs: fixed cost
+    assert auto.choose("cpu", rows=512, out_features=256, in_features=256) == "upcast"
+
+
+@pytest.mark.parametrize("machine", [AVX2, AVX512], ids=["avx2", "avx512"])
+def test_auto_policy_where_bf16_is_emulated_never_upcasts(machine: Capability) -> None:
+    """Emulated bf16 GEMM is ~100x slower than fp32 and int8pack loses to dequantising above a
+    few rows (models/int8_matmul.py): larger calls dequantise, however much work they hold."""
+    auto = KernelPolicy(capability=machine)
+    small_calls_and_forced_kernels(auto)
+    assert auto.choose("cpu", rows=9, out_features=256, in_features=64, matrices=16) == "reference"
+    assert auto.choose("cpu", rows=512, out_features=256, in_features=256) == "reference"
+    assert auto.choose("cpu", rows=512, out_features=4096, in_features=1024) == "reference"
+
+
+def test_auto_policy_on_cuda_upcasts_and_keeps_the_cpu_rules_for_cpu_tensors() -> None:
+    auto = KernelPolicy(capability=CUDA)
+    small_calls_and_forced_kernels(auto, "cuda")
+    assert auto.choose("cuda", rows=512, out_features=256, in_features=256) == "upcast"
+    assert auto.choose("cpu", rows=512, out_features=256, in_features=256) == "reference"  # its CPU is AVX2
+    # fp16 activations: no int8pack kernel on this CUDA build, fp16 GEMM is native on any CUDA device
+    fp16 = KernelPolicy(activation_dtype=torch.float16, capability=CUDA)
+    assert fp16.choose("cuda", rows=1, out_features=4096, in_features=1024) == "reference"
+    assert fp16.choose("cuda", rows=512, out_features=256, in_features=256) == "upcast"
+
+
+def test_auto_policy_without_the_kernel_dequantises_small_calls() -> None:
+    auto = KernelPolicy(capability=NO_KERNEL)
+    assert auto.choose("cpu", rows=1, out_features=4096, in_features=1024) == "reference"
+    assert KernelPolicy("int8pack", capability=NO_KERNEL).choose("cpu", 1, 4096, 1024) == "reference"
+    assert auto.choose("cpu", rows=512, out_features=256, in_features=256) == "upcast"
+
+
+def test_the_policy_decides_for_this_machine_by_default() -> None:
+    x = torch.zeros(1)
+    for rows, n, k, matrices in [(1, 256, 64, 1), (9, 256, 64, 16), (512, 256, 256, 1), (32, 64, 64, 1)]:
+        assert KernelPolicy().path(x, rows, n, k, matrices) == KernelPolicy(capability=probe()).choose(
+            "cpu", rows, n, k, matrices
+        )
+    assert KernelPolicy().path(torch.zeros(1, requires_grad=True), 1, 256, 64) == "reference"
 
 
 @settings(max_examples=60, deadline=None)
@@ -134,7 +178,8 @@ def test_int8pack_is_never_chosen_for_a_width_that_crashes_it(
     kernel: str, rows: int, n: int, k: int, matrices: int
 ) -> None:
     """bf16 int8pack segfaults on torch 2.13 CPU unless K % 16 == 0: no policy may pick it there."""
-    path = KernelPolicy(kernel).path(torch.zeros(1), rows, n, k, matrices)
-    assert path in ("int8pack", "upcast", "reference")
-    if k % 16:
-        assert path != "int8pack"
+    for machine in (AVX2, AVX512, AVX512_BF16, AMX, CUDA, None):
+        path = KernelPolicy(kernel, capability=machine).choose("cpu", rows, n, k, matrices)
+        assert path in ("int8pack", "upcast", "reference")
+        if k % 16:
+            assert path != "int8pack"

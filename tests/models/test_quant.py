@@ -9,14 +9,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 from models.baselines import DLRMMLP
-from models.int8_matmul import KernelPolicy, int8pack_shape_ok, int8pack_supported
+from models.capability import probe
+from models.int8_matmul import KernelPolicy, int8pack_shape_ok
 from models.layers import PerTokenFFN, PerTokenLinear, PerTokenSwiGLU
 from models.quant import QuantConfig, quantize_w8a16, relative_error, weight_bytes
 from models.quant_layers import QuantizedLinear, QuantizedPerTokenLinear, quantize_int8
 from tests.models.test_baselines import NUM_ITEMS, NUM_TAGS, NUM_USERS, random_batch
 
 needs_int8pack = pytest.mark.skipif(
-    not int8pack_supported("cpu", torch.bfloat16), reason="torch._weight_int8pack_mm unavailable on this CPU build"
+    not probe().int8pack_runs("cpu", torch.bfloat16), reason="torch._weight_int8pack_mm unavailable on this CPU build"
 )
 
 
@@ -84,9 +85,13 @@ def test_linear_kernels_agree_with_reference(rows: int) -> None:
     quant = {k: QuantizedLinear.from_float(linear, KernelPolicy(k)) for k in kernels}
     with torch.no_grad():
         out = {k: q(x) for k, q in quant.items()}
-        # auto: the int8pack kernel up to 8 rows, the bf16 upcast GEMM above (3.1M multiply-adds at
-        # 128 rows), for fp32 and 16-bit input alike.
-        auto_is = "int8pack" if rows <= 8 else "upcast"
+        # auto: the int8pack kernel up to 8 rows; above (3.1M multiply-adds at 128 rows) the bf16
+        # upcast GEMM where bf16 is native, else dequantising (tests/models/test_int8_matmul.py
+        # checks that choice for every machine kind); for fp32 and 16-bit input alike.
+        auto_is = (
+            "int8pack" if rows <= 8 else ("upcast" if probe().fast_16bit_gemm("cpu", torch.bfloat16) else "reference")
+        )
+        assert KernelPolicy().path(x, rows, 96, 256) == auto_is
         torch.testing.assert_close(out["auto"], out[auto_is], atol=0, rtol=0)
         torch.testing.assert_close(quant["auto"](x.bfloat16()), quant[auto_is](x.bfloat16()), atol=0, rtol=0)
     for kernel in ("int8pack", "upcast"):
@@ -119,7 +124,7 @@ def test_int8pack_falls_back_where_the_kernel_would_crash(in_features: int) -> N
 @pytest.mark.parametrize("kernel", ["reference", "int8pack", "upcast"])
 @pytest.mark.parametrize("tokens", [slice(None), slice(1, 3)])
 def test_quantized_per_token_linear_matches_float(kernel: str, tokens: slice) -> None:
-    if kernel == "int8pack" and not int8pack_supported("cpu", torch.bfloat16):
+    if kernel == "int8pack" and not probe().int8pack_runs("cpu", torch.bfloat16):
         pytest.skip("int8pack unavailable")
     torch.manual_seed(0)
     layer = PerTokenLinear(4, 64, 48)
@@ -136,7 +141,7 @@ def test_quantized_per_token_linear_matches_float(kernel: str, tokens: slice) ->
 
 @pytest.mark.parametrize("kernel", ["reference", "int8pack"])
 def test_quantized_token_model_bytes_and_error(kernel: str) -> None:
-    if kernel == "int8pack" and not int8pack_supported("cpu", torch.bfloat16):
+    if kernel == "int8pack" and not probe().int8pack_runs("cpu", torch.bfloat16):
         pytest.skip("int8pack unavailable")
     torch.manual_seed(0)
     model = TokenModel().eval()

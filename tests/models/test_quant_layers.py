@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.int8_matmul import KernelPolicy, int8pack_supported
+from models.capability import probe
+from models.int8_matmul import KernelPolicy
 from models.layers import ExpertBank, ExpertDispatch, PerTokenLinear
 from models.quant import QuantConfig, int8pack_fraction, quantize_w8a16, relative_error, weight_bytes
 from models.quant_layers import QuantizedExpertBank, QuantizedPerTokenLinear
@@ -17,7 +18,7 @@ from models.rankmixer import ReLUMoEConfig, ReLUPerTokenMoE
 from models.tokenmixer_large import SparseMoEConfig, SparsePerTokenMoE
 
 FAST = ["int8pack", "upcast", "auto"]
-needs_int8pack = pytest.mark.skipif(not int8pack_supported("cpu", torch.bfloat16), reason="no int8pack kernel")
+needs_int8pack = pytest.mark.skipif(not probe().int8pack_runs("cpu", torch.bfloat16), reason="no int8pack kernel")
 
 
 @pytest.mark.parametrize("kernel", ["reference", *FAST])
@@ -100,7 +101,7 @@ def test_fallback_layers_are_logged_and_counted(caplog: pytest.LogCaptureFixture
     lines = [r.getMessage() for r in caplog.records]
     assert any(line.startswith("w8a16 0: no int8pack for input width [24]") for line in lines)
     assert not any(line.startswith(("w8a16 1:", "w8a16 2:")) for line in lines)
-    if int8pack_supported("cpu", torch.bfloat16):
+    if probe().int8pack_runs("cpu", torch.bfloat16):
         # served: 512 x 32 (16384 weights); not: K = 24 (12288), 32 x 64 < 16384 weights (2048)
         assert int8pack_fraction(quant) == pytest.approx(16384 / (12288 + 16384 + 2048))
     assert int8pack_fraction(quantize_w8a16(model, QuantConfig(kernel="reference"))) == 0.0

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from serving.api import RequestError, parse_request
+from serving.api import MAX_JSON_DEPTH, RequestError, json_depth, parse_request
 from serving.router import rank_replicas, rendezvous_weight
 from serving.sequence_store import SequenceStore
 from serving.user_cache import CacheKey, UserSideCache
@@ -47,6 +47,26 @@ def _fields(body: dict | str, max_candidates: int = 5) -> list[str]:
 )
 def test_malformed_request_is_422_naming_the_field(body, field):
     assert field in _fields(body)
+
+
+def test_json_depth_counts_nesting_outside_strings():
+    assert json_depth(b"") == 0 and json_depth(b"1") == 0
+    assert json_depth(b'{"a": [1, {"b": []}]}') == 4
+    assert json_depth(b'{"a": "[[[{{{", "b": "\\"[[[", "c": [[1]]}') == 3  # brackets in strings, escaped quote
+    assert json_depth(b"[" * 100_000 + b"]" * 100_000) == 100_000
+
+
+def test_nesting_past_the_limit_is_refused_and_at_the_limit_decoded():
+    def nested(depth: int) -> bytes:  # an extra field holding ``depth`` levels in all
+        return b'{"user_id": 1, "candidates": [1], "extra": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+    with pytest.raises(RequestError) as deep:
+        parse_request(nested(MAX_JSON_DEPTH + 1), 5)
+    assert (deep.value.status, deep.value.reason) == (422, "invalid_json")
+    assert deep.value.detail[0]["field"] == "body" and "33 deep" in deep.value.detail[0]["message"]
+    with pytest.raises(RequestError) as decoded:  # decoded, then refused for the extra field
+        parse_request(nested(MAX_JSON_DEPTH), 5)
+    assert decoded.value.reason == "invalid_request" and decoded.value.detail[0]["field"] == "extra"
 
 
 def test_valid_request_parses_with_defaults():

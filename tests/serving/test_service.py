@@ -101,6 +101,8 @@ BAD_BODIES = [
     ('{"user_id": 1, "candidates": [1], "slo_class": "vip"}', "slo_class"),
     ('{"user_id": 1, "candidates": [1], "deadline_ms": 0}', "deadline_ms"),
     ("", "body"),
+    ("[" * 100_000 + "]" * 100_000, "body"),  # Python's decoder would recurse 100,000 deep
+    ('{"user_id": 1, "candidates": ' + "[" * 100_000 + "1" + "]" * 100_000 + "}", "body"),
 ]
 
 
@@ -113,6 +115,15 @@ def test_bad_input_is_422_naming_the_field_and_the_service_goes_on(service, user
     ok = rank(service, user_id=users[0], candidates=items[:2])
     assert ok.status_code == 200
     assert service.get("/readyz").json()["model_version"] == replicas_before["model_version"]
+
+
+def test_deeply_nested_json_is_422_invalid_json_before_decoding(service):
+    response = service.post("/rank", content="[" * 100_000 + "]" * 100_000)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "invalid_json"
+    assert response.json()["detail"] == [
+        {"field": "body", "message": "JSON nested 100000 deep; at most 32 levels are accepted"}
+    ]
 
 
 def test_oversized_body_is_413_by_length_and_while_chunked(service, users, items):
