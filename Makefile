@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PRESET ?= demo
 
-.PHONY: demo test lint format install bench-data bench-models clean
+.PHONY: demo test test-avx2 lint format install bench-data bench-models clean
 
 install: $(STAMP)
 
@@ -22,6 +22,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The CPU-sensitive tests again with ATen and oneDNN held to AVX2: an AVX-512 machine then makes
+# the kernel choices (models/capability.py reads both variables) and runs the kernels an AVX2-only
+# CPU would, so CI on any machine catches what an AVX2 laptop or runner would hit.
+CPU_SENSITIVE := tests/models tests/pipelines/test_bench_perf.py tests/pipelines/test_bench_models.py \
+	tests/pipelines/test_train_perf.py
+test-avx2: $(STAMP)
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q $(CPU_SENSITIVE)
 
 # ruff lint + format check (configured in pyproject.toml); `make format` rewrites in place.
 lint: $(STAMP)

@@ -82,9 +82,30 @@ def start_embedded(config: RayConfig) -> Watchdog:
     logger.info("starting embedded Ray with %d logical CPUs", config.num_cpus)
     try:
         with watchdog.tagged_environment():
-            ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False)
+            ray.init(
+                address="local",
+                num_cpus=config.num_cpus,
+                # Ray Train's PlacementGroupCleaner (an actor of every training run) polls the state
+                # API, which the dashboard serves: without it the cleaner logs a failure every second
+                # (a traceback when several Ray instances run on the machine) and could never clean.
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                runtime_env={"worker_process_setup_hook": f"{__name__}.{worker_setup.__name__}"},
+            )
     except BaseException:
         ray.shutdown()
         watchdog.stop()
         raise
     return watchdog
+
+
+def worker_setup() -> None:
+    """Runs in every worker process of the embedded instance (``worker_process_setup_hook``).
+
+    Gives the worker this instance's address as RAY_ADDRESS: a library inside a worker that
+    looks Ray up by itself (the state API of Ray Train's PlacementGroupCleaner) otherwise scans
+    the machine and, when another Ray instance runs there (a test session, a second pipeline,
+    a local cluster), fails with "Found multiple active Ray instances" and a traceback."""
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)

@@ -14,6 +14,13 @@ settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True
 if os.environ.get("CI"):
     settings.load_profile("ci")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray nices its workers to 15. On a machine whose cores are busy at nice 0 (a loaded CI runner,
+# a laptop compiling) such a worker gets ~3% of a core (CFS weights 36 vs 1024): a Ray Data
+# test took 290 s instead of 8 under two busy loops, and the cluster test ran past its 10-minute
+# limit. What the suite checks does not depend on priority, so every Ray it starts (the
+# session's, the pipelines' embedded ones, the cluster test's nodes: all inherit this
+# environment) runs its workers at the priority of the load beside them.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 @pytest.fixture(scope="session")

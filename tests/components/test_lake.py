@@ -204,7 +204,7 @@ def _start_writer(script: Path, uri: str, tag: int, mode: str, sync: Path) -> su
     )
 
 
-def _wait_for(condition, what: str, procs=(), timeout_s: float = 60.0) -> None:
+def _wait_for(condition, what: str, procs=(), timeout_s: float = 300.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         for proc in procs:

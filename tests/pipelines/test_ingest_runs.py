@@ -95,7 +95,7 @@ def test_killed_ingest_between_commits_is_refused_then_repaired(ray_session, tmp
     script = [sys.executable, "-c", HANG_AFTER_COMMIT, "1", str(ready), *args]
     proc = subprocess.Popen(script, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300
         while not ready.exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.02)

@@ -3,8 +3,6 @@ serve -> loadtest -> report on the session's Ray, then reuse, --from, --only and
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -73,18 +71,38 @@ def statuses(manifest: RunManifest) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def first_run(ray_session, tmp_path_factory):
-    """One whole run on a small synthetic lake: (its folder, its args, its stdout)."""
+    """One whole run on a small synthetic lake, as ``make demo`` runs: a fresh process with its
+    own embedded Ray (beside the session's: two instances on the machine), training on a real
+    Ray Train worker. (its folder, its args, its stdout, its stderr)."""
     tmp = tmp_path_factory.mktemp("run")
-    args = run_args(tmp, free_port())
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(args)
-    assert code == 0, out.getvalue()[-3000:]
-    return tmp, args, out.getvalue()
+    args = [*run_args(tmp, free_port()), "--train.num_workers=1"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.run", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return tmp, args, done.stdout, done.stderr
 
 
-def test_the_whole_run_serves_load_tests_and_reports(first_run, ray_session):
-    tmp, _, out = first_run
+def test_a_demo_run_logs_quietly(first_run):
+    """No traceback and no line over 300 characters: FBGEMM's per-table argument dumps and Ray
+    Train's PlacementGroupCleaner (which looked Ray up by scanning the machine) used to print both."""
+    _, _, out, err = first_run
+    log = out + err
+    assert "Traceback" not in log, log[log.index("Traceback") - 200 :][:3000]
+    long_lines = [line[:200] for line in log.splitlines() if len(line) > 300]
+    assert not long_lines, long_lines[:3]
+    assert "Arguments:" not in log and "Found multiple active Ray instances" not in log
+    assert "INFO pipelines.train_loop:" in log  # the worker's own lines still reach the driver
+
+
+def test_the_whole_run_serves_load_tests_and_reports(first_run):
+    tmp, _, out, _ = first_run
     # What the stages print: the lake's tables, one resolved group, training, test metrics, bundle.
     assert re.search(r"^events +0 +3000$", out, re.M)
     for table in ("events", "items", "users", "sequences", "samples"):
@@ -118,11 +136,6 @@ def test_the_whole_run_serves_load_tests_and_reports(first_run, ray_session):
     assert f"| full | {metrics['like_auc']:.4f} |" in report
     assert "floor: item_popularity" in report
     assert str(tmp / "ckpt" / "full") in report and manifest.stages["export"].outputs["model_version"] in report
-    # Serve was shut down after the load test; the session's Ray is still up.
-    from ray import serve
-
-    assert serve.status().applications == {}
-    assert ray_session.is_initialized()
 
 
 def test_a_failed_stage_is_recorded_with_its_error(ray_session, tmp_path, capsys):
@@ -138,7 +151,7 @@ def test_a_failed_stage_is_recorded_with_its_error(ray_session, tmp_path, capsys
 
 def test_keep_serving_serves_until_sigterm_then_shuts_down(first_run):
     """--only serve in a fresh process (its own embedded Ray): ready, answers, stops cleanly on SIGTERM."""
-    tmp, args, _ = first_run
+    tmp, args, *_ = first_run
     port = free_port()
     args = [a for a in args if not a.startswith("--serve.port=")] + [f"--serve.port={port}", "--only", "serve"]
     env = {**os.environ, "WANDB_MODE": "disabled"}
@@ -151,7 +164,7 @@ def test_keep_serving_serves_until_sigterm_then_shuts_down(first_run):
     )
     lines = []
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + 600
         for line in child.stdout:
             lines.append(line)
             if "Ctrl-C (or SIGTERM) stops it." in line or time.time() > deadline:
@@ -160,7 +173,7 @@ def test_keep_serving_serves_until_sigterm_then_shuts_down(first_run):
         ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30).json()
         assert ready["ready"] is True
         child.send_signal(signal.SIGTERM)
-        rest, _ = child.communicate(timeout=120)
+        rest, _ = child.communicate(timeout=300)
     finally:
         if child.poll() is None:
             child.kill()
@@ -172,7 +185,7 @@ def test_keep_serving_serves_until_sigterm_then_shuts_down(first_run):
 
 
 def test_unchanged_stages_are_reused_and_from_and_only_rerun_what_they_name(first_run):
-    tmp, args, _ = first_run
+    tmp, args, *_ = first_run
     first = manifests(tmp)[0]
     assert main([*args, "--stages", "export"]) == 0
     reuse = manifests(tmp)[-1]
@@ -190,7 +203,8 @@ def test_unchanged_stages_are_reused_and_from_and_only_rerun_what_they_name(firs
     assert "## Load test" in (tmp / "reports" / only.run_id / "report.md").read_text()
 
     # A features setting changes: features runs again, and so does everything downstream of it.
-    assert main([*args, "--features.session_gap_s=900", "--stages", "train"]) == 0
+    # (trained in this process: a Ray Train worker would add ~20 s and nothing to this check)
+    assert main([*args, "--features.session_gap_s=900", "--train.num_workers=0", "--stages", "train"]) == 0
     changed = manifests(tmp)[-1]
     assert statuses(changed) == {"ingest": "reused", "features": "ran", "train": "ran"}
     assert changed.stages["features"].outputs["versions"]["samples"] == 1

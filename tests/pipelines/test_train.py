@@ -150,7 +150,7 @@ def test_two_real_workers_survive_a_killed_worker(small_lake, tmp_path):
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(summary=run_train(config_of(args))), daemon=True)
     thread.start()
-    deadline, victim = time.monotonic() + 240, None
+    deadline, victim = time.monotonic() + 900, None
     while victim is None and time.monotonic() < deadline and thread.is_alive():
         # Kill only once Ray's controller has registered a checkpoint (it records it in this
         # snapshot; a checkpoint merely uploaded is not what a restart resumes from).
@@ -163,7 +163,7 @@ def test_two_real_workers_survive_a_killed_worker(small_lake, tmp_path):
         time.sleep(0.05)
     assert victim is not None, "no checkpoint or no train worker to kill"
     victim.kill()
-    thread.join(timeout=300)
+    thread.join(timeout=900)
     summary = box["summary"]
     assert summary.steps == total and summary.epochs == 1
     assert summary.restored_at_step >= per_epoch // 4  # the new worker group restarted from a checkpoint

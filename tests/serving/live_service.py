@@ -46,7 +46,7 @@ def deployed(small_lake: str, bundle_dir: str, *overrides: str, headers: dict | 
     url = start(load_config(PipelineConfig, "demo", args))
     try:
         with httpx.Client(base_url=url, timeout=30.0, headers=headers or {}) as client:
-            deadline = time.time() + 60
+            deadline = time.time() + 300  # generous: a loaded machine starts Serve slowly
             while client.get("/readyz").status_code != 200:
                 assert time.time() < deadline, "service never became ready"
                 time.sleep(0.5)

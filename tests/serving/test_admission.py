@@ -48,20 +48,40 @@ def test_a_deadline_too_short_for_all_candidates_scores_a_prefix_and_reports_the
     full = strict.post("/rank", json={"user_id": user, "candidates": candidates, "request_ts": REQUEST_TS}).json()
     expected = {s["item_id"]: s["like"] for s in full["scores"]}
     degraded = None
-    for deadline_ms in (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0):
+    # Up to a second: the latency model is fitted on this machine as it is, so a loaded one
+    # predicts (and needs) longer, and its degrading deadlines sit higher.
+    for deadline_ms in (
+        1.0,
+        2.0,
+        3.0,
+        4.0,
+        6.0,
+        8.0,
+        12.0,
+        16.0,
+        24.0,
+        32.0,
+        48.0,
+        64.0,
+        96.0,
+        128.0,
+        256.0,
+        512.0,
+        1024.0,
+    ):
         body = {"user_id": user, "candidates": candidates, "request_ts": REQUEST_TS, "deadline_ms": deadline_ms}
         response = strict.post("/rank", json=body)
         assert response.status_code in (200, 503), response.text
         if response.status_code == 200 and response.json()["degraded"]:
             degraded = response.json()
             break
-    assert degraded is not None, "no deadline between 1 and 64 ms degraded a 1000-candidate request"
+    assert degraded is not None, "no deadline between 1 and 1024 ms degraded a 1000-candidate request"
     scored = [s["item_id"] for s in degraded["scores"]]
     assert 8 <= len(scored) < len(candidates)
     assert scored == candidates[: len(scored)] and degraded["unscored"] == candidates[len(scored) :]
     for s in degraded["scores"]:  # the scored prefix is scored exactly as in the full request
         assert s["like"] == pytest.approx(expected[s["item_id"]], abs=1e-5)
-    deadline = time.time() + 10
+    deadline = time.time() + 60
     while metric_sum(strict.get("/metrics").text, "ultrarank_scheduler_degraded_total") < 1:
         assert time.time() < deadline, "the degraded request was not counted"
         time.sleep(0.5)

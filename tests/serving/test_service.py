@@ -199,7 +199,7 @@ def test_unknown_user_and_items_are_scored_through_oov_and_counted(service, item
     response = rank(service, user_id=987654321987, candidates=[items[0], 10**15])
     assert response.status_code == 200
     assert len(response.json()["scores"]) == 2
-    deadline = time.time() + 10
+    deadline = time.time() + 60
     while time.time() < deadline:  # replicas report their counters every ~second
         text = service.get("/metrics").text
         if "ultrarank_unknown_items_total" in text and metric_sum(text, "ultrarank_unknown_items_total") >= 1:
@@ -252,7 +252,7 @@ def test_a_storm_of_disconnecting_clients_leaks_no_queue_slot(service, users, it
 
     gave_up = asyncio.run(storm())
     assert gave_up > 0
-    deadline = time.time() + 20
+    deadline = time.time() + 120
     while time.time() < deadline:
         text = service.get("/metrics").text
         if metric_sum(text, "ultrarank_queue_length") == 0:
@@ -284,7 +284,7 @@ def test_a_killed_ranker_replica_costs_a_bounded_burst_and_comes_back(service, u
     thread.start()
     time.sleep(1.0)
     os.kill(victim_pid, signal.SIGKILL)
-    deadline = time.time() + 90
+    deadline = time.time() + 300
     recovered = False
     while time.time() < deadline:
         time.sleep(1.0)
