@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 
 from components.config_loader import ConfigError, load_config
@@ -40,10 +41,25 @@ def configure_logging() -> None:
             root.removeHandler(handler)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root.setLevel(logging.WARNING)  # basicConfig leaves the level of a root that already had handlers
-    if not any(isinstance(f, LibraryChatter) for f in root.filters):
-        root.addFilter(LibraryChatter())
+    quiet_libraries()
     for package in OWN_LOGGERS:
         logging.getLogger(package).setLevel(logging.INFO)
+
+
+def quiet_libraries() -> None:
+    """Library chatter with nothing for a user to act on, silenced at its source: in the driver
+    (``configure_logging``) and in every worker of an embedded Ray (``ray_runtime.worker_setup``).
+    Idempotent."""
+    root = logging.getLogger()
+    if not any(isinstance(f, LibraryChatter) for f in root.filters):
+        root.addFilter(LibraryChatter())
+    # TorchRec's KeyedJaggedTensor asks torch.fx's is_fx_tracing() on every forward, and torch
+    # warns once per process (~330 chars) that the function's meaning changed.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    # TorchRec's own deprecations, raised by its planner and DistributedModelParallel on every
+    # sharding, of defaults it chooses itself (~350 chars each).
+    for message in (r"HeuristicalStorageReservation is known to cause issues", r"`broadcast_buffers` is deprecated"):
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 def pipeline_main(

@@ -16,7 +16,10 @@ import json
 import logging
 import os
 import time
+import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -110,6 +113,25 @@ def metrics_of(rows: dict[str, np.ndarray]) -> dict[str, float]:
     return acc.compute()
 
 
+def _scored(groups: Any, cfg: Any, path: str, max_seq_len: int, options: Mapping[str, str]) -> Any:
+    """The scorer actor pool over ``groups`` (a Ray Dataset of group rows)."""
+    return groups.map_batches(
+        GroupScorer,
+        # The actors carry no store settings of their own: the options travel with them.
+        fn_constructor_kwargs={"checkpoint": path, "max_seq_len": max_seq_len, "storage_options": dict(options)},
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        concurrency=cfg.num_actors,
+        num_cpus=1,
+        # Ray Data restarts pool actors by default, but its actors' constructor arguments sit in
+        # the object store, where a restart cannot be relied on (ray-project/ray#53727; Ray logs
+        # an error line per actor saying so): a lost scorer fails the stage, which a re-run
+        # redoes from the checkpoint. (Through ray_remote_args_fn: max_restarts as a keyword is
+        # deprecated in this Ray; the function's args are applied last, at each actor's creation.)
+        ray_remote_args_fn=lambda: {"max_restarts": 0, "max_task_retries": 0},
+    )
+
+
 def run_evaluate(config: PipelineConfig) -> tuple[EvalReport, str]:
     """Score ``eval.split`` with the checkpoint; (report, metrics.json path). Ray must be up."""
     started = time.perf_counter()
@@ -130,15 +152,9 @@ def run_evaluate(config: PipelineConfig) -> tuple[EvalReport, str]:
         cfg.split,
         data.split_rows[cfg.split],
     )
-    scored = data.load_groups(cfg.split, max_seq_len).map_batches(
-        GroupScorer,
-        # The actors carry no store settings of their own: the options travel with them.
-        fn_constructor_kwargs={"checkpoint": path, "max_seq_len": max_seq_len, "storage_options": dict(options)},
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        concurrency=cfg.num_actors,
-        num_cpus=1,
-    )
+    with warnings.catch_warnings():  # the deprecation below names Ray 2.64, which has the named parameter
+        warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
+        scored = _scored(data.load_groups(cfg.split, max_seq_len), cfg, path, max_seq_len, options)
     parts = list(scored.iter_batches(batch_format="numpy", batch_size=None))
     rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
     if not rows:

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 
 from pipelines.config import RayConfig
+from pipelines.ray_console import install_console_filter
 from pipelines.ray_watchdog import Watchdog, report_orphans
 from serving.proxy_limits import proxy_environment
 
@@ -55,6 +56,7 @@ def ray_runtime(config: RayConfig) -> Iterator[None]:
             else:
                 watchdog = start_embedded(config)
         started = True
+        install_console_filter()  # this driver prints its workers' output: without library noise
     DataContext.get_current().enable_progress_bars = config.enable_progress_bars
     try:
         yield
@@ -105,7 +107,11 @@ def worker_setup() -> None:
     Gives the worker this instance's address as RAY_ADDRESS: a library inside a worker that
     looks Ray up by itself (the state API of Ray Train's PlacementGroupCleaner) otherwise scans
     the machine and, when another Ray instance runs there (a test session, a second pipeline,
-    a local cluster), fails with "Found multiple active Ray instances" and a traceback."""
+    a local cluster), fails with "Found multiple active Ray instances" and a traceback. Also
+    silences the library chatter the driver silences (``pipelines.cli.quiet_libraries``)."""
     import ray
 
+    from pipelines.cli import quiet_libraries
+
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    quiet_libraries()

@@ -395,8 +395,9 @@ def _run(spec: LoopSpec, ctx) -> dict[str, Any]:
                 if spec.valid_batches:
                     metrics |= validate(dr, spec, device)
                     best = _better(best, metrics)
-                if rank == 0:
-                    logger.info("epoch %d done at step %d: %s", epoch, progress.step, _fmt(metrics))
+                if rank == 0:  # short lines: all the metrics in one line ran to ~600 characters
+                    for line in _metric_lines(metrics):
+                        logger.info("epoch %d done at step %d, %s", epoch, progress.step, line)
                 tracker.log({**metrics, "epoch": epoch}, step=progress.step)
                 history.append({"step": progress.step, "epoch": epoch, **metrics})
                 save_checkpoint(dr, spec, progress, metrics, rank, world)
@@ -441,6 +442,26 @@ def _better(best: dict[str, float], metrics: dict[str, float]) -> dict[str, floa
 
 def _fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+
+
+def _metric_lines(metrics: dict[str, float], width: int = 140) -> list[str]:
+    """ "split: k=v, ..." per split ("train/loss" -> train), counts as integers, lines of at most
+    ~``width`` characters (a console line stays readable beside its timestamp and worker name)."""
+    lines = []
+    for split in sorted({k.partition("/")[0] for k in metrics}):
+        items = [
+            f"{name}={int(v)}" if name.startswith("num_") else f"{name}={v:.4f}"
+            for key, v in sorted(metrics.items())
+            if (name := key.partition("/")[2] or key) and key.partition("/")[0] == split
+        ]
+        line = f"{split}:"
+        for item in items:
+            if len(line) + len(item) + 2 > width and line != f"{split}:":
+                lines.append(line.rstrip(","))
+                line = f"{split}:"
+            line += f" {item},"
+        lines.append(line.rstrip(","))
+    return lines
 
 
 def _log_progress(spec, progress, logs, meter, world, tracker, rank) -> None:

@@ -51,12 +51,13 @@ class RankerReplica:
         except Exception:  # noqa: BLE001 - outside Serve (tests construct the class directly)
             self.replica = "local"
         logger.info(
-            "ranker %s ready: model %s, sequences v%d (%d users), latency fit %s in %.1f s",
+            "ranker %s ready: model %s, sequences v%d (%d users), latency fit R² %.3f, MAPE %.3f in %.1f s",
             self.replica,
             self.core.bundle.model_version,
             store.version,
             store.user_ids.size,
-            report.as_dict(),
+            report.r2,
+            report.mape,
             time.perf_counter() - started,
         )
         self.metrics = metrics

@@ -49,3 +49,15 @@ def test_bf16_with_activation_checkpointing_trains_and_checkpoints(small_lake, t
     assert main(args) == 0
     meta = read_meta(latest_checkpoint(f"{tmp_path}/bf16")[0])
     assert meta.step == 3 and meta.train["bf16"] and torch.isfinite(torch.tensor(meta.metrics["train/loss"]))
+
+
+def test_epoch_metrics_log_as_short_lines_per_split_with_counts_as_integers():
+    from pipelines.train_loop import _metric_lines
+
+    metrics = {"train/loss": 1.5, "valid/like_auc": 0.48125, "valid/num_groups": 38.0}
+    metrics |= {f"valid/metric_{i}": 0.5 for i in range(12)}
+    lines = _metric_lines(metrics, width=140)
+    assert lines[0] == "train: loss=1.5000"
+    assert all(line.startswith("valid: ") and len(line) <= 140 for line in lines[1:]) and len(lines) > 2
+    joined = " ".join(lines[1:])
+    assert "like_auc=0.4813" in joined and "num_groups=38," in joined + "," and joined.count("metric_") == 12

@@ -67,6 +67,9 @@ def test_nesting_past_the_limit_is_refused_and_at_the_limit_decoded():
     with pytest.raises(RequestError) as decoded:  # decoded, then refused for the extra field
         parse_request(nested(MAX_JSON_DEPTH), 5)
     assert decoded.value.reason == "invalid_request" and decoded.value.detail[0]["field"] == "extra"
+    with pytest.raises(RequestError) as hundred_k:  # RecursionError in the decoder before the limit
+        parse_request(b"[" * 100_000 + b"]" * 100_000, 5)
+    assert hundred_k.value.status == 422 and "100000 deep" in hundred_k.value.detail[0]["message"]
 
 
 def test_valid_request_parses_with_defaults():

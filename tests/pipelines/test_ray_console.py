@@ -1,0 +1,32 @@
+"""The driver's console of worker output: known library noise dropped, long lines cut."""
+
+from __future__ import annotations
+
+from pipelines.ray_console import CUT_NOTE, MAX_LINE_CHARS, console_lines, prefix_chars
+
+
+def test_noise_is_dropped_and_the_rest_kept_in_order():
+    lines = [
+        "INFO pipelines.train_loop: step 2 loss=0.7",
+        "[2026-12-06 E 1 2] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and ID: 'd9' "
+        "has constructor arguments in the object store and max_restarts > 0. If the arguments ...",
+        "INFO proxy 192.0.2.2 -- Got updated endpoints: {Deployment(name='Ingress'): ...}.",
+        "Traceback (most recent call last):",
+    ]
+    assert console_lines(lines) == [lines[0], lines[3]]
+
+
+def test_a_long_line_is_cut_to_the_limit_and_says_so():
+    long = "epoch 0 " + "x" * 1000
+    (shown,) = console_lines([long])
+    assert len(shown) == MAX_LINE_CHARS and shown.endswith(CUT_NOTE) and shown.startswith("epoch 0 xxx")
+    exact = "y" * MAX_LINE_CHARS
+    assert console_lines([exact]) == [exact]
+
+
+def test_the_cut_leaves_room_for_rays_worker_prefix():
+    batch = {"actor_name": "RayTrainWorker", "pid": 8160, "ip": "192.0.2.2", "lines": ["z" * 1000]}
+    budget = MAX_LINE_CHARS - prefix_chars(batch)
+    (shown,) = console_lines(batch["lines"], budget)
+    printed = f"\x1b[36m(RayTrainWorker pid=8160)\x1b[0m {shown}"  # as Ray prints a local worker's line
+    assert len(printed) <= MAX_LINE_CHARS
