@@ -77,7 +77,8 @@ def start_embedded(config: RayConfig) -> Watchdog:
     except Exception as exc:  # a report must never stop a run
         logger.warning("could not check for Ray processes left by killed runs: %s", exc)
     watchdog = Watchdog()
-    # Serve's HTTP proxy takes its body ceiling from the environment of the workers Ray starts now.
+    # Serve's HTTP proxy takes its body ceiling (and its health-check patience) from the environment
+    # of the workers Ray starts now.
     for name, value in proxy_environment().items():
         os.environ.setdefault(name, value)
     # address="local": a stale cluster file must not make us join a dead head.

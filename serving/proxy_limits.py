@@ -43,9 +43,16 @@ def ceiling() -> int:
     return value
 
 
+# Serve's controller kills a proxy whose ready check misses 5 s three times. A fresh proxy on a
+# busy 2-core machine can need longer (the check logs "didn't complete in 5.0s" even idle here),
+# and under two busy loops serve.start then failed with the killed proxy's ActorDiedError.
+PROXY_PATIENCE_S = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+
+
 def proxy_environment() -> dict[str, str]:
-    """The variables a Ray instance's workers need for the ceiling (set before Ray starts)."""
-    return {CALLBACK_ENV: CALLBACK, CEILING_ENV: str(ceiling())}
+    """The variables a Ray instance's workers need for the ceiling and for patient proxy health
+    checks (set before Ray starts: its Serve controller and proxies read them)."""
+    return {CALLBACK_ENV: CALLBACK, CEILING_ENV: str(ceiling()), **PROXY_PATIENCE_S}
 
 
 def installed() -> bool:

@@ -31,7 +31,7 @@ def ray_session():
 
     from serving.proxy_limits import proxy_environment
 
-    for name, value in proxy_environment().items():  # Serve's proxy body ceiling (as ray_runtime)
+    for name, value in proxy_environment().items():  # Serve's proxy body ceiling and patience (as ray_runtime)
         os.environ.setdefault(name, value)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False

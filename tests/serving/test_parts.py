@@ -173,6 +173,8 @@ def test_the_proxy_body_ceiling_is_read_from_the_environment_and_checked(monkeyp
     monkeypatch.setenv(proxy_limits.CEILING_ENV, str(1 << 20))
     monkeypatch.setenv(proxy_limits.CALLBACK_ENV, proxy_limits.CALLBACK)
     assert proxy_limits.proxy_environment()[proxy_limits.CEILING_ENV] == str(1 << 20)
+    # and Serve's proxies get a minute to answer their ready and health checks (a loaded machine)
+    assert proxy_limits.proxy_environment()["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == "60"
     config = load_config(PipelineConfig, "demo", ["--serve.max_body_bytes=2000000"])
     with pytest.raises(ConfigError, match="max_body_bytes=2000000 exceeds the proxy's body ceiling"):
         start(config)  # refused before anything is deployed
