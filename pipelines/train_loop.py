@@ -440,10 +440,6 @@ def _better(best: dict[str, float], metrics: dict[str, float]) -> dict[str, floa
     return best
 
 
-def _fmt(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
-
-
 def _metric_lines(metrics: dict[str, float], width: int = 140) -> list[str]:
     """ "split: k=v, ..." per split ("train/loss" -> train), counts as integers, lines of at most
     ~``width`` characters (a console line stays readable beside its timestamp and worker name)."""
