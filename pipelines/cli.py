@@ -9,24 +9,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 from collections.abc import Callable
 
 from components.config_loader import ConfigError, load_config
 from pipelines.config import PipelineConfig
+from pipelines.library_chatter import quiet_libraries
 
 # The loggers of the project's packages (``__main__``: an entry point run with ``python -m``).
 OWN_LOGGERS = ("__main__", "pipelines", "components", "models", "serving")
-
-
-class LibraryChatter(logging.Filter):
-    """Drops what FBGEMM logs below WARNING through the ROOT logger (a bare ``logging.info``):
-    each table batch's constructor logs its whole argument dict, multi-KB lines per table and
-    per worker. On the root logger itself, so it holds even where something sets root to INFO
-    (a worker, a bench, a user's own config); FBGEMM's warnings still pass."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or "fbgemm_gpu" not in record.pathname
 
 
 def configure_logging() -> None:
@@ -44,22 +34,6 @@ def configure_logging() -> None:
     quiet_libraries()
     for package in OWN_LOGGERS:
         logging.getLogger(package).setLevel(logging.INFO)
-
-
-def quiet_libraries() -> None:
-    """Library chatter with nothing for a user to act on, silenced at its source: in the driver
-    (``configure_logging``) and in every worker of an embedded Ray (``ray_runtime.worker_setup``).
-    Idempotent."""
-    root = logging.getLogger()
-    if not any(isinstance(f, LibraryChatter) for f in root.filters):
-        root.addFilter(LibraryChatter())
-    # TorchRec's KeyedJaggedTensor asks torch.fx's is_fx_tracing() on every forward, and torch
-    # warns once per process (~330 chars) that the function's meaning changed.
-    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-    # TorchRec's own deprecations, raised by its planner and DistributedModelParallel on every
-    # sharding, of defaults it chooses itself (~350 chars each).
-    for message in (r"HeuristicalStorageReservation is known to cause issues", r"`broadcast_buffers` is deprecated"):
-        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 def pipeline_main(

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pipelines.config import RayConfig
 from pipelines.ray_console import install_console_filter
 from pipelines.ray_watchdog import Watchdog, report_orphans
+from pipelines.ray_worker_setup import worker_setup
 from serving.proxy_limits import proxy_environment
 
 logger = logging.getLogger(__name__)
@@ -93,26 +94,10 @@ def start_embedded(config: RayConfig) -> Watchdog:
                 # (a traceback when several Ray instances run on the machine) and could never clean.
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
-                runtime_env={"worker_process_setup_hook": f"{__name__}.{worker_setup.__name__}"},
+                runtime_env={"worker_process_setup_hook": f"{worker_setup.__module__}.{worker_setup.__name__}"},
             )
     except BaseException:
         ray.shutdown()
         watchdog.stop()
         raise
     return watchdog
-
-
-def worker_setup() -> None:
-    """Runs in every worker process of the embedded instance (``worker_process_setup_hook``).
-
-    Gives the worker this instance's address as RAY_ADDRESS: a library inside a worker that
-    looks Ray up by itself (the state API of Ray Train's PlacementGroupCleaner) otherwise scans
-    the machine and, when another Ray instance runs there (a test session, a second pipeline,
-    a local cluster), fails with "Found multiple active Ray instances" and a traceback. Also
-    silences the library chatter the driver silences (``pipelines.cli.quiet_libraries``)."""
-    import ray
-
-    from pipelines.cli import quiet_libraries
-
-    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
-    quiet_libraries()

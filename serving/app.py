@@ -35,7 +35,7 @@ from models.variants import ModelConfig
 from serving.api import RankRequest, RequestError, parse_request, read_body
 from serving.config import ServeConfig
 from serving.metrics import HttpCounters, MetricsHub, render
-from serving.ranker import ranker_deployment
+from serving.ranker import DRAIN_CHECK_S, ranker_deployment
 
 logger = logging.getLogger("ray.serve")
 
@@ -143,6 +143,7 @@ def application(config: ServeConfig, bundle: str, lake_root: str, storage_option
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=64,
         max_queued_requests=256,
+        graceful_shutdown_wait_loop_s=DRAIN_CHECK_S,
         logging_config={"enable_access_log": config.access_log},
     )(MetricsHub)
     metrics = hub.bind()
@@ -150,6 +151,7 @@ def application(config: ServeConfig, bundle: str, lake_root: str, storage_option
     ingress = Ingress.options(
         max_ongoing_requests=config.ingress_max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
+        graceful_shutdown_wait_loop_s=DRAIN_CHECK_S,
         logging_config={"enable_access_log": config.access_log},
     )
     return ingress.bind(ranker, metrics, to_dict(config), api_key_of(config))

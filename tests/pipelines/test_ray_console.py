@@ -30,3 +30,14 @@ def test_the_cut_leaves_room_for_rays_worker_prefix():
     (shown,) = console_lines(batch["lines"], budget)
     printed = f"\x1b[36m(RayTrainWorker pid=8160)\x1b[0m {shown}"  # as Ray prints a local worker's line
     assert len(printed) <= MAX_LINE_CHARS
+
+
+def test_the_worker_setup_hook_imports_nothing_heavy():
+    """The hook runs in every worker of the embedded Ray (Ray Data tasks, Serve's proxy, Train's
+    controller): importing torch there cost each of them ~4.5 s of CPU before it did any work."""
+    import subprocess
+    import sys
+
+    probe = "import sys, pipelines.ray_worker_setup; print(sorted({'torch', 'torchrec', 'pipelines.config'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
