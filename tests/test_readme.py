@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -27,17 +28,34 @@ def test_readme_lists_entry_points():
     assert {"pipelines.run", "pipelines.ingest", "pipelines.features", "pipelines.bench"} <= set(MODULES)
 
 
+# Runs each module as ``python -m`` does (runpy, as __main__, sys.argv set) with --help, all in
+# one fresh process: each costs seconds of the same imports (torch, TorchRec, Ray), paid once here.
+HELP_OF_EACH = """
+import contextlib, io, json, runpy, sys
+outputs = {}
+for module in sys.argv[1:]:
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    sys.argv = [module, "--help"]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as stop:
+            code = stop.code or 0
+        except BaseException as exc:
+            code, err = 1, io.StringIO(repr(exc))
+    outputs[module] = [code, out.getvalue(), err.getvalue()]
+print(json.dumps(outputs))
+"""
+
+
 @pytest.fixture(scope="module")
 def help_outputs() -> dict[str, tuple[int, str, str]]:
-    """``python -m MODULE --help`` of every documented module, all at once: each is seconds of
-    imports (torch, Ray), and side by side they take about half the time of one after another."""
-    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    procs = {m: subprocess.Popen([sys.executable, "-m", m, "--help"], cwd=ROOT, **pipes) for m in MODULES}
-    outputs = {}
-    for module, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        outputs[module] = (proc.returncode, out, err)
-    return outputs
+    """``python -m MODULE --help`` of every documented module: {module: (exit code, stdout, stderr)}."""
+    done = subprocess.run(
+        [sys.executable, "-c", HELP_OF_EACH, *MODULES], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {module: tuple(result) for module, result in json.loads(done.stdout.splitlines()[-1]).items()}
 
 
 @pytest.mark.parametrize("module", MODULES)

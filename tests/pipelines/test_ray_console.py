@@ -38,6 +38,7 @@ def test_the_worker_setup_hook_imports_nothing_heavy():
     import subprocess
     import sys
 
-    probe = "import sys, pipelines.ray_worker_setup; print(sorted({'torch', 'torchrec', 'pipelines.config'} & set(sys.modules)))"
+    heavy = "{'torch', 'torchrec', 'pipelines.config'}"
+    probe = f"import sys, pipelines.ray_worker_setup; print(sorted({heavy} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr

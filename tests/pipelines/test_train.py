@@ -46,10 +46,17 @@ def test_one_epoch_in_process_leaves_a_complete_checkpoint(small_lake, trained, 
 
 def test_deterministic_resume_ends_at_the_uninterrupted_weights(small_lake, tmp_path):
     storage = str(tmp_path)
-    common = ["--train.deterministic=true", "--train.checkpoint_every_steps=2", "--train.epochs=2"]
-    total = _steps(small_lake) + 3  # into the second epoch: resume crosses an epoch boundary
+    # 32 groups a step: a few dozen steps in all, each checkpointed, not a hundred.
+    common = [
+        "--train.deterministic=true",
+        "--train.checkpoint_every_steps=2",
+        "--train.epochs=2",
+        "--train.batch_size=32",
+    ]
+    per_epoch = _steps(small_lake, batch=32)
+    total = per_epoch + 3  # into the second epoch: resume crosses an epoch boundary
     assert main(train_args(small_lake, storage, *common, "--train.run_name=whole", f"--train.max_steps={total}")) == 0
-    stop = _steps(small_lake) - 1  # stop inside the first epoch
+    stop = per_epoch - 1  # stop inside the first epoch
     part = train_args(small_lake, storage, *common, "--train.run_name=parts")
     assert main([*part, f"--train.max_steps={stop}"]) == 0
     assert read_meta(latest_checkpoint(f"{storage}/parts")[0]).step_in_epoch == stop
