@@ -46,12 +46,10 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-@pytest.fixture
-def stopped_driver(tmp_path):
-    """(driver Popen, its descendants once both Ray agents run); every one of them killed at the end."""
-    root = str(tmp_path / "lake")
+def _start_stopped_driver(folder: Path) -> tuple[subprocess.Popen, Path]:
+    root = str(folder / "lake")
     synthetic_lake(root, num_events=2000, num_buckets=2)
-    ready = tmp_path / "ready"
+    ready = folder / "ready"
     args = [f"--lake.root={root}", "--ray.num_cpus=2", "--ray.enable_progress_bars=false"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     driver = subprocess.Popen(
@@ -62,21 +60,31 @@ def stopped_driver(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    seen: dict[int, psutil.Process] = {}
+    return driver, ready
+
+
+@pytest.fixture(scope="module")
+def stopped_drivers(tmp_path_factory):
+    """Two stopped drivers, started side by side (each is seconds of imports and a Ray start), as
+    [(driver Popen, its descendants once both Ray agents run)]; every process killed at the end."""
+    started = [_start_stopped_driver(tmp_path_factory.mktemp("driver")) for _ in range(2)]
+    seen: list[dict[int, psutil.Process]] = [{}, {}]
     try:
         deadline = time.monotonic() + 300
-        while not (ready.exists() and all(any(a in _cmdline(p) for p in seen.values()) for a in AGENTS)):
-            assert driver.poll() is None, driver.stderr.read()
-            assert time.monotonic() < deadline, "Ray's agents did not start"
-            with contextlib.suppress(psutil.Error):
-                seen.update({p.pid: p for p in psutil.Process(driver.pid).children(recursive=True)})
-            time.sleep(0.1)
-        yield driver, list(seen.values())
+        for (driver, ready), procs in zip(started, seen, strict=True):
+            while not (ready.exists() and all(any(a in _cmdline(p) for p in procs.values()) for a in AGENTS)):
+                assert driver.poll() is None, driver.stderr.read()
+                assert time.monotonic() < deadline, "Ray's agents did not start"
+                with contextlib.suppress(psutil.Error):
+                    procs.update({p.pid: p for p in psutil.Process(driver.pid).children(recursive=True)})
+                time.sleep(0.1)
+        yield [(driver, list(procs.values())) for (driver, _), procs in zip(started, seen, strict=True)]
     finally:
-        for proc in [psutil.Process(driver.pid), *seen.values()] if driver.poll() is None else seen.values():
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        driver.wait()
+        for (driver, _), procs in zip(started, seen, strict=True):
+            for proc in [psutil.Process(driver.pid), *procs.values()] if driver.poll() is None else procs.values():
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            driver.wait()
 
 
 def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
@@ -86,8 +94,8 @@ def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Pro
     return _alive(procs)
 
 
-def test_sigkilled_driver_leaves_no_ray_process_behind(stopped_driver):
-    driver, descendants = stopped_driver
+def test_sigkilled_driver_leaves_no_ray_process_behind(stopped_drivers):
+    driver, descendants = stopped_drivers[0]
     ray_procs = [p for p in descendants if "ray_watchdog" not in _cmdline(p)]
     started = time.monotonic()
     driver.send_signal(signal.SIGKILL)
@@ -97,8 +105,8 @@ def test_sigkilled_driver_leaves_no_ray_process_behind(stopped_driver):
     print(f"all {len(ray_procs)} Ray processes gone {time.monotonic() - started:.1f} s after the kill")
 
 
-def test_orphans_of_a_run_whose_watchdog_died_too_are_reported_by_the_next_run(stopped_driver):
-    driver, descendants = stopped_driver
+def test_orphans_of_a_run_whose_watchdog_died_too_are_reported_by_the_next_run(stopped_drivers):
+    driver, descendants = stopped_drivers[1]
     watchdog = next(p for p in descendants if "ray_watchdog" in _cmdline(p))
     tag = next(p.environ()[TAG_ENV] for p in descendants if "raylet" in _cmdline(p))  # raylet keeps its title
     watchdog.kill()  # stays a zombie of the stopped driver: not waited for
