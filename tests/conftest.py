@@ -39,23 +39,6 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def demo_run_started_early(request, tmp_path_factory):
-    """The tiny whole run of tests/demo_run.py, started with the session when a collected test
-    reads it (``first_run``), after the session's Ray (two instances on the machine, as its
-    checks need); None otherwise. Stopped at the end whatever the tests did."""
-    if not any("first_run" in getattr(item, "fixturenames", ()) for item in request.session.items):
-        yield None
-        return
-    from tests.demo_run import DemoRun
-    from tests.serving.live_service import free_port
-
-    request.getfixturevalue("ray_session")
-    run = DemoRun(tmp_path_factory.mktemp("run"), free_port())
-    yield run
-    run.stop()
-
-
 @pytest.fixture(scope="session")
 def small_lake(ray_session, tmp_path_factory) -> str:
     """Root of a real lake (ingest + features on ~4000 synthetic events), built once."""

@@ -4,7 +4,12 @@ serve -> loadtest -> report on the session's Ray, then reuse, --from, --only and
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -12,9 +17,8 @@ import pytest
 
 from pipelines.run import STAGES, main, plan, unfinished_run_of
 from pipelines.run_manifest import MANIFEST, RunManifest, StageRecord, find_reusable, stage_key
-from tests.demo_run import run_args
 from tests.serving.live_service import free_port
-from tests.small_runs import config_of
+from tests.small_runs import TINY_MODEL, config_of
 
 PLOTS = (
     "training_curves.png",
@@ -24,6 +28,36 @@ PLOTS = (
     "latency_cdf.png",
     "cache_hit_rate.png",
 )
+
+
+def run_args(tmp: Path, port: int) -> list[str]:
+    return [
+        "--config",
+        "demo",
+        f"--lake.root={tmp / 'lake'}",
+        "--lake.num_buckets=2",
+        "--ingest.source=synthetic",
+        "--ingest.synthetic.num_events=3000",
+        "--ingest.synthetic.num_users=40",
+        "--ingest.synthetic.num_items=300",
+        "--ingest.synthetic.max_history=600",
+        "--features.max_seq_len=50",
+        "--ray.enable_progress_bars=false",
+        *TINY_MODEL,
+        "--train.num_workers=0",
+        "--train.max_steps=4",
+        "--train.batch_size=4",
+        "--train.max_seq_len=32",
+        "--train.log_every_steps=2",
+        f"--train.storage_path={tmp / 'ckpt'}",
+        f"--export.output={tmp / 'bundle'}",
+        f"--serve.port={port}",
+        "--serve.replica_cpus=0.25",
+        "--serve.profile_batches=8",
+        f"--run.reports_dir={tmp / 'reports'}",
+        "--run.loadtest_rates=[4,8]",
+        "--run.loadtest_duration_s=2",
+    ]
 
 
 def manifests(tmp: Path) -> list[RunManifest]:
@@ -36,12 +70,41 @@ def statuses(manifest: RunManifest) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def first_run(demo_run_started_early):
-    """The whole run tests/demo_run.py describes, started with the session (tests/conftest.py):
+def first_run(ray_session, tmp_path_factory):
+    """One whole run on a small synthetic lake, as ``make demo --keep-serving`` runs it: a fresh
+    process with its own embedded Ray (beside the session's: two instances on the machine),
+    training on a real Ray Train worker, serving after the report until SIGTERM.
     (its folder, its args, its console: stdout and stderr as one, /readyz while it served, port)."""
-    run = demo_run_started_early.result()
-    assert run.returncode == 0, run.log[-3000:]
-    return run.folder, run.args, run.log, run.ready, run.port
+    tmp = tmp_path_factory.mktemp("run")
+    port = free_port()
+    args = [*run_args(tmp, port), "--train.num_workers=1"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.run", *args, "--keep-serving"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    lines, ready = [], {}
+    try:
+        deadline = time.time() + 1800  # generous: a loaded machine
+        for line in child.stdout:
+            lines.append(line)
+            if "Ctrl-C (or SIGTERM) stops it." in line or time.time() > deadline:
+                break
+        if any(f"at http://127.0.0.1:{port}" in line for line in lines):
+            ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30).json()
+        child.send_signal(signal.SIGTERM)
+        rest, _ = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    log = "".join(lines) + (rest or "")
+    assert child.returncode == 0, log[-3000:]
+    return tmp, args, log, ready, port
 
 
 def test_a_demo_run_logs_quietly(first_run):
