@@ -40,7 +40,7 @@ from components import object_store
 from components.json_record import parse_record
 
 BUNDLE_FORMAT = 1
-DEFAULT_CACHE_DIR = "~/.cache/ultrarank/bundles"  # local copies of object-store bundles (serve.bundle_cache)
+DEFAULT_CACHE_DIR = object_store.DEFAULT_CACHE_DIR  # local copies of object-store bundles (serve.bundle_cache)
 MANIFEST = "bundle.json"
 WEIGHTS = "weights.safetensors"
 WEIGHTS_W8A16 = "weights_w8a16.safetensors"

@@ -32,6 +32,10 @@ import pyarrow.fs as pafs
 
 from components.config_loader import ConfigError
 
+# Where object-store bundles are copied to be loaded (serve.bundle_cache); here, not beside the
+# bundle code, so that a config naming it (serving/config.py) imports no torch.
+DEFAULT_CACHE_DIR = "~/.cache/ultrarank/bundles"
+
 logger = logging.getLogger(__name__)
 
 S3_SCHEMES = ("s3", "s3a")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from components.bundle import DEFAULT_CACHE_DIR
 from components.config_loader import ConfigError
+from components.object_store import DEFAULT_CACHE_DIR
 from components.slo_scheduler import SchedulerConfig
 
 
