@@ -7,7 +7,10 @@ are walls of text (a Serve route table is ~700 characters). Here, in the driver 
 - ``NOISE``: lines dropped, each for the reason beside it;
 - any other line longer than ``MAX_LINE_CHARS`` is cut there, saying where the whole line is:
   every worker's output stays complete in Ray's session logs (``/tmp/ray/session_latest/logs``
-  on the head node).
+  on the head node);
+- except the progress-bar updates of Ray's ``tqdm_ray`` (``TQDM_MAGIC``): JSON messages, not
+  text, that the driver decodes into its progress bars. Cut, they failed to decode and Ray
+  printed a 400-character warning with the broken message instead.
 
 The hook is Ray's driver-side dispatcher of worker output (``ray._private``; the Ray version is
 pinned): ``install_console_filter`` wraps its printing handler and does nothing where that
@@ -23,6 +26,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 MAX_LINE_CHARS = 300
+TQDM_MAGIC = "__ray_tqdm_magic_token__"  # ray.experimental.tqdm_ray.RAY_TQDM_MAGIC (pinned Ray)
 CUT_NOTE = " … [cut: whole line in Ray's session logs]"
 NOISE = (
     # Ray core (C++ error level), once per actor that Ray Train (PreemptionWatcher) or a Ray Data
@@ -41,7 +45,7 @@ def console_lines(lines: list[str], max_chars: int = MAX_LINE_CHARS) -> list[str
     for line in lines:
         if any(noise in line for noise in NOISE):
             continue
-        if len(line) > max_chars:
+        if len(line) > max_chars and TQDM_MAGIC not in line:
             line = line[: max_chars - len(CUT_NOTE)] + CUT_NOTE
         shown.append(line)
     return shown

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipelines.ray_console import CUT_NOTE, MAX_LINE_CHARS, console_lines, prefix_chars
+from pipelines.ray_console import CUT_NOTE, MAX_LINE_CHARS, TQDM_MAGIC, console_lines, prefix_chars
 
 
 def test_noise_is_dropped_and_the_rest_kept_in_order():
@@ -42,3 +42,15 @@ def test_the_worker_setup_hook_imports_nothing_heavy():
     probe = f"import sys, pipelines.ray_worker_setup; print(sorted({heavy} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_progress_bar_messages_pass_whole():
+    """Ray's tqdm_ray sends each progress-bar update as one JSON line that the driver decodes: a
+    cut one failed to decode, and Ray printed a 400-character warning with it."""
+    import json
+
+    from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
+    assert TQDM_MAGIC == RAY_TQDM_MAGIC
+    update = json.dumps({"__magic_token__": RAY_TQDM_MAGIC, "desc": "Running Dataset " + "d" * 400, "x": 0})
+    assert console_lines([update]) == [update]
