@@ -10,6 +10,7 @@ would stop every Ray on the machine)."""
 from __future__ import annotations
 
 import os
+import queue
 import secrets
 import shutil
 import signal
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -63,6 +65,36 @@ def _stop(processes: list[psutil.Process]) -> None:
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=10)
+
+
+# A job that prints nothing for this long is hung. No bound on the whole run: on a loaded machine
+# the job's driver (its own session, so its own scheduling group) was seen getting 1-2 % of a
+# core beside two busy loops, and the run took over 30 minutes while printing every stage.
+STALL_S = 900
+
+
+def _submit(submit: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run ``ray job submit`` (which streams the job's log) to its end; (exit code, output).
+    Fails when the output stalls for STALL_S, killing the client (the cluster fixture stops the job)."""
+    client = subprocess.Popen(submit, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in client.stdout:
+            lines.put(line)
+        lines.put(None)  # the client ended
+
+    threading.Thread(target=read, daemon=True).start()
+    out = []
+    try:
+        while (line := lines.get(timeout=STALL_S)) is not None:
+            out.append(line)
+    except queue.Empty:
+        pytest.fail(f"the job printed nothing for {STALL_S} s: hung? Its output so far:\n{''.join(out)[-4000:]}")
+    finally:
+        if client.poll() is None:
+            client.kill()
+    return client.wait(), "".join(out)
 
 
 @pytest.fixture
@@ -159,15 +191,13 @@ def test_the_pipeline_runs_unchanged_on_a_two_node_cluster(cluster, tmp_path):
         *args,
     ]
     for _ in range(10):
-        # a generous bound (~2 min idle): only a hung job should reach it, not a loaded machine
-        done = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-        log = done.stdout + done.stderr
+        returncode, log = _submit(submit, env)
         # Right after `ray start` the head may not have a job agent yet: the submission is
         # refused before anything runs, so sending it again is safe.
-        if done.returncode == 0 or "No available agent to submit job" not in log:
+        if returncode == 0 or "No available agent to submit job" not in log:
             break
         time.sleep(3)
-    assert done.returncode == 0 and "succeeded" in log, log[-4000:]
+    assert returncode == 0 and "succeeded" in log, log[-4000:]
     for table in ("events", "sequences", "samples"):
         assert open_table(table_uri(str(work / "lake"), table)).version() >= 0
     metrics = list((work / "checkpoints").glob("*/metrics_test.json"))
