@@ -40,7 +40,7 @@ class RayConfig:
     # Logical CPUs of the embedded instance. More than the physical cores on purpose:
     # Ray Data needs free slots beside training workers (STACK.md: 2 workers + num_cpus=2 hangs).
     num_cpus: int = 4
-    enable_progress_bars: bool = True
+    enable_progress_bars: bool = True  # Ray Data's bars, on a terminal only (never in a log or pipe)
 
     def __post_init__(self) -> None:
         if self.num_cpus < 1:  # 0 hangs every Ray task for ever; negative fails inside ray.init

@@ -12,8 +12,10 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
+from typing import TextIO
 
 from pipelines.config import RayConfig
 from pipelines.ray_console import install_console_filter
@@ -22,6 +24,13 @@ from pipelines.ray_worker_setup import worker_setup
 from serving.proxy_limits import proxy_environment
 
 logger = logging.getLogger(__name__)
+
+
+def progress_bars_on(config: RayConfig, stream: TextIO) -> bool:
+    """Ray Data's progress bars where ``stream`` (the driver's stderr) is a terminal, if the config
+    wants them. In a log file, a pipe or CI every redraw is carriage returns and cursor-up codes
+    on one line: a MovieLens ``make demo > log`` had 15 lines of 300-1148 characters of them."""
+    return config.enable_progress_bars and stream.isatty()
 
 
 @contextlib.contextmanager
@@ -58,7 +67,7 @@ def ray_runtime(config: RayConfig) -> Iterator[None]:
                 watchdog = start_embedded(config)
         started = True
         install_console_filter()  # this driver prints its workers' output: without library noise
-    DataContext.get_current().enable_progress_bars = config.enable_progress_bars
+    DataContext.get_current().enable_progress_bars = progress_bars_on(config, sys.stderr)
     try:
         yield
     finally:

@@ -54,3 +54,24 @@ def test_progress_bar_messages_pass_whole():
     assert TQDM_MAGIC == RAY_TQDM_MAGIC
     update = json.dumps({"__magic_token__": RAY_TQDM_MAGIC, "desc": "Running Dataset " + "d" * 400, "x": 0})
     assert console_lines([update]) == [update]
+
+
+def test_progress_bars_only_on_a_terminal(tmp_path):
+    """Bars drawn into a file or a pipe are walls of carriage returns and cursor-up codes."""
+    import io
+    import os
+
+    from pipelines.config import RayConfig
+    from pipelines.ray_runtime import progress_bars_on
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    with open(tmp_path / "log", "w") as log_file:
+        assert not progress_bars_on(RayConfig(), log_file)
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end), os.fdopen(write_end, "w") as pipe:
+        assert not progress_bars_on(RayConfig(), pipe)
+    assert progress_bars_on(RayConfig(), Terminal())
+    assert not progress_bars_on(RayConfig(enable_progress_bars=False), Terminal())
