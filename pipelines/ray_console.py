@@ -23,10 +23,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC as TQDM_MAGIC
+
 logger = logging.getLogger(__name__)
 
 MAX_LINE_CHARS = 300
-TQDM_MAGIC = "__ray_tqdm_magic_token__"  # ray.experimental.tqdm_ray.RAY_TQDM_MAGIC (pinned Ray)
 CUT_NOTE = " … [cut: whole line in Ray's session logs]"
 NOISE = (
     # Ray core (C++ error level), once per actor that Ray Train (PreemptionWatcher) or a Ray Data

@@ -35,13 +35,9 @@ def test_the_cut_leaves_room_for_rays_worker_prefix():
 def test_the_worker_setup_hook_imports_nothing_heavy():
     """The hook runs in every worker of the embedded Ray (Ray Data tasks, Serve's proxy, Train's
     controller): importing torch there cost each of them ~4.5 s of CPU before it did any work."""
-    import subprocess
-    import sys
+    from tests.import_probe import heavy_imports
 
-    heavy = "{'torch', 'torchrec', 'pipelines.config'}"
-    probe = f"import sys, pipelines.ray_worker_setup; print(sorted({heavy} & set(sys.modules)))"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
-    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+    assert heavy_imports("pipelines.ray_worker_setup", {"torch", "torchrec", "pipelines.config"}) == []
 
 
 def test_progress_bar_messages_pass_whole():

@@ -183,9 +183,6 @@ def test_the_proxy_body_ceiling_is_read_from_the_environment_and_checked(monkeyp
 def test_the_ingress_imports_no_model_code():
     """Every ingress replica imports serving/ingress.py: torch and the models there cost each one
     ~4.5 s of CPU at start, and the ingress never runs a model."""
-    import subprocess
-    import sys
+    from tests.import_probe import heavy_imports
 
-    probe = "import sys, serving.ingress; print(sorted({'torch', 'torchrec', 'models'} & set(sys.modules)))"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
-    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+    assert heavy_imports("serving.ingress", {"torch", "torchrec", "models"}) == []
