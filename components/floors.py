@@ -223,15 +223,27 @@ def floor_scores(history: History, groups: SplitGroups) -> list[FloorScores]:
 # ---------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------
-def score_metrics(floor: FloorScores, groups: SplitGroups) -> dict[str, float]:
-    """The metrics (components/metrics.py keys) of one floor; logloss NaN unless a probability."""
+def score_metrics(floor: FloorScores, groups: SplitGroups, cand_warm: np.ndarray | None = None) -> dict[str, float]:
+    """The metrics (components/metrics.py keys) of one floor; logloss NaN unless a probability.
+    With ``cand_warm`` (B, N) bool, warm and cold candidates are also scored apart."""
     accumulator = MetricsAccumulator()
     logits = np.repeat(floor.logit[:, :, None], len(TASKS), axis=2)  # (B, N, T): one score, every task
-    accumulator.update(logits, groups.labels, groups.cand_mask, groups.user_id)
+    accumulator.update(logits, groups.labels, groups.cand_mask, groups.user_id, cand_warm)
     metrics = accumulator.compute()
     if not floor.is_probability:
-        metrics.update({f"{task}_logloss": float("nan") for task in TASKS})
+        metrics.update({k: float("nan") for k in metrics if k.split("_")[1:2] == ["logloss"]})
     return metrics
+
+
+def warm_candidates(inputs: FloorInputs, groups: SplitGroups) -> np.ndarray | None:
+    """(B, N) bool: the candidate item has events before the run's valid cut-off (docs/DATA.md);
+    None when the features run recorded no cut-off."""
+    info = lake.commit_metadata(inputs.samples.uri, inputs.samples.version, inputs.samples.storage_options)
+    if "valid_start_ts" not in info:
+        return None
+    train = read_history(inputs.events, inputs.items, int(info["valid_start_ts"]))
+    counts = np.bincount(train.item_idx, minlength=int(groups.cand_item_idx.max(initial=0)) + 1)
+    return counts[groups.cand_item_idx] > 0
 
 
 def floor_metrics(
@@ -249,4 +261,5 @@ def floor_metrics(
         history.value.size,
         groups.start_ts,
     )
-    return {floor.name: score_metrics(floor, groups) for floor in floor_scores(history, groups)}
+    warm = warm_candidates(inputs, groups)
+    return {floor.name: score_metrics(floor, groups, warm) for floor in floor_scores(history, groups)}

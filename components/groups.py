@@ -165,6 +165,68 @@ def negative_cdf(item_counts: np.ndarray, power: float = 0.75) -> np.ndarray:
     return np.cumsum(weights)
 
 
+@dataclass(frozen=True)
+class PopularitySnapshots:
+    """Item popularity as of the request: event counts before each of K global time edges.
+
+    Negatives of a group requested at ``ts`` are drawn by ``count ** 0.75`` over the events
+    before the last edge ``<= ts`` (all periods: an item first seen in the test period becomes
+    a negative as soon as it has exposure, as it would in a served slate), never by counts that
+    include the group's own period of events. Edges sit at event-count quantiles (bin starts of
+    the global ts histogram, :func:`popularity_edges`), so a request's snapshot lags it by at
+    most ~1/K of all events.
+    """
+
+    edges: np.ndarray  # (K,) int64 ascending; edges[0] = the first event's ts
+    counts: np.ndarray  # (K, V) int64: counts[k, i] = events of item_idx i with ts < edges[k]
+
+    def snapshot_of(self, ts: np.ndarray) -> np.ndarray:
+        """Index of the snapshot each request time ``ts`` samples from (the last edge <= ts)."""
+        return np.maximum(np.searchsorted(self.edges, np.asarray(ts, np.int64), side="right") - 1, 0)
+
+    def cdf(self, k: int) -> np.ndarray:
+        """The sampling cdf of snapshot ``k`` (:func:`negative_cdf`)."""
+        return negative_cdf(self.counts[k])
+
+
+def popularity_edges(bins: np.ndarray, counts: np.ndarray, ts_min: int, shift: int, num_snapshots: int) -> np.ndarray:
+    """(K',) distinct ascending edge times, K' <= ``num_snapshots``: the first event's time, then
+    the start of the histogram bin holding each event-count quantile j/K (j = 1..K-1).
+
+    Computed from the global histogram (:func:`ts_histogram` merged over buckets; the features
+    reference builds the same histogram from all times at once), so the distributed job knows
+    the edges before its counting pass and both implementations agree exactly.
+    """
+    total = int(np.sum(counts))
+    ranks = [total * j // num_snapshots for j in range(1, num_snapshots)]
+    located = locate_ranks(bins, counts, ranks)
+    starts = [int(ts_min) + (bin_id << int(shift)) for bin_id, _ in located.values()]
+    return np.unique(np.array([int(ts_min), *starts], dtype=np.int64))
+
+
+def interval_counts(ts: np.ndarray, items: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Events per (interval, item), sparse: (intervals, items, counts), one entry per pair seen.
+
+    Interval k holds events with ``edges[k] <= ts < edges[k+1]`` (the last one is open). The
+    items may be raw ids or vocabulary indices; :func:`snapshot_counts` sums such triples (of
+    any number of buckets) into the cumulative snapshots.
+    """
+    interval = np.maximum(np.searchsorted(edges, np.asarray(ts, np.int64), side="right") - 1, 0)
+    pairs, counts = np.unique(np.stack([interval, np.asarray(items, np.int64)]), axis=1, return_counts=True)
+    return pairs[0], pairs[1], counts
+
+
+def snapshot_counts(
+    intervals: np.ndarray, item_idx: np.ndarray, counts: np.ndarray, edges: np.ndarray, num_items: int
+) -> PopularitySnapshots:
+    """(interval, item_idx, count) triples -> snapshots: row k sums the intervals before k."""
+    per_interval = np.zeros((edges.size, num_items), np.int64)
+    np.add.at(per_interval, (np.asarray(intervals, np.int64), np.asarray(item_idx, np.int64)), counts)
+    before = np.zeros_like(per_interval)
+    np.cumsum(per_interval[:-1], axis=0, out=before[1:])
+    return PopularitySnapshots(np.asarray(edges, np.int64), before)
+
+
 def _uniforms(stream: np.ndarray, draw: np.ndarray) -> np.ndarray:
     """Counter-based U[0, 1): a pure function of (stream key, draw index), so any batching agrees."""
     with np.errstate(over="ignore"):
@@ -282,6 +344,46 @@ def sample_negatives(
         out[lo:hi] = _fill_negatives(
             streams[lo:hi], need[lo:hi], positives[lo:hi], inverse, width, draws_per_round, max_draws
         )
+    return out
+
+
+def sample_negatives_asof(
+    gids: np.ndarray,
+    num_needed: np.ndarray,
+    pos_offsets: np.ndarray,
+    pos_items: np.ndarray,
+    request_ts: np.ndarray,
+    snapshots: PopularitySnapshots,
+    seed: int,
+) -> np.ndarray:
+    """:func:`sample_negatives` with each group's cdf the popularity as of its request time.
+
+    Groups are sampled snapshot by snapshot; a group's draws still depend on nothing but
+    (seed, its id, its snapshot), so any bucketing or batching gives the same negatives.
+    """
+    gids = np.asarray(gids, dtype=np.int64)
+    need = np.asarray(num_needed, dtype=np.int64)
+    pos_offsets = np.asarray(pos_offsets, dtype=np.int64)
+    pos_items = np.asarray(pos_items, dtype=np.int64)
+    out = np.zeros((gids.size, int(need.max(initial=0))), dtype=np.int32)
+    which = snapshots.snapshot_of(request_ts)
+    lengths = np.diff(pos_offsets)
+    starts = pos_offsets[:-1] - pos_offsets[0]
+    for k in np.unique(which):
+        rows = np.flatnonzero(which == k)
+        sub_len = lengths[rows]
+        take = np.repeat(starts[rows], sub_len) + (
+            np.arange(int(sub_len.sum())) - np.repeat(np.cumsum(sub_len) - sub_len, sub_len)
+        )
+        part = sample_negatives(
+            gids[rows],
+            need[rows],
+            np.concatenate([[0], np.cumsum(sub_len)]),
+            pos_items[take],
+            snapshots.cdf(int(k)),
+            seed,
+        )
+        out[rows, : part.shape[1]] = part
     return out
 
 

@@ -166,17 +166,27 @@ def table_uri(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}"
 
 
-def run_metadata(job_id: str, ingest: Mapping[str, str], max_seq_len: int, candidates_per_group: int) -> dict[str, str]:
+def run_metadata(
+    job_id: str,
+    ingest: Mapping[str, str],
+    max_seq_len: int,
+    candidates_per_group: int,
+    cutoffs: tuple[int, int],
+) -> dict[str, str]:
     """Commit info of BOTH output tables of one features run (docs/DATA.md): how the loader
     pairs ``samples`` with the ``sequences`` of the same run and learns the run's settings.
 
     ``ingest`` records the input triple (``IngestSnapshot.metadata()`` of
-    components/ingest_runs.py: ingest run id and the items/users/events versions read)."""
+    components/ingest_runs.py: ingest run id and the items/users/events versions read);
+    ``cutoffs`` the split boundaries (valid_start_ts, test_start_ts): an item is warm when it
+    has an event before valid_start_ts."""
     return {
         "job_id": job_id,
         **ingest,
         "max_seq_len": str(max_seq_len),
         "candidates_per_group": str(candidates_per_group),
+        "valid_start_ts": str(cutoffs[0]),
+        "test_start_ts": str(cutoffs[1]),
     }
 
 

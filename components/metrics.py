@@ -12,6 +12,11 @@ Metric keys (a contract: reports and the quality table read them), for each task
 ``{t}_auc``, ``{t}_uauc``, ``{t}_logloss``, ``num_users_uauc_{t}``; plus ``like_auc_engaged``,
 ``num_candidates`` and ``num_groups``. An AUC over one class only is undefined and reported as
 NaN; so is a UAUC with no user having both classes (then ``num_users_uauc_{t}`` is 0).
+
+Warm and cold candidates apart (docs/DATA.md "Warm and cold items"): when every update says
+which candidates are warm (an item with train-period events), the same metrics are also given
+over each part, suffixed ``_warm`` and ``_cold`` (``like_auc_warm``, ``engage_uauc_cold``,
+``like_logloss_warm``, ...), with ``num_candidates_warm``/``_cold``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import torch
 from models.batch import GroupBatch
 
 TASKS = GroupBatch.TASKS
-STATE_KEYS = ("logits", "labels", "user_id", "num_groups")
+STATE_KEYS = ("logits", "labels", "user_id", "warm", "num_groups")
+PARTS = ("warm", "cold")
 
 
 class MetricsError(ValueError):
@@ -113,14 +119,16 @@ def logloss(logit: np.ndarray, label: np.ndarray) -> float:
 class MetricsAccumulator:
     """Collects the real candidate slots of scored groups; :meth:`compute` returns the metrics.
 
-    Per real slot it keeps the logits (float32, one per task), the labels (int8) and the
-    user id (int64, the raw id: UAUC groups by it, so an OOV vocabulary index would merge users).
+    Per real slot it keeps the logits (float32, one per task), the labels (int8), the
+    user id (int64, the raw id: UAUC groups by it, so an OOV vocabulary index would merge users)
+    and whether the item is warm (int8: 1 warm, 0 cold, -1 not given).
     """
 
     def __init__(self) -> None:
         self._logits: list[np.ndarray] = []  # (M_i, T) float32 per update
         self._labels: list[np.ndarray] = []  # (M_i, T) int8
         self._user_id: list[np.ndarray] = []  # (M_i,) int64
+        self._warm: list[np.ndarray] = []  # (M_i,) int8
         self._num_groups = 0
 
     def update(
@@ -129,8 +137,10 @@ class MetricsAccumulator:
         labels: torch.Tensor | np.ndarray,
         cand_mask: torch.Tensor | np.ndarray,
         user_id: torch.Tensor | np.ndarray,
+        warm: torch.Tensor | np.ndarray | None = None,
     ) -> None:
-        """Add B groups: logits and labels (B, N, T), cand_mask (B, N) bool, user_id (B,).
+        """Add B groups: logits and labels (B, N, T), cand_mask (B, N) bool, user_id (B,) and
+        optionally warm (B, N) bool, True where the candidate is a warm item.
 
         Padded slots (``cand_mask`` False) are dropped before anything is read from them, so
         their logits and labels may hold anything. Raises MetricsError on wrong shapes, on a
@@ -146,6 +156,10 @@ class MetricsAccumulator:
             raise MetricsError(f"cand_mask must be (B, N) = {logits.shape[:2]}, got {mask.shape}")
         if user_id.shape != logits.shape[:1]:
             raise MetricsError(f"user_id must be (B,) = {logits.shape[:1]}, got {user_id.shape}")
+        if warm is not None:
+            warm = _numpy(warm, "warm")
+            if warm.shape != mask.shape:
+                raise MetricsError(f"warm must be (B, N) = {mask.shape}, got {warm.shape}")
         real_logits, real_labels = logits[mask], labels[mask]  # (M, T)
         if np.isnan(real_logits).any():
             raise MetricsError(f"logits hold {int(np.isnan(real_logits).sum())} NaN value(s) in real candidate slots")
@@ -155,6 +169,7 @@ class MetricsAccumulator:
         self._logits.append(real_logits.astype(np.float32))
         self._labels.append(real_labels.astype(np.int8))
         self._user_id.append(np.repeat(user_id.astype(np.int64), mask.sum(axis=1)))
+        self._warm.append(np.full(len(real_logits), -1, np.int8) if warm is None else warm[mask].astype(np.int8))
         self._num_groups += int(mask.shape[0])
 
     @property
@@ -175,6 +190,7 @@ class MetricsAccumulator:
             "logits": np.concatenate([np.empty((0, tasks), np.float32), *self._logits]),  # (M, T)
             "labels": np.concatenate([np.empty((0, tasks), np.int8), *self._labels]),  # (M, T)
             "user_id": np.concatenate([np.empty(0, np.int64), *self._user_id]),  # (M,)
+            "warm": np.concatenate([np.empty(0, np.int8), *self._warm]),  # (M,)
             "num_groups": np.array(self._num_groups, np.int64),  # ()
         }
 
@@ -188,6 +204,7 @@ class MetricsAccumulator:
             combined._logits.append(np.asarray(state["logits"], np.float32))
             combined._labels.append(np.asarray(state["labels"], np.int8))
             combined._user_id.append(np.asarray(state["user_id"], np.int64))
+            combined._warm.append(np.asarray(state["warm"], np.int8))
             combined._num_groups += int(state["num_groups"])
         return combined
 
@@ -196,6 +213,7 @@ class MetricsAccumulator:
         self._logits.extend(other._logits)
         self._labels.extend(other._labels)
         self._user_id.extend(other._user_id)
+        self._warm.extend(other._warm)
         self._num_groups += other._num_groups
         return self
 
@@ -204,15 +222,27 @@ class MetricsAccumulator:
         if self.num_candidates == 0:
             raise MetricsError("no real candidate slot was added (empty split, or every cand_mask False?)")
         state = self.state()
-        logits, labels, user_id = state["logits"], state["labels"], state["user_id"]
+        logits, labels, user_id, warm = state["logits"], state["labels"], state["user_id"], state["warm"]
         metrics: dict[str, float] = {"num_candidates": int(user_id.size), "num_groups": self._num_groups}
-        for t, task in enumerate(TASKS):
-            metrics[f"{task}_auc"] = auc(logits[:, t], labels[:, t])
-            metrics[f"{task}_uauc"], metrics[f"num_users_uauc_{task}"] = uauc(logits[:, t], labels[:, t], user_id)
-            metrics[f"{task}_logloss"] = logloss(logits[:, t], labels[:, t])
+        metrics |= _task_metrics(logits, labels, user_id)
         # Among real events only (engage = 1), like asks the rating question: which of the items
         # the user did watch did they rate highly; sampled negatives make the plain like AUC easier.
         engaged = labels[:, TASKS.index("engage")] == 1
         like = TASKS.index("like")
         metrics["like_auc_engaged"] = auc(logits[engaged, like], labels[engaged, like])
+        if warm.size and (warm >= 0).all():  # every update said which items are warm
+            for part, keep in zip(PARTS, (warm == 1, warm == 0)):
+                metrics[f"num_candidates_{part}"] = int(keep.sum())
+                part_metrics = _task_metrics(logits[keep], labels[keep], user_id[keep])
+                metrics |= {f"{k}_{part}": v for k, v in part_metrics.items() if not k.startswith("num_")}
         return metrics
+
+
+def _task_metrics(logits: np.ndarray, labels: np.ndarray, user_id: np.ndarray) -> dict[str, float]:
+    """AUC, UAUC (with its user count) and logloss of every task over flat candidates."""
+    metrics: dict[str, float] = {}
+    for t, task in enumerate(TASKS):
+        metrics[f"{task}_auc"] = auc(logits[:, t], labels[:, t])
+        metrics[f"{task}_uauc"], metrics[f"num_users_uauc_{task}"] = uauc(logits[:, t], labels[:, t], user_id)
+        metrics[f"{task}_logloss"] = logloss(logits[:, t], labels[:, t])
+    return metrics

@@ -9,14 +9,20 @@ Vocabulary sizes (embedding table rows) come from the pinned ``items``/``users``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from components import lake
 from components.sequence_join import pinned_versions
+
+if TYPE_CHECKING:
+    from models.variants import ModelConfig
 
 SPLITS = ("train", "valid", "test")
 
@@ -41,6 +47,9 @@ class TrainingData:
     split_rows: dict[str, int]  # groups per split
     vocabulary: Vocabulary
     storage_options: dict[str, str] = field(default_factory=dict)
+    # The features run's valid cut-off (None: a lake written before runs recorded it); an item
+    # with an event before it is warm (docs/DATA.md "Warm and cold items").
+    valid_start_ts: int | None = None
 
     def load_groups(self, split: str, max_seq_len: int):
         """Ray Dataset of resolved groups of ``split`` at the pinned versions."""
@@ -107,4 +116,29 @@ def pin_training_data(
         split_rows=split_rows(samples),
         vocabulary=vocabulary(items, users),
         storage_options=options,
+        valid_start_ts=int(info["valid_start_ts"]) if "valid_start_ts" in info else None,
     )
+
+
+def item_train_counts(data: TrainingData) -> np.ndarray | None:
+    """(item_vocab,) int64: events of each item_idx before the valid period, from the pinned
+    ``sequences`` (every event is in exactly one user's sequence); None when the lake records no
+    cut-off. ``> 0`` is the warm mask of evaluation (components/metrics.py)."""
+    if data.valid_start_ts is None:
+        return None
+    sequences = lake.PinnedTable(
+        lake.table_uri(data.lake_root, "sequences"), data.sequences_version, data.storage_options
+    )
+    table = sequences.read(["item_idx", "ts"])
+    items = pc.list_flatten(table["item_idx"]).to_numpy()
+    ts = pc.list_flatten(table["ts"]).to_numpy()
+    return np.bincount(items[ts < data.valid_start_ts], minlength=data.vocabulary.item_vocab).astype(np.int64)
+
+
+def resolved_model(config: ModelConfig, data: TrainingData) -> ModelConfig:
+    """``config`` with the vocabulary sizes of the pinned lake (the tables must fit the ids)."""
+    vocab = data.vocabulary
+    sparse = dataclasses.replace(
+        config.ranker.sparse, item_vocab=vocab.item_vocab, user_vocab=vocab.user_vocab, tag_vocab=vocab.tag_vocab
+    )
+    return dataclasses.replace(config, ranker=dataclasses.replace(config.ranker, sparse=sparse))

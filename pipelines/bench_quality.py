@@ -31,7 +31,23 @@ from pipelines.config import PipelineConfig
 logger = logging.getLogger(__name__)
 
 QUICK_VARIANTS = ("dlrm_mlp", "din", "full")
-REPORTED = ("like_auc", "like_uauc", "engage_auc", "engage_uauc", "like_auc_engaged", "like_logloss", "engage_logloss")
+REPORTED = (
+    "like_auc",
+    "like_uauc",
+    "engage_auc",
+    "engage_uauc",
+    "like_auc_engaged",
+    "like_logloss",
+    "engage_logloss",
+    # Warm (item with train-period events) and cold candidates apart: NaN on a lake whose
+    # features run recorded no cut-off (docs/DATA.md "Warm and cold items").
+    "like_auc_warm",
+    "like_auc_cold",
+    "like_uauc_warm",
+    "like_uauc_cold",
+    "engage_auc_warm",
+    "engage_auc_cold",
+)
 
 
 def train_and_evaluate(preset: str, overrides: list[str]) -> tuple[dict[str, float], float]:
@@ -111,7 +127,7 @@ class RunLedger:
         """The run's test metrics (plus ``seconds``): from the ledger, or trained and evaluated now."""
         if key not in self.runs:
             metrics, took = train_and_evaluate(preset, overrides)
-            self.runs[key] = {**{m: metrics[m] for m in REPORTED}, "seconds": round(took, 1)}
+            self.runs[key] = {**{m: metrics.get(m, math.nan) for m in REPORTED}, "seconds": round(took, 1)}
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps({"budget": self.budget, "runs": self.runs}, indent=1, sort_keys=True))
             tmp.replace(self.path)  # atomic: a kill mid-write keeps the previous ledger
@@ -151,7 +167,7 @@ def run_table(args: argparse.Namespace, variants: tuple[str, ...], seeds: int, e
                 )
                 for seed in range(seeds)
             ]
-            rows[variant] = {m: mean_std([r[m] for r in runs]) for m in REPORTED}
+            rows[variant] = {m: mean_std([r.get(m, math.nan) for r in runs]) for m in REPORTED}
     t = base.train
     result = {
         "floors": {name: {m: v for m, v in f.items() if m in REPORTED} for name, f in floors.items()},
@@ -202,7 +218,7 @@ def run_seq_lens(args: argparse.Namespace, lengths: list[int], seeds: int, extra
                 )
                 for seed in range(seeds)
             ]
-            out[str(length)] = {m: mean_std([r[m] for r in runs]) for m in REPORTED}
+            out[str(length)] = {m: mean_std([r.get(m, math.nan) for r in runs]) for m in REPORTED}
             out[str(length)]["seconds"] = round(sum(r["seconds"] for r in runs) / len(runs), 1)
     t = base.train
     result = {
@@ -216,7 +232,7 @@ def run_seq_lens(args: argparse.Namespace, lengths: list[int], seeds: int, extra
     return result
 
 
-COLUMNS = ("like_auc", "like_uauc", "engage_auc", "engage_uauc", "like_auc_engaged", "like_logloss")
+COLUMNS = ("like_auc", "like_uauc", "like_auc_warm", "like_auc_cold", "engage_auc", "like_auc_engaged", "like_logloss")
 
 
 def markdown_table(result: dict) -> str:
@@ -227,8 +243,11 @@ def markdown_table(result: dict) -> str:
     for name, floor in result["floors"].items():
         lines.append(f"| floor: {name.replace('_', ' ')} | " + " | ".join(fmt(floor.get(c)) for c in COLUMNS) + " |")
     for variant, row in result["variants"].items():
+        blank = {"mean": math.nan, "std": math.nan}  # a column the run's results predate
         cells = [
-            f"{row[c]['mean']:.4f} ± {row[c]['std']:.4f}" if result["seeds"] > 1 else fmt(row[c]["mean"])
+            f"{row.get(c, blank)['mean']:.4f} ± {row.get(c, blank)['std']:.4f}"
+            if result["seeds"] > 1
+            else fmt(row.get(c, blank)["mean"])
             for c in COLUMNS
         ]
         lines.append(f"| `{variant}` | " + " | ".join(cells) + " |")

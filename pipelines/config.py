@@ -95,6 +95,10 @@ class FeaturesConfig:
     min_seq_len: int = 1
     tags_per_item: int = 3
     negatives_seed: int = 0
+    # Negatives follow item popularity as of the request (components/groups.PopularitySnapshots):
+    # counts before K global time edges at event quantiles. The bucket tasks hold K x items
+    # int64 counts (64 x 20k items: 10 MiB), so K stays small for large catalogues.
+    popularity_snapshots: int = 64
 
     def __post_init__(self) -> None:
         validate_features_config(self)
@@ -109,7 +113,7 @@ def validate_features_config(cfg: FeaturesConfig) -> None:
             f"features.max_positives_per_group ({cfg.max_positives_per_group}) must be in "
             f"[1, candidates_per_group={cfg.candidates_per_group}]"
         )
-    for name in ("max_seq_len", "tags_per_item"):
+    for name in ("max_seq_len", "tags_per_item", "popularity_snapshots"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"features.{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.session_gap_s < 0 or cfg.min_seq_len < 0:

@@ -34,7 +34,7 @@ from components.checkpoint import (
 from components.collate import CollateConfig, collate_groups
 from components.metrics import MetricsAccumulator
 from components.tracking import Tracker
-from components.training_data import pin_training_data
+from components.training_data import item_train_counts, pin_training_data
 from models.batch import GroupBatch
 from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig
@@ -71,13 +71,19 @@ class GroupScorer:
     """
 
     def __init__(
-        self, checkpoint: str, max_seq_len: int, threads: int = 1, storage_options: dict[str, str] | None = None
+        self,
+        checkpoint: str,
+        max_seq_len: int,
+        threads: int = 1,
+        storage_options: dict[str, str] | None = None,
+        warm_items: np.ndarray | None = None,
     ) -> None:
         import torch
 
         torch.set_num_threads(threads)
         self.model, _ = load_model(checkpoint, storage_options=storage_options)
         self.collate = CollateConfig(max_seq_len=max_seq_len)
+        self.warm_items = warm_items  # (item_vocab,) bool: item has train-period events
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         import torch
@@ -87,16 +93,21 @@ class GroupScorer:
             out = self.model(batch)
         logits = getattr(out, "logits", out)
         # UAUC groups by the raw user id: vocabulary index 1 lumps every unknown user together.
-        return score_rows(batch, logits, table.column("user_id").to_numpy())
+        return score_rows(batch, logits, table.column("user_id").to_numpy(), self.warm_items)
 
 
-def score_rows(batch: GroupBatch, logits, user_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Flat per-candidate columns of a scored batch (real slots only)."""
+def score_rows(
+    batch: GroupBatch, logits, user_ids: np.ndarray, warm_items: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Flat per-candidate columns of a scored batch (real slots only); ``warm`` (int8) when
+    ``warm_items`` (bool by item_idx) says which items are warm."""
     mask = batch.cand_mask.numpy()
     user = np.broadcast_to(np.asarray(user_ids)[:, None], mask.shape)[mask]
     logit = logits.detach().float().numpy()[mask]  # (M, tasks)
     label = batch.labels.numpy()[mask]
     out = {"user_id": user.astype(np.int64)}
+    if warm_items is not None:
+        out["warm"] = warm_items[batch.cand_item.numpy()[mask]].astype(np.int8)
     for i, task in enumerate(GroupBatch.TASKS):
         out[f"logit_{task}"] = logit[:, i].astype(np.float32)
         out[f"label_{task}"] = label[:, i].astype(np.float32)
@@ -109,16 +120,24 @@ def metrics_of(rows: dict[str, np.ndarray]) -> dict[str, float]:
     m = len(rows["user_id"])
     logits = np.stack([rows[f"logit_{t}"] for t in GroupBatch.TASKS], -1).reshape(m, 1, -1)
     labels = np.stack([rows[f"label_{t}"] for t in GroupBatch.TASKS], -1).reshape(m, 1, -1)
-    acc.update(logits, labels, np.ones((m, 1), bool), rows["user_id"])
+    warm = rows["warm"].reshape(m, 1).astype(bool) if "warm" in rows else None
+    acc.update(logits, labels, np.ones((m, 1), bool), rows["user_id"], warm)
     return acc.compute()
 
 
-def _scored(groups: Any, cfg: Any, path: str, max_seq_len: int, options: Mapping[str, str]) -> Any:
+def _scored(
+    groups: Any, cfg: Any, path: str, max_seq_len: int, options: Mapping[str, str], warm_items: np.ndarray | None
+) -> Any:
     """The scorer actor pool over ``groups`` (a Ray Dataset of group rows)."""
     return groups.map_batches(
         GroupScorer,
         # The actors carry no store settings of their own: the options travel with them.
-        fn_constructor_kwargs={"checkpoint": path, "max_seq_len": max_seq_len, "storage_options": dict(options)},
+        fn_constructor_kwargs={
+            "checkpoint": path,
+            "max_seq_len": max_seq_len,
+            "storage_options": dict(options),
+            "warm_items": warm_items,
+        },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         concurrency=cfg.num_actors,
@@ -144,6 +163,8 @@ def run_evaluate(config: PipelineConfig) -> tuple[EvalReport, str]:
     if data.split_rows.get(cfg.split, 0) == 0:
         raise EvaluateError(f"split {cfg.split!r} of samples version {data.samples_version} has no groups")
     max_seq_len = int(meta.train.get("max_seq_len") or data.max_seq_len)
+    train_counts = item_train_counts(data)
+    warm_items = None if train_counts is None else train_counts > 0
     logger.info(
         "evaluating %s (%s, step %d) on %s: %d groups",
         path,
@@ -154,7 +175,7 @@ def run_evaluate(config: PipelineConfig) -> tuple[EvalReport, str]:
     )
     with warnings.catch_warnings():  # the deprecation below names Ray 2.64, which has the named parameter
         warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
-        scored = _scored(data.load_groups(cfg.split, max_seq_len), cfg, path, max_seq_len, options)
+        scored = _scored(data.load_groups(cfg.split, max_seq_len), cfg, path, max_seq_len, options, warm_items)
     parts = list(scored.iter_batches(batch_format="numpy", batch_size=None))
     rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
     if not rows:

@@ -33,7 +33,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -152,10 +151,15 @@ def event_buckets(events: lake.PinnedTable) -> list[int]:
 def build_context(items: pa.Table, cfg: FeaturesConfig, stats: EventStats) -> BucketContext:
     """The shared per-bucket context from the items table (read on the driver) and the stats."""
     arrays = item_arrays(items, cfg.tags_per_item)
-    counts = np.zeros(arrays["genre_mask"].size, np.int64)
-    counted_idx = lookup(arrays["item_ids"], arrays["item_idx"], stats.item_ids, OOV)
-    np.add.at(counts, counted_idx, stats.item_counts)
-    return BucketContext(features=cfg, **arrays, negative_cdf=groups.negative_cdf(counts), cutoffs=stats.cutoffs)
+    intervals, item_ids, counts = stats.intervals
+    popularity = groups.snapshot_counts(
+        intervals,
+        lookup(arrays["item_ids"], arrays["item_idx"], item_ids, OOV),
+        counts,
+        stats.edges,
+        arrays["genre_mask"].size,
+    )
+    return BucketContext(features=cfg, **arrays, popularity=popularity, cutoffs=stats.cutoffs)
 
 
 def commit_outputs(job: BucketJob, written: list[dict], metadata: dict[str, str]) -> None:
@@ -223,7 +227,8 @@ def run_features(config: PipelineConfig) -> dict:
     written, phases_s = run_buckets(buckets, ctx_ref, job)
     job_s, clock = time.perf_counter() - clock, time.perf_counter()
     check_train_groups(written, cfg, stats)
-    metadata = run_metadata(job.job_id, inputs.metadata(), cfg.max_seq_len, cfg.candidates_per_group)
+    cutoffs = (stats.cutoffs.valid_start_ts, stats.cutoffs.test_start_ts)
+    metadata = run_metadata(job.job_id, inputs.metadata(), cfg.max_seq_len, cfg.candidates_per_group, cutoffs)
     commit_outputs(job, written, metadata)
     timings_s = {"stats_s": stats_s, "buckets_s": job_s, **phases_s, "commit_s": time.perf_counter() - clock}
     return run_summary(job, stats, len(buckets), written, timings_s) | {"ingest_run_id": inputs.run_id}

@@ -78,7 +78,7 @@ class BucketContext:
     genre_mask: np.ndarray  # (V+2,) int32 by item_idx (0 for pad/OOV)
     year: np.ndarray  # (V+2,) int16 by item_idx
     tags: np.ndarray  # (V+2, tags_per_item) int32 by item_idx, 0-padded
-    negative_cdf: np.ndarray  # (V+2,) float64 cumulative popularity^0.75 weights
+    popularity: groups.PopularitySnapshots  # item counts as of each request (negatives)
     cutoffs: groups.TimeCutoffs
 
 
@@ -206,13 +206,14 @@ def _candidates(
 
 
 def _group_negatives(ev: dict[str, np.ndarray], bounds: GroupBounds, gid: np.ndarray, ctx: BucketContext) -> np.ndarray:
-    """Dense (G, max need) negatives of every group (components.groups.sample_negatives)."""
+    """Dense (G, max need) negatives of every group (components.groups.sample_negatives_asof)."""
     cfg = ctx.features
     pos_offsets = np.concatenate([[0], np.cumsum(bounds.num_pos)])
     pos_event = np.arange(pos_offsets[-1]) + np.repeat(bounds.start - pos_offsets[:-1], bounds.num_pos)
     need = cfg.candidates_per_group - bounds.num_pos
-    return groups.sample_negatives(
-        gid, need, pos_offsets, ev["item_idx"][pos_event], ctx.negative_cdf, cfg.negatives_seed
+    request_ts = ev["ts"][bounds.start]
+    return groups.sample_negatives_asof(
+        gid, need, pos_offsets, ev["item_idx"][pos_event], request_ts, ctx.popularity, cfg.negatives_seed
     )
 
 

@@ -4,7 +4,7 @@ It reads the whole events table at once and builds the same ``sequences`` and ``
 tables with independent code (polars window expressions instead of NumPy run arithmetic,
 a full sort instead of the distributed order statistics, joins instead of array lookups).
 Only the pieces that must be bit-identical come from components/groups.py: the group id,
-the cut-off rank definition and the seeded negative sampler.
+the cut-off rank definition, the popularity edges and the seeded negative sampler.
 
 ``python -m pipelines.features_reference --config demo --out-root lake_ref``
 """
@@ -83,12 +83,17 @@ def ordered_events(
     )
 
 
-def popularity_cdf(ev: pl.DataFrame, num_idx: int, cutoffs: groups.TimeCutoffs) -> np.ndarray:
-    """Negative-sampling CDF from the item counts of TRAIN-period events only (ts < valid_start_ts)."""
-    counts = ev.filter(pl.col("ts") < cutoffs.valid_start_ts).group_by("item_idx").len()
-    dense = np.zeros(num_idx, np.int64)
-    dense[counts["item_idx"].to_numpy()] = counts["len"].to_numpy()
-    return groups.negative_cdf(dense)
+def popularity_snapshots(ev: pl.DataFrame, num_idx: int, cfg: FeaturesConfig) -> groups.PopularitySnapshots:
+    """Item counts before each popularity edge; the edges from the histogram of ALL event times."""
+    ts = ev["ts"].to_numpy()
+    ts_min = int(ts.min())
+    shift = groups.histogram_shift(ts_min, int(ts.max()))
+    edges = groups.popularity_edges(*groups.ts_histogram(ts, ts_min, shift), ts_min, shift, cfg.popularity_snapshots)
+    interval = np.maximum(np.searchsorted(edges, ts, side="right") - 1, 0)
+    counts = ev.select("item_idx").with_columns(interval=pl.Series(interval)).group_by("interval", "item_idx").len()
+    return groups.snapshot_counts(
+        counts["interval"].to_numpy(), counts["item_idx"].to_numpy(), counts["len"].to_numpy(), edges, num_idx
+    )
 
 
 def item_features(items: pl.DataFrame, tags_per_item: int) -> pl.DataFrame:
@@ -110,7 +115,7 @@ def item_features(items: pl.DataFrame, tags_per_item: int) -> pl.DataFrame:
     )
 
 
-def reference_groups(ev: pl.DataFrame, cdf: np.ndarray, cfg: FeaturesConfig) -> pl.DataFrame:
+def reference_groups(ev: pl.DataFrame, popularity: groups.PopularitySnapshots, cfg: FeaturesConfig) -> pl.DataFrame:
     """One row per kept group with its candidate list and labels (before side features)."""
     g = (
         ev.group_by("chunk", maintain_order=True)
@@ -129,8 +134,14 @@ def reference_groups(ev: pl.DataFrame, cdf: np.ndarray, cfg: FeaturesConfig) -> 
     gid = groups.group_ids(g["user_id"].to_numpy(), g["first_pos"].to_numpy())
     pos_offsets = np.concatenate([[0], np.cumsum(n_pos)])
     flat_pos = g["pos_items"].explode().to_numpy()
-    negatives = groups.sample_negatives(
-        gid, cfg.candidates_per_group - n_pos, pos_offsets, flat_pos, cdf, cfg.negatives_seed
+    negatives = groups.sample_negatives_asof(
+        gid,
+        cfg.candidates_per_group - n_pos,
+        pos_offsets,
+        flat_pos,
+        g["request_ts"].to_numpy(),
+        popularity,
+        cfg.negatives_seed,
     )
     found = negatives != 0
     neg_lists = pa.ListArray.from_arrays(
@@ -180,11 +191,11 @@ def reference_tables(
     items_df = pl.from_arrow(items)
     cutoffs = reference_cutoffs(events["ts"].to_numpy(), cfg)
     ev = ordered_events(pl.from_arrow(events), items_df, cfg, cutoffs)
-    cdf = popularity_cdf(ev, int(items_df["item_idx"].max() or OOV) + 1, cutoffs)
+    popularity = popularity_snapshots(ev, int(items_df["item_idx"].max() or OOV) + 1, cfg)
     sequences = ev.group_by("user_id", maintain_order=True).agg(
         pl.col("bucket").first(), pl.col("item_idx"), pl.col("action"), pl.col("ts")
     )
-    g = with_side_features(reference_groups(ev, cdf, cfg), item_features(items_df, cfg.tags_per_item), cutoffs)
+    g = with_side_features(reference_groups(ev, popularity, cfg), item_features(items_df, cfg.tags_per_item), cutoffs)
     samples = g.join(
         pl.from_arrow(users).select("user_id", "user_idx"), on="user_id", how="left", maintain_order="left"
     ).with_columns(pl.col("user_idx").fill_null(OOV))
@@ -207,7 +218,14 @@ def run_reference(config: PipelineConfig, out_root: str | None = None) -> dict:
     users = inputs.users.read(["user_id", "user_idx"])
     sequences, samples = reference_tables(events_rows, inputs.items.read(), users, cfg)
     job_id = f"reference-{uuid.uuid4().hex}"
-    metadata = run_metadata(job_id, inputs.metadata(), cfg.max_seq_len, cfg.candidates_per_group)
+    cutoffs = reference_cutoffs(events_rows["ts"].to_numpy(), cfg)
+    metadata = run_metadata(
+        job_id,
+        inputs.metadata(),
+        cfg.max_seq_len,
+        cfg.candidates_per_group,
+        (cutoffs.valid_start_ts, cutoffs.test_start_ts),
+    )
     for name, rows, partition_by in (
         ("sequences", sequences, SEQUENCES_PARTITION),
         ("samples", samples, SAMPLES_PARTITION),

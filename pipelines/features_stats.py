@@ -1,12 +1,13 @@
 """Global statistics of the events table for the features stage (pipelines/features.py).
 
 Every bucket task needs a few numbers computed over ALL events: the exact time-split
-cut-offs (memory bounded by the time span, see components/groups.py) and item popularity
-over the train period (for negatives). The event count and time range come from the Delta
-log's file statistics (no data read); then two rounds of small Ray tasks read only the
-``ts`` and ``item_id`` columns of one bucket each, and the driver merges their answers.
+cut-offs (memory bounded by the time span, see components/groups.py) and item popularity as
+of each request (counts before K global time edges, for negatives). The event count and time
+range come from the Delta log's file statistics (no data read); then two rounds of small Ray
+tasks read only the ``ts`` and ``item_id`` columns of one bucket each, and the driver merges
+their answers.
 Each round of reads cost ~0.1 s a bucket (5M events, one core): the four rounds this used
-to take (count, histogram, bin values, train items) were a tenth of the whole job.
+to take (count, histogram, bin values, item counts) were a tenth of the whole job.
 """
 
 from __future__ import annotations
@@ -66,29 +67,20 @@ class BinsAndItems:
     """One bucket's answer to the second round (see :func:`_pass_bins_and_items`)."""
 
     bin_values: tuple[np.ndarray, np.ndarray]  # distinct ts inside the located bins, their counts
-    train_items: tuple[np.ndarray, np.ndarray]  # item ids of events BEFORE the boundary bin, counts
-    boundary: tuple[np.ndarray, np.ndarray, np.ndarray]  # (ts, item id, count) of events IN it
+    intervals: tuple[np.ndarray, np.ndarray, np.ndarray]  # (interval, item id, count) by popularity edges
 
 
 @ray.remote(num_cpus=1)
 def _pass_bins_and_items(
-    events: lake.PinnedTable, bucket: int, ts_min: int, shift: int, bins: list[int], boundary_bin: int
+    events: lake.PinnedTable, bucket: int, ts_min: int, shift: int, bins: list[int], edges: np.ndarray
 ) -> BinsAndItems:
-    """The cut-off bins' values and the train-period item counts, from ONE read of the bucket.
-
-    The valid cut-off is not known yet, only its bin (``boundary_bin``): events of earlier
-    bins are train for sure; those inside it come back as distinct (ts, item) pairs, at most
-    2^shift times the catalogue, for the driver to settle once the cut-off is known.
-    """
+    """The cut-off bins' values and the item counts between popularity edges, from ONE read of
+    the bucket. The edges come from the first round's histogram, so one round settles both."""
     table = events.read(["ts", "item_id"], bucket_filter(bucket))
     ts, items = table["ts"].to_numpy(), table["item_id"].to_numpy()
-    bin_of = (ts - np.int64(ts_min)) >> np.int64(shift)
-    inside = bin_of == boundary_bin
-    pairs, counts = np.unique(np.stack([ts[inside], items[inside]]), axis=1, return_counts=True)
     return BinsAndItems(
         bin_values=groups.values_in_bins(ts, ts_min, shift, bins),
-        train_items=np.unique(items[bin_of < boundary_bin], return_counts=True),
-        boundary=(pairs[0], pairs[1], counts),
+        intervals=groups.interval_counts(ts, items, edges),
     )
 
 
@@ -97,15 +89,15 @@ class EventStats:
     """What the global passes learn about the events table (stays on the driver)."""
 
     cutoffs: groups.TimeCutoffs
-    item_ids: np.ndarray  # (K,) int64 raw ids of the items with TRAIN-period events
-    item_counts: np.ndarray  # (K,) int64 their TRAIN-period event counts
+    edges: np.ndarray  # popularity snapshot edges (groups.popularity_edges)
+    intervals: tuple[np.ndarray, np.ndarray, np.ndarray]  # (interval, raw item id, count), all buckets
     num_events: int
     ts_min: int  # first and last event time
     ts_max: int
 
 
 def global_stats(events: lake.PinnedTable, buckets: list[int], cfg: FeaturesConfig) -> EventStats:
-    """Exact time cut-offs, train-period item counts and the event count of the events table."""
+    """Exact time cut-offs, the popularity snapshots' counts and the event count of the events table."""
     n, ts_min, ts_max = logged_time_range(events) or scanned_time_range(events, buckets)
     if n == 0:
         raise lake.LakeError(
@@ -115,19 +107,14 @@ def global_stats(events: lake.PinnedTable, buckets: list[int], cfg: FeaturesConf
     ranks = groups.cutoff_ranks(n, cfg.valid_frac, cfg.test_frac)
     shift = groups.histogram_shift(ts_min, ts_max)
     hist = groups.merge_counts(ray.get([_pass_histogram.remote(events, b, ts_min, shift) for b in buckets]))
+    edges = groups.popularity_edges(*hist, ts_min, shift, cfg.popularity_snapshots)
     located = groups.locate_ranks(*hist, [r for r in ranks if r < n])
     bins = sorted({bin_id for bin_id, _ in located.values()})
-    # No valid split (its rank is past the end): every event is train, none is on a boundary.
-    boundary_bin = located[ranks[0]][0] if ranks[0] in located else groups.INT64_MAX
-    parts = ray.get([_pass_bins_and_items.remote(events, b, ts_min, shift, bins, boundary_bin) for b in buckets])
+    parts = ray.get([_pass_bins_and_items.remote(events, b, ts_min, shift, bins, edges) for b in buckets])
     values = groups.pick_ranks(located, ts_min, shift, *groups.merge_counts([p.bin_values for p in parts]))
     cutoffs = groups.cutoffs_from_values(n, ranks, values)
-    edge_ts, edge_items, edge_counts = (np.concatenate(c) for c in zip(*(p.boundary for p in parts)))
-    is_train = edge_ts < cutoffs.valid_start_ts
-    item_ids, item_counts = groups.merge_counts(
-        [p.train_items for p in parts] + [(edge_items[is_train], edge_counts[is_train])]
-    )
-    return EventStats(cutoffs, item_ids, item_counts, n, ts_min, ts_max)
+    intervals = tuple(np.concatenate(c) for c in zip(*(p.intervals for p in parts)))
+    return EventStats(cutoffs, edges, intervals, n, ts_min, ts_max)
 
 
 class FeaturesError(Exception):

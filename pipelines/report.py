@@ -10,6 +10,7 @@ recomputed or read from the lake, so the report of a run can be written again at
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -26,6 +27,9 @@ QUALITY = (
     ("like_uauc", "like UAUC"),
     ("engage_auc", "engage AUC"),
     ("engage_uauc", "engage UAUC"),
+    # Warm items have train-period events, cold ones do not (docs/DATA.md); absent on old lakes.
+    ("like_auc_warm", "like AUC warm"),
+    ("like_auc_cold", "like AUC cold"),
 )
 
 
@@ -97,7 +101,7 @@ def plot_quality(rows: Mapping[str, Mapping[str, float]], folder: Path) -> str |
     import numpy as np
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    fig, ax = plt.subplots(figsize=(8.5, 3.4))
     width = 0.8 / len(rows)
     x = np.arange(len(QUALITY))
     for i, (name, metrics) in enumerate(rows.items()):
@@ -105,7 +109,8 @@ def plot_quality(rows: Mapping[str, Mapping[str, float]], folder: Path) -> str |
         ax.bar(x + i * width - 0.4 + width / 2, values, width, label=name)
     ax.set_xticks(x, [label for _, label in QUALITY])
     ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
-    lowest = min((v for m in rows.values() for k, _ in QUALITY if (v := m.get(k)) is not None), default=0.4)
+    known = (v for m in rows.values() for k, _ in QUALITY if (v := m.get(k)) is not None and not math.isnan(v))
+    lowest = min(known, default=0.4)
     ax.set_ylim(min(0.4, lowest - 0.05), 1.0)
     ax.set_ylabel("test split")
     ax.grid(axis="y", alpha=0.3)

@@ -41,7 +41,7 @@ from components.checkpoint import (
     run_dir,
 )
 from components.config_loader import to_dict
-from components.training_data import TrainingData, pin_training_data
+from components.training_data import TrainingData, item_train_counts, pin_training_data, resolved_model
 from models.variants import ModelConfig
 from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig, TrainConfig
@@ -92,15 +92,6 @@ class TrainSummary:
 # ---------------------------------------------------------------------------------------------
 # Resolving the run
 # ---------------------------------------------------------------------------------------------
-def resolved_model(config: ModelConfig, data: TrainingData) -> ModelConfig:
-    """``config`` with the vocabulary sizes of the pinned lake (the tables must fit the ids)."""
-    vocab = data.vocabulary
-    sparse = dataclasses.replace(
-        config.ranker.sparse, item_vocab=vocab.item_vocab, user_vocab=vocab.user_vocab, tag_vocab=vocab.tag_vocab
-    )
-    return dataclasses.replace(config, ranker=dataclasses.replace(config.ranker, sparse=sparse))
-
-
 @dataclass(frozen=True)
 class ResumePlan:
     run_name: str
@@ -148,6 +139,7 @@ def build_spec(
     total = per_epoch * t.epochs if not t.max_steps else min(t.max_steps, per_epoch * t.epochs)
     valid_rows = data.split_rows["valid"] // world
     valid_batches = math.ceil(valid_rows / t.batch_size) if t.valid_every_epoch and valid_rows else 0
+    train_counts = item_train_counts(data) if valid_batches else None
     return LoopSpec(
         model=to_dict(model),
         train=t,
@@ -164,6 +156,7 @@ def build_spec(
         resume_path=plan.resume_path,
         storage_options=dict(config.lake.storage_options),
         extra_config={"samples_version": data.samples_version, "lake_root": data.lake_root},
+        warm_items=None if train_counts is None else train_counts > 0,
     )
 
 

@@ -64,6 +64,9 @@ class LoopSpec:
     # ``resume_path`` (workers carry no store settings of their own). Never logged.
     storage_options: dict[str, str] = field(default_factory=dict, repr=False)
     extra_config: dict[str, Any] = field(default_factory=dict)  # logged to W&B beside the spec
+    # (item_vocab,) bool, True for items with train-period events: valid metrics are also given
+    # for warm and cold candidates apart (components/metrics.py). None: the lake has no cut-off.
+    warm_items: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def sharding(self) -> ShardingSpec:
@@ -268,7 +271,8 @@ def validate(dr: DistributedRanker, spec: LoopSpec, device: torch.device) -> dic
             continue  # equal batch counts on every rank: the collectives of a forward must pair up
         with _autocast(spec, device):
             logits, _ = task.evaluate(batch)
-        acc.update(logits.float(), batch.labels, batch.cand_mask, batch.user_id)
+        warm = None if spec.warm_items is None else torch.from_numpy(spec.warm_items[batch.cand_item.numpy()])
+        acc.update(logits.float(), batch.labels, batch.cand_mask, batch.user_id, warm)
     states = [None] * dist.get_world_size()
     dist.all_gather_object(states, acc.state())
     if dist.get_rank() != 0:

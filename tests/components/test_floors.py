@@ -175,6 +175,19 @@ def test_floor_metrics_on_a_real_lake_equal_scikit_learn(ratings_lake):
     assert result["user_mean"]["num_users_uauc_like"] > 0 and result["user_mean"]["like_uauc"] == 0.5
     assert result["user_mean"]["num_candidates"] == int(groups.cand_mask.sum())
     assert set(floors.floor_metrics(root, "valid")) == set(floors.FLOORS)
+    # Warm (rated before the run's valid cut-off) and cold candidates apart.
+    cutoff = int(lake.commit_metadata(inputs.samples.uri, inputs.samples.version)["valid_start_ts"])
+    items = inputs.items.read(["item_id", "item_idx"])
+    rated = {item for _, item, _, ts in ratings if ts < cutoff}
+    warm_idx = [i for i, raw in zip(items["item_idx"].to_pylist(), items["item_id"].to_pylist()) if raw in rated]
+    warm = np.isin(groups.cand_item_idx[groups.cand_mask], warm_idx)
+    assert 0 < warm.sum() < warm.size
+    popularity = result["item_popularity"]
+    assert popularity["num_candidates_warm"] == warm.sum() and popularity["num_candidates_cold"] == (~warm).sum()
+    for part, keep in (("warm", warm), ("cold", ~warm)):
+        expected_auc = roc_auc_score(labels[keep, 0], expected["item_popularity"][keep])
+        assert popularity[f"engage_auc_{part}"] == pytest.approx(expected_auc, nan_ok=True), part
+    assert math.isnan(popularity["like_logloss_warm"])  # a count is no probability, in any part
 
 
 # ----------------------------------------------------------------------------- errors

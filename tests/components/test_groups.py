@@ -185,3 +185,65 @@ def test_accept_draws_same_with_int32_and_int64_keys():
         expected.append(item not in seen)
         seen.add(item)
     assert narrow[row].tolist() == expected
+
+
+# ----------------------------------------------------------------------------- popularity as of the request
+def test_popularity_edges_sit_at_event_quantiles_by_hand():
+    ts = np.array([10, 10, 20, 30, 30, 30, 40, 90])  # 8 events
+    bins, counts = groups.ts_histogram(ts, 10, 0)
+    # K = 4: ranks 2, 4, 6 of the sorted times are 20, 30, 40 (one-second bins: exact quantiles).
+    np.testing.assert_array_equal(groups.popularity_edges(bins, counts, 10, 0, 4), [10, 20, 30, 40])
+    # K = 8: ranks 1..7 -> 10, 20, 30, 30, 30, 40, 90 (duplicates merge) after the first time 10.
+    np.testing.assert_array_equal(groups.popularity_edges(bins, counts, 10, 0, 8), [10, 20, 30, 40, 90])
+    # Coarse bins (shift 5: 32 s; bin 0 holds 10..41, bin 2 holds 74..105): an edge is the start
+    # of the bin holding its quantile, so ranks 1..6 give 10 and rank 7 (the time 90) gives 74.
+    bins, counts = groups.ts_histogram(ts, 10, 5)
+    np.testing.assert_array_equal(groups.popularity_edges(bins, counts, 10, 5, 8), [10, 74])
+    np.testing.assert_array_equal(groups.popularity_edges(bins, counts, 10, 5, 4), [10])
+
+
+def test_snapshots_count_the_events_before_each_edge_by_hand():
+    ts = np.array([10, 15, 20, 20, 35, 50])
+    items = np.array([2, 3, 2, 4, 3, 2])
+    edges = np.array([10, 20, 40])
+    # Two buckets' triples, summed by snapshot_counts.
+    parts = [groups.interval_counts(ts[:3], items[:3], edges), groups.interval_counts(ts[3:], items[3:], edges)]
+    merged = [np.concatenate(c) for c in zip(*parts)]
+    snaps = groups.snapshot_counts(*merged, edges, num_items=5)
+    np.testing.assert_array_equal(snaps.counts[0], [0, 0, 0, 0, 0])  # nothing before 10
+    np.testing.assert_array_equal(snaps.counts[1], [0, 0, 1, 1, 0])  # 10 (item 2), 15 (item 3)
+    np.testing.assert_array_equal(snaps.counts[2], [0, 0, 2, 2, 1])  # + 20 (2), 20 (4), 35 (3)
+    # A request samples from the last edge at or before it; before the first edge, snapshot 0.
+    np.testing.assert_array_equal(snaps.snapshot_of(np.array([5, 10, 19, 20, 39, 40, 99])), [0, 0, 0, 1, 1, 2, 2])
+
+
+def test_asof_sampler_is_the_plain_sampler_per_snapshot_and_batch_invariant():
+    rng = np.random.default_rng(5)
+    num_items, num_groups = 60, 400
+    counts = np.zeros((3, num_items + 2), np.int64)
+    counts[1, 2:30] = rng.integers(1, 20, 28)  # snapshot 1 knows items 2..29
+    counts[2] = counts[1]
+    counts[2, 30:] = rng.integers(1, 20, num_items - 28)  # snapshot 2 knows every item
+    snaps = groups.PopularitySnapshots(np.array([0, 100, 200]), counts)
+    gids, need, offsets, pos_items = _random_groups(rng, num_groups, num_items, max_pos=6, cands=16)
+    request_ts = rng.integers(0, 300, num_groups)
+    out = groups.sample_negatives_asof(gids, need, offsets, pos_items, request_ts, snaps, seed=9)
+    for g in range(0, num_groups, 7):
+        k = int(snaps.snapshot_of(request_ts[g : g + 1])[0])
+        alone = groups.sample_negatives(
+            gids[g : g + 1],
+            need[g : g + 1],
+            offsets[g : g + 2] - offsets[g],
+            pos_items[offsets[g] : offsets[g + 1]],
+            snaps.cdf(k),
+            seed=9,
+        )
+        assert out[g, : need[g]].tolist() == alone[0, : need[g]].tolist()
+    # Snapshot 1's groups never draw an item that snapshot 1 has not seen.
+    in_one = (request_ts >= 100) & (request_ts < 200)
+    assert (out[in_one][out[in_one] > 0] < 30).all() and (out[request_ts >= 200] >= 30).any()
+    half = slice(0, 200)
+    part = groups.sample_negatives_asof(
+        gids[half], need[half], offsets[:201], pos_items[: offsets[200]], request_ts[half], snaps, seed=9
+    )
+    np.testing.assert_array_equal(part, out[half][:, : part.shape[1]])

@@ -213,3 +213,31 @@ def test_compute_without_candidates_and_bad_states_fail_clearly():
         empty.compute()
     with pytest.raises(MetricsError, match="state 0 has keys"):
         MetricsAccumulator.from_states([{"logits": logits}])
+
+
+def test_warm_and_cold_candidates_get_their_own_metrics_by_hand():
+    # One group of user 7: warm slots 0, 1, 3 and cold slots 2, 4 (slot 5 padding).
+    logits = np.zeros((1, 6, 2), np.float32)
+    labels = np.zeros((1, 6, 2), np.int8)
+    logits[0, :5, 1] = [0.9, 0.1, 0.8, 0.5, 0.2]
+    labels[0, :5, 1] = [1, 0, 0, 1, 1]
+    labels[0, :5, 0] = 1  # every real slot engaged: engage AUCs are NaN (one class)
+    cand_mask = np.array([[True] * 5 + [False]])
+    warm = np.array([[True, True, False, True, False, True]])
+    acc = MetricsAccumulator()
+    acc.update(logits, labels, cand_mask, np.array([7]), warm)
+    metrics = acc.compute()
+    assert metrics["num_candidates_warm"] == 3 and metrics["num_candidates_cold"] == 2
+    # warm: liked 0.9, 0.5 vs disliked 0.1 -> 2 of 2 pairs; cold: liked 0.2 vs disliked 0.8 -> 0 of 1.
+    assert metrics["like_auc_warm"] == 1.0 and metrics["like_auc_cold"] == 0.0
+    assert metrics["like_uauc_warm"] == 1.0 and metrics["like_uauc_cold"] == 0.0
+    # all five: liked 0.9, 0.5, 0.2 vs disliked 0.1, 0.8 -> (2 + 1 + 1) of 6 pairs.
+    assert metrics["like_auc"] == pytest.approx(4 / 6)
+    assert math.isnan(metrics["engage_auc_warm"])
+    # The flags survive states; without them (any update lacking warm) no part is reported.
+    again = MetricsAccumulator.from_states([acc.state()]).compute()
+    assert again["like_auc_cold"] == 0.0
+    acc.update(logits, labels, cand_mask, np.array([8]))
+    assert "like_auc_warm" not in acc.compute()
+    with pytest.raises(MetricsError, match="warm must be"):
+        MetricsAccumulator().update(logits, labels, cand_mask, np.array([7]), warm[:, :3])

@@ -6,8 +6,11 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
+import torch
 
+from components import lake
 from components.checkpoint import load_model
 from components.collate import CollateConfig, collate_groups
 from components.metrics import MetricsAccumulator
@@ -36,12 +39,21 @@ def test_metrics_json_equals_scoring_the_split_directly(small_lake, trained, tmp
     rows = data.load_groups("test", report["max_seq_len"]).take_all()
     table = pa.Table.from_pylist(rows)
     batch = collate_groups(table, CollateConfig(max_seq_len=report["max_seq_len"]))
+    # Warm: the candidate item has an event before the valid cut-off (read here from the events).
+    events = lake.read_table(lake.table_uri(small_lake, "events"))
+    items = lake.read_table(lake.table_uri(small_lake, "items"))
+    train_ids = events.filter(pc.less(events["ts"], data.valid_start_ts))["item_id"]
+    warm_idx = items.filter(pc.is_in(items["item_id"], train_ids))["item_idx"].to_numpy()
+    warm = torch.from_numpy(np.isin(batch.cand_item.numpy(), warm_idx))
     acc = MetricsAccumulator()
-    acc.update(model(batch).logits.detach(), batch.labels, batch.cand_mask, table.column("user_id").to_numpy())
+    users = table.column("user_id").to_numpy()
+    acc.update(model(batch).logits.detach(), batch.labels, batch.cand_mask, users, warm)
     expected = acc.compute()
     assert report["num_groups"] == table.num_rows == data.split_rows["test"]
-    for key in KEYS:
-        assert report["metrics"][key] == pytest.approx(expected[key], abs=1e-5), key
+    parts = {f"{k}_{part}" for k in ("like_auc", "like_uauc", "engage_auc") for part in ("warm", "cold")}
+    for key in KEYS | parts | {"num_candidates_warm", "num_candidates_cold"}:
+        assert report["metrics"][key] == pytest.approx(expected[key], abs=1e-5, nan_ok=True), key
+    assert 0 < report["metrics"]["num_candidates_cold"] < report["metrics"]["num_candidates"]
     assert report["metrics"]["num_candidates"] == int(batch.cand_mask.sum())
 
 

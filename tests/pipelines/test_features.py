@@ -13,6 +13,7 @@ from components.ingest_runs import RUN_ID_KEY, new_run_id, write_ingest_tables
 from components.item_features import item_arrays
 from components.lake import SAMPLES_SCHEMA, SEQUENCES_SCHEMA, LakeConfig
 from components.sequence_join import resolve_sequences
+from components.training_data import item_train_counts, pin_training_data
 from components.transforms import action_bucket
 from pipelines.bench_data import compare_lakes, synthetic_lake
 from pipelines.config import FeaturesConfig, PipelineConfig, validate_features_config
@@ -66,8 +67,16 @@ def _items_table() -> pa.Table:
 
 def _hand_context(cutoffs: groups.TimeCutoffs) -> BucketContext:
     items = item_arrays(_items_table(), HAND_CFG.tags_per_item)
-    counts = np.ones(ITEM_IDS.size + 2, np.int64)
-    return BucketContext(features=HAND_CFG, **items, negative_cdf=groups.negative_cdf(counts), cutoffs=cutoffs)
+    flat = groups.PopularitySnapshots(np.array([0]), np.ones((1, ITEM_IDS.size + 2), np.int64))
+    return BucketContext(features=HAND_CFG, **items, popularity=flat, cutoffs=cutoffs)
+
+
+def _snapshots(edges: list[int], seen: list[list[int]]) -> groups.PopularitySnapshots:
+    """Hand-built snapshots: ``seen[k]`` lists the item_idx of every event before ``edges[k]``."""
+    counts = np.zeros((len(edges), ITEM_IDS.size + 2), np.int64)
+    for k, items in enumerate(seen):
+        np.add.at(counts[k], items, 1)
+    return groups.PopularitySnapshots(np.array(edges, np.int64), counts)
 
 
 def _events(rows) -> pa.Table:
@@ -127,12 +136,14 @@ def test_bucket_build_equals_reference_on_hand_events():
     ref_seq, ref_samples = reference_tables(
         events.append_column("bucket", pa.array([3] * 8, pa.int32())), _items_table(), HAND_USERS, HAND_CFG
     )
-    counts = np.zeros(ITEM_IDS.size + 2, np.int64)
-    np.add.at(counts, [3, 2, 4, 5, 1, 8], 1)  # popularity of the train-period events (ts < 5010) by item_idx
-    # Default fractions: ranks floor(8 * 0.8) = 6 and floor(8 * 0.9) = 7 of the sorted times -> 5010, 5010.
-    ctx = BucketContext(
-        **{**_hand_context(groups.TimeCutoffs(5010, 5010)).__dict__, "negative_cdf": groups.negative_cdf(counts)}
+    # 64 snapshots of 8 events: an edge at every distinct time (the histogram's bins are single
+    # seconds here), each counting the events before it by item_idx (item 99 is OOV, idx 1).
+    popularity = _snapshots(
+        [100, 110, 300, 4000, 5000, 5010],
+        [[], [3, 2], [3, 2, 4], [3, 2, 4, 1], [3, 2, 4, 1, 8], [3, 2, 4, 1, 8, 5]],
     )
+    # Default fractions: ranks floor(8 * 0.8) = 6 and floor(8 * 0.9) = 7 of the sorted times -> 5010, 5010.
+    ctx = BucketContext(**{**_hand_context(groups.TimeCutoffs(5010, 5010)).__dict__, "popularity": popularity})
     sequences, samples = build_bucket(events, HAND_USERS, 3, ctx)
     assert sequences.equals(ref_seq.sort_by("user_id"))
     assert samples.sort_by("group_id").equals(ref_samples.sort_by("group_id"))
@@ -152,15 +163,12 @@ STRADDLE_CFG = FeaturesConfig(
 STRADDLE_TS = [0, *range(1000, 1120, 10)]
 
 
-def test_chunks_never_cross_a_split_cutoff_and_negatives_use_train_popularity():
+def test_chunks_never_cross_a_split_cutoff_and_negatives_use_popularity_as_of_the_request():
     events = _events([(7, t, int(item), 3.0) for t, item in zip(STRADDLE_TS, ITEM_IDS)])
     cutoffs = groups.TimeCutoffs(valid_start_ts=1030, test_start_ts=1070)
-    train_idx = [2, 3, 4, 5]  # items of the events before 1030 (item_idx = 2 + position)
-    counts = np.zeros(ITEM_IDS.size + 2, np.int64)
-    counts[train_idx] = 1
-    ctx = BucketContext(
-        **{**_hand_context(cutoffs).__dict__, "features": STRADDLE_CFG, "negative_cdf": groups.negative_cdf(counts)}
-    )
+    # 13 events, 64 snapshots: an edge at every event, counting the items before it (idx 2 + position).
+    popularity = _snapshots(STRADDLE_TS, [list(range(2, 2 + k)) for k in range(len(STRADDLE_TS))])
+    ctx = BucketContext(**{**_hand_context(cutoffs).__dict__, "features": STRADDLE_CFG, "popularity": popularity})
     _, samples = build_bucket(events, HAND_USERS, 0, ctx)
     # Without the split rule the chunks would be [1000..1030] (train, with a valid positive) and
     # [1040..1070] (valid, with a test positive).
@@ -172,8 +180,13 @@ def test_chunks_never_cross_a_split_cutoff_and_negatives_use_train_popularity():
         pos_ts = np.array([ts_of_idx[i] for i in row["cand_item_idx"][:n_pos]])
         assert pos_ts.min() == row["request_ts"]
         assert all(groups.SPLITS[int(t >= 1030) + int(t >= 1070)] == row["split"] for t in pos_ts), row
-        # negatives come from train-period popularity only: never an item first seen after 1030
-        assert set(row["cand_item_idx"][n_pos:]) <= set(train_idx)
+        # negatives come from popularity as of the request: only items with an event before it
+        seen_before = {i for i, t in ts_of_idx.items() if t < row["request_ts"]}
+        assert set(row["cand_item_idx"][n_pos:]) <= seen_before, row
+    # ... so items first seen in the valid period are negatives of test requests (cold items are
+    # negatives as their exposure says, not never).
+    test_negatives = {i for r in samples.to_pylist() if r["split"] == "test" for i in r["cand_item_idx"][4:]}
+    assert test_negatives & {ts_idx for ts_idx, t in ts_of_idx.items() if 1030 <= t < 1070}
     bucketed = events.append_column("bucket", pa.array([0] * len(STRADDLE_TS), pa.int32()))
     _, ref_samples = reference_tables(bucketed, _items_table(), HAND_USERS, STRADDLE_CFG)
     assert samples.sort_by("group_id").equals(ref_samples.sort_by("group_id"))
@@ -220,12 +233,27 @@ def test_ray_job_equals_reference_and_has_no_leakage(ray_session, synthetic_root
         info = lake.commit_metadata(lake.table_uri(synthetic_root, name))
         assert info["job_id"] == summary["job_id"] and info["max_seq_len"] == str(config.features.max_seq_len)
         assert info["events_version"] == str(summary["events_version"]) and info["candidates_per_group"] == "16"
-    # Negatives come from train-period popularity: never an item seen only at/after valid_start_ts.
+        assert info["valid_start_ts"] == str(summary["valid_start_ts"])
+        assert info["test_start_ts"] == str(summary["test_start_ts"])
+    # Negatives follow popularity as of the request: every negative is an item with an event
+    # before the group's request (past the first snapshot, which has no counts and is uniform).
     items = lake.read_table(lake.table_uri(synthetic_root, "items"))
-    train_items = events.filter(pc.less(events["ts"], summary["valid_start_ts"]))["item_id"]
-    train_idx = set(items.filter(pc.is_in(items["item_id"], train_items))["item_idx"].to_pylist())
-    for cands, engage in zip(samples["cand_item_idx"].to_pylist(), samples["label_engage"].to_pylist()):
-        assert set(cands[sum(engage) :]) <= train_idx
+    idx_of = dict(zip(items["item_id"].to_pylist(), items["item_idx"].to_pylist()))
+    first_seen: dict[int, int] = {}
+    for item, t in sorted(zip(events["item_id"].to_pylist(), events["ts"].to_pylist()), key=lambda p: p[1]):
+        first_seen.setdefault(idx_of[item], t)
+    checked = 0
+    for row in samples.select(["request_ts", "cand_item_idx", "label_engage", "split"]).to_pylist():
+        if row["request_ts"] <= ts[ts.size // 64]:
+            continue
+        negatives = row["cand_item_idx"][sum(row["label_engage"]) :]
+        assert all(first_seen[i] < row["request_ts"] for i in negatives), row
+        checked += 1
+    assert checked > samples.num_rows // 2
+    # Train-period counts per item_idx (the warm mask of evaluation), against the events.
+    train_events = events.filter(pc.less(events["ts"], summary["valid_start_ts"]))["item_id"].to_pylist()
+    expected = np.bincount([idx_of[i] for i in train_events], minlength=len(idx_of) + 2)
+    np.testing.assert_array_equal(item_train_counts(pin_training_data(synthetic_root)), expected)
     resolved = resolve_sequences(samples, sequences, max_seq_len=10**6)
     for row in resolved.slice(0, 300).to_pylist():
         user_ts = events.filter(pc.equal(events["user_id"], row["user_id"]))["ts"].to_numpy()

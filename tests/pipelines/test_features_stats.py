@@ -41,13 +41,19 @@ def test_global_stats_equal_a_full_scan(ray_session, tmp_path, fracs):
     rows = lake.read_table(events.uri)
     all_ts, all_items = rows["ts"].to_numpy(), rows["item_id"].to_numpy()
     assert stats.cutoffs == reference_cutoffs(all_ts, cfg)
-    train = all_ts < stats.cutoffs.valid_start_ts
-    expected_ids, expected_counts = np.unique(all_items[train], return_counts=True)
-    np.testing.assert_array_equal(stats.item_ids, expected_ids)
-    np.testing.assert_array_equal(stats.item_counts, expected_counts)
+    # Popularity edges from the full histogram; the buckets' interval counts summed into the
+    # snapshots equal a direct count of the events before every edge (raw ids 5..29 as indices).
+    shift = groups.histogram_shift(ts.min(), ts.max())
+    hist = groups.ts_histogram(all_ts, ts.min(), shift)
+    np.testing.assert_array_equal(
+        stats.edges, groups.popularity_edges(*hist, ts.min(), shift, cfg.popularity_snapshots)
+    )
+    assert 1 < stats.edges.size <= cfg.popularity_snapshots
+    snaps = groups.snapshot_counts(*stats.intervals, stats.edges, num_items=30)
+    for k, edge in enumerate(stats.edges):
+        np.testing.assert_array_equal(snaps.counts[k], np.bincount(all_items[all_ts < edge], minlength=30))
     assert (stats.num_events, stats.ts_min, stats.ts_max) == (ts.size, ts.min(), ts.max())
-    if fracs == (0.1, 0.1):  # the case the fused round settles on the driver: events on both sides
-        shift = groups.histogram_shift(ts.min(), ts.max())
+    if fracs == (0.1, 0.1):  # the cut-off's bin holds events on both sides of it
         bin_of = lambda t: (t - ts.min()) >> shift  # noqa: E731
         same_bin = bin_of(all_ts) == bin_of(stats.cutoffs.valid_start_ts)
         assert shift > 0 and (all_ts[same_bin] < stats.cutoffs.valid_start_ts).any()
