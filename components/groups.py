@@ -174,7 +174,8 @@ class PopularitySnapshots:
     a negative as soon as it has exposure, as it would in a served slate), never by counts that
     include the group's own period of events. Edges sit at event-count quantiles (bin starts of
     the global ts histogram, :func:`popularity_edges`), so a request's snapshot lags it by at
-    most ~1/K of all events.
+    most ~1/K of all events. With a trailing window (``features.popularity_window`` intervals)
+    the counts are those of the recent events only: exposure now, not since the catalogue began.
     """
 
     edges: np.ndarray  # (K,) int64 ascending; edges[0] = the first event's ts
@@ -217,13 +218,21 @@ def interval_counts(ts: np.ndarray, items: np.ndarray, edges: np.ndarray) -> tup
 
 
 def snapshot_counts(
-    intervals: np.ndarray, item_idx: np.ndarray, counts: np.ndarray, edges: np.ndarray, num_items: int
+    intervals: np.ndarray,
+    item_idx: np.ndarray,
+    counts: np.ndarray,
+    edges: np.ndarray,
+    num_items: int,
+    window: int = 0,
 ) -> PopularitySnapshots:
-    """(interval, item_idx, count) triples -> snapshots: row k sums the intervals before k."""
+    """(interval, item_idx, count) triples -> snapshots: row k sums the ``window`` intervals
+    before k (0: every interval before k)."""
     per_interval = np.zeros((edges.size, num_items), np.int64)
     np.add.at(per_interval, (np.asarray(intervals, np.int64), np.asarray(item_idx, np.int64)), counts)
     before = np.zeros_like(per_interval)
     np.cumsum(per_interval[:-1], axis=0, out=before[1:])
+    if 0 < window < edges.size:
+        before[window:] -= before[:-window].copy()
     return PopularitySnapshots(np.asarray(edges, np.int64), before)
 
 

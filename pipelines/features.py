@@ -158,6 +158,7 @@ def build_context(items: pa.Table, cfg: FeaturesConfig, stats: EventStats) -> Bu
         counts,
         stats.edges,
         arrays["genre_mask"].size,
+        cfg.popularity_window,
     )
     return BucketContext(features=cfg, **arrays, popularity=popularity, cutoffs=stats.cutoffs)
 

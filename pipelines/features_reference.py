@@ -92,7 +92,12 @@ def popularity_snapshots(ev: pl.DataFrame, num_idx: int, cfg: FeaturesConfig) ->
     interval = np.maximum(np.searchsorted(edges, ts, side="right") - 1, 0)
     counts = ev.select("item_idx").with_columns(interval=pl.Series(interval)).group_by("interval", "item_idx").len()
     return groups.snapshot_counts(
-        counts["interval"].to_numpy(), counts["item_idx"].to_numpy(), counts["len"].to_numpy(), edges, num_idx
+        counts["interval"].to_numpy(),
+        counts["item_idx"].to_numpy(),
+        counts["len"].to_numpy(),
+        edges,
+        num_idx,
+        cfg.popularity_window,
     )
 
 

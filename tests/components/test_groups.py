@@ -213,6 +213,10 @@ def test_snapshots_count_the_events_before_each_edge_by_hand():
     np.testing.assert_array_equal(snaps.counts[0], [0, 0, 0, 0, 0])  # nothing before 10
     np.testing.assert_array_equal(snaps.counts[1], [0, 0, 1, 1, 0])  # 10 (item 2), 15 (item 3)
     np.testing.assert_array_equal(snaps.counts[2], [0, 0, 2, 2, 1])  # + 20 (2), 20 (4), 35 (3)
+    # A trailing window of one interval counts only the interval just before each edge.
+    recent = groups.snapshot_counts(*merged, edges, num_items=5, window=1)
+    np.testing.assert_array_equal(recent.counts[1], [0, 0, 1, 1, 0])  # 10 (2), 15 (3)
+    np.testing.assert_array_equal(recent.counts[2], [0, 0, 1, 1, 1])  # 20 (2), 20 (4), 35 (3)
     # A request samples from the last edge at or before it; before the first edge, snapshot 0.
     np.testing.assert_array_equal(snaps.snapshot_of(np.array([5, 10, 19, 20, 39, 40, 99])), [0, 0, 0, 1, 1, 2, 2])
 

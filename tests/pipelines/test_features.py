@@ -166,8 +166,10 @@ STRADDLE_TS = [0, *range(1000, 1120, 10)]
 def test_chunks_never_cross_a_split_cutoff_and_negatives_use_popularity_as_of_the_request():
     events = _events([(7, t, int(item), 3.0) for t, item in zip(STRADDLE_TS, ITEM_IDS)])
     cutoffs = groups.TimeCutoffs(valid_start_ts=1030, test_start_ts=1070)
-    # 13 events, 64 snapshots: an edge at every event, counting the items before it (idx 2 + position).
-    popularity = _snapshots(STRADDLE_TS, [list(range(2, 2 + k)) for k in range(len(STRADDLE_TS))])
+    # 13 events, 64 snapshots: an edge at every event, each counting the items of the 8 events
+    # before it (the default trailing window; item_idx = 2 + position).
+    window = STRADDLE_CFG.popularity_window
+    popularity = _snapshots(STRADDLE_TS, [list(range(2 + max(0, k - window), 2 + k)) for k in range(len(STRADDLE_TS))])
     ctx = BucketContext(**{**_hand_context(cutoffs).__dict__, "features": STRADDLE_CFG, "popularity": popularity})
     _, samples = build_bucket(events, HAND_USERS, 0, ctx)
     # Without the split rule the chunks would be [1000..1030] (train, with a valid positive) and
@@ -180,8 +182,9 @@ def test_chunks_never_cross_a_split_cutoff_and_negatives_use_popularity_as_of_th
         pos_ts = np.array([ts_of_idx[i] for i in row["cand_item_idx"][:n_pos]])
         assert pos_ts.min() == row["request_ts"]
         assert all(groups.SPLITS[int(t >= 1030) + int(t >= 1070)] == row["split"] for t in pos_ts), row
-        # negatives come from popularity as of the request: only items with an event before it
+        # negatives come from popularity as of the request: only items of the 8 events before it
         seen_before = {i for i, t in ts_of_idx.items() if t < row["request_ts"]}
+        seen_before = set(sorted(seen_before)[-window:])
         assert set(row["cand_item_idx"][n_pos:]) <= seen_before, row
     # ... so items first seen in the valid period are negatives of test requests (cold items are
     # negatives as their exposure says, not never).
