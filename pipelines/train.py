@@ -84,8 +84,14 @@ class TrainSummary:
             f"  W&B run:    {self.wandb or '(tracking off: WANDB_MODE=disabled)'}",
         ]
         shown = {k[len("valid/") :]: v for k, v in self.best_valid.items() if not k.startswith("valid/num_")}
-        if shown:
-            lines.append("  best valid: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())))
+        whole = {k: v for k, v in shown.items() if not k.endswith(("_warm", "_cold"))}
+        if whole:
+            lines.append("  best valid: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(whole.items())))
+        parts = {
+            k: shown[k] for k in ("like_auc_warm", "like_auc_cold", "engage_auc_warm", "engage_auc_cold") if k in shown
+        }
+        if parts:  # the rest of the warm/cold metrics are in the history and W&B
+            lines.append("  best valid, warm and cold items: " + ", ".join(f"{k}={v:.4f}" for k, v in parts.items()))
         return "\n".join(lines)
 
 
