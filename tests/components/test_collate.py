@@ -7,7 +7,6 @@ import pyarrow as pa
 import pytest
 import torch
 
-from components import transforms
 from components.collate import CollateConfig, CollateError, GroupCollateFn, collate_groups
 
 
@@ -34,9 +33,27 @@ def test_sequences_left_padded_most_recent_last():
     assert batch.seq_item.tolist() == [[5, 6, 7], [0, 0, 9]]
     assert batch.seq_action.tolist() == [[8, 10, 2], [0, 0, 4]]
     assert batch.seq_len.tolist() == [3, 1]
-    expected_gap = transforms.gap_bucket(np.array([1000, 1000, 1000]), np.array([10, 500, 999]))
-    assert batch.seq_gap[0].tolist() == expected_gap.tolist()
-    assert batch.seq_gap[1, :2].tolist() == [0, 0]
+    # By hand, floor(log2(gap + 1)) + 1: gaps 990, 500 and 1 s -> 10, 9, 2; 1000 s -> 10.
+    assert batch.seq_gap.tolist() == [[10, 9, 2], [0, 0, 10]]
+
+
+def test_user_dense_features_by_hand():
+    # [log1p(history size) / 10, mean action / 10, gap bucket of the MOST RECENT event / 32]
+    batch = collate_groups(_rows())
+    expected = [[np.log1p(3) / 10, (8 + 10 + 2) / 3 / 10, 2 / 32], [np.log1p(1) / 10, 4 / 10, 10 / 32]]
+    np.testing.assert_allclose(batch.user_dense.numpy(), expected, rtol=1e-6)
+    # Truncation to the last 2 events changes every feature the same way serving would.
+    short = collate_groups(_rows(), CollateConfig(max_seq_len=2))
+    np.testing.assert_allclose(short.user_dense[0].numpy(), [np.log1p(2) / 10, (10 + 2) / 2 / 10, 2 / 32], rtol=1e-6)
+
+
+def test_candidate_side_features_by_hand():
+    batch = collate_groups(_rows())
+    # Five-year buckets from 1900 (1995 -> 20, 2001 -> 21, 2010 -> 23, 1960 -> 13), 0 = unknown/padding.
+    assert batch.cand_year.tolist() == [[20, 0, 0], [21, 23, 13]]
+    # Genre bit masks 1, 2 | 4, 0, 3 -> genres {0}, {1} | {2}, {}, {0, 1}.
+    genres = [[sorted(np.flatnonzero(g).tolist()) for g in row] for row in batch.cand_genres.numpy()]
+    assert genres == [[[0], [1], []], [[2], [], [0, 1]]]
 
 
 def test_truncation_keeps_most_recent_events():
@@ -54,7 +71,6 @@ def test_candidates_padded_with_mask_and_labels():
     assert batch.labels[..., 1].tolist() == [[1, 0, 0], [0, 1, 0]]
     assert batch.cand_tags.tolist() == [[[2, 0], [3, 4], [0, 0]], [[5, 0], [0, 0], [6, 7]]]
     assert batch.cand_genres[0, 1].tolist()[:3] == [0.0, 1.0, 0.0]
-    assert batch.cand_year[0].tolist() == transforms.year_bucket(np.array([1995, 0, 0])).tolist()
 
 
 def test_fixed_padding_and_dtypes():
