@@ -118,3 +118,11 @@ def test_first_row_without_candidates_is_fine():
     batch = collate_groups(rows)
     assert batch.cand_mask[0].tolist() == [False, False, False]
     assert batch.cand_tags.shape == (3, 3, 2)
+
+
+def test_action_buckets_by_hand():
+    from components.transforms import action_bucket
+
+    # Half-star ratings map to 1..10; anything else is clipped into 1..11 (NaN: 11, "other").
+    values = np.array([0.5, 1.0, 4.5, 5.0, 0.0, 7.0, np.nan, -3.0])
+    assert action_bucket(values).tolist() == [1, 2, 9, 10, 1, 11, 11, 1]

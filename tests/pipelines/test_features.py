@@ -14,7 +14,6 @@ from components.item_features import item_arrays
 from components.lake import SAMPLES_SCHEMA, SEQUENCES_SCHEMA, LakeConfig
 from components.sequence_join import resolve_sequences
 from components.training_data import item_train_counts, pin_training_data
-from components.transforms import action_bucket
 from pipelines.bench_data import compare_lakes, synthetic_lake
 from pipelines.config import FeaturesConfig, PipelineConfig, validate_features_config
 from pipelines.features import (
@@ -98,7 +97,7 @@ def test_hand_built_sequences_and_groups():
     seq = sequences.to_pylist()
     # time order, ties by item_id (5 before 10 at ts 100); item 99 is out of vocabulary (1).
     assert seq[0]["item_idx"] == [2, 3, 4, 5, 6, 7] and seq[0]["ts"] == [100, 100, 110, 5000, 5010, 5010]
-    assert seq[0]["action"] == action_bucket(np.array([2.0, 4.0, 5.0, 1.0, 4.5, 3.0])).tolist()
+    assert seq[0]["action"] == [4, 8, 10, 2, 9, 6]  # ratings 2, 4, 5, 1, 4.5, 3 in half steps
     assert seq[1]["item_idx"] == [1, 8] and seq[0]["bucket"] == 3
     # Rows come grouped by split (the writer slices them per split), then by user and time.
     assert samples["split"].to_pylist() == ["train", "train", "valid", "valid"]
