@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from components.collate import CollateConfig, CollateError, GroupCollateFn, collate_groups
+from components.transforms import action_bucket
 
 
 def _rows() -> pa.Table:
@@ -121,8 +122,6 @@ def test_first_row_without_candidates_is_fine():
 
 
 def test_action_buckets_by_hand():
-    from components.transforms import action_bucket
-
     # Half-star ratings map to 1..10; anything else is clipped into 1..11 (NaN: 11, "other").
     values = np.array([0.5, 1.0, 4.5, 5.0, 0.0, 7.0, np.nan, -3.0])
     assert action_bucket(values).tolist() == [1, 2, 9, 10, 1, 11, 11, 1]
