@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 from components import lake
 from components.metrics import TASKS, MetricsAccumulator
 from components.sequence_join import pinned_versions
+from components.training_data import pin_training_data, warm_items
 
 logger = logging.getLogger(__name__)
 
@@ -235,15 +236,12 @@ def score_metrics(floor: FloorScores, groups: SplitGroups, cand_warm: np.ndarray
     return metrics
 
 
-def warm_candidates(inputs: FloorInputs, groups: SplitGroups) -> np.ndarray | None:
-    """(B, N) bool: the candidate item has events before the run's valid cut-off (docs/DATA.md);
-    None when the features run recorded no cut-off."""
-    info = lake.commit_metadata(inputs.samples.uri, inputs.samples.version, inputs.samples.storage_options)
-    if "valid_start_ts" not in info:
-        return None
-    train = read_history(inputs.events, inputs.items, int(info["valid_start_ts"]))
-    counts = np.bincount(train.item_idx, minlength=int(groups.cand_item_idx.max(initial=0)) + 1)
-    return counts[groups.cand_item_idx] > 0
+def warm_candidates(root: str, inputs: FloorInputs, groups: SplitGroups) -> np.ndarray | None:
+    """(B, N) bool: the candidate item is warm (components.training_data.warm_items); None when
+    the features run recorded no cut-off."""
+    data = pin_training_data(root, inputs.samples.storage_options, inputs.samples.version)
+    warm = warm_items(data)
+    return None if warm is None else warm[groups.cand_item_idx]
 
 
 def floor_metrics(
@@ -261,5 +259,5 @@ def floor_metrics(
         history.value.size,
         groups.start_ts,
     )
-    warm = warm_candidates(inputs, groups)
+    warm = warm_candidates(root, inputs, groups)
     return {floor.name: score_metrics(floor, groups, warm) for floor in floor_scores(history, groups)}

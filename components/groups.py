@@ -183,11 +183,16 @@ class PopularitySnapshots:
 
     def snapshot_of(self, ts: np.ndarray) -> np.ndarray:
         """Index of the snapshot each request time ``ts`` samples from (the last edge <= ts)."""
-        return np.maximum(np.searchsorted(self.edges, np.asarray(ts, np.int64), side="right") - 1, 0)
+        return _last_edge(self.edges, ts)
 
     def cdf(self, k: int) -> np.ndarray:
         """The sampling cdf of snapshot ``k`` (:func:`negative_cdf`)."""
         return negative_cdf(self.counts[k])
+
+
+def _last_edge(edges: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Index of the last edge <= each time (0 before the first edge)."""
+    return np.maximum(np.searchsorted(edges, np.asarray(ts, np.int64), side="right") - 1, 0)
 
 
 def popularity_edges(bins: np.ndarray, counts: np.ndarray, ts_min: int, shift: int, num_snapshots: int) -> np.ndarray:
@@ -212,7 +217,7 @@ def interval_counts(ts: np.ndarray, items: np.ndarray, edges: np.ndarray) -> tup
     items may be raw ids or vocabulary indices; :func:`snapshot_counts` sums such triples (of
     any number of buckets) into the cumulative snapshots.
     """
-    interval = np.maximum(np.searchsorted(edges, np.asarray(ts, np.int64), side="right") - 1, 0)
+    interval = _last_edge(edges, ts)
     pairs, counts = np.unique(np.stack([interval, np.asarray(items, np.int64)]), axis=1, return_counts=True)
     return pairs[0], pairs[1], counts
 

@@ -135,6 +135,13 @@ def item_train_counts(data: TrainingData) -> np.ndarray | None:
     return np.bincount(items[ts < data.valid_start_ts], minlength=data.vocabulary.item_vocab).astype(np.int64)
 
 
+def warm_items(data: TrainingData) -> np.ndarray | None:
+    """(item_vocab,) bool, True for items with events before the valid period: the one definition
+    of a warm item (docs/DATA.md) that evaluation, validation and the floors share."""
+    counts = item_train_counts(data)
+    return None if counts is None else counts > 0
+
+
 def resolved_model(config: ModelConfig, data: TrainingData) -> ModelConfig:
     """``config`` with the vocabulary sizes of the pinned lake (the tables must fit the ids)."""
     vocab = data.vocabulary

@@ -34,7 +34,7 @@ from components.checkpoint import (
 from components.collate import CollateConfig, collate_groups
 from components.metrics import MetricsAccumulator
 from components.tracking import Tracker
-from components.training_data import item_train_counts, pin_training_data
+from components.training_data import pin_training_data, warm_items
 from models.batch import GroupBatch
 from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig
@@ -163,8 +163,7 @@ def run_evaluate(config: PipelineConfig) -> tuple[EvalReport, str]:
     if data.split_rows.get(cfg.split, 0) == 0:
         raise EvaluateError(f"split {cfg.split!r} of samples version {data.samples_version} has no groups")
     max_seq_len = int(meta.train.get("max_seq_len") or data.max_seq_len)
-    train_counts = item_train_counts(data)
-    warm_items = None if train_counts is None else train_counts > 0
+    warm = warm_items(data)
     logger.info(
         "evaluating %s (%s, step %d) on %s: %d groups",
         path,
@@ -175,7 +174,7 @@ def run_evaluate(config: PipelineConfig) -> tuple[EvalReport, str]:
     )
     with warnings.catch_warnings():  # the deprecation below names Ray 2.64, which has the named parameter
         warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
-        scored = _scored(data.load_groups(cfg.split, max_seq_len), cfg, path, max_seq_len, options, warm_items)
+        scored = _scored(data.load_groups(cfg.split, max_seq_len), cfg, path, max_seq_len, options, warm)
     parts = list(scored.iter_batches(batch_format="numpy", batch_size=None))
     rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
     if not rows:

@@ -33,7 +33,7 @@ from components import lake
 from components.collate import CollateConfig, collate_groups
 from components.metrics import MetricsAccumulator
 from components.sequence_join import SEQUENCE_COLUMNS, resolve_sequences
-from components.training_data import TrainingData, item_train_counts, pin_training_data, resolved_model
+from components.training_data import TrainingData, pin_training_data, resolved_model, warm_items
 from models.batch import GroupBatch
 from models.task import RankingTask
 from models.variants import build_model
@@ -74,14 +74,13 @@ def load_split(data: TrainingData, split: str, max_seq_len: int) -> pa.Table:
     return resolve_sequences(rows, sequences.read(["user_id", *SEQUENCE_COLUMNS]), max_seq_len)
 
 
-def warm_items(data: TrainingData, valid: pa.Table) -> np.ndarray:
-    """(item_vocab,) bool, True for items with events before the valid period. A lake that records
-    no cut-off (features runs before it was recorded) is given the first valid request's time."""
-    counts = item_train_counts(data)
-    if counts is None:
-        start = pc.min(valid["request_ts"]).as_py()
-        counts = item_train_counts(dataclasses.replace(data, valid_start_ts=start))
-    return counts > 0
+def warm_mask(data: TrainingData, valid: pa.Table) -> np.ndarray:
+    """:func:`components.training_data.warm_items`; a lake that records no cut-off (features runs
+    before it was recorded) is given the first valid request's time."""
+    warm = warm_items(data)
+    if warm is None:
+        warm = warm_items(dataclasses.replace(data, valid_start_ts=pc.min(valid["request_ts"]).as_py()))
+    return warm
 
 
 @torch.no_grad()
@@ -116,7 +115,7 @@ def train_reference(config: PipelineConfig, spec: ReferenceSpec) -> dict:
     started = time.perf_counter()
     max_seq_len = config.train.max_seq_len or data.max_seq_len
     splits = {s: load_split(data, s, max_seq_len) for s in ("train", "valid", "test")}
-    warm = warm_items(data, splits["valid"])
+    warm = warm_mask(data, splits["valid"])
     logger.info(
         "reference: %s groups train/valid/test %s, %d warm items, loaded in %.1f s",
         config.model.variant,

@@ -41,7 +41,7 @@ from components.checkpoint import (
     run_dir,
 )
 from components.config_loader import to_dict
-from components.training_data import TrainingData, item_train_counts, pin_training_data, resolved_model
+from components.training_data import TrainingData, pin_training_data, resolved_model, warm_items
 from models.variants import ModelConfig
 from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig, TrainConfig
@@ -145,7 +145,6 @@ def build_spec(
     total = per_epoch * t.epochs if not t.max_steps else min(t.max_steps, per_epoch * t.epochs)
     valid_rows = data.split_rows["valid"] // world
     valid_batches = math.ceil(valid_rows / t.batch_size) if t.valid_every_epoch and valid_rows else 0
-    train_counts = item_train_counts(data) if valid_batches else None
     return LoopSpec(
         model=to_dict(model),
         train=t,
@@ -162,7 +161,7 @@ def build_spec(
         resume_path=plan.resume_path,
         storage_options=dict(config.lake.storage_options),
         extra_config={"samples_version": data.samples_version, "lake_root": data.lake_root},
-        warm_items=None if train_counts is None else train_counts > 0,
+        warm_items=warm_items(data) if valid_batches else None,
     )
 
 

@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 
 from components import lake
 from components.training_data import pin_training_data
-from pipelines.reference_train import load_split, main, warm_items
+from pipelines.reference_train import load_split, main, warm_mask
 from tests.small_runs import TINY_MODEL, lake_args
 
 
@@ -33,7 +33,7 @@ def test_reference_loop_trains_and_reports_the_best_valid_epoch(small_lake, tmp_
 
 def test_warm_items_are_the_items_seen_before_the_valid_cutoff(small_lake):
     data = pin_training_data(small_lake)
-    warm = warm_items(data, load_split(data, "valid", 8))
+    warm = warm_mask(data, load_split(data, "valid", 8))
     assert data.valid_start_ts is not None  # the features run recorded its cut-off
     events = lake.read_table(lake.table_uri(small_lake, "events"))
     items = lake.read_table(lake.table_uri(small_lake, "items"))
