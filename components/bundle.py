@@ -7,14 +7,17 @@
                                 and the sha256 and size of every other file
     weights.safetensors         consolidated fp32 state dict of the trained model (no pickle)
     weights_w8a16.safetensors   optional: the W8A16 model's state dict (int8 weights + scales)
-    items.parquet               item_id -> item_idx, genre_mask, year, tag_ids (the vocabulary
-                                and the candidate features, at the items version trained on)
-    users.parquet               user_id -> user_idx
+    items.parquet               item_id -> item_idx, embedding_row, genre_mask, year, tag_ids
+                                (the vocabulary and the candidate features, at the items
+                                version trained on; ``embedding_row`` is the table row the id
+                                reads: the shared OOV row for rare ids, models/id_rows.py)
+    users.parquet               user_id -> user_idx, embedding_row
 
 ``model_version`` is a content hash (sha256 over the manifest's files and the model config),
 so two exports of the same checkpoint have the same version and any change gets a new one:
 the user-side cache keys on it. Loading checks every piece (format, files present, sizes and
-hashes, vocabulary sizes against the model's tables, every weight's name and shape) and names
+hashes, vocabulary sizes against the model's tables, every weight's name and shape, the
+vocabularies' embedding rows against the model's rare-id map) and names
 what is missing or mismatched. A bundle is written into a temporary sibling folder and moved
 into place, so a reader never sees half of one. On an object store (``s3://``, ``gs://``) a
 bundle is published file by file with ``bundle.json`` last, and read through a local cache
@@ -31,6 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -38,8 +42,9 @@ from torch import nn
 
 from components import object_store
 from components.json_record import parse_record
+from models.id_rows import model_id_rows
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2  # 2: vocabularies carry embedding_row, weights the rare-id map
 DEFAULT_CACHE_DIR = object_store.DEFAULT_CACHE_DIR  # local copies of object-store bundles (serve.bundle_cache)
 MANIFEST = "bundle.json"
 WEIGHTS = "weights.safetensors"
@@ -48,6 +53,7 @@ ITEMS = "items.parquet"
 USERS = "users.parquet"
 ITEM_COLUMNS = ("item_id", "item_idx", "genre_mask", "year", "tag_ids")
 USER_COLUMNS = ("user_id", "user_idx")
+ROW_COLUMN = "embedding_row"  # written by write_bundle from the model's rare-id map
 
 
 def default_bundle_dir(export_output: str, run_name: str) -> str:
@@ -152,8 +158,13 @@ def write_bundle(
             from models.quant import quantize_w8a16
 
             save_file(_state_for_safetensors(quantize_w8a16(model)), os.path.join(tmp, WEIGHTS_W8A16), metadata=tag)
-        pq.write_table(items.select(list(ITEM_COLUMNS)), os.path.join(tmp, ITEMS))
-        pq.write_table(users.select(list(USER_COLUMNS)), os.path.join(tmp, USERS))
+        rows = model_id_rows(model)
+        pq.write_table(
+            _with_rows(items.select(list(ITEM_COLUMNS)), "item_idx", rows.get("item")), os.path.join(tmp, ITEMS)
+        )
+        pq.write_table(
+            _with_rows(users.select(list(USER_COLUMNS)), "user_idx", rows.get("user")), os.path.join(tmp, USERS)
+        )
         files = {
             name: {"sha256": _sha256(os.path.join(tmp, name)), "bytes": os.path.getsize(os.path.join(tmp, name))}
             for name in sorted(os.listdir(tmp))
@@ -243,6 +254,32 @@ def _load_weights(model: nn.Module, file: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def _with_rows(table: pa.Table, index: str, rows: np.ndarray | None) -> pa.Table:
+    """``table`` with ``embedding_row``: the row each vocabulary index reads (itself without a map)."""
+    idx = table[index].to_numpy().astype(np.int64)
+    if rows is not None and idx.size and idx.max() >= rows.size:
+        raise BundleError(f"write_bundle: {index} {idx.max()} is outside the model's {rows.size}-row id map")
+    values = idx if rows is None else rows[idx]
+    return table.append_column(ROW_COLUMN, pa.array(values.astype(np.int32), pa.int32()))
+
+
+def _check_rows(path: str, model: nn.Module, items: pa.Table, users: pa.Table) -> None:
+    """The vocabularies' ``embedding_row`` is the model's rare-id map (featurizer and model agree)."""
+    rows = model_id_rows(model)
+    for table, name, index, kind in ((items, ITEMS, "item_idx", "item"), (users, USERS, "user_idx", "user")):
+        if ROW_COLUMN not in table.column_names:
+            raise BundleError(f"bundle {path}: {name} has no {ROW_COLUMN} column (re-export the checkpoint)")
+        idx = table[index].to_numpy().astype(np.int64)
+        want = idx if kind not in rows else rows[kind][idx]
+        have = table[ROW_COLUMN].to_numpy()
+        if not np.array_equal(have, want):
+            bad = int(np.flatnonzero(have != want)[0])
+            raise BundleError(
+                f"bundle {path}: {name} gives {index} {idx[bad]} embedding row {have[bad]}, the model's "
+                f"{kind} map gives {want[bad]} (vocabulary and weights come from different exports)"
+            )
+
+
 def _check_vocabulary(path: str, manifest: BundleManifest, items: pa.Table, users: pa.Table) -> None:
     missing = [c for c in ITEM_COLUMNS if c not in items.column_names] + [
         c for c in USER_COLUMNS if c not in users.column_names
@@ -301,4 +338,5 @@ def load_bundle(
         _load_weights(model, os.path.join(local, WEIGHTS_W8A16))
     else:
         _load_weights(model, os.path.join(local, WEIGHTS))
+    _check_rows(path, model, items, users)
     return Bundle(path, manifest, model.eval(), items, users, quantized=w8a16)

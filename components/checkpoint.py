@@ -16,6 +16,7 @@ save returned on every rank). Every error names the file and what does not fit.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -226,15 +227,33 @@ def latest_checkpoint(
     return found[-1] if found else None
 
 
+BEST_METRIC = "valid/like_auc"  # what "best" means (pipelines/train_loop.py validates it every epoch)
+
+
+def best_checkpoint(
+    run_dir: str, storage_options: Mapping[str, str] | None = None
+) -> tuple[str, CheckpointMeta] | None:
+    """The run's checkpoint of the best valid like AUC (the earliest of equals); the latest when
+    no checkpoint was validated (``train.valid_every_epoch=false``, mid-epoch saves only)."""
+    found = list_checkpoints(run_dir, storage_options)
+    scored = [
+        (m.metrics[BEST_METRIC], -m.step, p, m) for p, m in found if math.isfinite(m.metrics.get(BEST_METRIC, math.nan))
+    ]
+    if scored:
+        _, _, path, meta = max(scored, key=lambda s: s[:2])
+        return path, meta
+    return found[-1] if found else None
+
+
 def find_checkpoint(
     checkpoint: str, storage_path: str, run_name: str, storage_options: Mapping[str, str] | None = None
 ) -> tuple[str, CheckpointMeta]:
-    """``checkpoint`` when given, else the latest checkpoint of run ``run_name`` under ``storage_path``
-    (what ``eval.checkpoint=""`` and ``export.checkpoint=""`` mean)."""
+    """``checkpoint`` when given, else the best-valid checkpoint of run ``run_name`` under
+    ``storage_path`` (:func:`best_checkpoint`; what ``eval.checkpoint=""`` and ``export.checkpoint=""`` mean)."""
     if checkpoint:
         return checkpoint, read_meta(checkpoint, storage_options)
     where = run_dir(storage_path, run_name)
-    found = latest_checkpoint(where, storage_options)
+    found = best_checkpoint(where, storage_options)
     if found is None:
         object_store.check_bucket(where, storage_options)  # "no bucket" says more than "no checkpoint"
         raise CheckpointError(f"no checkpoint under {where} (train first: python -m pipelines.train, or name one)")

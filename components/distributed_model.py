@@ -62,6 +62,36 @@ def torchrec_tables(module: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
                 yield path, config.name, sub
 
 
+def _table_keys(module: nn.Module) -> list[str]:
+    """State-dict keys of every TorchRec table weight of the unsharded ``module``."""
+    state = module.state_dict(keep_vars=True)
+    candidates = (
+        f"{path}.{attr}.{name}.weight"
+        for path, name, _ in torchrec_tables(module)
+        for attr in ("embeddings", "embedding_bags")
+    )
+    return [key for key in candidates if key in state]
+
+
+@torch.no_grad()
+def _copy_into_shards(module: nn.Module, initial: dict[str, torch.Tensor]) -> None:
+    """Write each full table of ``initial`` into this rank's shards of it (row and column offsets)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    state = module.state_dict()
+    missing = sorted(set(initial) - set(state))
+    if missing:
+        raise RuntimeError(f"sharded model has no state entries {missing} for the tables' initial values")
+    for key, full in initial.items():
+        value = state[key]
+        if not isinstance(value, ShardedTensor):  # a table DMP left whole (data_parallel)
+            value.copy_(full)
+            continue
+        for shard in value.local_shards():
+            index = tuple(slice(o, o + n) for o, n in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
+            shard.tensor.copy_(full[index])
+
+
 def _fused_params(optimizer: str, lr: float) -> dict:
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
@@ -106,7 +136,12 @@ class DistributedRanker:
         topology = Topology(world_size=dist.get_world_size(), compute_device=device.type)
         planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
         plan = planner.collective_plan(task, sharders, dist.GroupMember.WORLD)
+        # DMP re-draws every sharded table shard by shard with its init_fn, so the values would
+        # not be the ones the seed gave the unsharded model: keep those and copy them back.
+        state = task.state_dict()
+        initial = {key: state[key].detach().clone() for key in _table_keys(task)}
         module = DistributedModelParallel(task, device=device, sharders=sharders, plan=plan)
+        _copy_into_shards(module, initial)
         dense = dict(in_backward_optimizer_filter(module.named_parameters()))
         optimizer = dense_adamw(list(dense.values()), spec)
         init_adamw_state(optimizer)

@@ -50,6 +50,7 @@ class TrainingData:
     # The features run's valid cut-off (None: a lake written before runs recorded it); an item
     # with an event before it is warm (docs/DATA.md "Warm and cold items").
     valid_start_ts: int | None = None
+    users_version: int | None = None  # the pinned ``users`` (user_id -> user_idx) of the features run
 
     def load_groups(self, split: str, max_seq_len: int):
         """Ray Dataset of resolved groups of ``split`` at the pinned versions."""
@@ -117,22 +118,61 @@ def pin_training_data(
         vocabulary=vocabulary(items, users),
         storage_options=options,
         valid_start_ts=int(info["valid_start_ts"]) if "valid_start_ts" in info else None,
+        users_version=users.version,
     )
 
 
-def item_train_counts(data: TrainingData) -> np.ndarray | None:
-    """(item_vocab,) int64: events of each item_idx before the valid period, from the pinned
-    ``sequences`` (every event is in exactly one user's sequence); None when the lake records no
-    cut-off. ``> 0`` is the warm mask of evaluation (components/metrics.py)."""
+def train_counts(data: TrainingData, kinds: tuple[str, ...] = ("item", "user")) -> dict[str, np.ndarray] | None:
+    """Events before the valid period per vocabulary index, ``{"item": (item_vocab,), "user":
+    (user_vocab,)}`` int64, from the pinned ``sequences`` (every event is in exactly one user's
+    sequence); None when the lake records no cut-off. Item counts ``> 0`` are the warm mask of
+    evaluation (components/metrics.py); both decide which ids share a row (models/id_rows.py)."""
     if data.valid_start_ts is None:
         return None
     sequences = lake.PinnedTable(
         lake.table_uri(data.lake_root, "sequences"), data.sequences_version, data.storage_options
     )
-    table = sequences.read(["item_idx", "ts"])
-    items = pc.list_flatten(table["item_idx"]).to_numpy()
-    ts = pc.list_flatten(table["ts"]).to_numpy()
-    return np.bincount(items[ts < data.valid_start_ts], minlength=data.vocabulary.item_vocab).astype(np.int64)
+    table = sequences.read(["user_id", "item_idx", "ts"] if "user" in kinds else ["item_idx", "ts"])
+    before = pc.list_flatten(table["ts"]).to_numpy() < data.valid_start_ts
+    out = {}
+    if "item" in kinds:
+        items = pc.list_flatten(table["item_idx"]).to_numpy()
+        out["item"] = np.bincount(items[before], minlength=data.vocabulary.item_vocab).astype(np.int64)
+    if "user" in kinds:
+        out["user"] = _user_counts(data, table, before)
+    return out
+
+
+def _user_counts(data: TrainingData, sequences: pa.Table, before: np.ndarray) -> np.ndarray:
+    """(user_vocab,) int64 events before the cut-off per user_idx (users absent from the pinned
+    ``users`` table would read the OOV row anyway and are left out)."""
+    from components.item_features import lookup
+    from components.transforms import OOV
+
+    if data.users_version is None:
+        raise lake.LakeError("user counts need the pinned users version (pin the data with pin_training_data)")
+    per_row = np.bincount(
+        pc.list_parent_indices(sequences["ts"]).to_numpy()[before], minlength=sequences.num_rows
+    ).astype(np.int64)
+    users = lake.PinnedTable(lake.table_uri(data.lake_root, "users"), data.users_version, data.storage_options)
+    vocab = users.read(["user_id", "user_idx"]).sort_by("user_id")
+    idx = lookup(vocab["user_id"].to_numpy(), vocab["user_idx"].to_numpy(), sequences["user_id"].to_numpy(), OOV)
+    known = idx != OOV
+    return np.bincount(idx[known], weights=per_row[known], minlength=data.vocabulary.user_vocab).astype(np.int64)
+
+
+def item_train_counts(data: TrainingData) -> np.ndarray | None:
+    """(item_vocab,) int64: events of each item_idx before the valid period (see :func:`train_counts`)."""
+    counts = train_counts(data, kinds=("item",))
+    return None if counts is None else counts["item"]
+
+
+def rare_id_maps(counts: dict[str, np.ndarray], min_item_count: int, min_user_count: int) -> dict[str, np.ndarray]:
+    """Vocabulary index -> embedding row per kind from :func:`train_counts` (models/id_rows.py):
+    ids with fewer train-period events than the minimum read the shared OOV row."""
+    from models.id_rows import rare_id_rows
+
+    return {"item": rare_id_rows(counts["item"], min_item_count), "user": rare_id_rows(counts["user"], min_user_count)}
 
 
 def warm_items(data: TrainingData) -> np.ndarray | None:

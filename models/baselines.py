@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from models.batch import NUM_ACTIONS, NUM_GENRES, NUM_YEAR_BUCKETS, GroupBatch
 from models.embedding_init import embedding
+from models.id_rows import IdRows
 from models.layers import masked_mean
 
 NUM_TASKS = len(GroupBatch.TASKS)
@@ -87,6 +88,8 @@ class FeatureArch(nn.Module):
         self.user_dense_dim = user_dense_dim
         self.item_emb = embedding(num_items, d, padding_idx=0)  # shared by sequence and candidates
         self.user_emb = embedding(num_users, d)
+        # Rare ids read the shared OOV row (models/id_rows.py); identity until training sets it.
+        self.item_rows, self.user_rows = IdRows(num_items, "item"), IdRows(num_users, "user")
         self.action_emb = embedding(NUM_ACTIONS, d, padding_idx=0) if config.use_actions else None
         self.year_emb = embedding(NUM_YEAR_BUCKETS, d)
         self.tag_emb = embedding(num_tags, d, padding_idx=0)
@@ -115,7 +118,7 @@ class FeatureArch(nn.Module):
         """The last ``window`` positions of the left-padded sequence: tokens (B, W, d), valid mask (B, W)."""
         items = batch.seq_item[:, -window:]  # (B, W)
         width = items.shape[1]
-        tokens = self.item_emb(items)  # (B, W, d)
+        tokens = self.item_emb(self.item_rows(items))  # (B, W, d)
         if self.action_emb is not None:
             tokens = tokens + self.action_emb(batch.seq_action[:, -window:])
         # Valid events are the rightmost seq_len positions (left padding, most recent last).
@@ -127,14 +130,14 @@ class FeatureArch(nn.Module):
         """(B, user_dim): user id, dense features and the recent-sequence mean; once per group."""
         tokens, mask = self.recent_tokens(batch, self.config.recent_len)
         seq_mean = masked_mean(tokens, mask, 1)  # (B, d)
-        parts = [self.user_emb(batch.user_id % self.num_users), seq_mean]
+        parts = [self.user_emb(self.user_rows(batch.user_id % self.num_users)), seq_mean]
         if self.dense_proj is not None:
             parts.append(self.dense_proj(batch.user_dense))
         return torch.cat(parts, dim=-1)
 
     def candidate_item(self, batch: GroupBatch) -> Tensor:
         """(B, N, d): the candidate item id embedding (DIN's attention query)."""
-        return self.item_emb(batch.cand_item)
+        return self.item_emb(self.item_rows(batch.cand_item))
 
     def candidate_side(self, batch: GroupBatch) -> Tensor:
         """(B, N, cand_dim): item id, year, mean tag embedding and genre projection."""

@@ -15,6 +15,7 @@ from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
 from models.embedding_init import torchrec_init_fn
+from models.id_rows import IdRows
 
 # Feature name -> table name. The item table is shared by the sequence and the candidates.
 FEATURE_TABLES = {
@@ -55,12 +56,19 @@ class SparseArch(nn.Module):
                 )
             )
         self.embedding_collection = EmbeddingCollection(tables=tables, device=torch.device(device or "cpu"))
+        # Rare ids read the shared OOV row (models/id_rows.py); identity until training sets it.
+        self.item_rows, self.user_rows = IdRows(config.item_vocab, "item"), IdRows(config.user_vocab, "user")
+
+    def _rows(self, feature: str, ids: torch.Tensor) -> torch.Tensor:
+        table = FEATURE_TABLES[feature]
+        return self.item_rows(ids) if table == "t_item" else self.user_rows(ids) if table == "t_user" else ids
 
     def forward(self, ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{"seq_item": (B, L), "user": (B,), ...}`` -> same keys, shapes + (embedding_dim,).
 
         Every id must lie in its table's range; the padding row 0 is a real (trainable)
-        row, and callers mask padded positions themselves.
+        row, and callers mask padded positions themselves. Item and user ids are vocabulary
+        indices: rare ones read the shared OOV row here (``item_rows``, ``user_rows``).
         """
         unknown = sorted(set(ids) - set(FEATURE_TABLES))
         if unknown:
@@ -69,7 +77,10 @@ class SparseArch(nn.Module):
         # EmbeddingCollection wants every feature: absent ones get empty rows.
         # One jagged row per group holds all of that group's ids of a feature.
         keys = list(FEATURE_TABLES)
-        per_row = [ids[k].reshape(batch, -1) if k in ids else torch.empty(batch, 0, dtype=torch.long) for k in keys]
+        per_row = [
+            self._rows(k, ids[k]).reshape(batch, -1) if k in ids else torch.empty(batch, 0, dtype=torch.long)
+            for k in keys
+        ]
         kjt = KeyedJaggedTensor.from_lengths_sync(
             keys=keys,
             values=torch.cat([p.reshape(-1) for p in per_row]),

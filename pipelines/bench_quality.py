@@ -175,7 +175,7 @@ def run_table(args: argparse.Namespace, variants: tuple[str, ...], seeds: int, e
         "seeds": seeds,
         "budget": {
             "preset": args.preset,
-            "epochs": t.epochs,
+            "epochs": t.max_epochs,
             "max_steps": t.max_steps,
             "batch_size_per_worker": t.batch_size,
             "num_workers": t.num_workers,
@@ -225,7 +225,7 @@ def run_seq_lens(args: argparse.Namespace, lengths: list[int], seeds: int, extra
         "lake": args.lake,
         "variant": "longer",
         "seeds": seeds,
-        "budget": {"preset": args.preset, "epochs": t.epochs, "max_steps": t.max_steps, "overrides": extra},
+        "budget": {"preset": args.preset, "epochs": t.max_epochs, "max_steps": t.max_steps, "overrides": extra},
         "by_max_seq_len": out,
     }
     ledger.done()
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown_variants:
             print(f"unknown variant(s) {unknown_variants}; known: {list(VARIANTS)}")
             return 2
-        extra = ["--train.epochs=1", *extra] if args.quick else extra
+        extra = ["--train.max_epochs=1", *extra] if args.quick else extra
         result = run_table(args, variants, 1 if args.quick else args.seeds, extra)
     result["quick"], result["total_s"] = args.quick, round(time.perf_counter() - started, 1)
     path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

@@ -103,6 +103,11 @@ class FeaturesConfig:
     # the most recent eighth of all events); 0 = every event before it. docs/DATA.md has the
     # measurement: all-time counts leave new items 3.5% of negatives against 21% of positives.
     popularity_window: int = 8
+    # Ids with fewer train-period events share the OOV row in training, evaluation and serving
+    # (models/id_rows.py; read when a model is trained, written into its checkpoint and bundle).
+    # 0 = every id keeps its own row; 1 = only ids never seen in training share it.
+    min_item_count: int = 5
+    min_user_count: int = 5
 
     def __post_init__(self) -> None:
         validate_features_config(self)
@@ -117,8 +122,9 @@ def validate_features_config(cfg: FeaturesConfig) -> None:
             f"features.max_positives_per_group ({cfg.max_positives_per_group}) must be in "
             f"[1, candidates_per_group={cfg.candidates_per_group}]"
         )
-    if cfg.popularity_window < 0:
-        raise ConfigError(f"features.popularity_window must be >= 0, got {cfg.popularity_window}")
+    for name in ("popularity_window", "min_item_count", "min_user_count"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"features.{name} must be >= 0, got {getattr(cfg, name)}")
     for name in ("max_seq_len", "tags_per_item", "popularity_snapshots"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"features.{name} must be >= 1, got {getattr(cfg, name)}")
@@ -143,8 +149,12 @@ class TrainConfig:
     # Ray Train workers; 0 runs the loop in the driver process (one rank; unit tests).
     num_workers: int = 2
     use_gpu: bool = False  # nccl + CUDA kernels; untested until a GPU run's numbers are in README
-    epochs: int = 3
-    # 0 = ``epochs`` whole epochs; > 0 stops after this many steps (smoke runs, benchmarks).
+    max_epochs: int = 3
+    # Early stop: end the run once valid like AUC has not improved for this many epochs
+    # (0 = run every epoch). Evaluation, export, the demo and the benches use the best-valid
+    # checkpoint (components.checkpoint.best_checkpoint), whatever the run's last one.
+    patience: int = 1
+    # 0 = ``max_epochs`` whole epochs; > 0 stops after this many steps (smoke runs, benchmarks).
     max_steps: int = 0
     batch_size: int = 64  # groups per worker and step (the user side runs once per group)
     # Sequence length L the model sees (the most recent events); 0 = the features run's max_seq_len.
@@ -193,10 +203,11 @@ class TrainConfig:
     valid_every_epoch: bool = True  # AUC/UAUC/logloss on the valid split after every epoch
 
     def __post_init__(self) -> None:
-        for name in ("num_workers", "max_steps", "max_seq_len", "log_every_steps", "checkpoint_every_steps"):
+        counts = ("num_workers", "max_steps", "max_seq_len", "log_every_steps", "checkpoint_every_steps", "patience")
+        for name in counts:
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("epochs", "batch_size", "num_checkpoints_to_keep"):
+        for name in ("max_epochs", "batch_size", "num_checkpoints_to_keep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "sparse_lr", "memory_lr"):
@@ -225,7 +236,7 @@ class TrainConfig:
 class EvalConfig:
     """``pipelines.evaluate``: batch inference over a split from a training checkpoint."""
 
-    # A checkpoint folder or URI; "" = the latest checkpoint of ``train.run_name`` in ``train.storage_path``.
+    # A checkpoint folder or URI; "" = the best-valid checkpoint of ``train.run_name`` in ``train.storage_path``.
     checkpoint: str = ""
     split: Literal["train", "valid", "test"] = "test"
     batch_size: int = 64  # groups per inference batch
@@ -244,7 +255,7 @@ class EvalConfig:
 class ExportConfig:
     """``pipelines.export``: a training checkpoint -> a serving bundle (components/bundle.py)."""
 
-    # A checkpoint folder or URI; "" = the latest checkpoint of the train run the config names.
+    # A checkpoint folder or URI; "" = the best-valid checkpoint of the train run the config names.
     checkpoint: str = ""
     w8a16: bool = False  # also write W8A16 weights (int8 weights, float activations)
     # The bundle folder or object-store URI (s3://bucket/bundles/full, reached with

@@ -33,7 +33,7 @@ from components import lake
 from components.collate import CollateConfig, collate_groups
 from components.metrics import MetricsAccumulator
 from components.sequence_join import SEQUENCE_COLUMNS, resolve_sequences
-from components.training_data import TrainingData, pin_training_data, resolved_model, warm_items
+from components.training_data import TrainingData, pin_training_data, rare_id_maps, resolved_model, train_counts
 from models.batch import GroupBatch
 from models.task import RankingTask
 from models.variants import build_model
@@ -74,13 +74,13 @@ def load_split(data: TrainingData, split: str, max_seq_len: int) -> pa.Table:
     return resolve_sequences(rows, sequences.read(["user_id", *SEQUENCE_COLUMNS]), max_seq_len)
 
 
-def warm_mask(data: TrainingData, valid: pa.Table) -> np.ndarray:
-    """:func:`components.training_data.warm_items`; a lake that records no cut-off (features runs
+def id_counts(data: TrainingData, valid: pa.Table) -> dict[str, np.ndarray]:
+    """:func:`components.training_data.train_counts`; a lake that records no cut-off (features runs
     before it was recorded) is given the first valid request's time."""
-    warm = warm_items(data)
-    if warm is None:
-        warm = warm_items(dataclasses.replace(data, valid_start_ts=pc.min(valid["request_ts"]).as_py()))
-    return warm
+    counts = train_counts(data)
+    if counts is None:
+        counts = train_counts(dataclasses.replace(data, valid_start_ts=pc.min(valid["request_ts"]).as_py()))
+    return counts
 
 
 @torch.no_grad()
@@ -115,7 +115,8 @@ def train_reference(config: PipelineConfig, spec: ReferenceSpec) -> dict:
     started = time.perf_counter()
     max_seq_len = config.train.max_seq_len or data.max_seq_len
     splits = {s: load_split(data, s, max_seq_len) for s in ("train", "valid", "test")}
-    warm = warm_mask(data, splits["valid"])
+    counts = id_counts(data, splits["valid"])
+    warm = counts["item"] > 0  # the warm items of evaluation (components.training_data.warm_items)
     logger.info(
         "reference: %s groups train/valid/test %s, %d warm items, loaded in %.1f s",
         config.model.variant,
@@ -124,6 +125,14 @@ def train_reference(config: PipelineConfig, spec: ReferenceSpec) -> dict:
         time.perf_counter() - started,
     )
     model = build_model(resolved_model(config.model, data))
+    f = config.features
+    try:
+        from models.id_rows import share_rare_ids
+    except ImportError:  # an older checkout of models/ (a bisect): every id keeps its own row
+        logger.info("reference: models/ has no id_rows: rare ids keep their own rows")
+    else:
+        shared = share_rare_ids(model, rare_id_maps(counts, f.min_item_count, f.min_user_count))
+        logger.info("reference: rare ids share the OOV row: %s", shared)
     task = RankingTask(model)
     optimizer = torch.optim.Adam(task.parameters(), lr=spec.lr)
     collate = CollateConfig(max_seq_len=max_seq_len)

@@ -187,7 +187,7 @@ def still_there(name: str, config: PipelineConfig) -> Callable[[Mapping[str, Any
 
 
 # Train settings a continued run may change: more epochs or steps extend it.
-EXTENDING = ("epochs", "max_steps", "resume")
+EXTENDING = ("max_epochs", "patience", "max_steps", "resume")
 
 
 def unfinished_run_of(meta: CheckpointMeta, config: PipelineConfig, samples_version: int) -> str:

@@ -33,15 +33,17 @@ from typing import Any
 
 from components import lake, object_store
 from components.checkpoint import (
+    BEST_METRIC,
     CheckpointError,
     CheckpointMeta,
+    best_checkpoint,
     check_compatible,
     latest_checkpoint,
     read_meta,
     run_dir,
 )
 from components.config_loader import to_dict
-from components.training_data import TrainingData, pin_training_data, resolved_model, warm_items
+from components.training_data import TrainingData, pin_training_data, rare_id_maps, resolved_model, train_counts
 from models.variants import ModelConfig
 from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig, TrainConfig
@@ -61,7 +63,7 @@ class TrainSummary:
 
     run_name: str
     run_dir: str
-    checkpoint: str
+    checkpoint: str  # the best-valid checkpoint (the latest when nothing was validated)
     steps: int
     epochs: int
     train_s: float
@@ -73,6 +75,9 @@ class TrainSummary:
     restored_at_step: int  # the step the final worker group started from (> 0 after a restart)
     candidates_per_s: float  # all workers, after the first two steps (validation and checkpoints included)
     last: dict[str, float] = field(default_factory=dict)
+    best_epoch: int = -1  # the epoch of ``checkpoint`` (-1: none validated)
+    stopped_early: bool = False  # train.patience ended the run before train.max_epochs
+    last_checkpoint: str = ""  # where a resumed run continues (the run's latest checkpoint)
     # Logged steps' losses and each epoch's valid metrics, in step order (pipelines/train_loop.py).
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -80,7 +85,9 @@ class TrainSummary:
         lines = [
             f"run {self.run_name}: {self.steps} steps, {self.epochs} epochs in {self.train_s:.1f} s"
             + (f" (resumed from {self.resumed_from})" if self.resumed_from else ""),
-            f"  checkpoint: {self.checkpoint}",
+            f"  checkpoint: {self.checkpoint}"
+            + (f" (best valid like AUC, epoch {self.best_epoch})" if self.best_epoch >= 0 else "")
+            + (", early stop (train.patience)" if self.stopped_early else ""),
             f"  W&B run:    {self.wandb or '(tracking off: WANDB_MODE=disabled)'}",
         ]
         shown = {k[len("valid/") :]: v for k, v in self.best_valid.items() if not k.startswith("valid/num_")}
@@ -142,9 +149,25 @@ def build_spec(
             f"the train split has {data.split_rows['train']} groups: fewer than one batch of "
             f"train.batch_size={t.batch_size} per worker ({world} workers); lower train.batch_size"
         )
-    total = per_epoch * t.epochs if not t.max_steps else min(t.max_steps, per_epoch * t.epochs)
+    total = per_epoch * t.max_epochs if not t.max_steps else min(t.max_steps, per_epoch * t.max_epochs)
     valid_rows = data.split_rows["valid"] // world
     valid_batches = math.ceil(valid_rows / t.batch_size) if t.valid_every_epoch and valid_rows else 0
+    counts = train_counts(data)
+    id_rows = None
+    if counts is not None:
+        f = config.features
+        id_rows = rare_id_maps(counts, f.min_item_count, f.min_user_count)
+        shared = {kind: int((rows[2:] == 1).sum()) for kind, rows in id_rows.items()}
+        logger.info(
+            "rare ids share the OOV row: %d of %d items (features.min_item_count=%d), %d of %d users "
+            "(features.min_user_count=%d)",
+            shared["item"],
+            id_rows["item"].size - 2,
+            f.min_item_count,
+            shared["user"],
+            id_rows["user"].size - 2,
+            f.min_user_count,
+        )
     return LoopSpec(
         model=to_dict(model),
         train=t,
@@ -161,7 +184,8 @@ def build_spec(
         resume_path=plan.resume_path,
         storage_options=dict(config.lake.storage_options),
         extra_config={"samples_version": data.samples_version, "lake_root": data.lake_root},
-        warm_items=warm_items(data) if valid_batches else None,
+        warm_items=counts["item"] > 0 if valid_batches and counts is not None else None,
+        id_rows=id_rows,
     )
 
 
@@ -193,7 +217,12 @@ def make_trainer(config: PipelineConfig, spec: LoopSpec, data: TrainingData, sto
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.num_checkpoints_to_keep),
+            # Ray keeps the best validated checkpoints (and always the latest, to resume from).
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=t.num_checkpoints_to_keep,
+                checkpoint_score_attribute=BEST_METRIC if spec.valid_batches else None,
+                checkpoint_score_order="max",
+            ),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=list(datasets), execution_options=options),
@@ -237,11 +266,15 @@ def run_train(config: PipelineConfig) -> TrainSummary:
     where = run_dir(storage, spec.run_name)
     # Ray's path is inside its filesystem (no scheme for a store): name it as the config does.
     saved = result.checkpoint
-    checkpoint = object_store.join(where, saved.path.rstrip("/").rsplit("/", 1)[-1]) if saved is not None else ""
+    last = object_store.join(where, saved.path.rstrip("/").rsplit("/", 1)[-1]) if saved is not None else ""
+    best = best_checkpoint(where, options)
     return TrainSummary(
         run_name=spec.run_name,
         run_dir=where,
-        checkpoint=checkpoint,
+        checkpoint=best[0] if best is not None else last,
+        last_checkpoint=last,
+        best_epoch=int(out.get("best_epoch", -1)),
+        stopped_early=bool(out.get("stopped_early", False)),
         steps=int(out.get("step", 0)),
         epochs=int(out.get("epochs", 0)),
         train_s=float(out.get("train_s", 0.0)),

@@ -28,7 +28,16 @@ import torch
 import torch.distributed as dist
 
 from components import object_store
-from components.checkpoint import DCP_METADATA, META_FILE, CheckpointMeta, load_tensors, read_meta, run_dir, write_meta
+from components.checkpoint import (
+    BEST_METRIC,
+    DCP_METADATA,
+    META_FILE,
+    CheckpointMeta,
+    load_tensors,
+    read_meta,
+    run_dir,
+    write_meta,
+)
 from components.collate import CollateConfig, GroupCollateFn
 from components.distributed_model import DistributedRanker, ShardingSpec
 from components.host_memory import retain_freed_memory
@@ -67,6 +76,9 @@ class LoopSpec:
     # (item_vocab,) bool, True for items with train-period events: valid metrics are also given
     # for warm and cold candidates apart (components/metrics.py). None: the lake has no cut-off.
     warm_items: np.ndarray | None = field(default=None, repr=False)
+    # {"item": (item_vocab,), "user": (user_vocab,)} vocabulary index -> embedding row: rare ids
+    # share the OOV row (models/id_rows.py). None: every id its own row (no cut-off recorded).
+    id_rows: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def sharding(self) -> ShardingSpec:
@@ -98,6 +110,20 @@ class Progress:
     step: int = 0  # optimizer steps taken in the whole run
     epoch: int = 0  # epoch in progress
     step_in_epoch: int = 0  # batches of ``epoch`` already consumed
+    # Early stopping's state (checkpointed in the meta's metrics, so a resumed run keeps it).
+    best_auc: float = -math.inf  # best valid like AUC so far
+    best_epoch: int = -1  # the epoch that reached it (-1: none validated yet)
+
+    def patience_spent(self, patience: int) -> bool:
+        """True once ``patience`` finished epochs have passed without a better valid like AUC."""
+        return patience > 0 and self.best_epoch >= 0 and (self.epoch - 1) - self.best_epoch >= patience
+
+    def record(self, epoch: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Note ``epoch``'s valid like AUC; the ``best/`` entries a checkpoint's meta keeps."""
+        auc = metrics.get(BEST_KEY, math.nan)
+        if math.isfinite(auc) and auc > self.best_auc:
+            self.best_auc, self.best_epoch = auc, epoch
+        return {BEST_AUC: self.best_auc, BEST_EPOCH: float(self.best_epoch)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,11 +146,14 @@ def ensure_process_group() -> bool:
 
 def build_distributed(spec: LoopSpec, device: torch.device) -> DistributedRanker:
     from components.config_loader import from_dict
+    from models.id_rows import share_rare_ids
     from models.task import RankingTask
     from models.variants import ModelConfig, build_model
 
     torch.manual_seed(spec.train.seed)  # identical dense init on every rank (DDP also broadcasts)
     model = build_model(from_dict(ModelConfig, spec.model, "model"))
+    if spec.id_rows is not None:
+        share_rare_ids(model, spec.id_rows)  # before sharding: the map is a (replicated) buffer
     if spec.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if spec.train.compile:
@@ -183,7 +212,8 @@ def _load(dr: DistributedRanker, path: str, storage_options: dict[str, str] | No
     load_tensors(path, state, distributed=True, storage_options=storage_options)
     dr.load_state_dict(state)
     logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, meta.step, meta.epoch, meta.step_in_epoch)
-    return Progress(meta.step, meta.epoch, meta.step_in_epoch)
+    best_auc = meta.metrics.get(BEST_AUC, -math.inf)
+    return Progress(meta.step, meta.epoch, meta.step_in_epoch, best_auc, int(meta.metrics.get(BEST_EPOCH, -1)))
 
 
 def save_checkpoint(
@@ -202,9 +232,12 @@ def save_checkpoint(
         if spec.train.num_workers == 0:
             # In-process mode reports without uploading: persist it ourselves, where Ray would.
             checkpoint = persist(directory, f"{run_dir(spec.storage, spec.run_name)}/{name}", spec.storage_options)
-        ray.train.report(
-            {**metrics, "step": progress.step, "epoch": progress.epoch}, checkpoint=checkpoint, checkpoint_dir_name=name
-        )
+        report = {**metrics, "step": progress.step, "epoch": progress.epoch}
+        if spec.valid_batches:
+            # Ray keeps the best checkpoints by this score (and always the latest, for resuming):
+            # a mid-epoch save, which validated nothing, ranks below every validated one.
+            report[BEST_KEY] = metrics.get(BEST_KEY, -math.inf)
+        ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
 def persist(directory: str, target: str, storage_options: dict[str, str] | None = None):
@@ -346,8 +379,9 @@ def _run(spec: LoopSpec, ctx) -> dict[str, Any]:
     history: list[dict[str, float]] = []
     buffer = t.shuffle_buffer if t.shuffle != "none" else 0
     started = time.perf_counter()
+    stopped_early = progress.patience_spent(t.patience)  # a resumed run that had already stopped
     try:
-        while progress.step < spec.total_steps:
+        while progress.step < spec.total_steps and not stopped_early:
             batches = shard.iter_torch_batches(
                 batch_size=t.batch_size,
                 collate_fn=collate,
@@ -399,9 +433,22 @@ def _run(spec: LoopSpec, ctx) -> dict[str, Any]:
                 if spec.valid_batches:
                     metrics |= validate(dr, spec, device)
                     best = _better(best, metrics)
+                    metrics |= progress.record(epoch, metrics)
+                    # Every rank validated the same groups (metrics are reduced): they agree.
+                    stopped_early = epoch_done and progress.patience_spent(t.patience)
                 if rank == 0:  # short lines: all the metrics in one line ran to ~600 characters
                     for line in _metric_lines(metrics):
                         logger.info("epoch %d done at step %d, %s", epoch, progress.step, line)
+                    if stopped_early and progress.step < spec.total_steps:
+                        logger.info(
+                            "early stop after epoch %d: valid like AUC %.4f at epoch %d, no better in %d epoch(s) "
+                            "(train.patience=%d)",
+                            epoch,
+                            progress.best_auc,
+                            progress.best_epoch,
+                            epoch - progress.best_epoch,
+                            t.patience,
+                        )
                 tracker.log({**metrics, "epoch": epoch}, step=progress.step)
                 history.append({"step": progress.step, "epoch": epoch, **metrics})
                 save_checkpoint(dr, spec, progress, metrics, rank, world)
@@ -415,6 +462,8 @@ def _run(spec: LoopSpec, ctx) -> dict[str, Any]:
         "restored_at_step": restored_at,
         "train_s": time.perf_counter() - started,
         "best_valid": best,
+        "best_epoch": progress.best_epoch,
+        "stopped_early": stopped_early and progress.step < spec.total_steps,
         "last": last_metrics,
         "wandb": tracker.path,
         "history": history,
@@ -432,7 +481,8 @@ def _sum_over_ranks(value: int) -> int:
     return int(t.item())
 
 
-BEST_KEY = "valid/like_auc"
+BEST_KEY = BEST_METRIC  # what best-valid means: early stopping, Ray's retention, checkpoint choice
+BEST_AUC, BEST_EPOCH = "best/valid_like_auc", "best/epoch"  # kept in every validated checkpoint's meta
 
 
 def _better(best: dict[str, float], metrics: dict[str, float]) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """A ranking request -> the model's ``GroupBatch``, exactly as training built its groups.
 
 Raw ids go through the bundle's vocabularies (unknown ids -> the out-of-vocabulary row,
-counted), the user's history comes from the replica's ``SequenceStore`` (the last
+counted; known but rare ids keep their index, read the same shared row inside the model as in
+evaluation, and are counted too), the user's history comes from the replica's ``SequenceStore`` (the last
 ``max_seq_len`` events before the request time), candidates get the item side features the
 features stage gives them (components/item_features.py), and the collator that fed training
 (components/collate.py) makes the tensors.
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from components.bundle import Bundle
+from components.bundle import ROW_COLUMN, Bundle
 from components.collate import CollateConfig, collate_groups
 from components.item_features import item_arrays, lookup
 from components.transforms import OOV
@@ -30,6 +31,8 @@ class Featurized:
     history_len: int
     unknown_user: bool
     unknown_items: int
+    rare_user: bool = False  # known, but reads the shared row (too few training events)
+    rare_items: int = 0
 
 
 class Featurizer:
@@ -42,6 +45,8 @@ class Featurizer:
         users = bundle.users.sort_by("user_id")
         self.user_ids = users["user_id"].to_numpy()
         self.user_idx = users["user_idx"].to_numpy().astype(np.int32)
+        self.item_shared = _shared_rows(bundle.items, "item_idx")
+        self.user_shared = _shared_rows(bundle.users, "user_idx")
         self.collate = CollateConfig(max_seq_len=self.max_seq_len, with_labels=False)
 
     def history(self, store: SequenceStore, user_id: int, request_ts: int) -> History:
@@ -64,4 +69,20 @@ class Featurizer:
             "cand_tags": pa.array([tags], pa.list_(pa.int32())),
         }
         batch = collate_groups(pa.table(row), self.collate)
-        return Featurized(batch, len(history), bool(user_idx[0] == OOV), int((cand_idx == OOV).sum()))
+        unknown_user, unknown = bool(user_idx[0] == OOV), cand_idx == OOV
+        return Featurized(
+            batch,
+            len(history),
+            unknown_user,
+            int(unknown.sum()),
+            rare_user=not unknown_user and bool(self.user_shared[user_idx[0]]),
+            rare_items=int((self.item_shared[cand_idx] & ~unknown).sum()),
+        )
+
+
+def _shared_rows(vocabulary: pa.Table, index: str) -> np.ndarray:
+    """(max index + 1,) bool by vocabulary index: the id reads the shared OOV row (bundle's map)."""
+    idx = vocabulary[index].to_numpy().astype(np.int64)
+    shared = np.zeros(max(int(idx.max(initial=OOV)) + 1, OOV + 1), bool)
+    shared[idx] = vocabulary[ROW_COLUMN].to_numpy() == OOV
+    return shared

@@ -52,6 +52,8 @@ def render(http: HttpCounters, snapshots: dict[str, dict[str, Any]]) -> str:
         "ultrarank_requests_total": ("core", "requests"),
         "ultrarank_unknown_users_total": ("core", "unknown_users"),
         "ultrarank_unknown_items_total": ("core", "unknown_items"),
+        "ultrarank_rare_users_total": ("core", "rare_users"),
+        "ultrarank_rare_items_total": ("core", "rare_items"),
         "ultrarank_batches_total": ("core", "batches"),
         "ultrarank_compute_ms_total": ("core", "compute_ms"),
         "ultrarank_scheduler_degraded_total": ("scheduler", "degraded"),

@@ -56,6 +56,8 @@ class CoreStats:
     requests: int = 0
     unknown_users: int = 0
     unknown_items: int = 0
+    rare_users: int = 0  # known ids that read the shared row (models/id_rows.py)
+    rare_items: int = 0
     batches: int = 0
     compute_ms: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)  # requests per batch -> count
@@ -112,6 +114,8 @@ class RankerCore:
                 work.featurized = self.featurizer.featurize(user, work.candidates, work.request_ts, work.history)
                 self.stats.unknown_users += work.featurized.unknown_user
                 self.stats.unknown_items += work.featurized.unknown_items
+                self.stats.rare_users += work.featurized.rare_user
+                self.stats.rare_items += work.featurized.rare_items
             state = states.get(work.key)
             if state is None:
                 state = self._cached(work.key)

@@ -51,7 +51,7 @@ def train_args(root: str, storage: str, *extra: str) -> list[str]:
         "--train.num_workers=0",
         "--train.batch_size=8",
         "--train.max_seq_len=32",
-        "--train.epochs=1",
+        "--train.max_epochs=1",
         "--train.log_every_steps=2",
         *extra,
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 
 import pytest
@@ -10,7 +11,9 @@ import pytest
 from components.checkpoint import (
     CheckpointError,
     CheckpointMeta,
+    best_checkpoint,
     check_compatible,
+    find_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     read_meta,
@@ -104,3 +107,19 @@ def test_compatibility_names_every_differing_key():
         check_compatible("ck", meta, other)
     assert "model.ranker.dim: checkpoint 64 vs asked 32" in str(info.value)
     assert "model.ranker.sparse.item_vocab: checkpoint 100 vs asked 101" in str(info.value)
+
+
+def test_best_is_the_highest_valid_like_auc_and_the_earliest_of_equals(tmp_path):
+    aucs = {2: 0.61, 4: 0.70, 6: math.nan, 8: 0.70, 10: 0.65}  # step 6: a mid-epoch save, not validated
+    for step, auc in aucs.items():
+        metrics = {} if math.isnan(auc) else {"valid/like_auc": auc}
+        _checkpoint(tmp_path / f"checkpoint_{step:09d}", _meta(step, metrics=metrics))
+    path, meta = best_checkpoint(str(tmp_path))
+    assert meta.step == 4 and path.endswith("checkpoint_000000004")
+    assert find_checkpoint("", str(tmp_path.parent), tmp_path.name)[1].step == 4  # eval/export's default
+    # Nothing validated: the latest.
+    unvalidated = tmp_path / "unvalidated"
+    for step in (3, 5):
+        _checkpoint(unvalidated / f"checkpoint_{step:09d}", _meta(step, metrics={}))
+    assert best_checkpoint(str(unvalidated))[1].step == 5
+    assert best_checkpoint(str(tmp_path / "absent")) is None

@@ -68,6 +68,27 @@ def test_every_table_is_sharded_with_a_fused_optimizer_and_no_dense_state(group)
     assert dr.sparse_state_bytes() == sum(t.size()[0] * 4 for t in tables)
 
 
+@pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
+def test_the_sharded_model_starts_from_the_unsharded_models_values(group, sharding):
+    """DMP would re-draw every table shard by shard; the seed's values (item, user, tag tables and
+    the MSN/LMN memory values) are copied in, so the same seed gives the same starting model."""
+    torch.manual_seed(0)
+    unsharded = RankingTask(Ranker(rf.VARIANTS["ugsep_msn_lmn"]))
+    expected = {k: v.detach().clone() for k, v in unsharded.state_dict().items()}
+    dr = _build(ShardingSpec(sharding_types=(sharding,)))
+    state = dr.state_dict()["model"]
+    names = {"t_item", "t_user", "t_tag", "t_msn_value", "t_lmn_value"}
+    tables = {k for k in state if k.rsplit(".", 2)[-2] in names}
+    assert {k.rsplit(".", 2)[-2] for k in tables} == names
+    for key in sorted(tables):
+        torch.testing.assert_close(_full(state[key]), expected[f"model.{key}"], rtol=0, atol=0, msg=key)
+    # The live shards hold them too: the sharded model scores as the unsharded one.
+    batch = BATCHES[0]
+    served, _ = dr.task.evaluate(batch)
+    reference, _ = unsharded.evaluate(batch)
+    torch.testing.assert_close(served, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_memory_tables_train_at_the_memory_rate_and_embeddings_at_the_sparse_rate(group):
     """One SGD step: a row's change is lr x its gradient, so the two rates show directly."""
     spec = ShardingSpec(sparse_optimizer="sgd", sparse_lr=0.5, memory_lr=0.0)

@@ -162,7 +162,7 @@ def test_the_pipeline_runs_unchanged_on_a_two_node_cluster(cluster, tmp_path):
         "--train.num_workers=1",  # a real Ray Train worker, on whichever node has room
         "--train.batch_size=8",
         "--train.max_seq_len=32",
-        "--train.epochs=1",
+        "--train.max_epochs=1",
         "--train.max_steps=8",  # the cluster's path, not a model's quality: a few steps do
         f"--export.output={work / 'bundle'}",
         # serve, a short load test and the report, on the cluster too

@@ -62,6 +62,6 @@ def test_quality_ledger_keeps_finished_runs_and_refuses_another_budget(tmp_path)
     assert resumed.run("din/0", "quality", []) == {"like_auc": 0.7, "seconds": 1.0}
     assert RunLedger(tmp_path / "q.json", budget, resume=False).runs == {}
     with pytest.raises(ValueError, match=r"q\.partial\.json was run with"):
-        RunLedger(tmp_path / "q.json", {**budget, "overrides": ["--train.epochs=3"]}, resume=True)
+        RunLedger(tmp_path / "q.json", {**budget, "overrides": ["--train.max_epochs=3"]}, resume=True)
     resumed.done()
     assert not ledger.path.exists()

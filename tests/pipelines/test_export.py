@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -119,7 +121,7 @@ def test_mismatched_config_and_vocabulary_are_named(bundle, tmp_path):
 
     manifest["model_version"] = _model_version(manifest["files"], manifest["model"])
     open(os.path.join(target, MANIFEST), "w").write(json.dumps(manifest))
-    with pytest.raises(BundleError, match=r"weights.safetensors: .*t_item.* is \("):
+    with pytest.raises(BundleError, match=r"weights.safetensors: .*(t_item|item_rows).* is \("):
         load_bundle(target)
     # A vocabulary index beyond the model's table.
     target2 = _copy(bundle, tmp_path / "v")
@@ -155,4 +157,26 @@ def test_missing_checkpoint_exits_1_naming_it(small_lake, tmp_path, capsys):
 
 def test_items_file_holds_the_candidate_features(bundle):
     table = pq.read_table(os.path.join(bundle, ITEMS))
-    assert table.column_names == ["item_id", "item_idx", "genre_mask", "year", "tag_ids"]
+    assert table.column_names == ["item_id", "item_idx", "genre_mask", "year", "tag_ids", "embedding_row"]
+
+
+def test_vocabulary_rows_that_disagree_with_the_weights_are_named(bundle, tmp_path):
+    """items.parquet's embedding_row must be the model's rare-id map (the featurizer counts rare
+    ids by it): one changed row, even with the file's hash and the version re-computed, is refused."""
+    from components.bundle import _model_version, _sha256
+
+    target = _copy(bundle, tmp_path)
+    items_path = os.path.join(target, ITEMS)
+    items = pq.read_table(items_path)
+    rows = items["embedding_row"].to_numpy().copy()
+    own = int(np.flatnonzero(rows == items["item_idx"].to_numpy())[0])  # an item with a row of its own
+    rows[own] = 1
+    pq.write_table(
+        items.set_column(items.column_names.index("embedding_row"), "embedding_row", pa.array(rows)), items_path
+    )
+    manifest = json.loads(open(os.path.join(target, MANIFEST)).read())
+    manifest["files"][ITEMS] = {"sha256": _sha256(items_path), "bytes": os.path.getsize(items_path)}
+    manifest["model_version"] = _model_version(manifest["files"], manifest["model"])
+    open(os.path.join(target, MANIFEST), "w").write(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"items.parquet gives item_idx \d+ embedding row 1, the model's item map"):
+        load_bundle(target)

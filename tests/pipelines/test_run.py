@@ -270,7 +270,7 @@ def test_a_checkpoint_of_other_settings_is_not_continued(small_lake, trained):
     meta = read_meta(path)
     config = config_of(args)
     assert unfinished_run_of(meta, config, meta.samples_version) == ""
-    assert "epochs" not in unfinished_run_of(meta, config_of([*args, "--train.epochs=5"]), meta.samples_version)
+    assert "max_epochs" not in unfinished_run_of(meta, config_of([*args, "--train.max_epochs=5"]), meta.samples_version)
     assert "(lr)" in unfinished_run_of(meta, config_of([*args, "--train.lr=0.5"]), meta.samples_version)
     assert "samples version" in unfinished_run_of(meta, config, meta.samples_version + 1)
     assert "ranker.dim" in unfinished_run_of(meta, config_of([*args, "--model.ranker.dim=32"]), meta.samples_version)

@@ -14,7 +14,14 @@ import psutil
 import pytest
 import torch
 
-from components.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_model, read_meta
+from components.checkpoint import (
+    CheckpointError,
+    find_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model,
+    read_meta,
+)
 from components.training_data import pin_training_data
 from pipelines.train import main, run_train, steps_per_epoch
 from tests.small_runs import config_of, train_args
@@ -50,7 +57,7 @@ def test_deterministic_resume_ends_at_the_uninterrupted_weights(small_lake, tmp_
     common = [
         "--train.deterministic=true",
         "--train.checkpoint_every_steps=2",
-        "--train.epochs=2",
+        "--train.max_epochs=2",
         "--train.batch_size=32",
     ]
     per_epoch = _steps(small_lake, batch=32)
@@ -62,13 +69,33 @@ def test_deterministic_resume_ends_at_the_uninterrupted_weights(small_lake, tmp_
     assert read_meta(latest_checkpoint(f"{storage}/parts")[0]).step_in_epoch == stop
     summary = run_train(config_of([*part, f"--train.max_steps={total}"]))  # resume=auto
     assert summary.resumed_from and summary.steps == total
-    whole, parts = _weights(latest_checkpoint(f"{storage}/whole")[0]), _weights(summary.checkpoint)
+    whole, parts = _weights(latest_checkpoint(f"{storage}/whole")[0]), _weights(summary.last_checkpoint)
     assert whole.keys() == parts.keys()
     worst = max((whole[k].float() - parts[k].float()).abs().max().item() for k in whole)
     assert worst <= 1e-5, worst
     # A second auto run of a finished run trains nothing and keeps the step count.
     again = run_train(config_of([*part, f"--train.max_steps={total}"]))
     assert again.steps == total
+
+
+def test_patience_ends_a_run_that_stops_improving_and_its_best_checkpoint_is_the_one_used(small_lake, tmp_path):
+    """Updates too small to move an fp32 weight (every rate 1e-30) make epoch 1's valid like AUC
+    equal epoch 0's, which is not better: ``train.patience=1`` ends the run after epoch 1 of 3,
+    and the summary, evaluation and export (find_checkpoint) name epoch 0's checkpoint."""
+    storage = str(tmp_path)
+    flat = ["--train.lr=1e-30", "--train.sparse_lr=1e-30", "--train.memory_lr=1e-30"]
+    args = train_args(small_lake, storage, "--train.run_name=flat", "--train.max_epochs=3", "--train.patience=1", *flat)
+    summary = run_train(config_of(args))
+    per_epoch = _steps(small_lake)
+    assert (summary.stopped_early, summary.steps, summary.epochs, summary.best_epoch) == (True, 2 * per_epoch, 2, 0)
+    best, last = read_meta(summary.checkpoint), read_meta(summary.last_checkpoint)
+    assert (best.step, last.step) == (per_epoch, 2 * per_epoch)
+    assert best.metrics["valid/like_auc"] == last.metrics["valid/like_auc"] == last.metrics["best/valid_like_auc"]
+    assert find_checkpoint("", storage, "flat")[0] == summary.checkpoint
+    assert "(best valid like AUC, epoch 0), early stop (train.patience)" in summary.report()
+    # Run again (resume=auto): its patience is spent, so it trains nothing more.
+    again = run_train(config_of(args))
+    assert (again.steps, again.stopped_early, again.checkpoint) == (summary.steps, True, summary.checkpoint)
 
 
 def test_resume_from_a_checkpoint_of_another_variant_is_refused(small_lake, trained, tmp_path, capsys):
@@ -129,7 +156,7 @@ def test_non_finite_loss_stops_with_step_and_batch_keeping_the_last_checkpoint(s
 def test_resume_keeps_the_samples_version_it_started_on(small_lake, tmp_path):
     from pipelines.features import run_features
 
-    args = train_args(small_lake, str(tmp_path), "--train.run_name=pinned", "--train.epochs=2")
+    args = train_args(small_lake, str(tmp_path), "--train.run_name=pinned", "--train.max_epochs=2")
     first = run_train(config_of([*args, "--train.max_steps=2"]))
     run_features(config_of(args))  # the lake moves on: a new samples version
     assert pin_training_data(small_lake).samples_version == first.samples_version + 1
@@ -148,7 +175,7 @@ def test_two_real_workers_survive_a_killed_worker(small_lake, tmp_path):
         storage,
         "--train.run_name=killed",
         "--train.num_workers=2",
-        "--train.epochs=2",
+        "--train.max_epochs=2",
         f"--train.max_steps={total}",
         f"--train.checkpoint_every_steps={per_epoch // 4}",
         "--train.max_failures=1",

@@ -9,8 +9,11 @@ import pyarrow as pa
 import torch
 
 from components.bundle import load_bundle
+from components.checkpoint import load_model
 from components.collate import CollateConfig, collate_groups
-from components.training_data import pin_training_data
+from components.training_data import pin_training_data, train_counts
+from components.transforms import OOV
+from pipelines.config import FeaturesConfig
 from serving.config import ServeConfig
 from serving.featurizer import Featurizer
 from serving.ranker_core import RankerCore
@@ -74,3 +77,32 @@ def test_new_sequences_version_invalidates_the_cache_but_not_requests_in_flight(
     assert in_flight.payload.history.item_idx.tolist() == kept.item_idx.tolist()
     after = core.make_request("s", user, items, 1e12, 0.0, 1.9e9)
     assert after.payload.key.sequence_version == store.version + 1 and not after.cached
+
+
+def test_rare_ids_are_served_as_evaluation_scores_them(small_lake, trained, bundle_dir):
+    """The bundle's vocabulary says which ids share the OOV row (train-period counts below
+    features.min_item_count), and a replica scores a rare item exactly as evaluation does."""
+    bundle = load_bundle(bundle_dir)
+    evaluated, _ = load_model(trained[1])  # the model evaluation scores with
+    counts = train_counts(pin_training_data(small_lake))
+    idx = bundle.items["item_idx"].to_numpy()
+    want = np.where(counts["item"][idx] >= FeaturesConfig().min_item_count, idx, OOV)
+    np.testing.assert_array_equal(bundle.items["embedding_row"].to_numpy(), want)
+    ids = bundle.items["item_id"].to_numpy()
+    rare, common = ids[(want == OOV) & (idx != OOV)], ids[want != OOV]
+    assert rare.size >= 2 and common.size >= 1  # the small lake has both
+    store = SequenceStore.load(small_lake)
+    core = RankerCore(bundle, store, ServeConfig(profile_batches=6))
+    user = int(store.user_ids[0])
+    candidates = [int(rare[0]), int(rare[1]), int(common[0])]
+    served, _ = core.score_now(user, candidates, 1.9e9)
+    ts = core.quantise_ts(1.9e9)
+    fz = core.featurizer.featurize(user, np.array(candidates), ts, core.featurizer.history(store, user, ts))
+    assert fz.rare_items == 2 and fz.unknown_items == 0 and core.stats.rare_items == 2
+    with torch.inference_mode():
+        offline = evaluated(fz.batch).logits[0]
+        as_oov = dataclasses.replace(fz.batch, cand_item=fz.batch.cand_item.clone())
+        as_oov.cand_item[0, :2] = OOV  # the rare items as the OOV id: the same row, the same logits
+        oov_logits = evaluated(as_oov).logits[0]
+    np.testing.assert_allclose(served, torch.sigmoid(offline).numpy(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(oov_logits, offline, rtol=0, atol=0)
