@@ -47,7 +47,13 @@ REPORTED = (
     "like_uauc_cold",
     "engage_auc_warm",
     "engage_auc_cold",
+    # MoE variants only (NaN elsewhere): what serving the inference path costs on the test split.
+    "moe_bce_train_router",
+    "moe_bce_served",
+    "moe_logit_rel_diff",
 )
+MOE_VARIANTS = ("rankmixer_moe", "tokenmixer_large_moe")
+MOE_GAP_GROUPS = 1024  # test groups the train-vs-served comparison reads
 
 
 def train_and_evaluate(preset: str, overrides: list[str]) -> tuple[dict[str, float], float]:
@@ -61,7 +67,50 @@ def train_and_evaluate(preset: str, overrides: list[str]) -> tuple[dict[str, flo
     report, _ = run_evaluate(
         dataclasses.replace(config, eval=dataclasses.replace(config.eval, checkpoint=summary.checkpoint))
     )
-    return report.metrics, time.perf_counter() - started
+    metrics = dict(report.metrics)
+    if config.model.variant in MOE_VARIANTS:
+        metrics |= moe_serving_gap(config, summary.checkpoint)
+    return metrics, time.perf_counter() - started
+
+
+def moe_serving_gap(config: PipelineConfig, checkpoint: str, max_groups: int = MOE_GAP_GROUPS) -> dict[str, float]:
+    """Train mode (the training router: RankMixer's dense ReLU gates) against eval mode (the served
+    sparse inference router) of one checkpoint on the first ``max_groups`` groups of
+    ``eval.split``: the BCE of each (mean over tasks) and the relative difference of their logits
+    over real candidates (MODELS.md: the served model must be close to the trained one)."""
+    import torch
+
+    from components.checkpoint import load_model
+    from components.collate import CollateConfig, collate_groups
+    from components.training_data import pin_training_data
+    from models.task import logits_of, masked_bce
+    from pipelines.reference_train import load_split
+
+    model, meta = load_model(checkpoint, storage_options=config.lake.storage_options)
+    data = pin_training_data(config.lake.root, config.lake.storage_options, meta.samples_version)
+    max_seq_len = config.train.max_seq_len or data.max_seq_len
+    table = load_split(data, config.eval.split, max_seq_len).slice(0, max_groups)
+    collate = CollateConfig(max_seq_len=max_seq_len)
+    bce = {"train": 0.0, "served": 0.0}
+    diff = norm = 0.0
+    total = 0
+    with torch.no_grad():
+        for start in range(0, table.num_rows, 256):
+            batch = collate_groups(table.slice(start, 256), collate)
+            weight = int(batch.cand_mask.sum())
+            total += weight
+            logits = {}
+            for mode, training in (("train", True), ("served", False)):
+                logits[mode] = logits_of(model.train(training)(batch))
+                bce[mode] += float(masked_bce(logits[mode], batch.labels, batch.cand_mask).mean()) * weight
+            real = batch.cand_mask
+            diff += float((logits["served"][real] - logits["train"][real]).pow(2).sum())
+            norm += float(logits["train"][real].pow(2).sum())
+    return {
+        "moe_bce_train_router": bce["train"] / max(total, 1),
+        "moe_bce_served": bce["served"] / max(total, 1),
+        "moe_logit_rel_diff": math.sqrt(diff / norm) if norm else math.nan,
+    }
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
@@ -70,7 +119,10 @@ def mean_std(values: list[float]) -> dict[str, float]:
 
 
 def targets(variants: dict[str, dict], floors: dict[str, dict]) -> dict[str, dict]:
-    """The issue's targets, each met or missed with the numbers (only rows that were run)."""
+    """Issue 20's targets, each met or missed with the numbers (only rows that were run):
+    ``full`` ahead of ``din`` and ``dcnv2`` by >= 0.01 like AUC and like UAUC; ``longer`` ahead of
+    ``din``; tokenmixer_large >= rankmixer >= dlrm_mlp; ``ugsep`` within one seed std of
+    tokenmixer_large; every variant >= 0.02 above the best floor."""
     auc = lambda v, m="like_auc": variants[v][m]["mean"] if v in variants else math.nan
     out = {}
 
@@ -81,8 +133,11 @@ def targets(variants: dict[str, dict], floors: dict[str, dict]) -> dict[str, dic
         for metric in ("like_auc", "like_uauc"):
             if "full" in variants and other in variants:
                 gap = auc("full", metric) - auc(other, metric)
-                check(f"full_beats_{other}_{metric}", gap >= 0.005, f"full - {other} = {gap:+.4f} (target >= 0.005)")
-    order = ("tokenmixer_large", "rankmixer", "dcnv2", "dlrm_mlp")
+                check(f"full_beats_{other}_{metric}", gap >= 0.01, f"full - {other} = {gap:+.4f} (target >= 0.01)")
+    if "longer" in variants and "din" in variants:
+        gap = auc("longer") - auc("din")
+        check("longer_beats_din", gap > 0, f"longer - din = {gap:+.4f} (target > 0)")
+    order = ("tokenmixer_large", "rankmixer", "dlrm_mlp")
     present = [v for v in order if v in variants]
     if len(present) > 1:
         values = [auc(v) for v in present]
@@ -93,10 +148,20 @@ def targets(variants: dict[str, dict], floors: dict[str, dict]) -> dict[str, dic
         )
     if "ugsep" in variants and "tokenmixer_large" in variants:
         gap = auc("tokenmixer_large") - auc("ugsep")
-        check("ugsep_within_0.002", gap <= 0.002, f"tokenmixer_large - ugsep = {gap:+.4f} (target <= 0.002)")
+        std = variants["tokenmixer_large"]["like_auc"].get("std", 0.0)
+        check(
+            "ugsep_within_one_std",
+            abs(gap) <= std,
+            f"tokenmixer_large - ugsep = {gap:+.4f} (target |gap| <= {std:.4f})",
+        )
     best_floor = max(f["like_auc"] for f in floors.values())
     for v in variants:
-        check(f"{v}_beats_floors", auc(v) > best_floor, f"{v} {auc(v):.4f} vs best floor {best_floor:.4f}")
+        margin = auc(v) - best_floor
+        check(
+            f"{v}_beats_floors",
+            margin >= 0.02,
+            f"{v} {auc(v):.4f} - best floor {best_floor:.4f} = {margin:+.4f} (>= 0.02)",
+        )
     return out
 
 

@@ -84,9 +84,10 @@ def test_patience_ends_a_run_that_stops_improving_and_its_best_checkpoint_is_the
     and the summary, evaluation and export (find_checkpoint) name epoch 0's checkpoint."""
     storage = str(tmp_path)
     flat = ["--train.lr=1e-30", "--train.sparse_lr=1e-30", "--train.memory_lr=1e-30"]
-    args = train_args(small_lake, storage, "--train.run_name=flat", "--train.max_epochs=3", "--train.patience=1", *flat)
+    epochs = ["--train.max_epochs=3", "--train.patience=1", "--train.batch_size=32"]
+    args = train_args(small_lake, storage, "--train.run_name=flat", *epochs, *flat)
     summary = run_train(config_of(args))
-    per_epoch = _steps(small_lake)
+    per_epoch = _steps(small_lake, batch=32)
     assert (summary.stopped_early, summary.steps, summary.epochs, summary.best_epoch) == (True, 2 * per_epoch, 2, 0)
     best, last = read_meta(summary.checkpoint), read_meta(summary.last_checkpoint)
     assert (best.step, last.step) == (per_epoch, 2 * per_epoch)
