@@ -74,38 +74,48 @@ def train_and_evaluate(preset: str, overrides: list[str]) -> tuple[dict[str, flo
 
 
 def moe_serving_gap(config: PipelineConfig, checkpoint: str, max_groups: int = MOE_GAP_GROUPS) -> dict[str, float]:
-    """Train mode (the training router: RankMixer's dense ReLU gates) against eval mode (the served
-    sparse inference router) of one checkpoint on the first ``max_groups`` groups of
-    ``eval.split``: the BCE of each (mean over tasks) and the relative difference of their logits
-    over real candidates (MODELS.md: the served model must be close to the trained one)."""
-    import torch
-
+    """:func:`serving_gap` of checkpoint ``checkpoint`` on the first ``max_groups`` groups of
+    ``eval.split`` (at the samples version it was trained on)."""
     from components.checkpoint import load_model
-    from components.collate import CollateConfig, collate_groups
     from components.training_data import pin_training_data
-    from models.task import logits_of, masked_bce
     from pipelines.reference_train import load_split
 
     model, meta = load_model(checkpoint, storage_options=config.lake.storage_options)
     data = pin_training_data(config.lake.root, config.lake.storage_options, meta.samples_version)
     max_seq_len = config.train.max_seq_len or data.max_seq_len
-    table = load_split(data, config.eval.split, max_seq_len).slice(0, max_groups)
+    return serving_gap(model, load_split(data, config.eval.split, max_seq_len).slice(0, max_groups), max_seq_len)
+
+
+def serving_gap(model, groups, max_seq_len: int) -> dict[str, float]:
+    """Train mode (the training router: RankMixer's dense ReLU gates) against eval mode (the served
+    sparse inference router) on resolved ``groups``: the BCE of each (mean over tasks) and the
+    relative difference of their logits over real candidates (the served model must stay close
+    to the trained one)."""
+    import torch
+
+    from components.collate import CollateConfig, collate_groups
+    from models.task import logits_of, masked_bce
+
     collate = CollateConfig(max_seq_len=max_seq_len)
     bce = {"train": 0.0, "served": 0.0}
     diff = norm = 0.0
     total = 0
-    with torch.no_grad():
-        for start in range(0, table.num_rows, 256):
-            batch = collate_groups(table.slice(start, 256), collate)
-            weight = int(batch.cand_mask.sum())
-            total += weight
-            logits = {}
-            for mode, training in (("train", True), ("served", False)):
-                logits[mode] = logits_of(model.train(training)(batch))
-                bce[mode] += float(masked_bce(logits[mode], batch.labels, batch.cand_mask).mean()) * weight
-            real = batch.cand_mask
-            diff += float((logits["served"][real] - logits["train"][real]).pow(2).sum())
-            norm += float(logits["train"][real].pow(2).sum())
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            for start in range(0, groups.num_rows, 256):
+                batch = collate_groups(groups.slice(start, 256), collate)
+                weight = int(batch.cand_mask.sum())
+                total += weight
+                logits = {}
+                for mode, training in (("train", True), ("served", False)):
+                    logits[mode] = logits_of(model.train(training)(batch))
+                    bce[mode] += float(masked_bce(logits[mode], batch.labels, batch.cand_mask).mean()) * weight
+                real = batch.cand_mask
+                diff += float((logits["served"][real] - logits["train"][real]).pow(2).sum())
+                norm += float(logits["train"][real].pow(2).sum())
+    finally:
+        model.train(was_training)
     return {
         "moe_bce_train_router": bce["train"] / max(total, 1),
         "moe_bce_served": bce["served"] / max(total, 1),

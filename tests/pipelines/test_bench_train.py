@@ -71,22 +71,24 @@ def test_quality_ledger_keeps_finished_runs_and_refuses_another_budget(tmp_path)
     assert not ledger.path.exists()
 
 
-def test_moe_serving_gap_compares_the_training_router_with_the_served_one(small_lake, trained, tmp_path):
+def test_serving_gap_compares_the_training_router_with_the_served_one(small_lake):
     """A RankMixer-MoE's served (sparse inference) router differs from its training router: the
-    gap is measured; a model without MoE (the shared tokenmixer_large run) has none."""
-    from pipelines.bench_quality import moe_serving_gap
-    from pipelines.train import run_train
+    gap is measured on real groups; a model without MoE has none."""
+    from components.training_data import pin_training_data, resolved_model
+    from models.variants import build_model
+    from pipelines.bench_quality import serving_gap
+    from pipelines.reference_train import load_split
     from tests.small_runs import config_of, train_args
 
-    # Two steps: the routers differ from the first step on (each has its own init and loss).
-    quick = ["--train.max_steps=2", "--train.valid_every_epoch=false"]
-    args = train_args(small_lake, str(tmp_path), "--model.variant=rankmixer_moe", "--train.run_name=moe", *quick)
-    config = config_of(args)
-    summary = run_train(config)
-    gap = moe_serving_gap(config, summary.checkpoint, max_groups=40)
-    assert set(gap) == {"moe_bce_train_router", "moe_bce_served", "moe_logit_rel_diff"}
-    assert 0 < gap["moe_bce_train_router"] < 5 and 0 < gap["moe_bce_served"] < 5
-    assert 0 < gap["moe_logit_rel_diff"] < 10
-    control = moe_serving_gap(config_of(train_args(small_lake, trained[0])), trained[1], max_groups=40)
-    assert control["moe_logit_rel_diff"] == 0.0
-    assert control["moe_bce_served"] == control["moe_bce_train_router"]
+    data = pin_training_data(small_lake)
+    groups = load_split(data, "test", 16).slice(0, 40)
+    gaps = {}
+    for variant in ("rankmixer_moe", "tokenmixer_large"):
+        config = config_of(train_args(small_lake, "unused", f"--model.variant={variant}"))
+        torch.manual_seed(0)
+        gaps[variant] = serving_gap(build_model(resolved_model(config.model, data)), groups, 16)
+    moe, plain = gaps["rankmixer_moe"], gaps["tokenmixer_large"]
+    assert set(moe) == {"moe_bce_train_router", "moe_bce_served", "moe_logit_rel_diff"}
+    assert 0 < moe["moe_bce_train_router"] < 5 and 0 < moe["moe_bce_served"] < 5
+    assert 0 < moe["moe_logit_rel_diff"] < 10  # two routers, two gatings
+    assert plain["moe_logit_rel_diff"] == 0.0 and plain["moe_bce_served"] == plain["moe_bce_train_router"]
