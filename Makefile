@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PRESET ?= demo
 
-.PHONY: demo test test-avx2 lint format install bench-data bench-models clean
+.PHONY: demo test test-quality test-avx2 lint format install bench-data bench-models clean
 
 install: $(STAMP)
 
@@ -22,6 +22,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Ranking quality on real data (MovieLens, a few minutes): like AUC above a bound set from measured
+# seeds (tests/quality). Apart from `make test`, which deselects it; .ci/run calls both.
+test-quality: $(STAMP)
+	$(PY) -m pytest -q -s -m quality tests/quality
 
 # The CPU-sensitive tests again with ATen and oneDNN held to AVX2: an AVX-512 machine then makes
 # the kernel choices (models/capability.py reads both variables) and runs the kernels an AVX2-only
