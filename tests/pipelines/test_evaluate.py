@@ -57,8 +57,8 @@ def test_metrics_json_equals_scoring_the_split_directly(small_lake, trained, tmp
     assert report["metrics"]["num_candidates"] == int(batch.cand_mask.sum())
 
 
-def test_default_checkpoint_is_the_latest_of_the_run_and_metrics_land_beside_it(small_lake, trained):
-    storage, checkpoint = trained
+def test_default_checkpoint_is_the_best_valid_of_the_run_and_metrics_land_beside_it(small_lake, trained):
+    storage, checkpoint = trained  # one epoch: its one validated checkpoint is the best
     assert main(train_args(small_lake, storage, "--train.run_name=base", "--eval.split=valid")) == 0
     report = json.loads((pytest.importorskip("pathlib").Path(storage) / "base" / "metrics_valid.json").read_text())
     assert report["checkpoint"] == checkpoint and report["split"] == "valid"
