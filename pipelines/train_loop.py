@@ -500,7 +500,7 @@ def _metric_lines(metrics: dict[str, float], width: int = 140) -> list[str]:
     lines = []
     for split in sorted({k.partition("/")[0] for k in metrics}):
         items = [
-            f"{name}={int(v)}" if name.startswith("num_") else f"{name}={v:.4f}"
+            f"{name}={int(v)}" if name.startswith("num_") or name == "epoch" else f"{name}={v:.4f}"
             for key, v in sorted(metrics.items())
             if (name := key.partition("/")[2] or key) and key.partition("/")[0] == split
         ]

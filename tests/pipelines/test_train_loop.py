@@ -56,7 +56,10 @@ def test_epoch_metrics_log_as_short_lines_per_split_with_counts_as_integers():
 
     metrics = {"train/loss": 1.5, "valid/like_auc": 0.48125, "valid/num_groups": 38.0}
     metrics |= {f"valid/metric_{i}": 0.5 for i in range(12)}
+    metrics |= {"best/epoch": 2.0, "best/valid_like_auc": 0.5}
     lines = _metric_lines(metrics, width=140)
+    assert lines[0] == "best: epoch=2, valid_like_auc=0.5000"
+    lines = lines[1:]
     assert lines[0] == "train: loss=1.5000"
     assert all(line.startswith("valid: ") and len(line) <= 140 for line in lines[1:]) and len(lines) > 2
     joined = " ".join(lines[1:])
