@@ -254,12 +254,18 @@ def _load_weights(model: nn.Module, file: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def _with_rows(table: pa.Table, index: str, rows: np.ndarray | None) -> pa.Table:
-    """``table`` with ``embedding_row``: the row each vocabulary index reads (itself without a map)."""
+def _embedding_rows(table: pa.Table, index: str, rows: np.ndarray | None) -> np.ndarray:
+    """The row each vocabulary index of ``table`` reads under the map ``rows`` (itself without one)."""
     idx = table[index].to_numpy().astype(np.int64)
-    if rows is not None and idx.size and idx.max() >= rows.size:
-        raise BundleError(f"write_bundle: {index} {idx.max()} is outside the model's {rows.size}-row id map")
-    values = idx if rows is None else rows[idx]
+    return idx if rows is None else rows[idx]
+
+
+def _with_rows(table: pa.Table, index: str, rows: np.ndarray | None) -> pa.Table:
+    """``table`` with ``embedding_row`` (:func:`_embedding_rows`)."""
+    top = int(table[index].to_numpy().max(initial=-1))
+    if rows is not None and top >= rows.size:
+        raise BundleError(f"write_bundle: {index} {top} is outside the model's {rows.size}-row id map")
+    values = _embedding_rows(table, index, rows)
     return table.append_column(ROW_COLUMN, pa.array(values.astype(np.int32), pa.int32()))
 
 
@@ -269,13 +275,12 @@ def _check_rows(path: str, model: nn.Module, items: pa.Table, users: pa.Table) -
     for table, name, index, kind in ((items, ITEMS, "item_idx", "item"), (users, USERS, "user_idx", "user")):
         if ROW_COLUMN not in table.column_names:
             raise BundleError(f"bundle {path}: {name} has no {ROW_COLUMN} column (re-export the checkpoint)")
-        idx = table[index].to_numpy().astype(np.int64)
-        want = idx if kind not in rows else rows[kind][idx]
+        want = _embedding_rows(table, index, rows.get(kind))
         have = table[ROW_COLUMN].to_numpy()
         if not np.array_equal(have, want):
             bad = int(np.flatnonzero(have != want)[0])
             raise BundleError(
-                f"bundle {path}: {name} gives {index} {idx[bad]} embedding row {have[bad]}, the model's "
+                f"bundle {path}: {name} gives {index} {table[index][bad]} embedding row {have[bad]}, the model's "
                 f"{kind} map gives {want[bad]} (vocabulary and weights come from different exports)"
             )
 

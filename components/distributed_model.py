@@ -62,15 +62,15 @@ def torchrec_tables(module: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
                 yield path, config.name, sub
 
 
-def _table_keys(module: nn.Module) -> list[str]:
-    """State-dict keys of every TorchRec table weight of the unsharded ``module``."""
-    state = module.state_dict(keep_vars=True)
-    candidates = (
+def _table_values(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every TorchRec table weight of the unsharded ``module``, by state-dict key."""
+    state = module.state_dict()
+    keys = (
         f"{path}.{attr}.{name}.weight"
         for path, name, _ in torchrec_tables(module)
         for attr in ("embeddings", "embedding_bags")
     )
-    return [key for key in candidates if key in state]
+    return {key: state[key].detach().clone() for key in keys if key in state}
 
 
 @torch.no_grad()
@@ -138,8 +138,7 @@ class DistributedRanker:
         plan = planner.collective_plan(task, sharders, dist.GroupMember.WORLD)
         # DMP re-draws every sharded table shard by shard with its init_fn, so the values would
         # not be the ones the seed gave the unsharded model: keep those and copy them back.
-        state = task.state_dict()
-        initial = {key: state[key].detach().clone() for key in _table_keys(task)}
+        initial = _table_values(task)
         module = DistributedModelParallel(task, device=device, sharders=sharders, plan=plan)
         _copy_into_shards(module, initial)
         dense = dict(in_backward_optimizer_filter(module.named_parameters()))

@@ -61,10 +61,13 @@ def rare_id_rows(train_counts: np.ndarray, min_count: int) -> np.ndarray:
         raise ValueError(f"min_count must be >= 0, got {min_count}")
     counts = np.asarray(train_counts)
     rows = np.where(counts >= min_count, np.arange(counts.size), OOV_ROW).astype(np.int64)
-    rows[: min(PAD_ROW + 1, rows.size)] = PAD_ROW
-    if rows.size > OOV_ROW:
-        rows[OOV_ROW] = OOV_ROW
+    rows[: OOV_ROW + 1] = np.arange(min(rows.size, OOV_ROW + 1))  # padding and OOV keep their rows
     return rows
+
+
+def num_shared(rows: np.ndarray) -> int:
+    """Ids a map sends to the shared OOV row (padding and OOV themselves not counted)."""
+    return int((np.asarray(rows)[OOV_ROW + 1 :] == OOV_ROW).sum())
 
 
 def id_rows_modules(model: nn.Module) -> dict[str, list[IdRows]]:
@@ -85,7 +88,7 @@ def share_rare_ids(model: nn.Module, rows: dict[str, np.ndarray]) -> dict[str, i
     for kind, table in rows.items():
         for module in modules[kind]:
             module.assign(table)
-    return {kind: int((np.asarray(table)[OOV_ROW + 1 :] == OOV_ROW).sum()) for kind, table in rows.items()}
+    return {kind: num_shared(table) for kind, table in rows.items()}
 
 
 def model_id_rows(model: nn.Module) -> dict[str, np.ndarray]:

@@ -60,8 +60,9 @@ class SparseArch(nn.Module):
         self.item_rows, self.user_rows = IdRows(config.item_vocab, "item"), IdRows(config.user_vocab, "user")
 
     def _rows(self, feature: str, ids: torch.Tensor) -> torch.Tensor:
-        table = FEATURE_TABLES[feature]
-        return self.item_rows(ids) if table == "t_item" else self.user_rows(ids) if table == "t_user" else ids
+        """The table rows of a feature's ids (tags have no rare-id map: every tag keeps its row)."""
+        rows = {"t_item": self.item_rows, "t_user": self.user_rows}.get(FEATURE_TABLES[feature])
+        return ids if rows is None else rows(ids)
 
     def forward(self, ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{"seq_item": (B, L), "user": (B,), ...}`` -> same keys, shapes + (embedding_dim,).

@@ -44,6 +44,7 @@ from components.checkpoint import (
 )
 from components.config_loader import to_dict
 from components.training_data import TrainingData, pin_training_data, rare_id_maps, resolved_model, train_counts
+from models.id_rows import OOV_ROW, num_shared
 from models.variants import ModelConfig
 from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig, TrainConfig
@@ -157,15 +158,15 @@ def build_spec(
     if counts is not None:
         f = config.features
         id_rows = rare_id_maps(counts, f.min_item_count, f.min_user_count)
-        shared = {kind: int((rows[2:] == 1).sum()) for kind, rows in id_rows.items()}
+        shared = {kind: num_shared(rows) for kind, rows in id_rows.items()}
         logger.info(
             "rare ids share the OOV row: %d of %d items (features.min_item_count=%d), %d of %d users "
             "(features.min_user_count=%d)",
             shared["item"],
-            id_rows["item"].size - 2,
+            id_rows["item"].size - (OOV_ROW + 1),
             f.min_item_count,
             shared["user"],
-            id_rows["user"].size - 2,
+            id_rows["user"].size - (OOV_ROW + 1),
             f.min_user_count,
         )
     return LoopSpec(
