@@ -40,7 +40,7 @@ class IdRows(nn.Module):
     @torch.no_grad()
     def assign(self, rows: np.ndarray | Tensor) -> None:
         """Set the map (e.g. from :func:`rare_id_rows`); it must keep padding and OOV in place."""
-        rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        rows = torch.tensor(np.asarray(rows), dtype=torch.long)  # a copy: the caller's array may be read-only
         if tuple(rows.shape) != tuple(self.rows.shape):
             raise ValueError(f"{self.kind} rows must be {tuple(self.rows.shape)}, got {tuple(rows.shape)}")
         if rows.numel() > OOV_ROW and (int(rows[PAD_ROW]) != PAD_ROW or int(rows[OOV_ROW]) != OOV_ROW):

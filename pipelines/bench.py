@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m pipelines.bench {data,models,train,quality,serving,perf} ... --json PATH``.
+"""Benchmarks: ``python -m pipelines.bench {data,models,train,quality,serving,perf,gpu} ... --json PATH``.
 
 Each benchmark measures against a baseline run in the same process and reports ratios,
 because the machines are shared and noisy. See README for the measured numbers.
@@ -11,7 +11,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: python -m pipelines.bench {data,models,train,quality,serving,perf} [options] --json PATH"
+    usage = "usage: python -m pipelines.bench {data,models,train,quality,serving,perf,gpu} [options] --json PATH"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.bench_serving import main as run
     elif kind == "perf":
         from pipelines.bench_perf import main as run
+    elif kind == "gpu":
+        from pipelines.bench_gpu import main as run
     else:
         print(f"unknown benchmark {kind!r}; {usage}", file=sys.stderr)
         return 2
