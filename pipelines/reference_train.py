@@ -53,11 +53,14 @@ class ReferenceSpec:
     lr: float = 1e-3  # Adam, every parameter
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    warmup_steps: int = 0  # the rate rises linearly to ``lr`` over these first steps; 0 = none
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
 
@@ -106,6 +109,12 @@ def score_split(model: torch.nn.Module, table: pa.Table, collate: CollateConfig,
     return acc.compute()
 
 
+def warmup_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The rate times ``min(1, (step + 1) / steps)``: linear warmup over ``steps`` (0: constant)."""
+    steps = max(steps, 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / steps))
+
+
 def train_reference(config: PipelineConfig, spec: ReferenceSpec) -> dict:
     """Train, score valid and test after every epoch; the run's record (best epoch by valid like AUC)."""
     if spec.threads:
@@ -135,6 +144,7 @@ def train_reference(config: PipelineConfig, spec: ReferenceSpec) -> dict:
         logger.info("reference: rare ids share the OOV row: %s", shared)
     task = RankingTask(model)
     optimizer = torch.optim.Adam(task.parameters(), lr=spec.lr)
+    schedule = warmup_schedule(optimizer, spec.warmup_steps)
     collate = CollateConfig(max_seq_len=max_seq_len)
     rng = np.random.default_rng(spec.seed)
     train = splits["train"]
@@ -149,6 +159,7 @@ def train_reference(config: PipelineConfig, spec: ReferenceSpec) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
             losses.append(float(loss.detach()))
         record = {
             "epoch": epoch,
@@ -188,12 +199,15 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate of every parameter")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="model init and data order")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (0: default)")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=defaults.warmup_steps, help="linear learning-rate warmup (0: none)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the run's record here")
 
 
 def _main(config: PipelineConfig, args: argparse.Namespace) -> int:
     try:
-        spec = ReferenceSpec(args.epochs, args.batch_size, args.lr, args.seed, args.threads)
+        spec = ReferenceSpec(args.epochs, args.batch_size, args.lr, args.seed, args.threads, args.warmup_steps)
     except ValueError as exc:
         print(f"reference_train: {exc}")
         return 2

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
+import torch
 
 from components import lake
 from components.training_data import pin_training_data
-from pipelines.reference_train import id_counts, load_split, main
+from pipelines.reference_train import ReferenceSpec, id_counts, load_split, main, warmup_schedule
 from tests.small_runs import TINY_MODEL, lake_args
 
 
@@ -52,3 +54,19 @@ def test_id_counts_are_the_events_before_the_valid_cutoff(small_lake):
 def test_bad_settings_exit_2(small_lake, capsys):
     assert main(["--config", "demo", *lake_args(small_lake), "--epochs", "0"]) == 2
     assert "--epochs must be >= 1" in capsys.readouterr().out
+    assert main(["--config", "demo", *lake_args(small_lake), "--warmup-steps", "-1"]) == 2
+    assert "--warmup-steps must be >= 0" in capsys.readouterr().out
+
+
+def test_warmup_raises_the_rate_linearly_to_lr():
+    """The schedule the loop builds: lr x min(1, (step + 1) / warmup) after each step."""
+    spec = ReferenceSpec(warmup_steps=4, lr=0.1)
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([param], lr=spec.lr)
+    schedule = warmup_schedule(optimizer, spec.warmup_steps)
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
