@@ -39,6 +39,5 @@ echo "lake ready after $(( $(date +%s) - started )) s: $LAKE"
 # One GPU: one worker, 128 groups a step, the last 1024 events, 2 epochs (best-valid kept).
 "$PYTHON" -m pipelines.bench gpu --device "$DEVICE" --json "$OUT/gpu_check.json" \
     --lake.root="$LAKE" --train.num_workers=1 --train.max_epochs=2 \
-    --train.storage_path="$OUT/checkpoints" --run.wandb_dir="$OUT" --run.reports_dir="$OUT/reports" \
-    --export.output="$OUT/bundle" --serve.bundle="$OUT/bundle" "${@:3}"
+    --train.storage_path="$OUT/checkpoints" --run.wandb_dir="$OUT" "${@:3}"
 echo "gpu_check: done in $(( $(date +%s) - started )) s; $OUT/gpu_check.json"

@@ -22,7 +22,6 @@ then not the GPU's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import time
@@ -36,7 +35,7 @@ from models.cost import flops_per_candidate, measure_peak_matmul_flops
 from models.variants import build_model
 from pipelines.bench_models import BenchSizes, random_groups
 from pipelines.cli import configure_logging
-from pipelines.config import PipelineConfig
+from pipelines.config import PipelineConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +57,14 @@ PEAK_SIZE = {"cuda": 8192, "cpu": 2048}
 def gpu_config(preset: str, overrides: list[str], device: str) -> PipelineConfig:
     """The preset with ``overrides``; ``--device cpu`` turns off what needs CUDA (nccl, row-wise, bf16,
     fused Adam: FBGEMM's CPU kernel is row-wise Adagrad, at its own rate)."""
+    cpu = TrainConfig()  # the CPU defaults: gloo, table/column-wise, fp32, row-wise Adagrad at its rates
     extra = [
         "--train.use_gpu=false",
-        "--train.sharding_types=[table_wise,column_wise]",
+        f"--train.sharding_types=[{','.join(cpu.sharding_types)}]",
         "--train.bf16=false",
-        "--train.sparse_optimizer=rowwise_adagrad",
-        "--train.sparse_lr=0.05",
-        "--train.memory_lr=0.05",
+        f"--train.sparse_optimizer={cpu.sparse_optimizer}",
+        f"--train.sparse_lr={cpu.sparse_lr}",
+        f"--train.memory_lr={cpu.memory_lr}",
     ]
     config = load_config(PipelineConfig, preset, [*overrides, *(extra if device == "cpu" else [])])
     if device == "cuda" and not config.train.use_gpu:
@@ -85,9 +85,8 @@ def forward_flops_per_candidate(config: PipelineConfig) -> float:
 
 def run(config: PipelineConfig, device: str) -> dict:
     """Peak GEMM, train, evaluate the best checkpoint, peak GEMM again; the record (module docstring)."""
-    from pipelines.evaluate import run_evaluate
+    from pipelines.bench_quality import train_then_evaluate
     from pipelines.ray_runtime import ray_runtime
-    from pipelines.train import run_train
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
@@ -99,9 +98,7 @@ def run(config: PipelineConfig, device: str) -> dict:
     peaks = [measure_peak_matmul_flops(dtype, size=size, seconds=2.0, device=device)]
     fwd = forward_flops_per_candidate(config)
     with ray_runtime(config.ray):
-        summary = run_train(config)
-        eval_config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, checkpoint=summary.checkpoint))
-        report, _ = run_evaluate(eval_config)
+        summary, report = train_then_evaluate(config)
     peaks.append(measure_peak_matmul_flops(dtype, size=size, seconds=2.0, device=device))
     t, world = config.train, config.train.num_workers
     rate = summary.candidates_per_s

@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,10 @@ from components.floors import floor_metrics
 from models.variants import VARIANTS
 from pipelines.cli import configure_logging
 from pipelines.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from pipelines.evaluate import EvalReport
+    from pipelines.train import TrainSummary
 
 logger = logging.getLogger(__name__)
 
@@ -56,17 +61,24 @@ MOE_VARIANTS = ("rankmixer_moe", "tokenmixer_large_moe")
 MOE_GAP_GROUPS = 1024  # test groups the train-vs-served comparison reads
 
 
-def train_and_evaluate(preset: str, overrides: list[str]) -> tuple[dict[str, float], float]:
-    """One run through the real stages; (test metrics, seconds). Ray must be up."""
+def train_then_evaluate(config: PipelineConfig) -> tuple[TrainSummary, EvalReport]:
+    """``pipelines.train`` then ``pipelines.evaluate`` of the run's best-valid checkpoint:
+    (TrainSummary, EvalReport). Ray must be up."""
     from pipelines.evaluate import run_evaluate
     from pipelines.train import run_train
 
-    started = time.perf_counter()
-    config = load_config(PipelineConfig, preset, overrides)
     summary = run_train(config)
     report, _ = run_evaluate(
         dataclasses.replace(config, eval=dataclasses.replace(config.eval, checkpoint=summary.checkpoint))
     )
+    return summary, report
+
+
+def train_and_evaluate(preset: str, overrides: list[str]) -> tuple[dict[str, float], float]:
+    """One run through the real stages; (test metrics, seconds). Ray must be up."""
+    started = time.perf_counter()
+    config = load_config(PipelineConfig, preset, overrides)
+    summary, report = train_then_evaluate(config)
     metrics = dict(report.metrics)
     if config.model.variant in MOE_VARIANTS:
         metrics |= moe_serving_gap(config, summary.checkpoint)
