@@ -44,7 +44,7 @@ from components import object_store
 from components.json_record import parse_record
 from models.id_rows import model_id_rows
 
-BUNDLE_FORMAT = 2  # 2: vocabularies carry embedding_row, weights the rare-id map
+BUNDLE_FORMAT = 3  # 2: vocabularies carry embedding_row, weights the rare-id map; 3: unit-scaled user dense features
 DEFAULT_CACHE_DIR = object_store.DEFAULT_CACHE_DIR  # local copies of object-store bundles (serve.bundle_cache)
 MANIFEST = "bundle.json"
 WEIGHTS = "weights.safetensors"

@@ -39,13 +39,14 @@ def test_sequences_left_padded_most_recent_last():
 
 
 def test_user_dense_features_by_hand():
-    # [log1p(history size) / 10, mean action / 10, gap bucket of the MOST RECENT event / 32]
+    # [log1p(history size) - 5, mean action - 7, (gap bucket of the MOST RECENT event - 16) / 8]
     batch = collate_groups(_rows())
-    expected = [[np.log1p(3) / 10, (8 + 10 + 2) / 3 / 10, 2 / 32], [np.log1p(1) / 10, 4 / 10, 10 / 32]]
+    expected = [[np.log1p(3) - 5, (8 + 10 + 2) / 3 - 7, (2 - 16) / 8], [np.log1p(1) - 5, 4 - 7, (10 - 16) / 8]]
     np.testing.assert_allclose(batch.user_dense.numpy(), expected, rtol=1e-6)
     # Truncation to the last 2 events changes every feature the same way serving would.
     short = collate_groups(_rows(), CollateConfig(max_seq_len=2))
-    np.testing.assert_allclose(short.user_dense[0].numpy(), [np.log1p(2) / 10, (10 + 2) / 2 / 10, 2 / 32], rtol=1e-6)
+    expected_short = [np.log1p(2) - 5, (10 + 2) / 2 - 7, (2 - 16) / 8]
+    np.testing.assert_allclose(short.user_dense[0].numpy(), expected_short, rtol=1e-6)
 
 
 def test_candidate_side_features_by_hand():
@@ -107,6 +108,18 @@ def test_iter_torch_batches_with_collate_fn(ray_session):
     direct = collate_groups(_rows())
     assert torch.equal(batches[0].seq_item, direct.seq_item)
     assert torch.equal(batches[0].labels, direct.labels)
+
+
+def test_user_dense_features_without_history_by_hand():
+    # A user with no events yet: log1p(0) - 5, mean action at its centre (0), pad gap bucket 0 -> -2.
+    table = _rows()
+    for name in ("seq_item_idx", "seq_action", "seq_ts"):
+        column = table.column(name).to_pylist()
+        column[1] = []
+        table = table.set_column(table.column_names.index(name), name, pa.array(column, table.schema.field(name).type))
+    batch = collate_groups(table)
+    assert batch.seq_len.tolist() == [3, 0]
+    np.testing.assert_allclose(batch.user_dense[1].numpy(), [-5.0, 0.0, -2.0], rtol=1e-6)
 
 
 def test_first_row_without_candidates_is_fine():
