@@ -74,7 +74,8 @@ def _right_pad(values: np.ndarray, lengths: np.ndarray, width: int, dtype: np.dt
 # 0 (MovieLens train requests: std 0.85, 0.89, 0.91), the scale of the N(0, 1) embedding entries it
 # is concatenated with. Divided by 10 or 32 instead (std ~0.09), the user's mean rating, which
 # alone ranks like-among-engaged at AUC 0.84, was all but invisible to the ranker's tokenizer:
-# `full` like AUC 0.731 -> 0.768, like-among-engaged 0.65 -> 0.75 (docs/MODELS.md "Dense scale").
+# `full` like AUC 0.731 -> 0.760, like-among-engaged 0.65 -> 0.74 (reference loop, seed 0;
+# docs/MODELS.md "Dense scale").
 # Fixed numbers, not statistics of a lake, so that training and serving cannot disagree.
 LOG_HISTORY_CENTRE = 5.0  # log1p(history size): e^5 ~ 150 events
 ACTION_CENTRE = 7.0  # mean action bucket (1..10 = ratings 0.5..5, 11 = other): rating 3.5
