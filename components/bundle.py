@@ -44,7 +44,9 @@ from components import object_store
 from components.json_record import parse_record
 from models.id_rows import model_id_rows
 
-BUNDLE_FORMAT = 3  # 2: vocabularies carry embedding_row, weights the rare-id map; 3: unit-scaled user dense features
+# 2: vocabularies carry embedding_row, weights the rare-id map; 3: unit-scaled user dense features;
+# 4: the ranker's cross network (cross_net token and logit path)
+BUNDLE_FORMAT = 4
 DEFAULT_CACHE_DIR = object_store.DEFAULT_CACHE_DIR  # local copies of object-store bundles (serve.bundle_cache)
 MANIFEST = "bundle.json"
 WEIGHTS = "weights.safetensors"

@@ -14,7 +14,10 @@ within 1e-5 (tests/models/test_ranker.py).
 Token layout (MODELS.md §1; a token is USER only if every input is user-side):
   user:  user (id emb ++ dense), seq_* (LONGER summary tokens or pooled windows), [lmn_user]
   group: [global], item (id emb), item_side (genres, year, tags), cross_seq (LONGER
-         candidate output or item ⊙ sequence mean), cross_user (item ⊙ user), [lmn_group]
+         candidate output or item ⊙ sequence mean), cross_net (DCNv2 cross of the user,
+         sequence summary, item and item side; cross_layers = 0: cross_user, item ⊙ user),
+         [lmn_group]
+With ``cross_logit`` the crossed vector also adds a linear logit beside the heads.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import Tensor, nn
 from torchrec import EmbeddingBagCollection
 
 from models.batch import NUM_GENRES, NUM_YEAR_BUCKETS, GroupBatch
+from models.cross import CrossNetwork
 from models.embedding_init import embedding
 from models.layers import AuxLosses, BackboneOutput, masked_mean
 from models.longer import LongerConfig, LongerEncoder, LongerUserState
@@ -80,6 +84,13 @@ class RankerConfig:
     lmn_loss_weight: float = 0.1
     head_hidden: int = 64
     num_tasks: int = 2
+    # DCNv2 cross layers over x0 = [user ++ dense, sequence summary, item, item side] (0 = none): the
+    # crossed vector is a group token ("cross_net") and, with ``cross_logit``, also feeds a linear
+    # logit path beside the heads (DCNv2's parallel head). Explicit products of the user's and the
+    # candidate's raw features, which the token mixers otherwise reach only through their MLPs
+    # (docs/MODELS.md, "The cross").
+    cross_layers: int = 3
+    cross_logit: bool = True
 
     def __post_init__(self) -> None:
         groups = len(self._base_groups())
@@ -88,6 +99,10 @@ class RankerConfig:
                 f"RankerConfig: num_feature_tokens={self.num_feature_tokens} is below the {groups} feature "
                 "groups of this layout (every group needs a token); 0 gives one token per group"
             )
+        if self.cross_layers < 0:
+            raise ValueError(f"RankerConfig: cross_layers={self.cross_layers} must be >= 0 (0 = no cross network)")
+        if self.cross_logit and not self.cross_layers:
+            raise ValueError("RankerConfig: cross_logit needs cross_layers >= 1 (the logit path reads the cross)")
         if self.lmn_window < 0:
             raise ValueError(f"RankerConfig: lmn_window={self.lmn_window} must be >= 0 (0 = whole sequence)")
         if self.backbone == "rankmixer" and self.dim % self.num_tokens:
@@ -135,11 +150,27 @@ class RankerConfig:
             FeatureGroup("item", e, "group"),
             FeatureGroup("item_side", NUM_GENRES + YEAR_DIM + e, "group"),
             FeatureGroup("cross_seq", s, "group"),
-            FeatureGroup("cross_user", e, "group"),
         ]
+        # The user x candidate cross: DCNv2's cross network when on (it holds item ⊙ W user among
+        # its degree-2 terms), else the single Hadamard product; one token either way, so the
+        # token count (and RankMixer's H = T) does not change.
+        if self.cross_layers:
+            groups.append(FeatureGroup("cross_net", self.cross_user_dim + self.cross_cand_dim, "group"))
+        else:
+            groups.append(FeatureGroup("cross_user", e, "group"))
         if self.use_lmn:
             groups.append(FeatureGroup("lmn_group", self.dim, "group"))
         return tuple(groups)
+
+    @property
+    def cross_user_dim(self) -> int:
+        """The cross network's user half: the user vector ++ the sequence summary."""
+        return self.user_dim + self.seq_dim
+
+    @property
+    def cross_cand_dim(self) -> int:
+        """The cross network's candidate half: item embedding ++ item side (genres, year, tags)."""
+        return 2 * self.sparse.embedding_dim + NUM_GENRES + YEAR_DIM
 
     def tokenizer_config(self) -> TokenizerConfig:
         use_global = self.use_global_token and self.backbone == "tokenmixer_large"
@@ -201,7 +232,7 @@ class Ranker(nn.Module):
         e, d = cfg.sparse.embedding_dim, cfg.dim
         self.sparse_arch = SparseArch(cfg.sparse)
         self.year_emb = embedding(NUM_YEAR_BUCKETS, YEAR_DIM)
-        self.user_cross = nn.Linear(cfg.user_dim, e)
+        self.user_cross = None if cfg.cross_layers else nn.Linear(cfg.user_dim, e)
         if cfg.use_longer:
             self.longer_cfg = replace(cfg.longer, item_dim=e)
             self.longer = LongerEncoder(self.longer_cfg)
@@ -226,6 +257,12 @@ class Ranker(nn.Module):
             self.backbone = (
                 TokenMixerLarge(backbone_cfg) if cfg.backbone == "tokenmixer_large" else RankMixer(backbone_cfg)
             )
+        self.cross = (
+            CrossNetwork(cfg.cross_user_dim, cfg.cross_cand_dim, cfg.cross_layers, rank=None)
+            if cfg.cross_layers
+            else None
+        )
+        self.cross_head = nn.Linear(cfg.cross_user_dim + cfg.cross_cand_dim, cfg.num_tasks) if cfg.cross_logit else None
         self.heads = nn.ModuleList(
             nn.Sequential(nn.Linear(d, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, 1))
             for _ in range(cfg.num_tasks)
@@ -309,8 +346,15 @@ class Ranker(nn.Module):
             cross_seq = self.longer.score(state.longer, self.longer_cand(item))  # (B, N, S)
         else:
             cross_seq = item * state.seq_mean.unsqueeze(1)
-        cross_user = item * self.user_cross(state.user_vec).unsqueeze(1)
-        features = {"item": item, "item_side": side, "cross_seq": cross_seq, "cross_user": cross_user}
+        features = {"item": item, "item_side": side, "cross_seq": cross_seq}
+        if self.cross is None:
+            features["cross_user"] = item * self.user_cross(state.user_vec).unsqueeze(1)
+        else:
+            # The first cross layer's user half runs once per group (SplitLinear), as in DCNv2.
+            user = torch.cat([state.user_vec, state.seq_mean], -1)  # (B, cross_user_dim)
+            cand = torch.cat([item, side], -1)  # (B, N, cross_cand_dim)
+            x0 = torch.cat([user.unsqueeze(1).expand(-1, cand.shape[1], -1), cand], -1)
+            features["cross_net"] = self.cross(user, cand, x0)
         if self.lmn is not None:
             features["lmn_group"] = self.lmn.group_tokens(state.user_vec, item)
         return features
@@ -326,6 +370,8 @@ class Ranker(nn.Module):
             x_group = x_group * state.gate[:, None, None]
         out = self._backbone(state, x_group, reference)
         logits = torch.cat([head(out.pooled) for head in self.heads], -1)  # (B, N, tasks)
+        if self.cross_head is not None:
+            logits = logits + self.cross_head(features["cross_net"])
         logits = logits * batch.cand_mask.unsqueeze(-1).to(logits.dtype)
         aux = AuxLosses()
         aux.merge(state.aux)

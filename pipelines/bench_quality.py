@@ -271,6 +271,7 @@ def run_table(args: argparse.Namespace, variants: tuple[str, ...], seeds: int, e
             "sparse_lr": t.sparse_lr,
             "embedding_dim": base.model.ranker.sparse.embedding_dim,
             "dim": base.model.ranker.dim,
+            "overrides": list(extra),
             "run_seconds": {key: run["seconds"] for key, run in ledger.runs.items()},
         },
         "targets": targets(rows, floors),
@@ -317,6 +318,31 @@ def run_seq_lens(args: argparse.Namespace, lengths: list[int], seeds: int, extra
     }
     ledger.done()
     return result
+
+
+def reuse_rows(result: dict, earlier: Path) -> None:
+    """Add the rows of ``earlier`` (a table JSON) whose variants this run did not train, in place, and
+    recompute the targets over every row. Refused unless both were run with the same budget (preset,
+    seeds, epochs, sizes, learning rates, overrides): one table must never mix budgets."""
+    if not earlier.is_file():
+        raise ValueError(f"--reuse-rows: {earlier} does not exist")
+    old = json.loads(earlier.read_text())
+    if "variants" not in old:
+        raise ValueError(f"--reuse-rows: {earlier} is not a quality table (no 'variants')")
+    same = lambda budget: {k: v for k, v in budget.items() if k != "run_seconds"}
+    mine, theirs = same(result["budget"]), same(old["budget"])
+    theirs.setdefault("overrides", [])  # tables written before overrides were recorded ran with none
+    if mine != theirs or old.get("seeds") != result["seeds"]:
+        raise ValueError(
+            f"--reuse-rows: {earlier} was run with {theirs} and {old.get('seeds')} seed(s), this table with "
+            f"{mine} and {result['seeds']}; re-run those rows instead"
+        )
+    reused = [v for v in old["variants"] if v not in result["variants"]]
+    result["variants"].update({v: old["variants"][v] for v in reused})
+    seconds = old["budget"].get("run_seconds", {})
+    result["budget"]["run_seconds"].update({k: s for k, s in seconds.items() if k.split("/")[0] in reused})
+    result["reused_rows"] = {"from": str(earlier), "variants": reused}
+    result["targets"] = targets(result["variants"], result["floors"])
 
 
 COLUMNS = ("like_auc", "like_uauc", "like_auc_warm", "like_auc_cold", "engage_auc", "like_auc_engaged", "like_logloss")
@@ -379,6 +405,12 @@ def main(argv: list[str] | None = None) -> int:
         "--resume", action="store_true", help="reuse the finished runs of an interrupted bench (<json>.partial.json)"
     )
     parser.add_argument("--variants", default="", help="comma-separated subset (default: all of MODELS.md §7)")
+    parser.add_argument(
+        "--reuse-rows",
+        default="",
+        help="an earlier table JSON of the same preset and overrides: its rows of variants not in --variants "
+        "join this table unchanged (for models whose code did not change; the result names them)",
+    )
     parser.add_argument("--seq-lens", default="", help="e.g. 16,64,256,1024,2000: the sequence-length study")
     parser.add_argument("overrides", nargs="*", help="--section.key=value overrides of the preset")
     args, unknown = parser.parse_known_args(argv)
@@ -399,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         extra = ["--train.max_epochs=1", *extra] if args.quick else extra
         result = run_table(args, variants, 1 if args.quick else args.seeds, extra)
+        if args.reuse_rows:
+            reuse_rows(result, Path(args.reuse_rows))
     result["quick"], result["total_s"] = args.quick, round(time.perf_counter() - started, 1)
     path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(json.dumps(result.get("targets", result.get("by_max_seq_len")), indent=2))

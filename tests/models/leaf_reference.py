@@ -383,8 +383,20 @@ def group_logits(w: Weights, rc, batch: GroupBatch, b: int, n: int) -> tuple[Ten
             [batch.cand_genres[b, n].double(), w("year_emb.weight")[batch.cand_year[b, n]], tag_mean]
         ),
         "cross_seq": cross_seq,
-        "cross_user": item * w.linear("user_cross", user_vec),
     }
+    if rc.cross_layers:  # DCNv2: x_{l+1} = x0 * (W_l x_l + b_l) + x_l over x0 = [user, seq mean, item, side]
+        x0 = torch.cat([user_vec, seq_mean, item, features["item_side"]])
+        crossed = x0
+        for layer in range(rc.cross_layers):
+            if layer == 0:  # the first W is split into its user and candidate column blocks
+                w_first = torch.cat([w("cross.first_down.user.weight"), w("cross.first_down.cand.weight")], 1)
+                inner = w_first @ x0 + w("cross.first_down.user.bias")
+            else:
+                inner = w.linear(f"cross.downs.{layer - 1}", crossed)
+            crossed = x0 * inner + crossed
+        features["cross_net"] = crossed
+    else:
+        features["cross_user"] = item * w.linear("user_cross", user_vec)
     if rc.use_lmn:
         window = seq_items[-rc.lmn_window :] if rc.lmn_window else seq_items
         reads = [lmn_read(w, rc, e, user_vec) for e in window]
@@ -400,6 +412,8 @@ def group_logits(w: Weights, rc, batch: GroupBatch, b: int, n: int) -> tuple[Ten
     logits = torch.stack(
         [w.linear(f"heads.{k}.2", gelu(w.linear(f"heads.{k}.0", pooled)))[0] for k in range(rc.num_tasks)]
     )
+    if rc.cross_logit:
+        logits = logits + w.linear("cross_head", features["cross_net"])
     return logits, shallow
 
 

@@ -61,6 +61,8 @@ VARIANTS: dict[str, RankerConfig] = {
     # Feature groups split into 16 tokens (+ the global one): the papers' token counts.
     "ugsep_16_tokens": replace(_BASE, use_ugsep=True, num_feature_tokens=16),
     "rankmixer_pooling": replace(_BASE, backbone="rankmixer", sequence_encoder="pooling"),
+    # No cross network: the single item ⊙ user cross token and no cross logit path.
+    "tml_no_cross": replace(_BASE, cross_layers=0, cross_logit=False),
     "tml_moe": replace(_BASE, tokenmixer_large=replace(TINY_TML, moe=SparseMoEConfig(num_experts=4, top_k=1))),
     "rankmixer_moe": replace(
         _BASE,

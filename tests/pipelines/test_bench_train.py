@@ -71,6 +71,36 @@ def test_quality_ledger_keeps_finished_runs_and_refuses_another_budget(tmp_path)
     assert not ledger.path.exists()
 
 
+def test_reused_rows_join_the_table_only_from_the_same_budget(tmp_path):
+    from pipelines.bench_quality import reuse_rows
+
+    row = lambda auc: {"like_auc": {"mean": auc, "std": 0.0}, "like_uauc": {"mean": 0.7, "std": 0.0}}
+    budget = {"preset": "quality", "epochs": 1, "lr": 0.001, "overrides": []}
+    floors = {"item_mean_rating": {"like_auc": 0.62}}
+    earlier = tmp_path / "old.json"
+    old_budget = {k: v for k, v in budget.items() if k != "overrides"}  # written before overrides were recorded
+    old_budget["run_seconds"] = {"din/0": 5.0, "full/0": 9.0}
+    old = {"variants": {"din": row(0.76), "full": row(0.70)}, "budget": old_budget, "seeds": 1}
+    earlier.write_text(json.dumps(old))
+    result = {
+        "variants": {"full": row(0.80)},
+        "floors": floors,
+        "seeds": 1,
+        "budget": {**budget, "run_seconds": {"full/0": 8.0}},
+    }
+    reuse_rows(result, earlier)
+    # din joins; this run's full is kept, not the earlier one; the targets see both rows.
+    assert result["variants"]["din"] == row(0.76) and result["variants"]["full"] == row(0.80)
+    assert result["reused_rows"] == {"from": str(earlier), "variants": ["din"]}
+    assert result["budget"]["run_seconds"] == {"full/0": 8.0, "din/0": 5.0}
+    assert result["targets"]["full_beats_din_like_auc"]["met"]
+    other = {**result, "budget": {**budget, "lr": 0.003, "run_seconds": {}}}
+    with pytest.raises(ValueError, match="old.json was run with"):
+        reuse_rows(other, earlier)
+    with pytest.raises(ValueError, match="does not exist"):
+        reuse_rows(result, tmp_path / "missing.json")
+
+
 def test_serving_gap_compares_the_training_router_with_the_served_one(small_lake):
     """A RankMixer-MoE's served (sparse inference) router differs from its training router: the
     gap is measured on real groups; a model without MoE has none."""
