@@ -35,7 +35,10 @@ def test_a_full_queue_answers_429_with_retry_after_and_the_rest_are_served(stric
 
     responses = asyncio.run(burst())
     codes = [r.status_code for r in responses]
-    assert set(codes) <= {200, 429} and 429 in codes and 200 in codes, codes
+    assert set(codes) <= {200, 429, 503} and 429 in codes and 200 in codes, codes
+    # On a loaded machine a queued request can still miss even its degraded deadline: the
+    # scheduler then rejects it early as slo_unattainable, never as a replica failure.
+    assert all(r.json()["error"] == "slo_unattainable" for r in responses if r.status_code == 503)
     refused = next(r for r in responses if r.status_code == 429)
     assert refused.json()["error"] == "overloaded" and int(refused.headers["retry-after"]) >= 1
     text = strict.get("/metrics").text
