@@ -155,7 +155,7 @@ class RankerConfig:
         # its degree-2 terms), else the single Hadamard product; one token either way, so the
         # token count (and RankMixer's H = T) does not change.
         if self.cross_layers:
-            groups.append(FeatureGroup("cross_net", self.cross_user_dim + self.cross_cand_dim, "group"))
+            groups.append(FeatureGroup("cross_net", self.cross_dim, "group"))
         else:
             groups.append(FeatureGroup("cross_user", e, "group"))
         if self.use_lmn:
@@ -171,6 +171,11 @@ class RankerConfig:
     def cross_cand_dim(self) -> int:
         """The cross network's candidate half: item embedding ++ item side (genres, year, tags)."""
         return 2 * self.sparse.embedding_dim + NUM_GENRES + YEAR_DIM
+
+    @property
+    def cross_dim(self) -> int:
+        """Width of x0 and of the crossed vector (the cross_net token's input, the logit path's)."""
+        return self.cross_user_dim + self.cross_cand_dim
 
     def tokenizer_config(self) -> TokenizerConfig:
         use_global = self.use_global_token and self.backbone == "tokenmixer_large"
@@ -262,7 +267,7 @@ class Ranker(nn.Module):
             if cfg.cross_layers
             else None
         )
-        self.cross_head = nn.Linear(cfg.cross_user_dim + cfg.cross_cand_dim, cfg.num_tasks) if cfg.cross_logit else None
+        self.cross_head = nn.Linear(cfg.cross_dim, cfg.num_tasks) if cfg.cross_logit else None
         self.heads = nn.ModuleList(
             nn.Sequential(nn.Linear(d, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, 1))
             for _ in range(cfg.num_tasks)
