@@ -45,8 +45,8 @@ from components.json_record import parse_record
 from models.id_rows import model_id_rows
 
 # 2: vocabularies carry embedding_row, weights the rare-id map; 3: unit-scaled user dense features;
-# 4: the ranker's cross network (cross_net token and logit path)
-BUNDLE_FORMAT = 4
+# 4: the ranker's cross network (cross_net token and logit path); 5: the ranker's dense arch (dense_arch)
+BUNDLE_FORMAT = 5
 DEFAULT_CACHE_DIR = object_store.DEFAULT_CACHE_DIR  # local copies of object-store bundles (serve.bundle_cache)
 MANIFEST = "bundle.json"
 WEIGHTS = "weights.safetensors"

@@ -364,7 +364,8 @@ def group_logits(w: Weights, rc, batch: GroupBatch, b: int, n: int) -> tuple[Ten
     table = lambda name: w(f"sparse_arch.embedding_collection.embeddings.{name}.weight")
     seq_items = table("t_item")[batch.seq_item[b, valid]]  # (n_valid, E)
     item = table("t_item")[batch.cand_item[b, n]]
-    user_vec = torch.cat([table("t_user")[batch.user_id[b]], batch.user_dense[b].double()])
+    dense = batch.user_dense[b].double()
+    user_vec = torch.cat([table("t_user")[batch.user_id[b]], w.linear("dense_arch", dense) if rc.dense_dim else dense])
     if rc.use_longer:
         events = (seq_items, batch.seq_action[b, valid], batch.seq_gap[b, valid])
         summary, cross_seq = longer_outputs(w, rc.longer, user_vec, events, w.linear("longer_cand", item))

@@ -50,6 +50,7 @@ _BASE = RankerConfig(
     lmn=LMNConfig(hidden_dim=16, memory=replace(TINY_PKM, input_dim=16)),
     lmn_window=6,
     head_hidden=16,
+    dense_dim=8,
 )
 
 # Every variant the ranker tests cover; each is a setting of RankerConfig fields.
@@ -61,8 +62,9 @@ VARIANTS: dict[str, RankerConfig] = {
     # Feature groups split into 16 tokens (+ the global one): the papers' token counts.
     "ugsep_16_tokens": replace(_BASE, use_ugsep=True, num_feature_tokens=16),
     "rankmixer_pooling": replace(_BASE, backbone="rankmixer", sequence_encoder="pooling"),
-    # No cross network: the single item ⊙ user cross token and no cross logit path.
-    "tml_no_cross": replace(_BASE, cross_layers=0, cross_logit=False),
+    # No cross network (the single item ⊙ user cross token, no cross logit path) and no dense
+    # arch (raw dense features): the layout before both.
+    "tml_no_cross": replace(_BASE, cross_layers=0, cross_logit=False, dense_dim=0),
     "tml_moe": replace(_BASE, tokenmixer_large=replace(TINY_TML, moe=SparseMoEConfig(num_experts=4, top_k=1))),
     "rankmixer_moe": replace(
         _BASE,
