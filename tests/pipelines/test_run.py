@@ -139,10 +139,14 @@ def test_the_whole_run_serves_load_tests_and_reports(first_run):
     assert f"report: {folder / 'report.md'}" in out
     assert manifest.stages["export"].outputs["model_version"] == load_bundle(str(tmp / "bundle")).model_version
     assert manifest.stages["ingest"].outputs["versions"] == {"items": 0, "users": 0, "events": 0}
-    # The load test hit the served model at both rates and answered (the service was up).
+    # The load test hit the served model at both rates and it answered (the service was up).
+    # Answered with 200, not "within its SLO": on a loaded machine every request of a rate can miss
+    # its deadline (goodput 0) while the service works; latency is the serving bench's business.
     summary = json.loads((folder / "loadtest" / "summary.json").read_text())
     assert sorted(summary["runs"], key=float) == ["4", "8"]
-    assert all(run["offered"] > 0 and run["goodput_per_s"] > 0 for run in summary["runs"].values())
+    for rate, run in summary["runs"].items():
+        answered = run["offered"] - sum(run["rejected"].values())
+        assert run["offered"] > 0 and answered > 0, f"{rate} req/s: {run}"
     # The report: every section, its plots written beside it, numbers from the run's JSON.
     report = (folder / "report.md").read_text()
     for heading in ("## Stages", "## Data", "## Training", "## Quality", "## Serving", "## Load test", "## Artifacts"):
