@@ -30,7 +30,6 @@ REQUIRED_COLUMNS = (
     "cand_tags",
 )
 LABEL_COLUMNS = ("label_engage", "label_like")
-NUM_USER_DENSE = 3
 
 
 class CollateError(ValueError):

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from models.batch import NUM_ACTIONS, NUM_GENRES, NUM_YEAR_BUCKETS, GroupBatch
+from models.batch import NUM_ACTIONS, NUM_GENRES, NUM_USER_DENSE, NUM_YEAR_BUCKETS, GroupBatch
 from models.cross import CrossNetwork, SplitLinear
 from models.embedding_init import embedding
 from models.id_rows import IdRows
@@ -167,7 +167,7 @@ class DLRMMLP(nn.Module):
         *,
         num_users: int = 1 << 16,
         num_tags: int = 1024,
-        user_dense_dim: int = 3,
+        user_dense_dim: int = NUM_USER_DENSE,
     ) -> None:
         super().__init__()
         self.config = config = config or DLRMConfig()
@@ -211,7 +211,7 @@ class DCNv2(nn.Module):
         *,
         num_users: int = 1 << 16,
         num_tags: int = 1024,
-        user_dense_dim: int = 3,
+        user_dense_dim: int = NUM_USER_DENSE,
     ) -> None:
         super().__init__()
         self.config = config = config or DCNConfig()
@@ -333,7 +333,7 @@ class DIN(nn.Module):
         *,
         num_users: int = 1 << 16,
         num_tags: int = 1024,
-        user_dense_dim: int = 3,
+        user_dense_dim: int = NUM_USER_DENSE,
     ) -> None:
         super().__init__()
         self.config = config = config or DINConfig()

@@ -21,6 +21,8 @@ NUM_ACTIONS = 12  # 0 pad, 1..11 value buckets (ratings 0.5..5 -> 1..10, 11 = ot
 NUM_GAP_BUCKETS = 32  # log2 buckets of (request_ts - event_ts) in seconds, 0 = pad
 NUM_GENRES = 20  # genre multi-hot width
 NUM_YEAR_BUCKETS = 32  # 0 unknown, 1..31 five-year buckets
+# Width of GroupBatch.user_dense: history size, mean action, recency (components/collate.py).
+NUM_USER_DENSE = 3
 
 
 @dataclass

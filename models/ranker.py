@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torchrec import EmbeddingBagCollection
 
-from models.batch import NUM_GENRES, NUM_YEAR_BUCKETS, GroupBatch
+from models.batch import NUM_GENRES, NUM_USER_DENSE, NUM_YEAR_BUCKETS, GroupBatch
 from models.cross import CrossNetwork
 from models.embedding_init import embedding
 from models.layers import AuxLosses, BackboneOutput, masked_mean
@@ -42,7 +42,6 @@ from models.ugsep import UGSepBackbone, UGSepConfig, UserTokenStates
 
 POOL_WINDOWS = (8, 64)  # pooling encoder: means of the last 8, last 64 and all events
 YEAR_DIM = 8
-USER_DENSE_FEATURES = 3  # GroupBatch.user_dense: history size, mean action, recency (components/collate.py)
 # TorchRec names of the memories' value tables, set here whatever the configs say: the planner
 # and the sharded state dict key by table name, so MSN's and LMN's must differ.
 MSN_VALUE_TABLE = "t_msn_value"
@@ -136,7 +135,7 @@ class RankerConfig:
     @property
     def user_dim(self) -> int:
         """Width of the user vector: id embedding ++ dense arch output (raw dense features when 0)."""
-        return self.sparse.embedding_dim + (self.dense_dim or USER_DENSE_FEATURES)
+        return self.sparse.embedding_dim + (self.dense_dim or NUM_USER_DENSE)
 
     def feature_groups(self) -> tuple[FeatureGroup, ...]:
         """The layout's feature groups, each with its share of ``num_feature_tokens``."""
@@ -245,7 +244,7 @@ class Ranker(nn.Module):
         e, d = cfg.sparse.embedding_dim, cfg.dim
         self.sparse_arch = SparseArch(cfg.sparse)
         self.year_emb = embedding(NUM_YEAR_BUCKETS, YEAR_DIM)
-        self.dense_arch = nn.Linear(USER_DENSE_FEATURES, cfg.dense_dim) if cfg.dense_dim else None
+        self.dense_arch = nn.Linear(NUM_USER_DENSE, cfg.dense_dim) if cfg.dense_dim else None
         self.user_cross = None if cfg.cross_layers else nn.Linear(cfg.user_dim, e)
         if cfg.use_longer:
             self.longer_cfg = replace(cfg.longer, item_dim=e)
