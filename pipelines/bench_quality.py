@@ -275,6 +275,8 @@ def run_table(args: argparse.Namespace, variants: tuple[str, ...], seeds: int, e
             "run_seconds": {key: run["seconds"] for key, run in ledger.runs.items()},
         },
         "targets": targets(rows, floors),
+        # Each run's test metrics by "variant/seed": what the mean ± std rows summarise.
+        "runs": dict(ledger.runs),
     }
     ledger.done()
     return result
@@ -341,6 +343,8 @@ def reuse_rows(result: dict, earlier: Path) -> None:
     result["variants"].update({v: old["variants"][v] for v in reused})
     seconds = old["budget"].get("run_seconds", {})
     result["budget"]["run_seconds"].update({k: s for k, s in seconds.items() if k.split("/")[0] in reused})
+    runs = old.get("runs", {})  # tables written before per-run metrics were kept have none
+    result.setdefault("runs", {}).update({k: r for k, r in runs.items() if k.split("/")[0] in reused})
     result["reused_rows"] = {"from": str(earlier), "variants": reused}
     result["targets"] = targets(result["variants"], result["floors"])
 

@@ -54,6 +54,12 @@ class ReferenceSpec:
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     warmup_steps: int = 0  # the rate rises linearly to ``lr`` over these first steps; 0 = none
+    # "adam": the one Adam above also updates the TorchRec tables; "rowwise_adagrad": the tables
+    # get the real path's fused optimizer (FBGEMM's exact row-wise Adagrad, written out below) at
+    # ``table_lr`` (the sequence tables) and ``memory_lr`` (MSN/LMN values), as pipelines/train.py.
+    table_optimizer: str = "adam"
+    table_lr: float = 0.05
+    memory_lr: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -63,6 +69,51 @@ class ReferenceSpec:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.table_optimizer not in TABLE_OPTIMIZERS:
+            raise ValueError(f"--table-optimizer must be one of {list(TABLE_OPTIMIZERS)}, got {self.table_optimizer!r}")
+        if not (self.table_lr > 0 and self.memory_lr > 0):
+            raise ValueError(f"--table-lr and --memory-lr must be > 0, got {self.table_lr}, {self.memory_lr}")
+
+
+TABLE_OPTIMIZERS = ("adam", "rowwise_adagrad")
+
+
+class RowwiseAdagrad(torch.optim.Optimizer):
+    """FBGEMM's EXACT_ROWWISE_ADAGRAD on dense gradients: per row, ``state += mean(g²)`` and
+    ``w -= lr · g / (sqrt(state) + eps)``. Rows outside the batch have zero gradient and move by
+    nothing, as in the fused sparse kernel; weight decay 0, the real path's setting."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, eps: float = 1e-8) -> None:
+        super().__init__(params, {"lr": lr, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.reshape(p.shape[0], -1)
+                state = self.state[p]
+                if "sum" not in state:
+                    state["sum"] = torch.zeros(p.shape[0], dtype=p.dtype)
+                state["sum"] += g.pow(2).mean(1)
+                p.reshape(p.shape[0], -1).addcdiv_(
+                    g, state["sum"].sqrt().add_(group["eps"]).unsqueeze(1), value=-group["lr"]
+                )
+
+
+def table_parameters(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """The TorchRec tables the real path shards and updates with its fused optimizer: the
+    sequence tables (``EmbeddingCollection``) and the memory values (``EmbeddingBagCollection``)."""
+    from torchrec import EmbeddingBagCollection, EmbeddingCollection
+
+    sequence, memory = [], []
+    for module in model.modules():
+        if isinstance(module, EmbeddingCollection):
+            sequence += list(module.parameters())
+        elif isinstance(module, EmbeddingBagCollection):
+            memory += list(module.parameters())
+    return sequence, memory
 
 
 def load_split(data: TrainingData, split: str, max_seq_len: int) -> pa.Table:
@@ -143,7 +194,14 @@ def train_reference(config: PipelineConfig, spec: ReferenceSpec) -> dict:
         shared = share_rare_ids(model, rare_id_maps(counts, f.min_item_count, f.min_user_count))
         logger.info("reference: rare ids share the OOV row: %s", shared)
     task = RankingTask(model)
-    optimizer = torch.optim.Adam(task.parameters(), lr=spec.lr)
+    tables: list[torch.optim.Optimizer] = []
+    params = list(task.parameters())
+    if spec.table_optimizer == "rowwise_adagrad":
+        sequence, memory = table_parameters(task)
+        fused = {id(p) for p in sequence + memory}
+        params = [p for p in params if id(p) not in fused]
+        tables = [RowwiseAdagrad(ps, lr) for ps, lr in ((sequence, spec.table_lr), (memory, spec.memory_lr)) if ps]
+    optimizer = torch.optim.Adam(params, lr=spec.lr)
     schedule = warmup_schedule(optimizer, spec.warmup_steps)
     collate = CollateConfig(max_seq_len=max_seq_len)
     rng = np.random.default_rng(spec.seed)
@@ -156,9 +214,11 @@ def train_reference(config: PipelineConfig, spec: ReferenceSpec) -> dict:
         for start in range(0, train.num_rows, spec.batch_size):
             batch = collate_groups(train.take(order[start : start + spec.batch_size]), collate)
             loss, _ = task(batch)
-            optimizer.zero_grad(set_to_none=True)
+            for opt in (optimizer, *tables):
+                opt.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            for opt in (optimizer, *tables):
+                opt.step()
             schedule.step()
             losses.append(float(loss.detach()))
         record = {
@@ -202,12 +262,30 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--warmup-steps", type=int, default=defaults.warmup_steps, help="linear learning-rate warmup (0: none)"
     )
+    parser.add_argument(
+        "--table-optimizer",
+        choices=TABLE_OPTIMIZERS,
+        default=defaults.table_optimizer,
+        help="the TorchRec tables' optimizer: the one Adam, or the real path's row-wise Adagrad",
+    )
+    parser.add_argument("--table-lr", type=float, default=defaults.table_lr, help="row-wise Adagrad rate, tables")
+    parser.add_argument("--memory-lr", type=float, default=defaults.memory_lr, help="its rate, MSN/LMN values")
     parser.add_argument("--json", type=Path, default=None, help="write the run's record here")
 
 
 def _main(config: PipelineConfig, args: argparse.Namespace) -> int:
     try:
-        spec = ReferenceSpec(args.epochs, args.batch_size, args.lr, args.seed, args.threads, args.warmup_steps)
+        spec = ReferenceSpec(
+            args.epochs,
+            args.batch_size,
+            args.lr,
+            args.seed,
+            args.threads,
+            args.warmup_steps,
+            args.table_optimizer,
+            args.table_lr,
+            args.memory_lr,
+        )
     except ValueError as exc:
         print(f"reference_train: {exc}")
         return 2

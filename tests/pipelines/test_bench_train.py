@@ -80,19 +80,22 @@ def test_reused_rows_join_the_table_only_from_the_same_budget(tmp_path):
     earlier = tmp_path / "old.json"
     old_budget = {k: v for k, v in budget.items() if k != "overrides"}  # written before overrides were recorded
     old_budget["run_seconds"] = {"din/0": 5.0, "full/0": 9.0}
-    old = {"variants": {"din": row(0.76), "full": row(0.70)}, "budget": old_budget, "seeds": 1}
+    old_runs = {"din/0": {"like_auc": 0.76}, "full/0": {"like_auc": 0.70}}
+    old = {"variants": {"din": row(0.76), "full": row(0.70)}, "budget": old_budget, "seeds": 1, "runs": old_runs}
     earlier.write_text(json.dumps(old))
     result = {
         "variants": {"full": row(0.80)},
         "floors": floors,
         "seeds": 1,
         "budget": {**budget, "run_seconds": {"full/0": 8.0}},
+        "runs": {"full/0": {"like_auc": 0.80}},
     }
     reuse_rows(result, earlier)
     # din joins; this run's full is kept, not the earlier one; the targets see both rows.
     assert result["variants"]["din"] == row(0.76) and result["variants"]["full"] == row(0.80)
     assert result["reused_rows"] == {"from": str(earlier), "variants": ["din"]}
     assert result["budget"]["run_seconds"] == {"full/0": 8.0, "din/0": 5.0}
+    assert result["runs"] == {"full/0": {"like_auc": 0.80}, "din/0": {"like_auc": 0.76}}  # per-seed runs too
     assert result["targets"]["full_beats_din_like_auc"]["met"]
     other = {**result, "budget": {**budget, "lr": 0.003, "run_seconds": {}}}
     with pytest.raises(ValueError, match="old.json was run with"):
