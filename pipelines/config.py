@@ -19,6 +19,7 @@ from components.config_loader import ConfigError
 from components.ingest_sources import EventsFileConfig
 from components.lake import LakeConfig
 from components.load_schedule import LoadConfig
+from components.lr_schedule import LR_SCHEDULES
 from components.synthetic import SyntheticConfig
 from components.ts_units import DEFAULT_MAX_TS_AHEAD_S, DEFAULT_MIN_TS_S
 from models.variants import ModelConfig
@@ -160,6 +161,11 @@ class TrainConfig:
     # Sequence length L the model sees (the most recent events); 0 = the features run's max_seq_len.
     max_seq_len: int = 256
     lr: float = 1e-3  # AdamW, dense parameters
+    # The dense rate over the run (components/lr_schedule.py): "linear" falls from ``lr`` to ~0 at
+    # the run's last step (max_epochs x steps per epoch, or max_steps; early stopping ends it
+    # sooner). The fused table optimisers keep their rates (row-wise Adagrad decays by itself).
+    # Linear lifted `full`'s valid like AUC on 3 of 3 seeds (docs/MODELS.md, "The schedule").
+    lr_schedule: Literal["constant", "linear"] = "constant"
     weight_decay: float = 0.0
     # Fused TorchRec optimizer of the embedding tables, applied in the backward (never dense Adam state).
     sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
@@ -213,6 +219,8 @@ class TrainConfig:
         for name in ("lr", "sparse_lr", "memory_lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"train.lr_schedule={self.lr_schedule!r} is not one of {list(LR_SCHEDULES)}")
         if self.weight_decay < 0 or self.grad_clip_norm < 0 or self.shuffle_buffer < 0 or self.max_failures < -1:
             raise ConfigError("train.weight_decay, grad_clip_norm, shuffle_buffer must be >= 0, max_failures >= -1")
         allowed = GPU_SHARDING_TYPES if self.use_gpu else CPU_SHARDING_TYPES

@@ -31,6 +31,7 @@ import torch
 
 from components import lake
 from components.collate import CollateConfig, collate_groups
+from components.lr_schedule import LR_SCHEDULES, lr_factor
 from components.metrics import MetricsAccumulator
 from components.sequence_join import SEQUENCE_COLUMNS, resolve_sequences
 from components.training_data import TrainingData, pin_training_data, rare_id_maps, resolved_model, train_counts
@@ -54,6 +55,8 @@ class ReferenceSpec:
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     warmup_steps: int = 0  # the rate rises linearly to ``lr`` over these first steps; 0 = none
+    # The Adam's rate over the run, as the trainer's ``train.lr_schedule`` (components/lr_schedule.py).
+    lr_schedule: str = "constant"
     # "adam": the one Adam above also updates the TorchRec tables; "rowwise_adagrad": the tables
     # get the real path's fused optimizer (FBGEMM's exact row-wise Adagrad, written out below) at
     # ``table_lr`` (the sequence tables) and ``memory_lr`` (MSN/LMN values), as pipelines/train.py.
@@ -69,6 +72,8 @@ class ReferenceSpec:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr-schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.table_optimizer not in TABLE_OPTIMIZERS:
             raise ValueError(f"--table-optimizer must be one of {list(TABLE_OPTIMIZERS)}, got {self.table_optimizer!r}")
         if not (self.table_lr > 0 and self.memory_lr > 0):
@@ -160,10 +165,14 @@ def score_split(model: torch.nn.Module, table: pa.Table, collate: CollateConfig,
     return acc.compute()
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The rate times ``min(1, (step + 1) / steps)``: linear warmup over ``steps`` (0: constant)."""
+def warmup_schedule(
+    optimizer: torch.optim.Optimizer, steps: int, schedule: str = "constant", total_steps: int = 1
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The rate times ``min(1, (step + 1) / steps)`` (linear warmup over ``steps``; 0: none) and
+    times ``lr_factor(schedule, step, total_steps)``, the trainer's schedule."""
     steps = max(steps, 1)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / steps))
+    factor = lambda step: min(1.0, (step + 1) / steps) * lr_factor(schedule, min(step, total_steps - 1), total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def train_reference(config: PipelineConfig, spec: ReferenceSpec) -> dict:
@@ -202,7 +211,8 @@ def train_reference(config: PipelineConfig, spec: ReferenceSpec) -> dict:
         params = [p for p in params if id(p) not in fused]
         tables = [RowwiseAdagrad(ps, lr) for ps, lr in ((sequence, spec.table_lr), (memory, spec.memory_lr)) if ps]
     optimizer = torch.optim.Adam(params, lr=spec.lr)
-    schedule = warmup_schedule(optimizer, spec.warmup_steps)
+    total_steps = spec.epochs * -(-splits["train"].num_rows // spec.batch_size)
+    schedule = warmup_schedule(optimizer, spec.warmup_steps, spec.lr_schedule, total_steps)
     collate = CollateConfig(max_seq_len=max_seq_len)
     rng = np.random.default_rng(spec.seed)
     train = splits["train"]
@@ -263,6 +273,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warmup-steps", type=int, default=defaults.warmup_steps, help="linear learning-rate warmup (0: none)"
     )
     parser.add_argument(
+        "--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule, help="the Adam's rate over the run"
+    )
+    parser.add_argument(
         "--table-optimizer",
         choices=TABLE_OPTIMIZERS,
         default=defaults.table_optimizer,
@@ -282,6 +295,7 @@ def _main(config: PipelineConfig, args: argparse.Namespace) -> int:
             args.seed,
             args.threads,
             args.warmup_steps,
+            args.lr_schedule,
             args.table_optimizer,
             args.table_lr,
             args.memory_lr,

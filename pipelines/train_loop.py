@@ -41,6 +41,7 @@ from components.checkpoint import (
 from components.collate import CollateConfig, GroupCollateFn
 from components.distributed_model import DistributedRanker, ShardingSpec
 from components.host_memory import retain_freed_memory
+from components.lr_schedule import lr_factor
 from components.tracking import Tracker
 from models.capability import probe
 from pipelines.cli import configure_logging
@@ -267,8 +268,12 @@ def _autocast(spec: LoopSpec, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.train.bf16)
 
 
-def train_step(dr: DistributedRanker, batch, spec: LoopSpec, device: torch.device) -> dict[str, float]:
-    """One synchronous step: forward, backward (fused sparse update inside), dense AdamW."""
+def train_step(dr: DistributedRanker, batch, spec: LoopSpec, device: torch.device, step: int) -> dict[str, float]:
+    """One synchronous step after ``step`` steps: forward, backward (fused sparse update inside),
+    dense AdamW at ``train.lr`` times the schedule's factor for this step."""
+    rate = spec.train.lr * lr_factor(spec.train.lr_schedule, step, spec.total_steps)
+    for group in dr.dense_optimizer.param_groups:
+        group["lr"] = rate
     with _autocast(spec, device):
         loss, logs = dr.module(batch)
     dr.zero_grad()
@@ -276,7 +281,7 @@ def train_step(dr: DistributedRanker, batch, spec: LoopSpec, device: torch.devic
     if spec.train.grad_clip_norm:
         torch.nn.utils.clip_grad_norm_(dr.dense_parameters(), spec.train.grad_clip_norm)
     dr.step()
-    return logs
+    return {**logs, "lr": rate}
 
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -397,7 +402,7 @@ def _run(spec: LoopSpec, ctx) -> dict[str, Any]:
                 if i < progress.step_in_epoch or i >= spec.steps_per_epoch or progress.step >= spec.total_steps:
                     continue
                 torch.manual_seed(t.seed * 1_000_003 + progress.step * 1009 + rank)
-                logs = mean_over_ranks(train_step(dr, batch, spec, device))
+                logs = mean_over_ranks(train_step(dr, batch, spec, device, progress.step))
                 progress.step, progress.step_in_epoch = progress.step + 1, progress.step_in_epoch + 1
                 meter.add(batch)
                 if progress.step == warmup_steps:

@@ -80,6 +80,21 @@ def test_warmup_raises_the_rate_linearly_to_lr():
     assert rates == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
 
 
+def test_linear_schedule_times_warmup_as_the_trainer_decays():
+    """``--lr-schedule linear`` over 4 steps with a 2-step warmup: lr x min(1, (s+1)/2) x (1 - s/4)."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([param], lr=0.1)
+    schedule = warmup_schedule(optimizer, 2, "linear", 4)
+    rates = []
+    for _ in range(4):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([0.05, 0.075, 0.05, 0.025])
+    with pytest.raises(ValueError, match="--lr-schedule must be one of"):
+        ReferenceSpec(lr_schedule="cosine")
+
+
 def test_rowwise_adagrad_is_fbgemms_fused_kernel():
     """The loop's ``--table-optimizer rowwise_adagrad`` against FBGEMM's own CPU kernel, the one the
     real path's sharded tables run: same rows after three steps of lookups with repeated ids."""

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from components.checkpoint import latest_checkpoint, read_meta
 from models.ranker import Ranker
 from models.task import RankingTask
-from pipelines.train import main
+from pipelines.train import main, run_train
 from pipelines.train_loop import apply_activation_checkpointing
 from tests.models import ranker_factories as rf
-from tests.small_runs import train_args
+from tests.small_runs import config_of, train_args
 
 
 def test_activation_checkpointing_changes_neither_loss_gradients_nor_state_keys():
@@ -49,6 +50,27 @@ def test_bf16_with_activation_checkpointing_trains_and_checkpoints(small_lake, t
     assert main(args) == 0
     meta = read_meta(latest_checkpoint(f"{tmp_path}/bf16")[0])
     assert meta.step == 3 and meta.train["bf16"] and torch.isfinite(torch.tensor(meta.metrics["train/loss"]))
+
+
+def test_linear_schedule_lowers_the_dense_rate_every_step_to_lr_over_total(small_lake, tmp_path):
+    """``train.lr_schedule=linear`` over a 4-step run: the dense AdamW rate of each step, as the
+    run's history logs it, is lr x (1, 3/4, 1/2, 1/4); ``constant`` keeps lr throughout."""
+    rates = {}
+    for schedule in ("linear", "constant"):
+        args = train_args(
+            small_lake,
+            str(tmp_path),
+            f"--train.run_name={schedule}",
+            f"--train.lr_schedule={schedule}",
+            "--train.lr=0.002",
+            "--train.max_steps=4",
+            "--train.log_every_steps=1",
+            "--train.valid_every_epoch=false",
+        )
+        summary = run_train(config_of(args))
+        rates[schedule] = [h["lr"] for h in summary.history if "lr" in h]
+    assert rates["linear"] == pytest.approx([0.002, 0.0015, 0.001, 0.0005])
+    assert rates["constant"] == pytest.approx([0.002] * 4)
 
 
 def test_epoch_metrics_log_as_short_lines_per_split_with_counts_as_integers():
