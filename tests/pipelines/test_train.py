@@ -53,8 +53,10 @@ def test_one_epoch_in_process_leaves_a_complete_checkpoint(small_lake, trained, 
 
 def test_deterministic_resume_ends_at_the_uninterrupted_weights(small_lake, tmp_path):
     storage = str(tmp_path)
-    # 32 groups a step: a few dozen steps in all, each checkpointed, not a hundred.
+    # 32 groups a step: a few dozen steps in all, each checkpointed, not a hundred. A constant rate:
+    # the interrupted part runs to a smaller max_steps, and a linear schedule spans max_steps.
     common = [
+        "--train.lr_schedule=constant",
         "--train.deterministic=true",
         "--train.checkpoint_every_steps=2",
         "--train.max_epochs=2",
