@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -141,13 +142,28 @@ def stage_inputs(name: str, config: PipelineConfig, manifest: RunManifest) -> di
         return {"model": to_dict(config.model), "train": to_dict(config.train), "data": up("features").get("versions")}
     if name in ("evaluate", "export"):
         section = to_dict(config.eval) if name == "evaluate" else to_dict(config.export)
-        return {name: section, "checkpoint": up("train").get("checkpoint")}
+        checkpoint = up("train").get("checkpoint")
+        # The path alone is not the checkpoint: a retrained run of the same name and best step
+        # writes the same path with other weights, and its evaluation must not be reused.
+        identity = checkpoint_identity(checkpoint, config.lake.storage_options)
+        return {name: section, "checkpoint": checkpoint, "checkpoint_meta": identity}
     if name == "serve":
         return {"serve": to_dict(config.serve), "model_version": up("export").get("model_version")}
     if name == "loadtest":
         run = {k: v for k, v in to_dict(config.run).items() if k.startswith("loadtest")}
         return {"loadtest": to_dict(config.loadtest), "run": run, "serve": stage_inputs("serve", config, manifest)}
     return {}
+
+
+def checkpoint_identity(path: str | None, options: Mapping[str, str]) -> str | None:
+    """A digest of checkpoint ``path``'s meta.json (its step, settings and valid metrics): it
+    changes whenever another training run wrote that path; None when there is no readable one."""
+    if not path:
+        return None
+    try:
+        return hashlib.sha256(read_meta(path, options).to_json().encode()).hexdigest()[:16]
+    except (OSError, CheckpointError):
+        return None
 
 
 def bundle_version(location: str, options: Mapping[str, str]) -> str | None:

@@ -280,6 +280,32 @@ def test_a_checkpoint_of_other_settings_is_not_continued(small_lake, trained):
     assert "ranker.dim" in unfinished_run_of(meta, config_of([*args, "--model.ranker.dim=32"]), meta.samples_version)
 
 
+def test_evaluation_of_a_checkpoint_rewritten_in_place_is_not_reused(trained, tmp_path):
+    """Another training run of the same name and best step writes the same checkpoint path: the
+    evaluate and export stages' inputs see the new meta (weights, settings, metrics) and re-run."""
+    import dataclasses
+    import shutil
+
+    from components.checkpoint import read_meta, write_meta
+    from pipelines.run import checkpoint_identity, stage_inputs
+
+    _, path = trained
+    copy = str(tmp_path / "checkpoint_000000142")
+    shutil.copytree(path, copy)
+    manifest = RunManifest("20260101-000000-aaaa", "demo", [], {}, started=1.0)
+    manifest.record(StageRecord("train", "ran", stage_key({}), {}, {"checkpoint": copy}))
+    config = config_of(["--config", "demo"])
+    before = {stage: stage_inputs(stage, config, manifest) for stage in ("evaluate", "export")}
+    assert before["evaluate"]["checkpoint_meta"] == checkpoint_identity(copy, {}) is not None
+    meta = read_meta(copy)
+    write_meta(copy, dataclasses.replace(meta, metrics={**meta.metrics, "valid/like_auc": 0.5}))
+    for stage in ("evaluate", "export"):
+        after = stage_inputs(stage, config, manifest)
+        assert after["checkpoint"] == before[stage]["checkpoint"]
+        assert stage_key(after) != stage_key(before[stage]), stage
+    assert checkpoint_identity(str(tmp_path / "missing"), {}) is None
+
+
 def test_run_rejects_bad_override(capsys):
     assert main(["--config", "demo", "--features.candidates_per_group=zero"]) == 2
     assert "features.candidates_per_group" in capsys.readouterr().err
