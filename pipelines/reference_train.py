@@ -288,18 +288,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _main(config: PipelineConfig, args: argparse.Namespace) -> int:
     try:
-        spec = ReferenceSpec(
-            args.epochs,
-            args.batch_size,
-            args.lr,
-            args.seed,
-            args.threads,
-            args.warmup_steps,
-            args.lr_schedule,
-            args.table_optimizer,
-            args.table_lr,
-            args.memory_lr,
-        )
+        spec = ReferenceSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ReferenceSpec)})
     except ValueError as exc:
         print(f"reference_train: {exc}")
         return 2

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -161,7 +160,7 @@ def checkpoint_identity(path: str | None, options: Mapping[str, str]) -> str | N
     if not path:
         return None
     try:
-        return hashlib.sha256(read_meta(path, options).to_json().encode()).hexdigest()[:16]
+        return run_manifest.stage_key(dataclasses.asdict(read_meta(path, options)))
     except (OSError, CheckpointError):
         return None
 
