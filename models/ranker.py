@@ -96,6 +96,11 @@ class RankerConfig:
     # (docs/MODELS.md, "The cross").
     cross_layers: int = 3
     cross_logit: bool = True
+    # What LONGER's candidate token (its target-attention query) is built from: "item" = the id
+    # embedding alone (every cold candidate, one shared rare-id row, asks the sequence the same
+    # question); "item_side" = id embedding ++ genres, year, tags. "item_side" lost valid like AUC
+    # on 2 of 2 seeds (docs/MODELS.md, "The schedule"), so "item" stays.
+    candidate_query: Literal["item", "item_side"] = "item"
 
     def __post_init__(self) -> None:
         groups = len(self._base_groups())
@@ -110,6 +115,8 @@ class RankerConfig:
             raise ValueError(f"RankerConfig: cross_layers={self.cross_layers} must be >= 0 (0 = no cross network)")
         if self.cross_logit and not self.cross_layers:
             raise ValueError("RankerConfig: cross_logit needs cross_layers >= 1 (the logit path reads the cross)")
+        if self.candidate_query not in ("item", "item_side"):
+            raise ValueError(f"RankerConfig: candidate_query={self.candidate_query!r} is not 'item' or 'item_side'")
         if self.lmn_window < 0:
             raise ValueError(f"RankerConfig: lmn_window={self.lmn_window} must be >= 0 (0 = whole sequence)")
         if self.backbone == "rankmixer" and self.dim % self.num_tokens:
@@ -178,6 +185,11 @@ class RankerConfig:
     def cross_cand_dim(self) -> int:
         """The cross network's candidate half: item embedding ++ item side (genres, year, tags)."""
         return 2 * self.sparse.embedding_dim + NUM_GENRES + YEAR_DIM
+
+    @property
+    def query_dim(self) -> int:
+        """Width of the candidate query (``candidate_query``): the item embedding, or it ++ item side."""
+        return self.cross_cand_dim if self.candidate_query == "item_side" else self.sparse.embedding_dim
 
     @property
     def cross_dim(self) -> int:
@@ -250,7 +262,7 @@ class Ranker(nn.Module):
             self.longer_cfg = replace(cfg.longer, item_dim=e)
             self.longer = LongerEncoder(self.longer_cfg)
             self.longer_user = nn.Linear(cfg.user_dim, cfg.seq_dim)  # user-global token
-            self.longer_cand = nn.Linear(e, cfg.seq_dim)  # candidate token
+            self.longer_cand = nn.Linear(cfg.query_dim, cfg.seq_dim)  # candidate token
         msn_memory = replace(cfg.msn_memory, input_dim=cfg.user_dim + cfg.seq_dim, table_name=MSN_VALUE_TABLE)
         self.msn = MSN(MSNConfig(token_dim=d, memory=msn_memory)) if cfg.use_msn else None
         lmn_memory = replace(cfg.lmn.memory, table_name=LMN_VALUE_TABLE)
@@ -302,7 +314,8 @@ class Ranker(nn.Module):
         """One-candidate groups through LONGER's full stack (no KV cache): summary, candidate output."""
         if batch.num_candidates != 1:
             raise ValueError("the LONGER reference path takes groups of one candidate (GroupBatch.per_candidate)")
-        cand = self.longer_cand(self.sparse_arch({"cand_item": batch.cand_item})["cand_item"])  # (B, 1, S)
+        item, side = self._candidate_inputs(batch)
+        cand = self.longer_cand(self._query(item, side))  # (B, 1, S)
         glob = self.longer_user(user_vec).unsqueeze(1)
         cross, summary = self.longer(
             seq_emb, batch.seq_action, batch.seq_gap, batch.seq_len, cand, glob, return_summary=True
@@ -349,15 +362,22 @@ class Ranker(nn.Module):
         return UserState(user_vec, features, x_user, seq_mean, gate, longer_state, states, aux, reference_cross)
 
     # ------------------------------------------------------------------ candidate side
-    def _group_features(self, state: UserState, batch: GroupBatch) -> dict[str, Tensor]:
+    def _candidate_inputs(self, batch: GroupBatch) -> tuple[Tensor, Tensor]:
+        """The candidates' id embeddings (B, N, E) and side features (B, N, genres + year + E)."""
         emb = self.sparse_arch({"cand_item": batch.cand_item, "cand_tag": batch.cand_tags})
-        item = emb["cand_item"]  # (B, N, E)
         tags = masked_mean(emb["cand_tag"], batch.cand_tags > 0, 2)  # (B, N, E)
-        side = torch.cat([batch.cand_genres, self.year_emb(batch.cand_year), tags], -1)
+        return emb["cand_item"], torch.cat([batch.cand_genres, self.year_emb(batch.cand_year), tags], -1)
+
+    def _query(self, item: Tensor, side: Tensor) -> Tensor:
+        """The candidate query of ``candidate_query``: (B, N, query_dim)."""
+        return torch.cat([item, side], -1) if self.cfg.candidate_query == "item_side" else item
+
+    def _group_features(self, state: UserState, batch: GroupBatch) -> dict[str, Tensor]:
+        item, side = self._candidate_inputs(batch)
         if state.reference_cross_seq is not None:
             cross_seq = state.reference_cross_seq  # (B, 1, S)
         elif self.cfg.use_longer:
-            cross_seq = self.longer.score(state.longer, self.longer_cand(item))  # (B, N, S)
+            cross_seq = self.longer.score(state.longer, self.longer_cand(self._query(item, side)))  # (B, N, S)
         else:
             cross_seq = item * state.seq_mean.unsqueeze(1)
         features = {"item": item, "item_side": side, "cross_seq": cross_seq}

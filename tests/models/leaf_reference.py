@@ -366,25 +366,21 @@ def group_logits(w: Weights, rc, batch: GroupBatch, b: int, n: int) -> tuple[Ten
     item = table("t_item")[batch.cand_item[b, n]]
     dense = batch.user_dense[b].double()
     user_vec = torch.cat([table("t_user")[batch.user_id[b]], w.linear("dense_arch", dense) if rc.dense_dim else dense])
+    tags = [t for t in batch.cand_tags[b, n].tolist() if t != 0]
+    tag_mean = table("t_tag")[tags].mean(0) if tags else torch.zeros_like(item)
+    side = torch.cat([batch.cand_genres[b, n].double(), w("year_emb.weight")[batch.cand_year[b, n]], tag_mean])
     if rc.use_longer:
         events = (seq_items, batch.seq_action[b, valid], batch.seq_gap[b, valid])
-        summary, cross_seq = longer_outputs(w, rc.longer, user_vec, events, w.linear("longer_cand", item))
+        query = torch.cat([item, side]) if rc.candidate_query == "item_side" else item
+        summary, cross_seq = longer_outputs(w, rc.longer, user_vec, events, w.linear("longer_cand", query))
         seq_mean = summary[-1]
     else:
         windows = [seq_items[-8:], seq_items[-64:], seq_items]
         summary = torch.stack([v.mean(0) if len(v) else torch.zeros(item.shape, dtype=item.dtype) for v in windows])
         seq_mean = summary[-1]
         cross_seq = item * seq_mean
-    tags = [t for t in batch.cand_tags[b, n].tolist() if t != 0]
-    tag_mean = table("t_tag")[tags].mean(0) if tags else torch.zeros_like(item)
     features = {"user": user_vec, **{f"seq_{i}": summary[i] for i in range(summary.shape[0])}}
-    features |= {
-        "item": item,
-        "item_side": torch.cat(
-            [batch.cand_genres[b, n].double(), w("year_emb.weight")[batch.cand_year[b, n]], tag_mean]
-        ),
-        "cross_seq": cross_seq,
-    }
+    features |= {"item": item, "item_side": side, "cross_seq": cross_seq}
     if rc.cross_layers:  # DCNv2: x_{l+1} = x0 * (W_l x_l + b_l) + x_l over x0 = [user, seq mean, item, side]
         x0 = torch.cat([user_vec, seq_mean, item, features["item_side"]])
         crossed = x0

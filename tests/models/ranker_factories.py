@@ -64,6 +64,8 @@ VARIANTS: dict[str, RankerConfig] = {
     "rankmixer_pooling": replace(_BASE, backbone="rankmixer", sequence_encoder="pooling"),
     # No cross network (the single item ⊙ user cross token, no cross logit path) and no dense
     # arch (raw dense features): the layout before both.
+    # LONGER's candidate token reads the item's side features too (an ablation; MODELS.md).
+    "ugsep_query_side": replace(_BASE, use_ugsep=True, candidate_query="item_side"),
     "tml_no_cross": replace(_BASE, cross_layers=0, cross_logit=False, dense_dim=0),
     "tml_moe": replace(_BASE, tokenmixer_large=replace(TINY_TML, moe=SparseMoEConfig(num_experts=4, top_k=1))),
     "rankmixer_moe": replace(
