@@ -57,7 +57,9 @@ class SchedulerConfig:
     # A large request's chunks keep a batch near this long, so a tight request arriving during
     # it waits about this much at most (SERVING.md: large loose requests never block tight ones).
     batch_quantum_ms: float = 10.0
-    degrade: bool = False  # instead of 503, score fewer candidates when that fits
+    # Instead of 503, score fewer candidates when that fits; a request's own ``allow_degraded``
+    # (POST /rank) overrides this default either way.
+    degrade: bool = False
     min_degraded_candidates: int = 8
     retry_after_s: float = 1.0
 
@@ -97,6 +99,7 @@ class Pending:
     arrival_ms: float
     deadline_ms: float  # absolute, on the same clock as arrival_ms
     slo_class: str = "normal"
+    allow_degraded: bool | None = None  # the request's opt-in; None: SchedulerConfig.degrade
     payload: Any = None
     target: int = 0
     served: int = 0
@@ -268,7 +271,7 @@ class SloScheduler:
         own = self.model.overhead_ms() + self._request_ms(request)
         if now + self._planned(ahead_ms + own) <= request.deadline_ms:
             return True
-        if not self.config.degrade:
+        if not (self.config.degrade if request.allow_degraded is None else request.allow_degraded):
             return False
         slack = (request.deadline_ms - now - self.config.margin_ms) / self.config.margin_factor - ahead_ms
         fixed = self.model.overhead_ms() + self._request_ms(request, 0)

@@ -34,6 +34,13 @@ class RankRequest(BaseModel):
     deadline_ms: float | None = Field(default=None, gt=0, le=600_000, description="deadline from arrival, ms")
     request_id: str | None = Field(default=None, min_length=1, max_length=128)
     request_ts: int | None = Field(default=None, ge=0, le=2**40, description="request time (unix seconds); default now")
+    allow_degraded: bool | None = Field(
+        default=None,
+        description=(
+            "when all candidates cannot be scored by the deadline, score the first ones that can (the rest "
+            "listed in `unscored`, `degraded` true) rather than answer 503; default: serve.scheduler.degrade"
+        ),
+    )
 
     @field_validator("candidates")
     @classmethod

@@ -109,6 +109,7 @@ class Ingress:
             "deadline_ms": parsed.deadline_ms or classes[slo_class],
             "received_s": received,
             "request_ts": parsed.request_ts,
+            "allow_degraded": parsed.allow_degraded,
         }
 
     @app.get("/healthz")

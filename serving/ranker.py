@@ -116,6 +116,7 @@ class RankerReplica:
             request.get("request_ts") or time.time(),
         )
         pending.slo_class = request["slo_class"]
+        pending.allow_degraded = request.get("allow_degraded")
         pending.payload.waited_ms = waited_ms
         return pending
 

@@ -166,6 +166,16 @@ def test_degradation_scores_fewer_candidates_instead_of_rejecting():
     assert not s.submit(req("tiny", 2.2, n=100), 0.0).accepted  # 2 of them fit: below the minimum
 
 
+@pytest.mark.parametrize("default", [False, True])
+def test_a_requests_own_opt_in_overrides_the_degrade_default(default: bool):
+    s = scheduler(degrade=default, min_degraded_candidates=5)
+    opted_in, opted_out, unsaid = req("in", 7.0, n=100), req("out", 7.0, n=100), req("unsaid", 7.0, n=100)
+    opted_in.allow_degraded, opted_out.allow_degraded = True, False
+    assert s.submit(opted_in, 0.0).accepted and opted_in.target == 50  # 50 of 100 fit in 7 ms
+    assert s.submit(opted_out, 0.0).status == 503 and not opted_out.degraded
+    assert s.submit(unsaid, 0.0).accepted is default and unsaid.degraded is default
+
+
 def test_edf_without_rejection_never_rejects_for_time_but_bounds_the_queue():
     s = scheduler(policy="edf", max_queue=2)
     assert s.submit(req("a", 1.0, n=100), 0.0).accepted  # hopeless, still queued

@@ -88,6 +88,14 @@ def test_a_deadline_too_short_for_all_candidates_scores_a_prefix_and_reports_the
     assert scored == candidates[: len(scored)] and degraded["unscored"] == candidates[len(scored) :]
     for s in degraded["scores"]:  # the scored prefix is scored exactly as in the full request
         assert s["like"] == pytest.approx(expected[s["item_id"]], abs=1e-5)
+    # The request's own opt-out beats the service's degrade=true: the same request is refused
+    # (or, should the fitted model now say it fits, scored whole), never cut short.
+    opted_out = strict.post("/rank", json={**body, "allow_degraded": False})
+    assert opted_out.status_code in (200, 503), opted_out.text
+    if opted_out.status_code == 503:
+        assert opted_out.json()["error"] == "slo_unattainable"
+    else:
+        assert not opted_out.json()["degraded"] and len(opted_out.json()["scores"]) == len(candidates)
     deadline = time.time() + 60
     while metric_sum(strict.get("/metrics").text, "ultrarank_scheduler_degraded_total") < 1:
         assert time.time() < deadline, "the degraded request was not counted"

@@ -39,6 +39,8 @@ def _fields(body: dict | str, max_candidates: int = 5) -> list[str]:
         ({"user_id": 1, "candidates": [1], "deadline_ms": -5}, "deadline_ms"),
         ({"user_id": 1, "candidates": [1], "deadline_ms": 1e9}, "deadline_ms"),
         ({"user_id": 1, "candidates": [1], "extra": 0}, "extra"),
+        ({"user_id": 1, "candidates": [1], "allow_degraded": "yes"}, "allow_degraded"),
+        ({"user_id": 1, "candidates": [1], "allow_degraded": 1}, "allow_degraded"),
         ('{"user_id": 1, "candidates": [1], "deadline_ms": NaN}', "body"),
         ('{"user_id": 1, "candidates": [Infinity]}', "body"),
         ("[1, 2]", "body"),
@@ -75,6 +77,8 @@ def test_nesting_past_the_limit_is_refused_and_at_the_limit_decoded():
 def test_valid_request_parses_with_defaults():
     request = parse_request(b'{"user_id": -3, "candidates": [9, 2**62], "deadline_ms": 80}'.replace(b"2**62", b"4"), 5)
     assert (request.user_id, request.candidates, request.deadline_ms, request.slo_class) == (-3, [9, 4], 80.0, None)
+    assert request.allow_degraded is None  # the service's serve.scheduler.degrade decides
+    assert parse_request(b'{"user_id": 1, "candidates": [1], "allow_degraded": false}', 5).allow_degraded is False
 
 
 # ---------------------------------------------------------------- user-side cache
