@@ -16,7 +16,10 @@ real service (serving/app.py on Ray Serve, one app at a time), open loop (pipeli
    random/affinity, and a sweep of 0.2x-1.5x, with ``--seeds`` seeds.
 4. At 0.8x capacity: ``attainment_tight`` of the SLO scheduler.
 5. ``serve_overhead_p50_ms``: Serve end to end at a light load minus the same requests scored
-   in process; ``generator_lag_p99_ms``: the worst lag p99 of the generator over all runs (a
+   in process; ``serve_floor_p50_ms``/``_p99_ms``: the same schedule against Serve's floor
+   (serving/floor.py: the same proxy, route and body, constant scores, nothing behind the
+   ingress), and ``serve_overhead_over_floor_p50_ms`` = our overhead minus that floor;
+   ``generator_lag_p99_ms``: the worst lag p99 of the generator over all runs (a
    run above 2 ms is marked invalid in ``runs``).
 6. W8A16: bundle bytes and in-process p50/p99 latency, quantised vs float, and the test-split
    AUC change for each variant whose checkpoint is given (``--w8a16-checkpoints``; default the
@@ -198,6 +201,22 @@ class Service:
             serve.delete("ultrarank")
         self.config = load_config(PipelineConfig, self.preset, [*self.base, *overrides])
         self.url = start(self.config)
+        self._wait_ready()
+        return self.config
+
+    def deploy_floor(self) -> None:
+        """Replace the service with Serve's floor (serving/floor.py) on the same proxy, route
+        and ingress admission; ``fire`` then measures Serve's own cost."""
+        from ray import serve
+
+        from serving.floor import floor_application
+
+        cfg = self.config.serve
+        serve.delete("ultrarank")
+        serve.run(floor_application(cfg.ingress_max_ongoing_requests), name="ultrarank", route_prefix=cfg.route_prefix)
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
         import httpx
 
         deadline = time.time() + 120
@@ -210,19 +229,19 @@ class Service:
             if time.time() > deadline:
                 raise RuntimeError("the service did not become ready in 120 s")
             time.sleep(0.5)
-        return self.config
 
     def fire(self, rate: float, seed: int, duration_s: float) -> tuple[dict, list[dict]]:
-        from pipelines.loadtest import fire, generator_priority, summarize_run
+        from pipelines.loadtest import fire, generator_core, generator_priority, summarize_run
 
         cfg = dataclasses.replace(self.config.loadtest, rate_per_s=rate, duration_s=duration_s, seed=seed)
         users, items = users_and_items(self.config)
         schedule = make_schedule(cfg, users, items)
         started = time.perf_counter()
-        with generator_priority():
+        with generator_priority(), generator_core() as core:
             records = asyncio.run(fire(self.url, schedule, dict(self.config.serve.slo_classes)))
         wall = time.perf_counter() - started
         run = summarize_run(records, duration_s)
+        run["generator_core"] = core
         served = [r for r in records if r["status"] == 200]
         # Capacity under saturation: served requests over the time it took to serve them.
         run["served_per_wall_s"] = len(served) / max(wall - 0.2, 1e-3)
@@ -306,14 +325,30 @@ def serve_runs(preset: str, base: list[str], plan: Plan, in_proc: dict) -> dict:
                     run["attainment"],
                     run["lag_p99_ms"],
                 )
-    # 3) Serve's overhead: a light load through Serve vs the same requests in process.
+    # 3) Serve's overhead: a light load through Serve vs the same requests in process; then
+    #    the same schedule against Serve's floor (the HTTP path with constant scores behind it).
     svc.deploy(POLICIES["slo"])
-    light, records = svc.fire(max(capacity * 0.1, 1.0), seed=7, duration_s=plan.duration_s / 2)
+    light_rate = max(capacity * 0.1, 1.0)
+    light, records = svc.fire(light_rate, seed=7, duration_s=plan.duration_s / 2)
     served = [r for r in records if r["status"] == 200]
     out["light"] = {
         "e2e_p50_ms": float(np.median([r["latency_ms"] for r in served])),
         "compute_p50_ms": float(np.median([r["compute_ms"] for r in served])),
+        "rate_per_s": light_rate,
+        "valid": light["valid"],
     }
+    svc.deploy_floor()
+    floor, records = svc.fire(light_rate, seed=7, duration_s=plan.duration_s / 2)
+    served = [r["latency_ms"] for r in records if r["status"] == 200]
+    out["floor"] = {
+        "e2e_p50_ms": float(np.median(served)) if served else float("nan"),
+        "e2e_p99_ms": float(np.percentile(served, 99)) if served else float("nan"),
+        "served": len(served),
+        "offered": len(records),
+        "lag_p99_ms": floor["lag_p99_ms"],
+        "valid": floor["valid"],
+    }
+    logger.info("Serve's floor at %.1f req/s: p50 %.2f ms", light_rate, out["floor"]["e2e_p50_ms"])
     from ray import serve
 
     serve.delete("ultrarank")
@@ -332,6 +367,8 @@ def headline(result: dict) -> dict:
     tight = [r["by_class"].get("tight", {}).get("attainment", 0.0) for r in slo["0.8x"]]
     lags = [r["lag_p99_ms"] for per_load in runs.values() for rs in per_load.values() for r in rs]
     light = result["serve"]["light"]
+    overhead = light["e2e_p50_ms"] - light["compute_p50_ms"]
+    floor = result["serve"].get("floor", {})  # absent from runs kept from before the floor (--reuse-serve)
     return {
         "goodput_ratio_vs_stock": _mean(slo["1.2x"], "goodput_per_s")
         / max(_mean(stock["1.2x"], "goodput_per_s"), 1e-9),
@@ -339,7 +376,11 @@ def headline(result: dict) -> dict:
         "cache_hit_p50_ratio": result["in_process"]["cache_hit_p50_ratio"],
         "predictor_mape": result["in_process"]["predictor_mape"],
         # Serve end to end minus the in-process work of the same requests (compute + queue in process).
-        "serve_overhead_p50_ms": light["e2e_p50_ms"] - light["compute_p50_ms"],
+        "serve_overhead_p50_ms": overhead,
+        # Serve's own floor on the same path and schedule, and what our service adds above it.
+        "serve_floor_p50_ms": floor.get("e2e_p50_ms", float("nan")),
+        "serve_floor_p99_ms": floor.get("e2e_p99_ms", float("nan")),
+        "serve_overhead_over_floor_p50_ms": overhead - floor.get("e2e_p50_ms", float("nan")),
         "generator_lag_p99_ms": float(max(lags)),
         "invalid_runs": sum(not r["valid"] for per_load in runs.values() for rs in per_load.values() for r in rs),
     }
@@ -486,5 +527,6 @@ def main(argv: list[str] | None = None) -> int:
     result["plots"] = plot(result, path.parent, path.stem)
     save()
     keys = ("goodput_ratio_vs_stock", "attainment_tight", "cache_hit_p50_ratio", "predictor_mape")
-    print(json.dumps({k: result[k] for k in (*keys, "serve_overhead_p50_ms", "generator_lag_p99_ms")}, indent=2))
+    shown = (*keys, "serve_overhead_p50_ms", "serve_floor_p50_ms", "serve_overhead_over_floor_p50_ms")
+    print(json.dumps({k: result[k] for k in (*shown, "generator_lag_p99_ms")}, indent=2))
     return 0

@@ -12,6 +12,7 @@ import pytest
 
 from components.config_loader import load_config
 from pipelines.config import PipelineConfig
+from serving.floor import floor_response
 from serving.sequence_store import SequenceStore
 from tests.serving.live_service import REQUEST_TS, deployed, metric_sum
 from tests.small_runs import lake_args
@@ -66,6 +67,8 @@ def test_rank_returns_scores_equal_to_the_model_and_a_hit_equals_the_miss(
     body = first.json()
     assert [s["item_id"] for s in body["scores"]] == cands and not body["cache_hit"]
     assert {"replica", "queue_ms", "compute_ms", "model_version"} <= set(body)
+    # Serve's floor (the serving bench's reference) answers in the same shape.
+    assert set(floor_response({"candidates": cands}, "floor")) == set(body)
     second = rank(service, user_id=user, candidates=cands).json()
     assert second["cache_hit"] and second["replica"] == body["replica"]
     got = np.array([[s["engage"], s["like"]] for s in body["scores"]])
