@@ -37,6 +37,10 @@ class LoadConfig:
     max_candidates: int = 500
     class_mix: dict[str, float] = field(default_factory=_default_mix)
     seed: int = 0
+    # The generator on a core of its own and the service's processes on the others, for each run
+    # (pipelines/loadtest.py ``generator_core``): valid lag on a small machine, at the price of
+    # the service's share of it. Off: everything shares every core.
+    pin_generator: bool = True
 
     def __post_init__(self) -> None:
         if not (self.rate_per_s > 0 and self.duration_s > 0):

@@ -71,6 +71,8 @@ FULL = Plan(
     60,
 )
 
+LIGHT_REQUESTS = 100  # requests of the light runs (our overhead, and Serve's floor)
+
 # Two ranker replicas, so that affinity vs random routing (and the cache behind it) differ.
 BENCH_DEFAULTS = ["--serve.num_replicas=2"]
 
@@ -237,7 +239,7 @@ class Service:
         users, items = users_and_items(self.config)
         schedule = make_schedule(cfg, users, items)
         started = time.perf_counter()
-        with generator_priority(), generator_core() as core:
+        with generator_priority(), generator_core(cfg.pin_generator) as core:
             records = asyncio.run(fire(self.url, schedule, dict(self.config.serve.slo_classes)))
         wall = time.perf_counter() - started
         run = summarize_run(records, duration_s)
@@ -328,8 +330,10 @@ def serve_runs(preset: str, base: list[str], plan: Plan, in_proc: dict) -> dict:
     # 3) Serve's overhead: a light load through Serve vs the same requests in process; then
     #    the same schedule against Serve's floor (the HTTP path with constant scores behind it).
     svc.deploy(POLICIES["slo"])
+    # At least LIGHT_REQUESTS requests each, so that a p99 means something.
     light_rate = max(capacity * 0.1, 1.0)
-    light, records = svc.fire(light_rate, seed=7, duration_s=plan.duration_s / 2)
+    light_s = max(plan.duration_s / 2, LIGHT_REQUESTS / light_rate)
+    light, records = svc.fire(light_rate, seed=7, duration_s=light_s)
     served = [r for r in records if r["status"] == 200]
     out["light"] = {
         "e2e_p50_ms": float(np.median([r["latency_ms"] for r in served])),
@@ -338,7 +342,7 @@ def serve_runs(preset: str, base: list[str], plan: Plan, in_proc: dict) -> dict:
         "valid": light["valid"],
     }
     svc.deploy_floor()
-    floor, records = svc.fire(light_rate, seed=7, duration_s=plan.duration_s / 2)
+    floor, records = svc.fire(light_rate, seed=7, duration_s=light_s)
     served = [r["latency_ms"] for r in records if r["status"] == 200]
     out["floor"] = {
         "e2e_p50_ms": float(np.median(served)) if served else float("nan"),

@@ -77,7 +77,7 @@ def _set_affinity(pid: int, cores: set[int]) -> set[int] | None:
 
 
 @contextlib.contextmanager
-def generator_core():
+def generator_core(enabled: bool = True):
     """Give the generator (this process) a core of its own, and this process's descendants (an
     embedded Ray: GCS, raylet, Serve's proxy and replicas) the others, for the ``with`` block.
 
@@ -85,9 +85,10 @@ def generator_core():
     that wakes late measures itself (lag). Yields the generator's core, or None where there is
     nothing to split (one core, no ``/proc``). A service in other processes (``--url`` of a
     separately started service) is not moved: only the generator is then pinned. Affinities are
-    restored on exit; processes started meanwhile inherit the pinned set.
+    restored on exit; processes started meanwhile inherit the pinned set. ``enabled=False``
+    (``loadtest.pin_generator``) pins nothing and yields None.
     """
-    if not hasattr(os, "sched_getaffinity") or not os.path.isdir("/proc/self/task"):
+    if not enabled or not hasattr(os, "sched_getaffinity") or not os.path.isdir("/proc/self/task"):
         yield None
         return
     import psutil
@@ -288,7 +289,7 @@ def run_loadtest(config: PipelineConfig, url: str, out: Path, rates: list[float]
         tag = f"{rate:g}"
         write_schedule(out / f"schedule_{tag}.jsonl", schedule)
         started = time.perf_counter()
-        with generator_priority(), generator_core() as core:
+        with generator_priority(), generator_core(cfg.pin_generator) as core:
             records = asyncio.run(fire(url, schedule, deadlines, api_key))
         if records and all(r["status"] == 0 for r in records):
             raise LoadTestError(f"no request reached {url}/rank (is the service up? python -m pipelines.serve)")

@@ -70,3 +70,15 @@ def test_on_one_core_the_generator_is_not_pinned():
             assert core is None and os.sched_getaffinity(0) == {min(cores)}
     finally:
         os.sched_setaffinity(0, cores)
+
+
+def test_with_pinning_off_nothing_is_pinned():
+    import os
+
+    from pipelines.loadtest import generator_core
+
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    with generator_core(enabled=False) as core:
+        assert core is None
+        if cores is not None:
+            assert os.sched_getaffinity(0) == cores
