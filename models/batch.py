@@ -66,6 +66,38 @@ class GroupBatch:
             **{name: getattr(self, name).index_select(1, index) for name in cand if getattr(self, name) is not None},
         )
 
+    @staticmethod
+    def stack(batches: list[GroupBatch]) -> GroupBatch:
+        """Groups of several batches in one, in order: sequences left-padded to the longest,
+        candidate slots right-padded (``cand_mask`` False) to the most candidates. A group's real
+        slots score as they did alone (serving scores a whole scheduler batch in one call)."""
+        if not batches:
+            raise ValueError("GroupBatch.stack needs at least one batch")
+        if len({b.labels is None for b in batches}) != 1:
+            raise ValueError("GroupBatch.stack: batches with and without labels")
+        length = max(b.seq_item.shape[1] for b in batches)
+        slots = max(b.num_candidates for b in batches)
+
+        def left(t: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, length), zeros in front
+            return torch.nn.functional.pad(t, (length - t.shape[1], 0))
+
+        def right(t: torch.Tensor) -> torch.Tensor:  # (B, N, ...) -> (B, slots, ...), zeros behind
+            pad = [0, 0] * (t.dim() - 2) + [0, slots - t.shape[1]]
+            return torch.nn.functional.pad(t, pad)
+
+        out = {}
+        for f in fields(GroupBatch):
+            parts = [getattr(b, f.name) for b in batches]
+            if parts[0] is None:
+                out[f.name] = None
+            elif f.name in ("seq_item", "seq_action", "seq_gap"):
+                out[f.name] = torch.cat([left(p) for p in parts])
+            elif f.name.startswith("cand_") or f.name == "labels":
+                out[f.name] = torch.cat([right(p) for p in parts])
+            else:
+                out[f.name] = torch.cat(parts)
+        return GroupBatch(**out)
+
     def per_candidate(self) -> GroupBatch:
         """B*N groups of ONE candidate each (user fields repeated): the no-reuse layout.
 

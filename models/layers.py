@@ -398,6 +398,22 @@ def map_tensors(fn: Callable[[Tensor], Tensor], tree: Any) -> Any:
     raise TypeError(f"map_tensors: unsupported node {type(tree).__name__}")
 
 
+def cat_trees(trees: list[Any]) -> Any:
+    """Trees of the same structure (see ``map_tensors``) -> one tree, each tensor concatenated
+    along dim 0 (the batch): states of different groups stacked into one batch."""
+    first = trees[0]
+    if isinstance(first, Tensor):
+        return torch.cat(trees)
+    if isinstance(first, tuple):
+        parts = [cat_trees(list(items)) for items in zip(*trees, strict=True)]
+        return type(first)(*parts) if hasattr(first, "_fields") else tuple(parts)
+    if first is None:
+        if any(t is not None for t in trees):
+            raise ValueError("cat_trees: trees differ (None beside a value)")
+        return None
+    raise TypeError(f"cat_trees: unsupported node {type(first).__name__}")
+
+
 def tree_nbytes(tree: Any) -> int:
     """Bytes held by the tensors of a tree (see ``map_tensors``)."""
     sizes: list[int] = []

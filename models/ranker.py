@@ -246,6 +246,28 @@ class UserState:
         total += self.backbone.nbytes() if self.backbone is not None else 0
         return total + (self.longer.nbytes() if self.longer is not None else 0)
 
+    @staticmethod
+    def cat(states: list[UserState]) -> UserState:
+        """The states of several groups stacked in order, one row each (a state may repeat):
+        ``score_candidates`` then scores all their candidate sets in one call (serving batches).
+        Auxiliary losses are training's and are not carried."""
+        if not states:
+            raise ValueError("UserState.cat needs at least one state")
+        if any(s.reference_cross_seq is not None for s in states):
+            raise ValueError("UserState.cat: reference-path states (encode_user(reference=True)) do not stack")
+        first = states[0]
+        optional = lambda name: None if getattr(first, name) is None else [getattr(s, name) for s in states]
+        longer, backbone, gate = optional("longer"), optional("backbone"), optional("gate")
+        return UserState(
+            user_vec=torch.cat([s.user_vec for s in states]),
+            user_features={k: torch.cat([s.user_features[k] for s in states]) for k in first.user_features},
+            x_user=torch.cat([s.x_user for s in states]),
+            seq_mean=torch.cat([s.seq_mean for s in states]),
+            gate=None if gate is None else torch.cat(gate),
+            longer=None if longer is None else LongerUserState.cat(longer),
+            backbone=None if backbone is None else UserTokenStates.cat(backbone),
+        )
+
 
 class Ranker(nn.Module):
     """The composed ranker (see module docstring)."""

@@ -35,7 +35,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from models.layers import ALL_TOKENS, AuxLosses, BackboneOutput, PerTokenLinear, map_tensors, tree_nbytes
+from models.layers import (
+    ALL_TOKENS,
+    AuxLosses,
+    BackboneOutput,
+    PerTokenLinear,
+    cat_trees,
+    map_tensors,
+    tree_nbytes,
+)
 from models.rankmixer import RankMixer, RankMixerConfig, pffn_flops_per_token
 from models.tokenmixer_large import MixCache, TokenMixerLarge, TokenMixerLargeConfig, ffn_flops
 
@@ -101,6 +109,13 @@ class UserTokenStates:
     def nbytes(self) -> int:
         """Bytes held (serving cache budget)."""
         return tree_nbytes((self.tokens, self.contents, self.caches, self.output))
+
+    @staticmethod
+    def cat(states: list[UserTokenStates]) -> UserTokenStates:
+        """States of several groups stacked in order (serving scores a whole batch at once)."""
+        trees = [(s.tokens, s.contents, s.caches, s.output) for s in states]
+        tokens, contents, caches, output = cat_trees(trees)
+        return UserTokenStates(tokens, contents, caches, output)
 
 
 def _mix_ffn_flops(tml: TokenMixerLargeConfig, in_features: int) -> int:

@@ -7,8 +7,8 @@ in-process to separate the policy's effect from Serve's overhead.
 
 A batch is a list of (request, candidate range) items. Per item: the user side comes from the
 cache (key: user, model version, sequences version, quantised request time) or from
-``encode_user`` (then cached), and ``score_candidates`` scores the item's candidates against
-it. A hit is the very state a miss computes, so cached and uncached scores are identical.
+``encode_user`` (then cached); then one ``score_candidates`` call scores the candidates of
+every item against its user's state (states stacked, candidate ranges padded). A hit is the very state a miss computes, so cached and uncached scores are identical.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from components.bundle import Bundle
 from components.latency_model import FitReport, LatencyModel
 from components.slo_scheduler import Batch, BatchItem, Pending, SloScheduler, batch_shape
+from models.batch import GroupBatch
 from serving.config import ServeConfig
 from serving.featurizer import Featurized, Featurizer
 from serving.sequence_store import History, SequenceStore
@@ -107,6 +108,7 @@ class RankerCore:
         """Score every item of ``batch`` into its request's ``Work.scores``; returns the compute ms."""
         started = time.perf_counter()
         states: dict[CacheKey, object] = {}  # one user side per batch, cached or not
+        rows, chunks = [], []  # per batch item: its user state and its candidate slice
         for item in batch.items:
             work: Work = item.request.payload
             if work.featurized is None:
@@ -127,10 +129,17 @@ class RankerCore:
                 states[work.key] = state
             elif work.cache_hit is None:
                 work.cache_hit = True
-            index = torch.arange(item.start, item.start + item.count)
-            chunk = work.featurized.batch.candidate_slice(index)
-            logits = self.bundle.model.score_candidates(state, chunk).logits[0]  # (count, tasks)
-            work.scores[item.start : item.start + item.count] = torch.sigmoid(logits).numpy()
+            rows.append(state)
+            chunks.append(work.featurized.batch.candidate_slice(torch.arange(item.start, item.start + item.count)))
+        # The candidate side of every item in one call: the states stacked one row per item, the
+        # candidate slices right-padded to the largest (padded slots are masked and touch nothing).
+        if len(rows) == 1:
+            state, chunk = rows[0], chunks[0]
+        else:
+            state, chunk = type(rows[0]).cat(rows), GroupBatch.stack(chunks)
+        probs = torch.sigmoid(self.bundle.model.score_candidates(state, chunk).logits).numpy()  # (items, N, tasks)
+        for row, item in enumerate(batch.items):
+            item.request.payload.scores[item.start : item.start + item.count] = probs[row, : item.count]
         took = (time.perf_counter() - started) * 1000.0
         for item in batch.items:
             item.request.payload.compute_ms += took * item.count / max(batch.candidates, 1)

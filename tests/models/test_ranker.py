@@ -21,7 +21,7 @@ from torch import Tensor
 
 from models.batch import NUM_GENRES, NUM_YEAR_BUCKETS, GroupBatch
 from models.quant import QuantConfig, quantize_w8a16, relative_error, weight_bytes
-from models.ranker import Ranker, RankerConfig, RankerOutput
+from models.ranker import Ranker, RankerConfig, RankerOutput, UserState
 from models.task import RankingTask
 from models.tokenmixer_large import SparseMoEConfig
 from tests.models.leaf_reference import reference_logits
@@ -474,3 +474,33 @@ def test_feature_groups_split_into_the_papers_token_counts(backbone: str, featur
 def test_feature_tokens_below_the_group_count_are_refused() -> None:
     with pytest.raises(ValueError, match=r"num_feature_tokens=4 is below the 8 feature groups"):
         replace(VARIANTS["ugsep"], num_feature_tokens=4)
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_stacked_user_states_score_every_group_as_it_scores_alone(variant: str) -> None:
+    """Serving's batch path: states of different users (a repeat included) and candidate sets
+    of different sizes and sequence widths, stacked into one score_candidates call."""
+    model = MODELS[variant]
+    groups = [random_groups(seed=s, batch=1, cands=c, seq=q) for s, c, q in ((1, 2, 5), (2, 6, 30), (3, 1, 12))]
+    groups.append(groups[0])  # the same user twice in one batch (two chunks of one request)
+    with torch.no_grad():
+        states = [model.encode_user(g) for g in groups]
+        alone = [model.score_candidates(s, g).logits for s, g in zip(states, groups)]
+        stacked = model.score_candidates(UserState.cat(states), GroupBatch.stack(groups)).logits
+    assert stacked.shape[:2] == (len(groups), 6)
+    for row, (group, logits) in enumerate(zip(groups, alone)):
+        n = group.num_candidates
+        torch.testing.assert_close(stacked[row, :n], logits[0], **TOL)
+        assert not stacked[row, n:].any()  # padded slots stay masked
+
+
+def test_stack_pads_sequences_on_the_left_and_candidates_on_the_right() -> None:
+    a, b = random_groups(seed=4, batch=1, cands=2, seq=3), random_groups(seed=5, batch=2, cands=4, seq=7)
+    both = GroupBatch.stack([a, b])
+    assert (both.batch_size, both.seq_item.shape[1], both.num_candidates) == (3, 7, 4)
+    torch.testing.assert_close(both.seq_item[0, 4:], a.seq_item[0])  # the most recent event stays last
+    assert not both.seq_item[0, :4].any() and not both.cand_mask[0, 2:].any()
+    torch.testing.assert_close(both.cand_tags[1:], b.cand_tags)
+    torch.testing.assert_close(both.labels[0, :2], a.labels[0])
+    with pytest.raises(ValueError, match="at least one"):
+        GroupBatch.stack([])

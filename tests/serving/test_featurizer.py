@@ -106,3 +106,42 @@ def test_rare_ids_are_served_as_evaluation_scores_them(small_lake, trained, bund
         oov_logits = evaluated(as_oov).logits[0]
     np.testing.assert_allclose(served, torch.sigmoid(offline).numpy(), rtol=0, atol=1e-5)
     torch.testing.assert_close(oov_logits, offline, rtol=0, atol=0)
+
+
+def test_a_batch_of_requests_scores_in_one_call_exactly_as_each_alone(small_lake, bundle_dir):
+    """One scheduler batch: users with long and short histories, a hit beside misses, one
+    request in two chunks, candidate counts 1 to 9; one score_candidates call for all of it."""
+    from components.slo_scheduler import Batch, BatchItem, batch_shape
+
+    bundle = load_bundle(bundle_dir)
+    store = SequenceStore.load(small_lake)
+    core = RankerCore(bundle, store, ServeConfig(profile_batches=6))
+    lengths = np.diff(store.offsets)
+    long_user, short_user = int(store.user_ids[np.argmax(lengths)]), int(store.user_ids[np.argmin(lengths)])
+    other = int(store.user_ids[len(store.user_ids) // 2])
+    items = bundle.items["item_id"].to_pylist()
+    core.score_now(other, items[:2], 1.9e9)  # other's user side is now cached: a hit below
+    requests = [
+        core.make_request("a", long_user, items[:9], 1e12, 0.0, 1.9e9),
+        core.make_request("b", short_user, items[3:4], 1e12, 0.0, 1.9e9),
+        core.make_request("c", other, items[5:10], 1e12, 0.0, 1.9e9),
+    ]
+    parts = (
+        BatchItem(requests[0], 0, 4),
+        BatchItem(requests[1], 0, 1),
+        BatchItem(requests[2], 0, 5),
+        BatchItem(requests[0], 4, 5),
+    )
+    calls = []
+    score = bundle.model.score_candidates
+    bundle.model.score_candidates = lambda *a, **k: calls.append(1) or score(*a, **k)
+    try:
+        core.run_batch(Batch(parts, batch_shape(parts), 0.0))
+    finally:
+        del bundle.model.score_candidates
+    assert len(calls) == 1
+    assert [r.payload.cache_hit for r in requests] == [False, False, True]
+    alone = RankerCore(bundle, store, ServeConfig(profile_batches=6, cache=False))
+    for request, cands in zip(requests, (items[:9], items[3:4], items[5:10])):
+        want, _ = alone.score_now(request.user_id, cands, 1.9e9)
+        np.testing.assert_allclose(request.payload.scores, want, rtol=0, atol=1e-5)
