@@ -8,7 +8,8 @@ in-process to separate the policy's effect from Serve's overhead.
 A batch is a list of (request, candidate range) items. Per item: the user side comes from the
 cache (key: user, model version, sequences version, quantised request time) or from
 ``encode_user`` (then cached); then one ``score_candidates`` call scores the candidates of
-every item against its user's state (states stacked, candidate ranges padded). A hit is the very state a miss computes, so cached and uncached scores are identical.
+every item against its user's state (states stacked, candidate ranges padded). A hit is the
+very state a miss computes, so cached and uncached scores are identical.
 """
 
 from __future__ import annotations
