@@ -29,7 +29,6 @@ real service (serving/app.py on Ray Serve, one app at a time), open loop (pipeli
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import logging
@@ -233,14 +232,14 @@ class Service:
             time.sleep(0.5)
 
     def fire(self, rate: float, seed: int, duration_s: float) -> tuple[dict, list[dict]]:
-        from pipelines.loadtest import fire, generator_core, generator_priority, summarize_run
+        from pipelines.load_generator import fire_apart
+        from pipelines.loadtest import summarize_run
 
         cfg = dataclasses.replace(self.config.loadtest, rate_per_s=rate, duration_s=duration_s, seed=seed)
         users, items = users_and_items(self.config)
         schedule = make_schedule(cfg, users, items)
         started = time.perf_counter()
-        with generator_priority(), generator_core(cfg.pin_generator) as core:
-            records = asyncio.run(fire(self.url, schedule, dict(self.config.serve.slo_classes)))
+        records, core = fire_apart(self.url, schedule, dict(self.config.serve.slo_classes), pin=cfg.pin_generator)
         wall = time.perf_counter() - started
         run = summarize_run(records, duration_s)
         run["generator_core"] = core

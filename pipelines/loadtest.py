@@ -17,9 +17,6 @@ latency CDF per class). Exit 0, 1 when the service is unreachable, 2 on bad argu
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import gc
 import json
 import logging
 import os
@@ -30,144 +27,19 @@ from pathlib import Path
 
 import numpy as np
 
-from components.load_schedule import ScheduledRequest, make_schedule, read_schedule, write_schedule
+from components.load_schedule import make_schedule, read_schedule, write_schedule
 from components.slo_simulation import Outcome, summarize
 from pipelines.cli import pipeline_main
 from pipelines.config import PipelineConfig
+from pipelines.load_generator import fire_apart
 
 logger = logging.getLogger(__name__)
 
 LAG_LIMIT_MS = 2.0
-SPIN_S = 0.001  # the generator sleeps until this long before a send, then spins to the time
 
 
 class LoadTestError(RuntimeError):
     """The service could not be reached."""
-
-
-@contextlib.contextmanager
-def generator_priority(nice: int = -10):
-    """Run the generator's thread at a higher CPU priority where allowed (root, CAP_SYS_NICE):
-    on a small machine it shares the cores with the service, and a generator that wakes late
-    measures itself (lag), not the service. Without the right it runs as it is, and lag shows it."""
-    before = os.getpriority(os.PRIO_PROCESS, 0)
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, nice)  # on Linux: this thread (and threads it starts)
-    except OSError:
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        os.setpriority(os.PRIO_PROCESS, 0, before)
-
-
-def _set_affinity(pid: int, cores: set[int]) -> set[int] | None:
-    """Pin every thread of process ``pid`` to ``cores`` (Linux affinity is per thread: threads a
-    process already runs keep their own); returns the main thread's previous set, None if the
-    process is gone or not ours to pin."""
-    try:
-        before = os.sched_getaffinity(pid)
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError):  # a thread that just exited
-                os.sched_setaffinity(int(tid), cores)
-        return before
-    except OSError:
-        return None
-
-
-@contextlib.contextmanager
-def generator_core(enabled: bool = True):
-    """Give the generator (this process) a core of its own, and this process's descendants (an
-    embedded Ray: GCS, raylet, Serve's proxy and replicas) the others, for the ``with`` block.
-
-    On a small machine the generator shares the cores with what it measures, and a generator
-    that wakes late measures itself (lag). Yields the generator's core, or None where there is
-    nothing to split (one core, no ``/proc``). A service in other processes (``--url`` of a
-    separately started service) is not moved: only the generator is then pinned. Affinities are
-    restored on exit; processes started meanwhile inherit the pinned set. ``enabled=False``
-    (``loadtest.pin_generator``) pins nothing and yields None.
-    """
-    if not enabled or not hasattr(os, "sched_getaffinity") or not os.path.isdir("/proc/self/task"):
-        yield None
-        return
-    import psutil
-
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
-        yield None
-        return
-    mine, rest = {cores[-1]}, set(cores[:-1])
-    me = psutil.Process()
-    try:
-        others = [p.pid for p in me.children(recursive=True)]
-    except psutil.Error:
-        others = []
-    before = {os.getpid(): _set_affinity(os.getpid(), mine)}
-    before.update({pid: _set_affinity(pid, rest) for pid in others})
-    try:
-        yield cores[-1]
-    finally:
-        for pid, cpus in before.items():
-            if cpus is not None:
-                _set_affinity(pid, cpus)
-
-
-async def fire(
-    url: str, schedule: Sequence[ScheduledRequest], deadlines_ms: dict[str, float], api_key: str = ""
-) -> list[dict]:
-    """Send ``schedule`` open loop; one record per request (times relative to the run start)."""
-    import aiohttp
-
-    headers = {"content-type": "application/json", **({"x-api-key": api_key} if api_key else {})}
-    payloads = [json.dumps(r.body()).encode() for r in schedule]  # serialised before the clock starts
-    timeout = aiohttp.ClientTimeout(total=max(deadlines_ms.values()) / 1000.0 * 20 + 5)
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
-        loop = asyncio.get_running_loop()
-
-        async def one(request: ScheduledRequest, payload: bytes, target: float) -> dict:
-            sent = loop.time()  # when this request's task runs: the send starts now
-            record = {
-                "request_id": request.request_id,
-                "user_id": request.user_id,
-                "slo_class": request.slo_class,
-                "candidates": len(request.candidates),
-                "deadline_ms": deadlines_ms[request.slo_class],
-                "scheduled_ms": round((target - start) * 1000.0, 3),
-                "lag_ms": round((sent - target) * 1000.0, 3),
-            }
-            try:
-                async with session.post(f"{url}/rank", data=payload) as response:
-                    body = await response.json(content_type=None)
-                    record["status"] = response.status
-            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
-                body, record["status"] = {"error": type(exc).__name__}, 0
-            record["latency_ms"] = round((loop.time() - target) * 1000.0, 3)
-            if record["status"] == 200:
-                for key in ("cache_hit", "replica", "queue_ms", "compute_ms", "degraded"):
-                    record[key] = body.get(key)
-            else:
-                record["reason"] = body.get("error", "") if isinstance(body, dict) else ""
-            record["good"] = record["status"] == 200 and record["latency_ms"] <= record["deadline_ms"]
-            return record
-
-        gc.collect()
-        start = loop.time() + 0.2
-        tasks = []
-        gc.disable()  # a collection in the middle of the run is a multi-ms pause of every send
-        try:
-            for request, payload in zip(schedule, payloads):
-                target = start + request.at_ms / 1000.0
-                delay = target - loop.time()
-                if delay > SPIN_S:
-                    await asyncio.sleep(delay - SPIN_S)
-                while loop.time() < target:  # the loop's timers wake up to 1 ms late (epoll's resolution)
-                    pass
-                tasks.append(asyncio.create_task(one(request, payload, target)))
-            return list(await asyncio.gather(*tasks))
-        finally:
-            gc.enable()
 
 
 def summarize_run(records: Sequence[dict], duration_s: float) -> dict:
@@ -289,8 +161,7 @@ def run_loadtest(config: PipelineConfig, url: str, out: Path, rates: list[float]
         tag = f"{rate:g}"
         write_schedule(out / f"schedule_{tag}.jsonl", schedule)
         started = time.perf_counter()
-        with generator_priority(), generator_core(cfg.pin_generator) as core:
-            records = asyncio.run(fire(url, schedule, deadlines, api_key))
+        records, core = fire_apart(url, schedule, deadlines, api_key, pin=cfg.pin_generator)
         if records and all(r["status"] == 0 for r in records):
             raise LoadTestError(f"no request reached {url}/rank (is the service up? python -m pipelines.serve)")
         with open(out / f"requests_{tag}.jsonl", "w") as f:

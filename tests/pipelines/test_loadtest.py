@@ -31,7 +31,7 @@ def test_the_generator_gets_a_core_of_its_own_and_its_descendants_every_thread_t
     import subprocess
     import sys
 
-    from pipelines.loadtest import generator_core
+    from pipelines.load_generator import generator_core
 
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
@@ -61,7 +61,7 @@ def test_the_generator_gets_a_core_of_its_own_and_its_descendants_every_thread_t
 def test_on_one_core_the_generator_is_not_pinned():
     import os
 
-    from pipelines.loadtest import generator_core
+    from pipelines.load_generator import generator_core
 
     cores = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(cores)})
@@ -75,10 +75,67 @@ def test_on_one_core_the_generator_is_not_pinned():
 def test_with_pinning_off_nothing_is_pinned():
     import os
 
-    from pipelines.loadtest import generator_core
+    from pipelines.load_generator import generator_core
 
     cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     with generator_core(enabled=False) as core:
         assert core is None
         if cores is not None:
             assert os.sched_getaffinity(0) == cores
+
+
+def test_the_generator_apart_fires_a_schedule_from_its_own_process_and_core():
+    """A real HTTP server in this process, the generator in a child: every request answered,
+    recorded with its lag, the child on the generator core, this process on the others."""
+    import json
+    import os
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from components.load_schedule import ScheduledRequest
+    from pipelines.load_generator import fire_apart
+
+    seen: list[tuple[dict, set[int] | None, str]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+            seen.append((body, affinity, self.headers.get("x-api-key", "")))
+            data = json.dumps({"cache_hit": False, "replica": "r", "queue_ms": 0, "compute_ms": 1}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        schedule = [ScheduledRequest(20.0 * i, f"r{i}", 7 + i, (1, 2, 3), "tight") for i in range(5)]
+        records, core = fire_apart(
+            f"http://127.0.0.1:{server.server_port}", schedule, {"tight": 50.0}, api_key="k1", pin=True
+        )
+    finally:
+        server.shutdown()
+    assert [r["request_id"] for r in records] == [f"r{i}" for i in range(5)]
+    assert all(r["status"] == 200 and r["lag_ms"] >= 0 for r in records)
+    assert sorted(b["user_id"] for b, _, _ in seen) == [7, 8, 9, 10, 11] and {k for _, _, k in seen} == {"k1"}
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) >= 2:  # the server ran in this process: on the service's cores, not the generator's
+        assert core == cores[-1] and all(a == set(cores[:-1]) for _, a, _ in seen)
+    else:
+        assert core is None
+
+
+def test_the_generator_refuses_a_schedule_with_a_class_it_has_no_deadline_for(tmp_path):
+    from components.load_schedule import ScheduledRequest, write_schedule
+    from pipelines.load_generator import main
+
+    write_schedule(tmp_path / "s.jsonl", [ScheduledRequest(0.0, "r0", 1, (1,), "tight")])
+    argv = ["--url", "http://127.0.0.1:9", "--schedule", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--deadlines", '{"loose": 500}']) == 2
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,226 @@
+"""The open-loop load generator, light enough to run as a process of its own.
+
+    python -m pipelines.load_generator --url URL --schedule schedule.jsonl --out records.jsonl \\
+        [--deadlines '{"tight": 50, ...}']       # the API key, if any, from ULTRARANK_LOADTEST_API_KEY
+
+``fire`` sends a schedule open loop (every request at its scheduled time whether or not
+earlier ones were answered) and records per request its status, latency from the scheduled
+time and the generator's own lag. ``fire_apart`` runs it in a child process on a core of its
+own, the caller's process tree (an embedded Ray: GCS, raylet, Serve's proxy and replicas) on
+the other cores: a generator inside the Ray driver shares its core with the driver's threads,
+and a generator that wakes late measures itself. This module imports no Ray and no torch (a
+child starts in well under a second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from components.load_schedule import ScheduledRequest, read_schedule, write_schedule
+
+SPIN_S = 0.001  # the generator sleeps until this long before a send, then spins to the time
+API_KEY_ENV = "ULTRARANK_LOADTEST_API_KEY"  # the key reaches the child by environment, never argv
+
+
+@contextlib.contextmanager
+def generator_priority(nice: int = -10):
+    """Run the generator's thread at a higher CPU priority where allowed (root, CAP_SYS_NICE):
+    on a small machine it shares the cores with the service, and a generator that wakes late
+    measures itself (lag), not the service. Without the right it runs as it is, and lag shows it."""
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)  # on Linux: this thread (and threads it starts)
+    except OSError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.setpriority(os.PRIO_PROCESS, 0, before)
+
+
+def _set_affinity(pid: int, cores: set[int]) -> set[int] | None:
+    """Pin every thread of process ``pid`` to ``cores`` (Linux affinity is per thread: threads a
+    process already runs keep their own); returns the main thread's previous set, None if the
+    process is gone or not ours to pin."""
+    try:
+        before = os.sched_getaffinity(pid)
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):  # a thread that just exited
+                os.sched_setaffinity(int(tid), cores)
+        return before
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def generator_core(enabled: bool = True, apart: bool = False):
+    """Give the generator (this process) a core of its own, and this process's descendants (an
+    embedded Ray: GCS, raylet, Serve's proxy and replicas) the others, for the ``with`` block.
+
+    On a small machine the generator shares the cores with what it measures, and a generator
+    that wakes late measures itself (lag). Yields the generator's core, or None where there is
+    nothing to split (one core, no ``/proc``). A service in other processes (``--url`` of a
+    separately started service) is not moved: only the generator is then pinned. Affinities are
+    restored on exit; processes started meanwhile inherit the pinned set. ``enabled=False``
+    (``loadtest.pin_generator``) pins nothing and yields None. ``apart=True``: the generator is a
+    process the caller starts inside the block on the yielded core (``fire_apart``), and this
+    process goes with its descendants to the other cores.
+    """
+    if not enabled or not hasattr(os, "sched_getaffinity") or not os.path.isdir("/proc/self/task"):
+        yield None
+        return
+    import psutil
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        yield None
+        return
+    mine, rest = {cores[-1]}, set(cores[:-1])
+    me = psutil.Process()
+    try:
+        others = [p.pid for p in me.children(recursive=True)]
+    except psutil.Error:
+        others = []
+    before = {os.getpid(): _set_affinity(os.getpid(), rest if apart else mine)}
+    before.update({pid: _set_affinity(pid, rest) for pid in others})
+    try:
+        yield cores[-1]
+    finally:
+        for pid, cpus in before.items():
+            if cpus is not None:
+                _set_affinity(pid, cpus)
+
+
+async def fire(
+    url: str, schedule: Sequence[ScheduledRequest], deadlines_ms: dict[str, float], api_key: str = ""
+) -> list[dict]:
+    """Send ``schedule`` open loop; one record per request (times relative to the run start)."""
+    import aiohttp
+
+    headers = {"content-type": "application/json", **({"x-api-key": api_key} if api_key else {})}
+    payloads = [json.dumps(r.body()).encode() for r in schedule]  # serialised before the clock starts
+    timeout = aiohttp.ClientTimeout(total=max(deadlines_ms.values()) / 1000.0 * 20 + 5)
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
+        loop = asyncio.get_running_loop()
+
+        async def one(request: ScheduledRequest, payload: bytes, target: float) -> dict:
+            sent = loop.time()  # when this request's task runs: the send starts now
+            record = {
+                "request_id": request.request_id,
+                "user_id": request.user_id,
+                "slo_class": request.slo_class,
+                "candidates": len(request.candidates),
+                "deadline_ms": deadlines_ms[request.slo_class],
+                "scheduled_ms": round((target - start) * 1000.0, 3),
+                "lag_ms": round((sent - target) * 1000.0, 3),
+            }
+            try:
+                async with session.post(f"{url}/rank", data=payload) as response:
+                    body = await response.json(content_type=None)
+                    record["status"] = response.status
+            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+                body, record["status"] = {"error": type(exc).__name__}, 0
+            record["latency_ms"] = round((loop.time() - target) * 1000.0, 3)
+            if record["status"] == 200:
+                for key in ("cache_hit", "replica", "queue_ms", "compute_ms", "degraded"):
+                    record[key] = body.get(key)
+            else:
+                record["reason"] = body.get("error", "") if isinstance(body, dict) else ""
+            record["good"] = record["status"] == 200 and record["latency_ms"] <= record["deadline_ms"]
+            return record
+
+        gc.collect()
+        start = loop.time() + 0.2
+        tasks = []
+        gc.disable()  # a collection in the middle of the run is a multi-ms pause of every send
+        try:
+            for request, payload in zip(schedule, payloads):
+                target = start + request.at_ms / 1000.0
+                delay = target - loop.time()
+                if delay > SPIN_S:
+                    await asyncio.sleep(delay - SPIN_S)
+                while loop.time() < target:  # the loop's timers wake up to 1 ms late (epoll's resolution)
+                    pass
+                tasks.append(asyncio.create_task(one(request, payload, target)))
+            return list(await asyncio.gather(*tasks))
+        finally:
+            gc.enable()
+
+
+def fire_apart(
+    url: str,
+    schedule: Sequence[ScheduledRequest],
+    deadlines_ms: dict[str, float],
+    api_key: str = "",
+    pin: bool = True,
+) -> tuple[list[dict], int | None]:
+    """``fire`` in a child process; with ``pin`` the child on a core of its own and this process
+    tree on the others (``generator_core(apart=True)``). Returns the records and the child's core
+    (None: not pinned)."""
+    with tempfile.TemporaryDirectory(prefix="ultrarank-load-") as tmp:
+        schedule_path, out_path = Path(tmp) / "schedule.jsonl", Path(tmp) / "records.jsonl"
+        write_schedule(schedule_path, schedule)
+        args = [
+            sys.executable,
+            "-m",
+            "pipelines.load_generator",
+            "--url",
+            url,
+            "--schedule",
+            str(schedule_path),
+            "--out",
+            str(out_path),
+            "--deadlines",
+            json.dumps(deadlines_ms),
+        ]
+        env = {**os.environ, API_KEY_ENV: api_key}
+        with generator_core(pin, apart=True) as core:
+            on_core = None if core is None else (lambda: os.sched_setaffinity(0, {core}))
+            done = subprocess.run(args, env=env, preexec_fn=on_core, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"the load generator failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+        with open(out_path) as f:
+            return [json.loads(line) for line in f if line.strip()], core
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.load_generator", description=__doc__.splitlines()[0])
+    parser.add_argument("--url", required=True, help="the service's base URL (POST {url}/rank)")
+    parser.add_argument("--schedule", required=True, help="a schedule JSONL (components/load_schedule.py)")
+    parser.add_argument("--out", required=True, help="where to write one JSON record per request")
+    parser.add_argument("--deadlines", default='{"tight": 50, "normal": 150, "loose": 500}', help="class -> ms")
+    args = parser.parse_args(argv)
+    try:
+        deadlines = {str(k): float(v) for k, v in json.loads(args.deadlines).items()}
+        schedule = read_schedule(args.schedule)
+    except (OSError, ValueError, AttributeError) as exc:
+        print(f"load_generator: {exc}", file=sys.stderr)
+        return 2
+    missing = sorted({r.slo_class for r in schedule} - set(deadlines))
+    if missing:
+        print(f"load_generator: no deadline for SLO class(es) {missing} in --deadlines", file=sys.stderr)
+        return 2
+    with generator_priority():
+        records = asyncio.run(fire(args.url, schedule, deadlines, os.environ.get(API_KEY_ENV, "")))
+    partial = Path(args.out + ".partial")
+    with open(partial, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    partial.replace(args.out)  # all records or none
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
