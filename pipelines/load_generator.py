@@ -5,11 +5,10 @@
 
 ``fire`` sends a schedule open loop (every request at its scheduled time whether or not
 earlier ones were answered) and records per request its status, latency from the scheduled
-time and the generator's own lag. ``fire_apart`` runs it in a child process on a core of its
-own, the caller's process tree (an embedded Ray: GCS, raylet, Serve's proxy and replicas) on
-the other cores: a generator inside the Ray driver shares its core with the driver's threads,
-and a generator that wakes late measures itself. This module imports no Ray and no torch (a
-child starts in well under a second).
+time and the generator's own lag. ``fire_apart`` runs it in a child process, away from the Ray
+driver's threads; with ``pin`` (``loadtest.pin_generator``) the child gets a core of its own and
+the caller's process tree (an embedded Ray: GCS, raylet, Serve's proxy and replicas) the other
+cores. This module imports no Ray and no torch (a child starts in well under a second).
 """
 
 from __future__ import annotations
@@ -65,8 +64,8 @@ def _set_affinity(pid: int, cores: set[int]) -> set[int] | None:
 
 @contextlib.contextmanager
 def generator_core(enabled: bool = True, apart: bool = False):
-    """Give the generator (this process) a core of its own, and this process's descendants (an
-    embedded Ray: GCS, raylet, Serve's proxy and replicas) the others, for the ``with`` block.
+    """Give the generator a core of its own, and this process's descendants (an embedded Ray:
+    GCS, raylet, Serve's proxy and replicas) the others, for the ``with`` block.
 
     On a small machine the generator shares the cores with what it measures, and a generator
     that wakes late measures itself (lag). Yields the generator's core, or None where there is
@@ -75,7 +74,8 @@ def generator_core(enabled: bool = True, apart: bool = False):
     restored on exit; processes started meanwhile inherit the pinned set. ``enabled=False``
     (``loadtest.pin_generator``) pins nothing and yields None. ``apart=True``: the generator is a
     process the caller starts inside the block on the yielded core (``fire_apart``), and this
-    process goes with its descendants to the other cores.
+    process goes with its descendants to the other cores; otherwise the generator is this
+    process.
     """
     if not enabled or not hasattr(os, "sched_getaffinity") or not os.path.isdir("/proc/self/task"):
         yield None
