@@ -145,3 +145,22 @@ def test_a_batch_of_requests_scores_in_one_call_exactly_as_each_alone(small_lake
     for request, cands in zip(requests, (items[:9], items[3:4], items[5:10])):
         want, _ = alone.score_now(request.user_id, cands, 1.9e9)
         np.testing.assert_allclose(request.payload.scores, want, rtol=0, atol=1e-5)
+
+
+def test_the_cache_key_holds_the_request_time_quantised_to_its_window(small_lake, bundle_dir):
+    """Requests in one serve.request_ts_granularity_s window share a user state; the next window
+    (the gap features and the history cut move with the time) is a miss, scored afresh."""
+    bundle = load_bundle(bundle_dir)
+    store = SequenceStore.load(small_lake)
+    core = RankerCore(bundle, store, ServeConfig(profile_batches=6, request_ts_granularity_s=60))
+    user = int(store.user_ids[np.argmax(np.diff(store.offsets))])
+    items = bundle.items["item_id"].to_pylist()[:4]
+    start = 60 * 31_666_667  # a window's first second
+    keys = [core.make_request(f"k{dt}", user, items, 1e12, 0.0, start + dt).payload.key for dt in (0, 59, 60, -1)]
+    assert keys[0] == keys[1] and len({keys[0], keys[2], keys[3]}) == 3
+    assert [k.request_ts for k in keys] == [start, start, start + 60, start - 60]
+    hits = [core.score_now(user, items, start + dt)[1] for dt in (0, 59, 60, 119)]
+    assert hits == [False, True, False, True]
+    later, _ = core.score_now(user, items, start + 60)
+    fresh, _ = RankerCore(bundle, store, ServeConfig(profile_batches=6, cache=False)).score_now(user, items, start + 60)
+    np.testing.assert_allclose(later, fresh, rtol=0, atol=1e-5)
