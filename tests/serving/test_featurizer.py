@@ -164,3 +164,45 @@ def test_the_cache_key_holds_the_request_time_quantised_to_its_window(small_lake
     later, _ = core.score_now(user, items, start + 60)
     fresh, _ = RankerCore(bundle, store, ServeConfig(profile_batches=6, cache=False)).score_now(user, items, start + 60)
     np.testing.assert_allclose(later, fresh, rtol=0, atol=1e-5)
+
+
+def test_an_moe_bundle_is_served_in_eval_mode_as_evaluation_scores_it(small_lake, bundle_dir, tmp_path):
+    """RankMixer-MoE routes with a different router in training and in inference, so a replica
+    whose model were left in training mode would score differently from evaluation: the served
+    scores must equal the eval-mode forward, and differ from the train-mode one."""
+    from components.bundle import write_bundle
+    from components.config_loader import from_dict, to_dict
+    from models.variants import ModelConfig, build_model
+
+    base = load_bundle(bundle_dir)
+    config = from_dict(ModelConfig, {**base.manifest.model, "variant": "rankmixer_moe"}, "model")
+    torch.manual_seed(0)
+    model = build_model(config)
+    manifest = base.manifest
+    write_bundle(
+        str(tmp_path / "moe"),
+        model,
+        variant="rankmixer_moe",
+        model_config=to_dict(config),
+        max_seq_len=manifest.max_seq_len,
+        tags_per_item=manifest.tags_per_item,
+        items=base.items,
+        users=base.users,
+        lake=manifest.lake,
+        checkpoint=manifest.checkpoint,
+    )
+    bundle = load_bundle(str(tmp_path / "moe"))
+    assert not any(m.training for m in bundle.model.modules())
+    store = SequenceStore.load(small_lake)
+    core = RankerCore(bundle, store, ServeConfig(profile_batches=6))
+    user = int(store.user_ids[np.argmax(np.diff(store.offsets))])
+    items = bundle.items["item_id"].to_pylist()[:12]
+    served, _ = core.score_now(user, items, 1.9e9)
+    ts = core.quantise_ts(1.9e9)
+    fz = core.featurizer.featurize(user, np.array(items), ts, core.featurizer.history(store, user, ts))
+    with torch.inference_mode():
+        evaluated = torch.sigmoid(model.eval()(fz.batch).logits[0]).numpy()
+        in_training = torch.sigmoid(model.train()(fz.batch).logits[0]).numpy()
+    model.eval()
+    np.testing.assert_allclose(served, evaluated, rtol=0, atol=1e-5)
+    assert np.abs(in_training - evaluated).max() > 1e-4  # the two routers differ: the check can fail
