@@ -43,6 +43,9 @@ class GroupBatch:
     labels: torch.Tensor | None = None  # (B, N, n_tasks) float32, tasks = ("engage", "like")
 
     TASKS = ("engage", "like")
+    # Fields by axis: per candidate slot (B, N, ...), and the left-padded sequence (B, L).
+    CANDIDATE_FIELDS = ("cand_item", "cand_genres", "cand_year", "cand_tags", "cand_mask", "labels")
+    SEQUENCE_FIELDS = ("seq_item", "seq_action", "seq_gap")
 
     @property
     def batch_size(self) -> int:
@@ -60,10 +63,13 @@ class GroupBatch:
 
     def candidate_slice(self, index: torch.Tensor) -> GroupBatch:
         """Keep candidate slots ``index`` (1-D LongTensor) of every group, same order."""
-        cand = {"cand_item", "cand_genres", "cand_year", "cand_tags", "cand_mask", "labels"}
         return replace(
             self,
-            **{name: getattr(self, name).index_select(1, index) for name in cand if getattr(self, name) is not None},
+            **{
+                name: getattr(self, name).index_select(1, index)
+                for name in self.CANDIDATE_FIELDS
+                if getattr(self, name) is not None
+            },
         )
 
     @staticmethod
@@ -90,9 +96,9 @@ class GroupBatch:
             parts = [getattr(b, f.name) for b in batches]
             if parts[0] is None:
                 out[f.name] = None
-            elif f.name in ("seq_item", "seq_action", "seq_gap"):
+            elif f.name in GroupBatch.SEQUENCE_FIELDS:
                 out[f.name] = torch.cat([left(p) for p in parts])
-            elif f.name.startswith("cand_") or f.name == "labels":
+            elif f.name in GroupBatch.CANDIDATE_FIELDS:
                 out[f.name] = torch.cat([right(p) for p in parts])
             else:
                 out[f.name] = torch.cat(parts)
@@ -104,13 +110,12 @@ class GroupBatch:
         Row ``b * N + n`` holds group b's user side and its candidate n.
         """
         n = self.num_candidates
-        user = {"user_id", "user_dense", "seq_item", "seq_action", "seq_gap", "seq_len"}
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None:
                 out[f.name] = None
-            elif f.name in user:
+            elif f.name not in self.CANDIDATE_FIELDS:  # the user side, repeated per candidate
                 out[f.name] = value.repeat_interleave(n, dim=0)
             else:
                 out[f.name] = value.reshape(self.batch_size * n, 1, *value.shape[2:])
