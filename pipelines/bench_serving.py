@@ -18,7 +18,10 @@ real service (serving/app.py on Ray Serve, one app at a time), open loop (pipeli
 5. ``serve_overhead_p50_ms``: Serve end to end at a light load minus the same requests scored
    in process; ``serve_floor_p50_ms``/``_p99_ms``: the same schedule against Serve's floor
    (serving/floor.py: the same proxy, route and body, constant scores, nothing behind the
-   ingress), and ``serve_overhead_over_floor_p50_ms`` = our overhead minus that floor;
+   ranker), and ``serve_overhead_over_floor_p50_ms`` = our overhead minus that floor;
+   ``serve_forwarding_hop_p50_ms``: in the same light run every second request goes without the
+   routing header and is forwarded replica to replica, so this is the hop that the header saves
+   (end to end minus compute, p50, forwarded half minus routed half);
    ``generator_lag_p99_ms``: the worst lag p99 of the generator over all runs (a
    run above 2 ms is marked invalid in ``runs``).
 6. W8A16: bundle bytes and in-process p50/p99 latency, quantised vs float, and the test-split
@@ -214,7 +217,7 @@ class Service:
 
         cfg = self.config.serve
         serve.delete("ultrarank")
-        serve.run(floor_application(cfg.ingress_max_ongoing_requests), name="ultrarank", route_prefix=cfg.route_prefix)
+        serve.run(floor_application(cfg.ranker_max_ongoing_requests), name="ultrarank", route_prefix=cfg.route_prefix)
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -231,7 +234,7 @@ class Service:
                 raise RuntimeError("the service did not become ready in 120 s")
             time.sleep(0.5)
 
-    def fire(self, rate: float, seed: int, duration_s: float) -> tuple[dict, list[dict]]:
+    def fire(self, rate: float, seed: int, duration_s: float, unrouted_every: int = 0) -> tuple[dict, list[dict]]:
         from pipelines.load_generator import fire_apart
         from pipelines.loadtest import summarize_run
 
@@ -239,7 +242,8 @@ class Service:
         users, items = users_and_items(self.config)
         schedule = make_schedule(cfg, users, items)
         started = time.perf_counter()
-        records, core = fire_apart(self.url, schedule, dict(self.config.serve.slo_classes), pin=cfg.pin_generator)
+        deadlines = dict(self.config.serve.slo_classes)
+        records, core = fire_apart(self.url, schedule, deadlines, pin=cfg.pin_generator, unrouted_every=unrouted_every)
         wall = time.perf_counter() - started
         run = summarize_run(records, duration_s)
         run["generator_core"] = core
@@ -332,13 +336,25 @@ def serve_runs(preset: str, base: list[str], plan: Plan, in_proc: dict) -> dict:
     # At least LIGHT_REQUESTS requests each, so that a p99 means something.
     light_rate = max(capacity * 0.1, 1.0)
     light_s = max(plan.duration_s / 2, LIGHT_REQUESTS / light_rate)
-    light, records = svc.fire(light_rate, seed=7, duration_s=light_s)
-    served = [r for r in records if r["status"] == 200]
+    # Every second request goes without the routing header: the replica Serve's proxy picks then
+    # forwards it to its user's replica, the hop the header saves, measured in the same run.
+    light, records = svc.fire(light_rate, seed=7, duration_s=light_s, unrouted_every=2)
+    served = [r for r in records if r["status"] == 200 and r["routed"]]
+    forwarded = [r for r in records if r["status"] == 200 and not r["routed"]]
+
+    def outside_model(rs: list[dict]) -> float:  # per request: end to end minus in-replica compute
+        return float(np.median([r["latency_ms"] - r["compute_ms"] for r in rs])) if rs else float("nan")
+
     out["light"] = {
         "e2e_p50_ms": float(np.median([r["latency_ms"] for r in served])),
         "compute_p50_ms": float(np.median([r["compute_ms"] for r in served])),
         "rate_per_s": light_rate,
         "valid": light["valid"],
+        "requests": len(served),
+        # The forwarded half: one more actor hop (replica -> replica), the rest the same.
+        "forwarded_requests": len(forwarded),
+        "outside_model_p50_ms": outside_model(served),
+        "forwarded_outside_model_p50_ms": outside_model(forwarded),
     }
     svc.deploy_floor()
     floor, records = svc.fire(light_rate, seed=7, duration_s=light_s)
@@ -384,6 +400,10 @@ def headline(result: dict) -> dict:
         "serve_floor_p50_ms": floor.get("e2e_p50_ms", float("nan")),
         "serve_floor_p99_ms": floor.get("e2e_p99_ms", float("nan")),
         "serve_overhead_over_floor_p50_ms": overhead - floor.get("e2e_p50_ms", float("nan")),
+        # What a request without the routing header pays for its forwarding hop (p50 of end to end
+        # minus compute, forwarded half minus routed half of the same light run).
+        "serve_forwarding_hop_p50_ms": light.get("forwarded_outside_model_p50_ms", float("nan"))
+        - light.get("outside_model_p50_ms", float("nan")),
         "generator_lag_p99_ms": float(max(lags)),
         "invalid_runs": sum(not r["valid"] for per_load in runs.values() for rs in per_load.values() for r in rs),
     }
@@ -531,5 +551,6 @@ def main(argv: list[str] | None = None) -> int:
     save()
     keys = ("goodput_ratio_vs_stock", "attainment_tight", "cache_hit_p50_ratio", "predictor_mape")
     shown = (*keys, "serve_overhead_p50_ms", "serve_floor_p50_ms", "serve_overhead_over_floor_p50_ms")
+    shown = (*shown, "serve_forwarding_hop_p50_ms")
     print(json.dumps({k: result[k] for k in (*shown, "generator_lag_p99_ms")}, indent=2))
     return 0

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from components.load_schedule import ScheduledRequest, read_schedule, write_schedule
+from serving.api import routing_headers
 
 SPIN_S = 0.001  # the generator sleeps until this long before a send, then spins to the time
 API_KEY_ENV = "ULTRARANK_LOADTEST_API_KEY"  # the key reaches the child by environment, never argv
@@ -103,19 +104,33 @@ def generator_core(enabled: bool = True, apart: bool = False):
 
 
 async def fire(
-    url: str, schedule: Sequence[ScheduledRequest], deadlines_ms: dict[str, float], api_key: str = ""
+    url: str,
+    schedule: Sequence[ScheduledRequest],
+    deadlines_ms: dict[str, float],
+    api_key: str = "",
+    unrouted_every: int = 0,
 ) -> list[dict]:
-    """Send ``schedule`` open loop; one record per request (times relative to the run start)."""
+    """Send ``schedule`` open loop; one record per request (times relative to the run start).
+
+    Every request carries its user in the routing header, as the API asks of clients, so Serve's
+    proxy routes it to the replica that holds the user's state; with ``unrouted_every`` k > 0,
+    every k-th request goes without it (``routed`` false in its record), to measure in the same
+    run what the hop of a forwarded request costs."""
     import aiohttp
 
     headers = {"content-type": "application/json", **({"x-api-key": api_key} if api_key else {})}
-    payloads = [json.dumps(r.body()).encode() for r in schedule]  # serialised before the clock starts
+    # Serialised before the clock starts.
+    unrouted = [unrouted_every > 0 and (i + 1) % unrouted_every == 0 for i in range(len(schedule))]
+    payloads = [
+        (json.dumps(r.body()).encode(), {} if skip else routing_headers(r.user_id))
+        for r, skip in zip(schedule, unrouted)
+    ]
     timeout = aiohttp.ClientTimeout(total=max(deadlines_ms.values()) / 1000.0 * 20 + 5)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
         loop = asyncio.get_running_loop()
 
-        async def one(request: ScheduledRequest, payload: bytes, target: float) -> dict:
+        async def one(request: ScheduledRequest, payload: tuple[bytes, dict], target: float) -> dict:
             sent = loop.time()  # when this request's task runs: the send starts now
             record = {
                 "request_id": request.request_id,
@@ -125,9 +140,10 @@ async def fire(
                 "deadline_ms": deadlines_ms[request.slo_class],
                 "scheduled_ms": round((target - start) * 1000.0, 3),
                 "lag_ms": round((sent - target) * 1000.0, 3),
+                "routed": bool(payload[1]),
             }
             try:
-                async with session.post(f"{url}/rank", data=payload) as response:
+                async with session.post(f"{url}/rank", data=payload[0], headers=payload[1]) as response:
                     body = await response.json(content_type=None)
                     record["status"] = response.status
             except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
@@ -165,6 +181,7 @@ def fire_apart(
     deadlines_ms: dict[str, float],
     api_key: str = "",
     pin: bool = True,
+    unrouted_every: int = 0,
 ) -> tuple[list[dict], int | None]:
     """``fire`` in a child process; with ``pin`` the child on a core of its own and this process
     tree on the others (``generator_core(apart=True)``). Returns the records and the child's core
@@ -184,6 +201,8 @@ def fire_apart(
             str(out_path),
             "--deadlines",
             json.dumps(deadlines_ms),
+            "--unrouted-every",
+            str(unrouted_every),
         ]
         env = {**os.environ, API_KEY_ENV: api_key}
         with generator_core(pin, apart=True) as core:
@@ -201,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schedule", required=True, help="a schedule JSONL (components/load_schedule.py)")
     parser.add_argument("--out", required=True, help="where to write one JSON record per request")
     parser.add_argument("--deadlines", default='{"tight": 50, "normal": 150, "loose": 500}', help="class -> ms")
+    parser.add_argument(
+        "--unrouted-every", type=int, default=0, help="send every k-th request without the routing header (0: none)"
+    )
     args = parser.parse_args(argv)
     try:
         deadlines = {str(k): float(v) for k, v in json.loads(args.deadlines).items()}
@@ -208,12 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, AttributeError) as exc:
         print(f"load_generator: {exc}", file=sys.stderr)
         return 2
+    if args.unrouted_every < 0:
+        print(f"load_generator: --unrouted-every must be >= 0, got {args.unrouted_every}", file=sys.stderr)
+        return 2
     missing = sorted({r.slo_class for r in schedule} - set(deadlines))
     if missing:
         print(f"load_generator: no deadline for SLO class(es) {missing} in --deadlines", file=sys.stderr)
         return 2
     with generator_priority():
-        records = asyncio.run(fire(args.url, schedule, deadlines, os.environ.get(API_KEY_ENV, "")))
+        key = os.environ.get(API_KEY_ENV, "")
+        records = asyncio.run(fire(args.url, schedule, deadlines, key, args.unrouted_every))
     partial = Path(args.out + ".partial")
     with open(partial, "w") as f:
         for record in records:

@@ -3,8 +3,8 @@
     python -m pipelines.serve --config PRESET [--serve.bundle=PATH] [--serve.num_replicas=2 ...]
     serve run serving.app:build config=PRESET [bundle=PATH] [serve.num_replicas=2 ...]
 
-Deploys serving/app.py (ingress + ranker replicas + metrics) on the configured Ray (embedded
-by default) with the bundle of the run the config names (python -m pipelines.export), prints
+Deploys serving/app.py (ranker replicas answering HTTP, routed by user; metrics) on the
+configured Ray (embedded by default) with the bundle of the run the config names (python -m pipelines.export), prints
 the endpoints and a curl example with a real user and items of the bundle, and serves until
 Ctrl-C, then shuts Serve down (in-flight requests drain first). Exit 0 on a clean stop,
 1 when the bundle or lake is missing or bad, 2 on a config error.
@@ -27,6 +27,7 @@ from pipelines.config import PipelineConfig
 from pipelines.export import bundle_path
 from pipelines.ray_runtime import ray_runtime
 from serving import proxy_limits
+from serving.api import routing_header
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ def _main(config: PipelineConfig, args: argparse.Namespace) -> int:
         url = start(config)
         example = example_request(config)
         print(f"serving {bundle_of(config)} at {url} (ready in {time.perf_counter() - started:.1f} s)")
-        print(f"  curl -s {url}/rank -H 'content-type: application/json' -d '{json.dumps(example)}'")
+        route = f"-H '{routing_header()}: {example['user_id']}'"  # the proxy routes by user on it
+        print(f"  curl -s {url}/rank -H 'content-type: application/json' {route} -d '{json.dumps(example)}'")
         print(f"  curl -s {url}/readyz   |  {url}/metrics   |  {url}/docs")
         print("Ctrl-C stops it.", flush=True)
         try:

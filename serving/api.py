@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from typing import Annotated, Any
 
@@ -20,6 +21,24 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+# The routing key of POST /rank: the user id, in the header Serve's proxy reads as the session id
+# (``RAY_SERVE_SESSION_ID_HEADER_KEY``, default ``x-session-id``). The proxy routes on it without
+# reading the body, straight to the replica holding the user's state (serving/router.py); a
+# request without it is still served, one hop later.
+SESSION_HEADER_ENV = "RAY_SERVE_SESSION_ID_HEADER_KEY"
+
+
+def routing_header() -> str:
+    """The routing header's name, as Serve's proxy reads it (lower case)."""
+    return os.environ.get(SESSION_HEADER_ENV, "x-session-id").lower()
+
+
+def routing_headers(user_id: int) -> dict[str, str]:
+    """The header a client sends with a request for ``user_id`` so the proxy routes it by user."""
+    return {routing_header(): str(user_id)}
+
+
 Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 

@@ -1,10 +1,11 @@
-"""The ranking application: a FastAPI ingress in front of the ranker replicas.
+"""The ranking application: ranker replicas that answer HTTP themselves, and a metrics hub.
 
     python -m pipelines.serve --config demo          # on an embedded Ray
     serve run serving.app:build config=demo          # the same application under the Serve CLI
 
-The routes and the ingress are in serving/ingress.py; this module binds the deployments
-(ingress -> ranker replicas, metrics hub) and reads a preset for ``build``.
+The routes are in serving/ingress.py, the replica's model and scheduling loop in
+serving/ranker.py; this module binds the deployments (Serve's proxy -> ranker replicas, routed
+by user; metrics hub) and reads a preset for ``build``.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from components.config_loader import ConfigError, from_dict, merge, parse_overri
 from components.lake import LakeConfig, lake_root
 from models.variants import ModelConfig
 from serving.config import ServeConfig
-from serving.ingress import Ingress
+from serving.ingress import RankingService
 from serving.metrics import MetricsHub
-from serving.ranker import DRAIN_CHECK_S, ranker_deployment
+from serving.ranker import DRAIN_CHECK_S, ranker_options
 
 
 def application(config: ServeConfig, bundle: str, lake_root: str, storage_options: dict[str, str]):
-    """The bound application (ingress -> ranker replicas, metrics hub)."""
+    """The bound application (ranker replicas as the ingress, metrics hub)."""
     hub = serve.deployment(
         name="Metrics",
         num_replicas=1,
@@ -36,20 +37,14 @@ def application(config: ServeConfig, bundle: str, lake_root: str, storage_option
         logging_config={"enable_access_log": config.access_log},
     )(MetricsHub)
     metrics = hub.bind()
-    ranker = ranker_deployment(config).bind(bundle, lake_root, storage_options, to_dict(config), metrics)
-    ingress = Ingress.options(
-        max_ongoing_requests=config.ingress_max_ongoing_requests,
-        max_queued_requests=config.max_queued_requests,
-        graceful_shutdown_wait_loop_s=DRAIN_CHECK_S,
-        logging_config={"enable_access_log": config.access_log},
-    )
-    return ingress.bind(ranker, metrics, to_dict(config), api_key_of(config))
+    ranker = serve.deployment(**ranker_options(config))(RankingService)
+    return ranker.bind(bundle, lake_root, storage_options, to_dict(config), metrics, api_key_of(config))
 
 
 def api_key_of(config: ServeConfig) -> str:
     """The key /rank requires, read by the deploying process from the variable the config names.
 
-    It reaches the ingress replicas as an init argument (Serve keeps those in its controller):
+    It reaches the ranker replicas as an init argument (Serve keeps those in its controller):
     use a key meant for this service only."""
     if not config.api_key_env:
         return ""

@@ -39,16 +39,21 @@ class ServeConfig:
     max_candidates: int = 1000
     slo_classes: dict[str, float] = field(default_factory=_default_classes)  # name -> deadline ms
     default_slo_class: str = "normal"
-    # Ray Serve admission, set deliberately: the ingress forwards at most max_ongoing_requests per
-    # replica; the ranker takes more than its scheduler queue would hold, so requests wait in the
-    # scheduler's slack-ordered queue (not in Serve's FIFO), which answers 429 beyond its bound.
-    ingress_max_ongoing_requests: int = 256
+    # Ray Serve admission, set deliberately: a ranker replica takes more requests than its
+    # scheduler queue would hold, so requests wait in the scheduler's slack-ordered queue (not in
+    # Serve's FIFO), which answers 429 beyond its bound.
     ranker_max_ongoing_requests: int = 512
     max_queued_requests: int = 1024  # Serve's own queue in front of a replica (-1 unbounded: never)
     # The user-side cache of each replica.
     cache: bool = True
     cache_bytes: int = 256 << 20
     cache_ttl_s: float = 600.0
+    # Pre-warm: while a replica is idle it computes the user state of users seen lately (at most
+    # prewarm_users, within the cache TTL) for the current time window, and for the next one from
+    # prewarm_lead_s before it starts, or after a new sequences version, so a returning user
+    # hits. 0 = off. One user at a time: a request arriving meanwhile waits for at most one encode.
+    prewarm_users: int = 4096
+    prewarm_lead_s: float = 10.0
     # Request time is quantised to this many seconds: a cached user state is exact for every
     # request in the same window (the gap features and the history cut depend on the time).
     request_ts_granularity_s: int = 60
@@ -87,6 +92,11 @@ class ServeConfig:
             )
         if self.request_ts_granularity_s < 1 or self.cache_ttl_s <= 0 or self.cache_bytes < 0:
             raise ConfigError("serve.request_ts_granularity_s >= 1, serve.cache_ttl_s > 0, serve.cache_bytes >= 0")
+        if self.prewarm_users < 0 or not 0 <= self.prewarm_lead_s < self.request_ts_granularity_s:
+            raise ConfigError(
+                f"serve.prewarm_users must be >= 0 and 0 <= serve.prewarm_lead_s < serve.request_ts_granularity_s, "
+                f"got {self.prewarm_users}, {self.prewarm_lead_s}"
+            )
         if self.bounded_load < 1.0:
             raise ConfigError(f"serve.bounded_load must be >= 1, got {self.bounded_load}")
         if self.ranker_max_ongoing_requests < self.scheduler.max_queue:

@@ -1,5 +1,6 @@
-"""Service metrics: ranker replicas report snapshots to one small deployment; /metrics renders
-them with the ingress's own HTTP counters as Prometheus text (no dashboard agent needed)."""
+"""Service metrics: ranker replicas report snapshots (their HTTP counters included) to one small
+deployment; /metrics, answered by any replica, renders them as Prometheus text (no dashboard
+agent needed), with the answering replica's own snapshot fresh and the others' at most ~1 s old."""
 
 from __future__ import annotations
 
@@ -22,13 +23,23 @@ class MetricsHub:
 
 
 class HttpCounters:
-    """The ingress's counters: responses by status and reason (unknown ids are counted by replicas)."""
+    """A replica's HTTP counters: responses by status and reason, and the requests it forwarded
+    because their routing key did not name their user (serving/ingress.py)."""
 
     def __init__(self) -> None:
         self.responses: Counter[tuple[int, str]] = Counter()
+        self.forwarded = 0
 
     def count(self, status: int, reason: str = "") -> None:
         self.responses[(status, reason)] += 1
+
+    def total(self) -> int:
+        return sum(self.responses.values()) + self.forwarded
+
+    def as_dict(self) -> dict[str, Any]:
+        """For a snapshot: ``responses`` as [status, reason, count] rows, ``forwarded``."""
+        rows = [[status, reason, n] for (status, reason), n in sorted(self.responses.items())]
+        return {"responses": rows, "forwarded": self.forwarded}
 
 
 def _line(name: str, value: float, **labels: Any) -> str:
@@ -36,11 +47,16 @@ def _line(name: str, value: float, **labels: Any) -> str:
     return f"{name}{{{inner}}} {value}" if inner else f"{name} {value}"
 
 
-def render(http: HttpCounters, snapshots: dict[str, dict[str, Any]]) -> str:
-    """Prometheus text exposition format (version 0.0.4)."""
+def render(snapshots: dict[str, dict[str, Any]]) -> str:
+    """Prometheus text exposition format (version 0.0.4), one series per replica."""
     lines = ["# TYPE ultrarank_http_responses_total counter"]
-    for (status, reason), n in sorted(http.responses.items()):
-        lines.append(_line("ultrarank_http_responses_total", n, status=status, reason=reason or "ok"))
+    for replica, snap in sorted(snapshots.items()):
+        for status, reason, n in snap.get("http", {}).get("responses", []):
+            labels = {"replica": replica, "status": status, "reason": reason or "ok"}
+            lines.append(_line("ultrarank_http_responses_total", n, **labels))
+    lines.append("# TYPE ultrarank_forwarded_total counter")
+    for replica, snap in sorted(snapshots.items()):
+        lines.append(_line("ultrarank_forwarded_total", snap.get("http", {}).get("forwarded", 0), replica=replica))
     gauges = {
         "ultrarank_cache_hits_total": ("cache", "hits"),
         "ultrarank_cache_misses_total": ("cache", "misses"),
@@ -56,6 +72,7 @@ def render(http: HttpCounters, snapshots: dict[str, dict[str, Any]]) -> str:
         "ultrarank_rare_items_total": ("core", "rare_items"),
         "ultrarank_batches_total": ("core", "batches"),
         "ultrarank_compute_ms_total": ("core", "compute_ms"),
+        "ultrarank_prewarmed_total": ("core", "prewarmed"),
         "ultrarank_scheduler_degraded_total": ("scheduler", "degraded"),
         "ultrarank_scheduler_chunks_total": ("scheduler", "chunks"),
         "ultrarank_scheduler_cancelled_total": ("scheduler", "cancelled"),

@@ -67,6 +67,7 @@ class RankerReplica:
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="ranker-compute")
         self._io = ThreadPoolExecutor(1, thread_name_prefix="ranker-io")
         self._wake: asyncio.Event | None = None
+        self._batches_running, self._last_batch = 0, 0.0
         self._tasks: list[asyncio.Task] = []
         self.loop_error: BaseException | None = None
 
@@ -99,7 +100,12 @@ class RankerReplica:
         pending = [self._pending(request) for request in requests]
         items = tuple(BatchItem(p, 0, p.candidates) for p in pending)
         batch = Batch(items, batch_shape(items), 0.0)
-        await asyncio.get_running_loop().run_in_executor(self._compute, self.core.run_batch, batch)
+        self._batches_running += 1
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._compute, self.core.run_batch, batch)
+        finally:
+            self._batches_running -= 1
+        self._last_batch = time.monotonic()
         for p in pending:
             p.served = p.target
         return [self._response(p) for p in pending]
@@ -150,7 +156,7 @@ class RankerReplica:
     def _start(self) -> None:
         if self._wake is None:
             self._wake = asyncio.Event()
-            loops = (self._serve_batches(), self._watch_sequences(), self._report_metrics())
+            loops = (self._serve_batches(), self._watch_sequences(), self._report_metrics(), self._prewarm())
             self._tasks = [asyncio.create_task(loop) for loop in loops]
 
     async def _serve_batches(self) -> None:
@@ -166,7 +172,12 @@ class RankerReplica:
                     _resolve(request.payload, (verdict.status, verdict.reason))
                 if batch is None:
                     continue
-                took = await loop.run_in_executor(self._compute, self.core.run_batch, batch)
+                self._batches_running += 1
+                try:
+                    took = await loop.run_in_executor(self._compute, self.core.run_batch, batch)
+                finally:
+                    self._batches_running -= 1
+                self._last_batch = time.monotonic()
                 for request in scheduler.complete(batch, took, time.monotonic() * 1000.0):
                     _resolve(request.payload, (200, ""))
         except BaseException as exc:  # noqa: BLE001 - surfaces through check_health
@@ -190,17 +201,41 @@ class RankerReplica:
             except Exception:  # noqa: BLE001 - keep serving the version we have
                 logger.exception("sequences reload failed; still serving v%d", self.core.store.version)
 
+    async def _prewarm(self) -> None:
+        """While the replica is idle (no queue, no batch, none for ``PREWARM_IDLE_S``), compute one
+        recently seen user's state at a time on the compute thread (``RankerCore.prewarm``)."""
+        loop = asyncio.get_running_loop()
+        if not self.config.prewarm_users or not self.config.cache:
+            return
+        while True:
+            await asyncio.sleep(PREWARM_IDLE_S)
+            idle = time.monotonic() - self._last_batch >= PREWARM_IDLE_S
+            if self.core.scheduler.queue or self._batches_running or not idle:
+                continue
+            try:
+                job = self.core.prewarm_next(time.time())
+                if job is not None:
+                    await loop.run_in_executor(self._compute, self.core.prewarm, *job)
+            except Exception:  # noqa: BLE001 - a failed pre-warm is a later miss, never an outage
+                logger.exception("pre-warm failed; pausing it for a minute")
+                await asyncio.sleep(60.0)
+
     async def _report_metrics(self) -> None:
         """Push a snapshot to the metrics hub every second while anything changed."""
         last = None
         while self.metrics is not None:
-            stats = self.core.scheduler.stats
-            queue = len(self.core.scheduler.queue)
-            mark = (stats.submitted, stats.batches, stats.completed, stats.cancelled, queue, self.core.store.version)
+            mark = self._activity()
             if mark != last:
                 self.metrics.report.remote(self.replica, self.snapshot())
                 last = mark
             await asyncio.sleep(1.0)
+
+    def _activity(self) -> tuple:
+        """Changes whenever a snapshot would (what ``_report_metrics`` watches)."""
+        stats = self.core.scheduler.stats
+        queue = len(self.core.scheduler.queue)
+        version, prewarmed = self.core.store.version, self.core.stats.prewarmed
+        return (stats.submitted, stats.batches, stats.completed, stats.cancelled, queue, version, prewarmed)
 
     # ---------------------------------------------------------------- health and stats
     def check_health(self) -> None:
@@ -234,6 +269,10 @@ def _resolve(work: Work, outcome: tuple[int, str]) -> None:
         work.future.set_result(outcome)
 
 
+# Pre-warm waits for this much idle time after the last batch and between users: a request
+# arriving while it runs waits for at most one user's encode.
+PREWARM_IDLE_S = 0.05
+
 # How often a stopping replica looks whether its requests have drained. Serve's default, 2 s, is
 # slept before the first look, so every idle replica took >= 2 s to stop and a redeploy or
 # shutdown of the app's three deployments (stopped one after another) >= 6 s; the look is a
@@ -241,8 +280,9 @@ def _resolve(work: Work, outcome: tuple[int, str]) -> None:
 DRAIN_CHECK_S = 0.2
 
 
-def ranker_deployment(config: ServeConfig):
-    """``RankerReplica`` as a Serve deployment with the config's replicas, CPUs, admission and routing."""
+def ranker_options(config: ServeConfig) -> dict[str, Any]:
+    """Serve deployment options of the ranker replicas: the config's replicas, CPUs, admission and
+    routing (serving/app.py deploys ``serving.ingress.RankingService`` with them)."""
     from ray.serve.config import RequestRouterConfig
 
     options: dict[str, Any] = {
@@ -261,4 +301,4 @@ def ranker_deployment(config: ServeConfig):
             request_router_class="serving.router:UserAffinityRouter",
             request_router_kwargs={"bounded_load": config.bounded_load},
         )
-    return serve.deployment(**options)(RankerReplica)
+    return options

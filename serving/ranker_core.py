@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,8 @@ class CoreStats:
     rare_items: int = 0
     batches: int = 0
     compute_ms: float = 0.0
+    prewarmed: int = 0  # user states computed off the request path (``prewarm``)
+    prewarm_ms: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)  # requests per batch -> count
 
 
@@ -82,6 +85,9 @@ class RankerCore:
         # The cache is priced from the event loop (make_request) and filled from the compute
         # thread (run_batch): one lock around it.
         self._cache_lock = threading.Lock()
+        # Users seen lately, oldest first (monotonic time of their last request): who pre-warm
+        # serves, newest first.
+        self._recent: OrderedDict[int, float] = OrderedDict()
 
     # ---------------------------------------------------------------- requests
     def quantise_ts(self, request_ts: float) -> int:
@@ -101,6 +107,7 @@ class RankerCore:
         with self._cache_lock:
             cached = self.cache.contains(key, time.monotonic())
         self.stats.requests += 1
+        self._note_user(user_id)
         return Pending(request_id, user_id, len(cand), len(history), cached, now_ms, deadline_ms, payload=work)
 
     # ---------------------------------------------------------------- compute
@@ -170,6 +177,56 @@ class RankerCore:
         self.run_batch(batch)
         return request.payload.scores, bool(request.payload.cache_hit)
 
+    # ---------------------------------------------------------------- pre-warm
+    def _note_user(self, user_id: int) -> None:
+        if not self.config.prewarm_users:
+            return
+        self._recent[user_id] = time.monotonic()
+        self._recent.move_to_end(user_id)
+        while len(self._recent) > self.config.prewarm_users:
+            self._recent.popitem(last=False)
+
+    def prewarm_next(self, now_ts: float) -> tuple[int, int] | None:
+        """The next (user, quantised request time) whose user state pre-warm should compute: a
+        user seen within the cache's TTL, newest first, without a cached state for the current
+        time window, or for the next one when it starts within ``serve.prewarm_lead_s``. None
+        when every recent user is warm (or the cache is off)."""
+        if not self.config.cache or not self._recent:
+            return None
+        now = time.monotonic()
+        windows = [self.quantise_ts(now_ts)]
+        ahead = self.quantise_ts(now_ts + self.config.prewarm_lead_s)
+        if ahead != windows[0]:
+            windows.append(ahead)
+        model, version = self.bundle.model_version, self.store.version
+        with self._cache_lock:
+            for user, seen in reversed(self._recent.items()):
+                if now - seen > self.config.cache_ttl_s:
+                    break  # older ones are older still
+                for ts in windows:
+                    if not self.cache.contains(CacheKey(user, model, version, ts), now):
+                        return user, ts
+        return None
+
+    @torch.inference_mode()
+    def prewarm(self, user_id: int, request_ts: int) -> bool:
+        """Compute and cache ``user_id``'s state for the window of ``request_ts`` exactly as a miss
+        would (same key, same history cut); False if it is already there."""
+        started = time.perf_counter()
+        ts = self.quantise_ts(request_ts)
+        store = self.store
+        key = CacheKey(user_id, self.bundle.model_version, store.version, ts)
+        if self._cached(key) is not None:
+            return False
+        history = self.featurizer.history(store, user_id, ts)
+        # One candidate: the user side reads no candidate field (a hit serves any candidates).
+        one = self.featurizer.items["item_ids"][:1]
+        featurized = self.featurizer.featurize(user_id, one, ts, history)
+        self._store(key, self.bundle.model.encode_user(featurized.batch))
+        self.stats.prewarmed += 1
+        self.stats.prewarm_ms += (time.perf_counter() - started) * 1000.0
+        return True
+
     # ---------------------------------------------------------------- store and profile
     def swap_store(self, store: SequenceStore) -> int:
         """Serve a new ``sequences`` version from now on; drops the cache entries of the old one."""
@@ -210,6 +267,7 @@ class RankerCore:
                 shapes.append(shape)
                 times.append(max(took, 1e-3))
         self.cache.clear()
+        self._recent.clear()  # the sweep's users are not traffic
         self.profile_samples = (shapes, times)  # what the model was fitted on (benches score others with it)
         self.latency = LatencyModel.fit(shapes, times)
         self.scheduler.model = self.latency

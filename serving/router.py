@@ -1,7 +1,16 @@
 """User-affinity routing: a user's requests reach the replica that holds its cached user side.
 
 A Ray Serve ``RequestRouter`` (alpha API; SERVING.md: not model multiplexing, which splits
-batches per id). Replicas are ranked for a user by rendezvous hashing (highest random weight
+batches per id). It routes two kinds of call to the ranker replicas:
+
+- an HTTP request, in Serve's proxy: the proxy never reads the body, so the user comes from the
+  routing header (``X-Session-Id: <user_id>``, serving/api.py ``routing_header``), which the
+  proxy puts in the request's metadata as Serve's session id. A request without it, or with a
+  key that is not an integer, is routed by load; the replica then sees that the key does not
+  name the body's user and forwards the request (below);
+- a forwarded ``rank.remote(request_dict)``: the user is the dict's ``user_id``, whatever the
+  header said, so a forged key costs one hop, never a wrong replica or a 5xx.
+ Replicas are ranked for a user by rendezvous hashing (highest random weight
 of ``(user_id, replica id)``): every router instance (one per ingress replica) agrees without
 talking, and adding or removing a replica moves only ~1/n of the users. Bounded load: a
 replica holding more than ``bounded_load`` x the mean ongoing requests (+1) is moved to the
@@ -34,13 +43,28 @@ def rank_replicas(user_id: int, replicas: list[str], loads: dict[str, int], boun
 
 
 def user_of(pending: PendingRequest | None) -> int | None:
-    """The user id of a ranker call ``rank.remote(request_dict)``; None for anything else."""
-    if pending is None or not pending.args:
+    """The user a call is routed by: a forwarded ``rank.remote(request_dict)``'s ``user_id``, else
+    the routing key of an HTTP request (Serve's session id, from the routing header); None when
+    neither names an integer user."""
+    if pending is None:
         return None
-    first: Any = pending.args[0]
-    if isinstance(first, dict) and isinstance(first.get("user_id"), int):
-        return first["user_id"]
-    return None
+    first: Any = pending.args[0] if pending.args else None
+    if isinstance(first, dict):
+        user = first.get("user_id")
+        return user if isinstance(user, int) else None
+    return routing_user(getattr(pending.metadata, "session_id", ""))
+
+
+def routing_user(key: str | None) -> int | None:
+    """The user id a routing key names: a decimal int64, else None (missing or malformed keys
+    fall back to routing by load, then forwarding by the body's user)."""
+    if not key or len(key) > 20:
+        return None
+    try:
+        user = int(key, 10)
+    except ValueError:
+        return None
+    return user if -(2**63) <= user < 2**63 and str(user) == key else None
 
 
 class UserAffinityRouter(RequestRouter):

@@ -25,7 +25,12 @@ def _result() -> dict:
                 "slo": {"0.8x": [_run(8.0, 0.98), _run(8.0, 1.0)], "1.2x": [_run(12.0), _run(10.0, lag=2.5)]},
                 "stock": {"0.8x": [_run(8.0)], "1.2x": [_run(4.0)]},
             },
-            "light": {"e2e_p50_ms": 30.0, "compute_p50_ms": 22.5},
+            "light": {
+                "e2e_p50_ms": 30.0,
+                "compute_p50_ms": 22.5,
+                "outside_model_p50_ms": 8.0,
+                "forwarded_outside_model_p50_ms": 12.5,
+            },
             "floor": {"e2e_p50_ms": 4.0, "e2e_p99_ms": 9.0},
             "capacity_per_s": 10.0,
         },
@@ -39,6 +44,7 @@ def test_headline_keys_are_computed_from_the_runs():
     assert out["serve_overhead_p50_ms"] == pytest.approx(7.5)
     assert (out["serve_floor_p50_ms"], out["serve_floor_p99_ms"]) == (4.0, 9.0)
     assert out["serve_overhead_over_floor_p50_ms"] == pytest.approx(3.5)
+    assert out["serve_forwarding_hop_p50_ms"] == pytest.approx(4.5)
     assert out["generator_lag_p99_ms"] == 2.5 and out["invalid_runs"] == 1
     assert (out["cache_hit_p50_ratio"], out["predictor_mape"]) == (0.4, 0.12)
 

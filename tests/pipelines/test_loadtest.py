@@ -96,12 +96,14 @@ def test_the_generator_apart_fires_a_schedule_from_its_own_process_and_core():
     from pipelines.load_generator import fire_apart
 
     seen: list[tuple[dict, set[int] | None, str]] = []
+    routes: dict[int, str | None] = {}  # user -> the routing header it came with
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 - http.server's name
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
             affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
             seen.append((body, affinity, self.headers.get("x-api-key", "")))
+            routes[body["user_id"]] = self.headers.get("x-session-id")
             data = json.dumps({"cache_hit": False, "replica": "r", "queue_ms": 0, "compute_ms": 1}).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
@@ -116,14 +118,16 @@ def test_the_generator_apart_fires_a_schedule_from_its_own_process_and_core():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         schedule = [ScheduledRequest(20.0 * i, f"r{i}", 7 + i, (1, 2, 3), "tight") for i in range(5)]
-        records, core = fire_apart(
-            f"http://127.0.0.1:{server.server_port}", schedule, {"tight": 50.0}, api_key="k1", pin=True
-        )
+        url = f"http://127.0.0.1:{server.server_port}"
+        records, core = fire_apart(url, schedule, {"tight": 50.0}, api_key="k1", pin=True, unrouted_every=2)
     finally:
         server.shutdown()
     assert [r["request_id"] for r in records] == [f"r{i}" for i in range(5)]
     assert all(r["status"] == 200 and r["lag_ms"] >= 0 for r in records)
     assert sorted(b["user_id"] for b, _, _ in seen) == [7, 8, 9, 10, 11] and {k for _, _, k in seen} == {"k1"}
+    # The user in the routing header, except every second request (the bench's forwarded half).
+    assert routes == {7: "7", 8: None, 9: "9", 10: None, 11: "11"}
+    assert [r["routed"] for r in records] == [True, False, True, False, True]
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if len(cores) >= 2:  # the server ran in this process: on the service's cores, not the generator's
         assert core == cores[-1] and all(a == set(cores[:-1]) for _, a, _ in seen)
@@ -138,4 +142,5 @@ def test_the_generator_refuses_a_schedule_with_a_class_it_has_no_deadline_for(tm
     write_schedule(tmp_path / "s.jsonl", [ScheduledRequest(0.0, "r0", 1, (1,), "tight")])
     argv = ["--url", "http://127.0.0.1:9", "--schedule", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "o")]
     assert main([*argv, "--deadlines", '{"loose": 500}']) == 2
+    assert main([*argv, "--unrouted-every", "-1"]) == 2
     assert not (tmp_path / "o").exists()

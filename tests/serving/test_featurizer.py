@@ -206,3 +206,37 @@ def test_an_moe_bundle_is_served_in_eval_mode_as_evaluation_scores_it(small_lake
     model.eval()
     np.testing.assert_allclose(served, evaluated, rtol=0, atol=1e-5)
     assert np.abs(in_training - evaluated).max() > 1e-4  # the two routers differ: the check can fail
+
+
+def test_prewarm_caches_recent_users_for_this_and_the_next_window_exactly_as_a_miss(small_lake, bundle_dir):
+    """Pre-warm computes, off the request path, the state a returning user's request would miss:
+    its scores then equal a cache-less replica's; it follows a new sequences version."""
+    bundle = load_bundle(bundle_dir)
+    store = SequenceStore.load(small_lake)
+    config = ServeConfig(profile_batches=6, request_ts_granularity_s=60, prewarm_lead_s=10.0, prewarm_users=2)
+    core = RankerCore(bundle, store, config)
+    assert core.prewarm_next(1.9e9) is None  # the profiling sweep's users are not traffic
+    order = np.argsort(np.diff(store.offsets))
+    users = [int(store.user_ids[order[-1]]), int(store.user_ids[order[-2]]), int(store.user_ids[order[0]])]
+    items = bundle.items["item_id"].to_pylist()[:5]
+    start = 60 * 31_666_667
+    for user in users:  # three users seen; the bound keeps the two newest
+        core.score_now(user, items, start + 5)
+    assert core.prewarm_next(start + 5) is None  # all warm for this window, the next is 55 s off
+    # 10 s before the next window: the newest user first, for the next window.
+    assert core.prewarm_next(start + 50) == (users[2], start + 60)
+    assert core.prewarm(users[2], start + 60) and not core.prewarm(users[2], start + 60)
+    assert core.prewarm_next(start + 50) == (users[1], start + 60)
+    assert core.prewarm(users[1], start + 60) and core.prewarm_next(start + 50) is None  # users[0] fell out
+    assert core.stats.prewarmed == 2
+    scores, hit = core.score_now(users[1], items, start + 61)
+    fresh = RankerCore(bundle, store, dataclasses.replace(config, cache=False))
+    want, _ = fresh.score_now(users[1], items, start + 61)
+    assert hit and np.allclose(scores, want, rtol=0, atol=1e-5)
+    # A new sequences version drops the states: the recent users are warmed again, for it.
+    core.swap_store(dataclasses.replace(store, version=store.version + 1))
+    assert core.prewarm_next(start + 61) == (users[1], start + 60)
+    # Off: nothing is remembered, nothing proposed.
+    off = RankerCore(bundle, store, dataclasses.replace(config, prewarm_users=0))
+    off.score_now(users[0], items, start)
+    assert off.prewarm_next(start + 50) is None

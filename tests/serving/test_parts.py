@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from serving.api import MAX_JSON_DEPTH, RequestError, json_depth, parse_request
-from serving.router import rank_replicas, rendezvous_weight
+from serving.router import rank_replicas, rendezvous_weight, routing_user, user_of
 from serving.sequence_store import SequenceStore
 from serving.user_cache import CacheKey, UserSideCache
 
@@ -131,6 +131,39 @@ def test_bounded_load_spills_a_hot_replica_to_the_back():
     assert rank_replicas(42, ["a", "b", "c"], {order[0]: 2}, 1.5) == order  # mean 2/3: cap 2, stays
 
 
+def _pending(args: list, session_id: str = ""):
+    from ray.serve._private.common import RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    metadata = RequestMetadata(request_id="r", internal_request_id="i", session_id=session_id)
+    return PendingRequest(args=args, kwargs={}, metadata=metadata, future=None)
+
+
+def test_the_router_reads_the_forwarded_body_first_then_the_proxys_routing_key():
+    # An HTTP request in the proxy: the body is an opaque serialized argument, the key is the
+    # header the proxy put in the metadata as Serve's session id.
+    assert user_of(_pending([b"opaque"], session_id="42")) == 42
+    assert user_of(_pending([b"opaque"], session_id="-7")) == -7
+    # A forwarded call routes by the dict's user even when the header it came with was forged.
+    assert user_of(_pending([{"user_id": 5, "candidates": [1]}], session_id="42")) == 5
+    assert user_of(_pending([{"user_id": "5"}], session_id="42")) is None
+    # No key, or one that is not a canonical int64: routed by load (then forwarded by the body).
+    for key in ("", "abc", "4.2", " 42", "042", "+42", str(2**63), "1" * 30, "٤٢"):
+        assert routing_user(key) is None, key
+        assert user_of(_pending([b"opaque"], session_id=key)) is None, key
+    assert user_of(_pending([])) is None and user_of(None) is None
+    assert routing_user(str(-(2**63))) == -(2**63)
+
+
+def test_the_routing_header_is_the_one_serves_proxy_reads(monkeypatch):
+    from serving.api import SESSION_HEADER_ENV, routing_header, routing_headers
+
+    monkeypatch.delenv(SESSION_HEADER_ENV, raising=False)
+    assert routing_headers(12) == {"x-session-id": "12"}
+    monkeypatch.setenv(SESSION_HEADER_ENV, "X-User-Id")
+    assert routing_header() == "x-user-id"
+
+
 # ---------------------------------------------------------------- sequence store
 def test_history_is_the_last_events_before_the_request_time():
     table = pa.table(
@@ -182,11 +215,3 @@ def test_the_proxy_body_ceiling_is_read_from_the_environment_and_checked(monkeyp
     config = load_config(PipelineConfig, "demo", ["--serve.max_body_bytes=2000000"])
     with pytest.raises(ConfigError, match="max_body_bytes=2000000 exceeds the proxy's body ceiling"):
         start(config)  # refused before anything is deployed
-
-
-def test_the_ingress_imports_no_model_code():
-    """Every ingress replica imports serving/ingress.py: torch and the models there cost each one
-    ~4.5 s of CPU at start, and the ingress never runs a model."""
-    from tests.import_probe import heavy_imports
-
-    assert heavy_imports("serving.ingress", {"torch", "torchrec", "models"}) == []

@@ -12,6 +12,7 @@ import pytest
 
 from components.config_loader import load_config
 from pipelines.config import PipelineConfig
+from serving.api import routing_header, routing_headers
 from serving.floor import floor_response
 from serving.sequence_store import SequenceStore
 from tests.serving.live_service import REQUEST_TS, deployed, metric_sum
@@ -48,10 +49,12 @@ def items(bundle_dir) -> list[int]:
     return load_bundle(bundle_dir).items["item_id"].to_pylist()
 
 
-def rank(client: httpx.Client, **body) -> httpx.Response:
+def rank(client: httpx.Client, headers: dict | None = None, **body) -> httpx.Response:
+    """POST /rank as the API asks of clients: the user in the routing header too (``headers``
+    replace it)."""
     body.setdefault("request_ts", REQUEST_TS)
     body.setdefault("slo_class", "loose")
-    return client.post("/rank", json=body)
+    return client.post("/rank", json=body, headers=routing_headers(body["user_id"]) if headers is None else headers)
 
 
 def test_rank_returns_scores_equal_to_the_model_and_a_hit_equals_the_miss(
@@ -82,6 +85,9 @@ def test_rank_returns_scores_equal_to_the_model_and_a_hit_equals_the_miss(
 
 
 def test_a_users_requests_reach_one_replica_and_users_spread_over_both(service, users, items):
+    """By the routing header, in Serve's proxy: no request is forwarded between replicas."""
+    time.sleep(2.5)  # every replica's counters reach the hub (pushed each second)
+    forwarded = metric_sum(service.get("/metrics").text, "ultrarank_forwarded_total")
     seen: dict[int, set[str]] = {}
     for user in users[:16]:
         for k in range(2):
@@ -90,6 +96,34 @@ def test_a_users_requests_reach_one_replica_and_users_spread_over_both(service, 
             seen.setdefault(user, set()).add(response.json()["replica"])
     assert all(len(replicas) == 1 for replicas in seen.values()), seen
     assert len(set().union(*seen.values())) == 2
+    time.sleep(2.5)
+    assert metric_sum(service.get("/metrics").text, "ultrarank_forwarded_total") == forwarded
+
+
+def test_a_missing_or_forged_routing_key_is_forwarded_to_the_bodys_user_and_never_fails(service, users, items):
+    """The proxy routes by the header alone; the replica that gets a request whose key does not
+    name the body's user forwards it, so it is scored where the body's user is cached."""
+
+    def forwarded() -> float:
+        return metric_sum(service.get("/metrics").text, "ultrarank_forwarded_total")
+
+    # Two users the keyed route sends to different replicas: a forged key then points elsewhere.
+    home = {u: rank(service, user_id=u, candidates=items[:2]).json()["replica"] for u in users[:12]}
+    a = users[0]
+    b = next(u for u in users[:12] if home[u] != home[a])
+    before = forwarded()
+    header = routing_header()
+    for headers in ({}, {header: str(b)}, {header: "not-a-user"}, {header: "0" + str(a)}):
+        for _ in range(2):
+            response = rank(service, headers=headers, user_id=a, candidates=items[:2])
+            assert response.status_code == 200, (headers, response.text)
+            assert response.json()["replica"] == home[a], headers
+            assert response.json()["cache_hit"], headers  # the state the keyed requests cached
+    # The metrics of the other replica reach the hub within a second or so.
+    deadline = time.time() + 30
+    while forwarded() - before < 8 and time.time() < deadline:
+        time.sleep(0.5)
+    assert forwarded() - before == 8
 
 
 BAD_BODIES = [
@@ -149,7 +183,7 @@ def test_oversized_body_is_413_by_length_and_while_chunked(service, users, items
 
 
 def _serve_processes() -> list:
-    """The HTTP proxy's and the ingress replicas' processes (where a request body is read):
+    """The HTTP proxy's and the ranker replicas' processes (where a request body is read):
     workers of the Ray this test process started, by their process titles."""
     import psutil
 
@@ -159,7 +193,7 @@ def _serve_processes() -> list:
             title = " ".join(process.cmdline())
         except psutil.Error:
             continue
-        if title.startswith("ray::ProxyActor") or (title.startswith("ray::ServeReplica") and ":Ingress" in title):
+        if title.startswith("ray::ProxyActor") or (title.startswith("ray::ServeReplica") and ":Ranker" in title):
             found.append(process)
     return found
 
@@ -169,7 +203,7 @@ def test_a_100_mb_body_is_refused_without_the_server_holding_it(service, users, 
     import threading
 
     processes = _serve_processes()
-    assert processes, "no proxy or ingress process found"
+    assert processes, "no proxy or ranker process found"
     base = sum(p.memory_info().rss for p in processes)
     peak, done = [base], threading.Event()
 
@@ -199,7 +233,7 @@ def test_a_100_mb_body_is_refused_without_the_server_holding_it(service, users, 
         sampler.join()
     assert status == 413
     grew = max(peak) - base
-    assert grew < 32 << 20, f"the proxy and ingress grew by {grew >> 20} MiB for a 100 MB body"
+    assert grew < 32 << 20, f"the proxy and rankers grew by {grew >> 20} MiB for a 100 MB body"
     assert rank(service, user_id=users[1], candidates=items[:2]).status_code == 200
 
 
