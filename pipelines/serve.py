@@ -76,7 +76,8 @@ def start(config: PipelineConfig, *, blocking: bool = False) -> str:
             f"{proxy_limits.CEILING_ENV}={proxy_limits.ceiling()}; raise the latter before Ray starts"
         )
     bundle_dir = bundle_of(config)
-    served_bundle(config, w8a16=cfg.w8a16)  # fail here, with the bundle's own error, not in a replica
+    # Fail here, with the bundle's own error, not in a replica ("auto" needs only the fp32 weights).
+    served_bundle(config, w8a16=cfg.w8a16 is True)
     serve.start(
         proxy_location=cfg.proxy_location,
         http_options={"host": cfg.host, "port": cfg.port},

@@ -24,7 +24,10 @@ class ServeConfig:
     # ``bundle_cache``/<model_version> on each node, then loaded from there.
     bundle: str = ""
     bundle_cache: str = DEFAULT_CACHE_DIR
-    w8a16: bool = False  # serve the bundle's W8A16 weights
+    # Serve the bundle's W8A16 weights: true, false, or "auto" = the faster of fp32 and W8A16 on
+    # this CPU, timed at replica start on the same requests (serving/bundle_choice.py); fp32 when
+    # the bundle has no W8A16 weights.
+    w8a16: bool | Literal["auto"] = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
     # Where Serve runs HTTP proxies: on every node with a replica (Ray's default, what a load

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from ray import serve
 
-from components.bundle import load_bundle
 from components.config_loader import from_dict
 from components.slo_scheduler import Batch, BatchItem, Pending, batch_shape
+from serving.bundle_choice import load_served_bundle
 from serving.config import ServeConfig
 from serving.ranker_core import TASKS, RankerCore, Work
 from serving.sequence_store import SequenceStore, latest_version
@@ -38,11 +38,9 @@ class RankerReplica:
         self.config = from_dict(ServeConfig, config, "serve")
         torch.set_num_threads(self.config.torch_threads)
         self.lake_root, self.storage_options = lake_root, storage_options
-        # A bundle URI is fetched with the lake's options (replicas carry no store settings).
-        bundle = load_bundle(
-            bundle_path, w8a16=self.config.w8a16, storage_options=storage_options, cache_dir=self.config.bundle_cache
-        )
         store = SequenceStore.load(lake_root, storage_options)
+        # A bundle URI is fetched with the lake's options (replicas carry no store settings).
+        bundle, self.weights = load_served_bundle(bundle_path, store, self.config, storage_options)
         self.core = RankerCore(bundle, store, self.config)
         started = time.perf_counter()
         report = self.core.profile()
@@ -261,6 +259,7 @@ class RankerReplica:
             "latency_scale": core.latency.scale,
             "latency_live": core.latency.live.as_dict() if core.latency.live else {},
             "latency_refits": core.latency.refits,
+            "weights": self.weights.as_dict(),
         }
 
 

@@ -180,3 +180,34 @@ def test_vocabulary_rows_that_disagree_with_the_weights_are_named(bundle, tmp_pa
     open(os.path.join(target, MANIFEST), "w").write(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"items.parquet gives item_idx \d+ embedding row 1, the model's item map"):
         load_bundle(target)
+
+
+def test_serving_auto_serves_the_weights_measured_faster_and_fp32_without_w8a16(bundle, small_lake, trained, tmp_path):
+    """``serve.w8a16: auto`` (the default) decides by timing both models on this CPU; each verdict
+    of the timer is followed, and a bundle without W8A16 weights is served in fp32 untimed."""
+    from serving.bundle_choice import load_served_bundle, time_bundles
+    from serving.config import ServeConfig
+    from serving.sequence_store import SequenceStore
+
+    store = SequenceStore.load(small_lake)
+    auto = ServeConfig(profile_batches=6)
+    assert auto.w8a16 == "auto"
+    for float_ms, w8a16_ms in ((5.0, 3.0), (3.0, 5.0)):
+        served, choice = load_served_bundle(bundle, store, auto, timer=lambda *_, t=(float_ms, w8a16_ms): list(t))
+        assert served.quantized is choice.quantized is (w8a16_ms < float_ms)
+        assert (choice.policy, choice.float_ms, choice.w8a16_ms) == ("auto", float_ms, w8a16_ms)
+
+    def never(*_):
+        raise AssertionError("timed a bundle without W8A16 weights")
+
+    plain = str(tmp_path / "plain")
+    storage, checkpoint = trained
+    assert main(train_args(small_lake, storage, f"--export.checkpoint={checkpoint}", f"--export.output={plain}")) == 0
+    served, choice = load_served_bundle(plain, store, auto, timer=never)
+    assert not served.quantized and choice.float_ms is None
+    for setting in (True, False):
+        served, choice = load_served_bundle(bundle, store, ServeConfig(w8a16=setting), timer=never)
+        assert served.quantized is choice.quantized is setting
+    # The real timer: the same requests through both models, a median each.
+    times = time_bundles([load_bundle(bundle), load_bundle(bundle, w8a16=True)], store, auto)
+    assert len(times) == 2 and all(t > 0 for t in times)
