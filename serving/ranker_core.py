@@ -88,6 +88,7 @@ class RankerCore:
         # Users seen lately, oldest first (monotonic time of their last request): who pre-warm
         # serves, newest first.
         self._recent: OrderedDict[int, float] = OrderedDict()
+        self._state_bytes = 0  # the size of the last user state cached (what pre-warm needs room for)
 
     # ---------------------------------------------------------------- requests
     def quantise_ts(self, request_ts: float) -> int:
@@ -165,8 +166,9 @@ class RankerCore:
 
     def _store(self, key: CacheKey, state) -> None:
         if self.config.cache:
+            self._state_bytes = state.nbytes()
             with self._cache_lock:
-                self.cache.put(key, state, state.nbytes(), time.monotonic())
+                self.cache.put(key, state, self._state_bytes, time.monotonic())
 
     def score_now(self, user_id: int, candidates: list[int], request_ts: float) -> tuple[np.ndarray, bool]:
         """Score one request outside the scheduler (tests, warm-up): (scores (N, tasks), cache hit)."""
@@ -190,9 +192,12 @@ class RankerCore:
         """The next (user, quantised request time) whose user state pre-warm should compute: a
         user seen within the cache's TTL, newest first, without a cached state for the current
         time window, or for the next one when it starts within ``serve.prewarm_lead_s``. None
-        when every recent user is warm (or the cache is off)."""
+        when every recent user is warm, when the cache has no room for another state without
+        evicting one, or when the cache is off."""
         if not self.config.cache or not self._recent:
             return None
+        if self.cache.stats.bytes + self._state_bytes > self.cache.max_bytes:
+            return None  # pre-warm never evicts: at idle, evicting to warm would churn forever
         now = time.monotonic()
         windows = [self.quantise_ts(now_ts)]
         ahead = self.quantise_ts(now_ts + self.config.prewarm_lead_s)

@@ -236,6 +236,12 @@ def test_prewarm_caches_recent_users_for_this_and_the_next_window_exactly_as_a_m
     # A new sequences version drops the states: the recent users are warmed again, for it.
     core.swap_store(dataclasses.replace(store, version=store.version + 1))
     assert core.prewarm_next(start + 61) == (users[1], start + 60)
+    # Never at the cost of an eviction: with room for one state only, the next window waits.
+    small = RankerCore(bundle, store, config)
+    small.score_now(users[0], items, start + 5)
+    assert small.prewarm_next(start + 50) == (users[0], start + 60)
+    small.cache.max_bytes = int(1.5 * small.cache.stats.bytes)
+    assert small.prewarm_next(start + 50) is None
     # Off: nothing is remembered, nothing proposed.
     off = RankerCore(bundle, store, dataclasses.replace(config, prewarm_users=0))
     off.score_now(users[0], items, start)
