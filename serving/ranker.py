@@ -98,12 +98,7 @@ class RankerReplica:
         pending = [self._pending(request) for request in requests]
         items = tuple(BatchItem(p, 0, p.candidates) for p in pending)
         batch = Batch(items, batch_shape(items), 0.0)
-        self._batches_running += 1
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._compute, self.core.run_batch, batch)
-        finally:
-            self._batches_running -= 1
-        self._last_batch = time.monotonic()
+        await self._run_batch(batch)
         for p in pending:
             p.served = p.target
         return [self._response(p) for p in pending]
@@ -158,7 +153,6 @@ class RankerReplica:
             self._tasks = [asyncio.create_task(loop) for loop in loops]
 
     async def _serve_batches(self) -> None:
-        loop = asyncio.get_running_loop()
         scheduler = self.core.scheduler
         try:
             while True:
@@ -170,12 +164,7 @@ class RankerReplica:
                     _resolve(request.payload, (verdict.status, verdict.reason))
                 if batch is None:
                     continue
-                self._batches_running += 1
-                try:
-                    took = await loop.run_in_executor(self._compute, self.core.run_batch, batch)
-                finally:
-                    self._batches_running -= 1
-                self._last_batch = time.monotonic()
+                took = await self._run_batch(batch)
                 for request in scheduler.complete(batch, took, time.monotonic() * 1000.0):
                     _resolve(request.payload, (200, ""))
         except BaseException as exc:  # noqa: BLE001 - surfaces through check_health
@@ -198,6 +187,15 @@ class RankerReplica:
                     logger.info("sequences v%d loaded (%d cache entries dropped)", version, dropped)
             except Exception:  # noqa: BLE001 - keep serving the version we have
                 logger.exception("sequences reload failed; still serving v%d", self.core.store.version)
+
+    async def _run_batch(self, batch: Batch) -> float:
+        """``RankerCore.run_batch`` on the compute thread, marked busy for pre-warm meanwhile."""
+        self._batches_running += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._compute, self.core.run_batch, batch)
+        finally:
+            self._batches_running -= 1
+            self._last_batch = time.monotonic()
 
     async def _prewarm(self) -> None:
         """While the replica is idle (no queue, no batch, none for ``PREWARM_IDLE_S``), compute one

@@ -101,7 +101,7 @@ class RankerCore:
         """A scheduler entry for a validated request (``now_ms``/``deadline_ms`` on the monotonic clock)."""
         ts = self.quantise_ts(request_ts)
         store = self.store
-        key = CacheKey(user_id, self.bundle.model_version, store.version, ts)
+        key = self._key(store, user_id, ts)
         cand = np.asarray(candidates, dtype=np.int64)
         history = self.featurizer.history(store, user_id, ts)
         work = Work(cand, ts, key, history, np.zeros((len(cand), len(TASKS)), np.float32))
@@ -110,6 +110,10 @@ class RankerCore:
         self.stats.requests += 1
         self._note_user(user_id)
         return Pending(request_id, user_id, len(cand), len(history), cached, now_ms, deadline_ms, payload=work)
+
+    def _key(self, store: SequenceStore, user_id: int, ts: int) -> CacheKey:
+        """The cache key of ``user_id``'s state at quantised time ``ts`` read from ``store``."""
+        return CacheKey(user_id, self.bundle.model_version, store.version, ts)
 
     # ---------------------------------------------------------------- compute
     @torch.inference_mode()
@@ -203,13 +207,13 @@ class RankerCore:
         ahead = self.quantise_ts(now_ts + self.config.prewarm_lead_s)
         if ahead != windows[0]:
             windows.append(ahead)
-        model, version = self.bundle.model_version, self.store.version
+        store = self.store
         with self._cache_lock:
             for user, seen in reversed(self._recent.items()):
                 if now - seen > self.config.cache_ttl_s:
                     break  # older ones are older still
                 for ts in windows:
-                    if not self.cache.contains(CacheKey(user, model, version, ts), now):
+                    if not self.cache.contains(self._key(store, user, ts), now):
                         return user, ts
         return None
 
@@ -220,7 +224,7 @@ class RankerCore:
         started = time.perf_counter()
         ts = self.quantise_ts(request_ts)
         store = self.store
-        key = CacheKey(user_id, self.bundle.model_version, store.version, ts)
+        key = self._key(store, user_id, ts)
         if self._cached(key) is not None:
             return False
         history = self.featurizer.history(store, user_id, ts)

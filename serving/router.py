@@ -10,8 +10,9 @@ batches per id). It routes two kinds of call to the ranker replicas:
   name the body's user and forwards the request (below);
 - a forwarded ``rank.remote(request_dict)``: the user is the dict's ``user_id``, whatever the
   header said, so a forged key costs one hop, never a wrong replica or a 5xx.
- Replicas are ranked for a user by rendezvous hashing (highest random weight
-of ``(user_id, replica id)``): every router instance (one per ingress replica) agrees without
+
+Replicas are ranked for a user by rendezvous hashing (highest random weight of ``(user_id,
+replica id)``): every router instance (one per proxy and per ranker replica) agrees without
 talking, and adding or removing a replica moves only ~1/n of the users. Bounded load: a
 replica holding more than ``bounded_load`` x the mean ongoing requests (+1) is moved to the
 back, so a hot user or a slow replica spills over instead of queueing (Mirrokni et al.,
