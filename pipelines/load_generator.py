@@ -14,9 +14,7 @@ cores. This module imports no Ray and no torch (a child starts in well under a s
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import gc
 import json
 import os
 import subprocess
@@ -26,9 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from components.load_schedule import ScheduledRequest, read_schedule, write_schedule
+from pipelines.open_loop_sender import Outgoing, http_message, send_open_loop, split_url
 from serving.api import routing_headers
 
-SPIN_S = 0.001  # the generator sleeps until this long before a send, then spins to the time
 API_KEY_ENV = "ULTRARANK_LOADTEST_API_KEY"  # the key reaches the child by environment, never argv
 
 
@@ -103,7 +101,7 @@ def generator_core(enabled: bool = True, apart: bool = False):
                 _set_affinity(pid, cpus)
 
 
-async def fire(
+def fire(
     url: str,
     schedule: Sequence[ScheduledRequest],
     deadlines_ms: dict[str, float],
@@ -112,67 +110,55 @@ async def fire(
 ) -> list[dict]:
     """Send ``schedule`` open loop; one record per request (times relative to the run start).
 
-    Every request carries its user in the routing header, as the API asks of clients, so Serve's
-    proxy routes it to the replica that holds the user's state; with ``unrouted_every`` k > 0,
-    every k-th request goes without it (``routed`` false in its record), to measure in the same
-    run what the hop of a forwarded request costs."""
-    import aiohttp
-
-    headers = {"content-type": "application/json", **({"x-api-key": api_key} if api_key else {})}
-    # Serialised before the clock starts.
+    Sends are made by ``send_open_loop`` (plain sockets, no event loop between the clock and a
+    send). Every request carries its user in the routing header, as the API asks of clients, so
+    Serve's proxy routes it to the replica that holds the user's state; with ``unrouted_every``
+    k > 0, every k-th request goes without it (``routed`` false in its record), to measure in the
+    same run what the hop of a forwarded request costs."""
+    host, port = split_url(url)
+    headers = {"Content-Type": "application/json", **({"X-Api-Key": api_key} if api_key else {})}
     unrouted = [unrouted_every > 0 and (i + 1) % unrouted_every == 0 for i in range(len(schedule))]
-    payloads = [
-        (json.dumps(r.body()).encode(), {} if skip else routing_headers(r.user_id))
+    outgoing = [
+        Outgoing(
+            r.at_ms / 1000.0,
+            http_message(
+                f"{host}:{port}",
+                "/rank",
+                json.dumps(r.body()).encode(),
+                {**headers, **({} if skip else routing_headers(r.user_id))},
+            ),
+        )
         for r, skip in zip(schedule, unrouted)
     ]
-    timeout = aiohttp.ClientTimeout(total=max(deadlines_ms.values()) / 1000.0 * 20 + 5)
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
-        loop = asyncio.get_running_loop()
-
-        async def one(request: ScheduledRequest, payload: tuple[bytes, dict], target: float) -> dict:
-            sent = loop.time()  # when this request's task runs: the send starts now
-            record = {
-                "request_id": request.request_id,
-                "user_id": request.user_id,
-                "slo_class": request.slo_class,
-                "candidates": len(request.candidates),
-                "deadline_ms": deadlines_ms[request.slo_class],
-                "scheduled_ms": round((target - start) * 1000.0, 3),
-                "lag_ms": round((sent - target) * 1000.0, 3),
-                "routed": bool(payload[1]),
-            }
-            try:
-                async with session.post(f"{url}/rank", data=payload[0], headers=payload[1]) as response:
-                    body = await response.json(content_type=None)
-                    record["status"] = response.status
-            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
-                body, record["status"] = {"error": type(exc).__name__}, 0
-            record["latency_ms"] = round((loop.time() - target) * 1000.0, 3)
-            if record["status"] == 200:
-                for key in ("cache_hit", "replica", "queue_ms", "compute_ms", "degraded"):
-                    record[key] = body.get(key)
-            else:
-                record["reason"] = body.get("error", "") if isinstance(body, dict) else ""
-            record["good"] = record["status"] == 200 and record["latency_ms"] <= record["deadline_ms"]
-            return record
-
-        gc.collect()
-        start = loop.time() + 0.2
-        tasks = []
-        gc.disable()  # a collection in the middle of the run is a multi-ms pause of every send
+    answers = send_open_loop(url, outgoing, timeout_s=max(deadlines_ms.values()) / 1000.0 * 20 + 5)
+    records = []
+    for request, skip, answer in zip(schedule, unrouted, answers):
+        record = {
+            "request_id": request.request_id,
+            "user_id": request.user_id,
+            "slo_class": request.slo_class,
+            "candidates": len(request.candidates),
+            "deadline_ms": deadlines_ms[request.slo_class],
+            "scheduled_ms": round(request.at_ms, 3),
+            "lag_ms": round(answer.sent_s * 1000.0 - request.at_ms, 3),
+            "routed": not skip,
+            "status": answer.status,
+            "latency_ms": round(answer.done_s * 1000.0 - request.at_ms, 3),
+        }
         try:
-            for request, payload in zip(schedule, payloads):
-                target = start + request.at_ms / 1000.0
-                delay = target - loop.time()
-                if delay > SPIN_S:
-                    await asyncio.sleep(delay - SPIN_S)
-                while loop.time() < target:  # the loop's timers wake up to 1 ms late (epoll's resolution)
-                    pass
-                tasks.append(asyncio.create_task(one(request, payload, target)))
-            return list(await asyncio.gather(*tasks))
-        finally:
-            gc.enable()
+            body = json.loads(answer.body) if answer.body else {}
+        except ValueError:
+            body = {}
+        if not isinstance(body, dict):
+            body = {}
+        if answer.status == 200:
+            for key in ("cache_hit", "replica", "queue_ms", "compute_ms", "degraded"):
+                record[key] = body.get(key)
+        else:
+            record["reason"] = answer.error or str(body.get("error", ""))
+        record["good"] = record["status"] == 200 and record["latency_ms"] <= record["deadline_ms"]
+        records.append(record)
+    return records
 
 
 def fire_apart(
@@ -227,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         deadlines = {str(k): float(v) for k, v in json.loads(args.deadlines).items()}
         schedule = read_schedule(args.schedule)
+        split_url(args.url)
     except (OSError, ValueError, AttributeError) as exc:
         print(f"load_generator: {exc}", file=sys.stderr)
         return 2
@@ -239,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with generator_priority():
         key = os.environ.get(API_KEY_ENV, "")
-        records = asyncio.run(fire(args.url, schedule, deadlines, key, args.unrouted_every))
+        try:
+            records = fire(args.url, schedule, deadlines, key, args.unrouted_every)
+        except OSError as exc:  # nothing listens there: no records, no half-written file
+            print(f"load_generator: cannot reach {args.url}: {exc}", file=sys.stderr)
+            return 1
     partial = Path(args.out + ".partial")
     with open(partial, "w") as f:
         for record in records:

@@ -66,3 +66,46 @@ def test_runs_kept_from_before_the_floor_give_nan_floor_keys():
     del result["serve"]["floor"]
     out = headline(result)
     assert math.isnan(out["serve_floor_p50_ms"]) and math.isnan(out["serve_overhead_over_floor_p50_ms"])
+
+
+def _answered(scheduled_ms: float, latency_ms: float, status: int = 200) -> dict:
+    return {"scheduled_ms": scheduled_ms, "latency_ms": latency_ms, "status": status}
+
+
+def test_backlog_is_read_from_the_generators_clock_not_the_callers():
+    """Drain: from the schedule's end to the last answer (the generator's start-up is not in it);
+    unanswered requests (status 0) are not answers; served rate over the time to the last answer."""
+    from pipelines.bench_serving import backlog
+
+    kept_up = [_answered(100.0 * i, 40.0) for i in range(60)]  # 6 s at 10/s, answered in 40 ms
+    assert backlog(kept_up, 6.0) == {"drain_s": 0.0, "served_per_wall_s": 10.0}
+    behind = [_answered(100.0 * i, 40.0 + 20.0 * i) for i in range(60)]  # each answer 20 ms later
+    out = backlog(behind, 6.0)
+    assert out["drain_s"] == pytest.approx((5900.0 + 40.0 + 1180.0) / 1000.0 - 6.0)
+    assert out["served_per_wall_s"] == pytest.approx(60 / 7.12)
+    lost = [*kept_up[:-1], _answered(5900.0, 30000.0, status=0)]  # a time-out is no answer
+    assert backlog(lost, 6.0)["drain_s"] == 0.0
+    assert backlog(lost, 6.0)["served_per_wall_s"] == pytest.approx(59 / 6.0)
+    rejected = [*kept_up[:-1], _answered(5900.0, 900.0, status=503)]  # a late rejection is an answer
+    assert backlog(rejected, 6.0)["drain_s"] == pytest.approx(0.8)
+
+
+class _Saturating:
+    """A stand-in for the bench's ``Service`` (``fire`` only): it answers within 0.3 s below
+    ``capacity`` req/s and, above it, leaves a backlog that grows with the probe's length."""
+
+    def __init__(self, capacity: float) -> None:
+        self.capacity = capacity
+
+    def fire(self, rate: float, seed: int, duration_s: float) -> tuple[dict, list]:
+        excess = max(rate - self.capacity, 0.0) * duration_s  # requests left at the schedule's end
+        return {"drain_s": 0.3 + excess / self.capacity, "served_per_wall_s": min(rate, self.capacity)}, []
+
+
+@pytest.mark.parametrize("seconds", [6.0, 15.0])
+def test_the_capacity_probe_finds_the_same_capacity_in_short_and_long_probes(seconds):
+    from pipelines.bench_serving import probe_capacity
+
+    found = probe_capacity(_Saturating(20.0), guess=8.0, duration_s=seconds)
+    assert found["capacity_per_s"] == pytest.approx(20.0, rel=0.1)
+    assert [p["drain_s"] <= 0.5 for p in found["probes"]][:3] == [True, True, True]

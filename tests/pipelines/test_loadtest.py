@@ -144,3 +144,20 @@ def test_the_generator_refuses_a_schedule_with_a_class_it_has_no_deadline_for(tm
     assert main([*argv, "--deadlines", '{"loose": 500}']) == 2
     assert main([*argv, "--unrouted-every", "-1"]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_the_generator_says_when_nothing_listens_and_writes_no_records(tmp_path, capsys):
+    import socket
+
+    from components.load_schedule import ScheduledRequest, write_schedule
+    from pipelines.load_generator import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    write_schedule(tmp_path / "s.jsonl", [ScheduledRequest(0.0, "r0", 1, (1,), "tight")])
+    url = f"http://127.0.0.1:{port}"
+    assert main(["--url", url, "--schedule", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "o")]) == 1
+    assert f"cannot reach {url}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    assert main(["--url", "https://x", "--schedule", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "o")]) == 2
