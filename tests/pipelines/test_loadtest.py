@@ -161,3 +161,23 @@ def test_the_generator_says_when_nothing_listens_and_writes_no_records(tmp_path,
     assert f"cannot reach {url}" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
     assert main(["--url", "https://x", "--schedule", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "o")]) == 2
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setscheduler"), reason="no scheduling policies on this OS")
+def test_the_generator_takes_the_best_priority_it_may_and_gives_it_back():
+    """Real time where allowed, else a nice level, else nothing; restored on exit either way."""
+    import os
+
+    policy, nice = os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
+    from pipelines.load_generator import generator_priority
+
+    with generator_priority() as got:
+        assert got in ("fifo", "nice", "")
+        if got == "fifo":
+            assert os.sched_getscheduler(0) == os.SCHED_FIFO
+        elif got == "nice":
+            assert os.getpriority(os.PRIO_PROCESS, 0) == -10
+    assert (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)) == (policy, nice)
+    with generator_priority(realtime=False) as got:
+        assert got in ("nice", "") and os.sched_getscheduler(0) == policy
+    assert os.getpriority(os.PRIO_PROCESS, 0) == nice
