@@ -329,6 +329,7 @@ def serve_runs(preset: str, base: list[str], plan: Plan, in_proc: dict) -> dict:
     size, wait, _ = best
     out["stock_best"] = {"max_batch_size": size, "batch_wait_timeout_s": wait, "capacity_per_s": capacity}
     stock_sizes = stock_args(size, wait)[1:]
+    outcomes: dict[tuple[str, str, int], dict[str, dict]] = {}  # (policy, load, seed) -> request id -> record
     # 2) every policy on the same schedules at every load.
     for policy in plan.policies:
         overrides = POLICIES[policy] + (stock_sizes if policy.startswith("stock") else [])
@@ -337,6 +338,8 @@ def serve_runs(preset: str, base: list[str], plan: Plan, in_proc: dict) -> dict:
             for seed in range(plan.seeds):
                 run, records = svc.fire(load * capacity, seed=seed, duration_s=plan.duration_s)
                 out["runs"].setdefault(policy, {}).setdefault(f"{load:g}x", []).append(run)
+                if policy in ("slo", "edf"):
+                    outcomes[policy, f"{load:g}x", seed] = {r["request_id"]: r for r in records}
                 logger.info(
                     "%s at %.1fx (%.1f req/s) seed %d: goodput %.2f/s attainment %.3f lag p99 %.2f ms",
                     policy,
@@ -347,6 +350,7 @@ def serve_runs(preset: str, base: list[str], plan: Plan, in_proc: dict) -> dict:
                     run["attainment"],
                     run["lag_p99_ms"],
                 )
+    out["rejections_checked"] = check_rejections(outcomes)
     # 3) Serve's overhead: a light load through Serve vs the same requests in process; then
     #    the same schedule against Serve's floor (the HTTP path with constant scores behind it).
     svc.deploy(POLICIES["slo"])
@@ -392,6 +396,22 @@ def serve_runs(preset: str, base: list[str], plan: Plan, in_proc: dict) -> dict:
     return out
 
 
+def check_rejections(outcomes: dict[tuple[str, str, int], dict[str, dict]]) -> dict:
+    """Per load: how many requests ``slo`` rejected, and how many of those same requests (same
+    schedule, same seed) ``edf``, which rejects nothing, served within their deadline. The second
+    count is the scheduler's waste: requests it turned away that would have made it."""
+    checked: dict[str, dict] = {}
+    for (policy, load, seed), slo in sorted(outcomes.items()):
+        edf = outcomes.get(("edf", load, seed))
+        if policy != "slo" or edf is None:
+            continue
+        rejected = [k for k, r in slo.items() if r["status"] in (429, 503) and k in edf]
+        cell = checked.setdefault(load, {"rejected": 0, "edf_served_in_time": 0})
+        cell["rejected"] += len(rejected)
+        cell["edf_served_in_time"] += sum(bool(edf[k]["good"]) for k in rejected)
+    return checked
+
+
 def _mean(runs: list[dict], key: str) -> float:
     return float(np.mean([r[key] for r in runs]))
 
@@ -405,6 +425,7 @@ def headline(result: dict) -> dict:
     light = result["serve"]["light"]
     overhead = light["e2e_p50_ms"] - light["compute_p50_ms"]
     floor = result["serve"].get("floor", {})  # absent from runs kept from before the floor (--reuse-serve)
+    wrong = result["serve"].get("rejections_checked", {}).get("0.2x", {})
     return {
         "goodput_ratio_vs_stock": _mean(slo["1.2x"], "goodput_per_s")
         / max(_mean(stock["1.2x"], "goodput_per_s"), 1e-9),
@@ -421,6 +442,10 @@ def headline(result: dict) -> dict:
         # minus compute, forwarded half minus routed half of the same light run).
         "serve_forwarding_hop_p50_ms": light.get("forwarded_outside_model_p50_ms", float("nan"))
         - light.get("outside_model_p50_ms", float("nan")),
+        # Of slo's rejections at 0.2x, the share that edf served in time on the same schedule.
+        "slo_wrong_rejection_share_0.2x": wrong.get("edf_served_in_time", 0) / wrong["rejected"]
+        if wrong.get("rejected")
+        else float("nan"),
         "generator_lag_p99_ms": float(max(lags)),
         "invalid_runs": sum(not r["valid"] for per_load in runs.values() for rs in per_load.values() for r in rs),
     }

@@ -33,6 +33,7 @@ def _result() -> dict:
             },
             "floor": {"e2e_p50_ms": 4.0, "e2e_p99_ms": 9.0},
             "capacity_per_s": 10.0,
+            "rejections_checked": {"0.2x": {"rejected": 8, "edf_served_in_time": 2}},
         },
     }
 
@@ -47,6 +48,7 @@ def test_headline_keys_are_computed_from_the_runs():
     assert out["serve_forwarding_hop_p50_ms"] == pytest.approx(4.5)
     assert out["generator_lag_p99_ms"] == 2.5 and out["invalid_runs"] == 1
     assert (out["cache_hit_p50_ratio"], out["predictor_mape"]) == (0.4, 0.12)
+    assert out["slo_wrong_rejection_share_0.2x"] == pytest.approx(0.25)
 
 
 def test_plots_show_every_policy_against_load(tmp_path):
@@ -66,6 +68,30 @@ def test_runs_kept_from_before_the_floor_give_nan_floor_keys():
     del result["serve"]["floor"]
     out = headline(result)
     assert math.isnan(out["serve_floor_p50_ms"]) and math.isnan(out["serve_overhead_over_floor_p50_ms"])
+    del result["serve"]["rejections_checked"]
+    assert math.isnan(headline(result)["slo_wrong_rejection_share_0.2x"])
+
+
+def _outcome(status: int, good: bool) -> dict:
+    return {"status": status, "good": good}
+
+
+def test_slos_rejections_are_checked_against_edf_on_the_same_schedule():
+    """Per load, summed over seeds: slo's 429/503 answers, and how many of the same request
+    ids edf served in time; a load or seed edf did not run is not checked."""
+    from pipelines.bench_serving import check_rejections
+
+    slo = {"a": _outcome(503, False), "b": _outcome(429, False), "c": _outcome(200, True), "d": _outcome(503, False)}
+    edf = {"a": _outcome(200, True), "b": _outcome(200, False), "c": _outcome(200, True), "d": _outcome(0, False)}
+    outcomes = {
+        ("slo", "0.2x", 0): slo,
+        ("edf", "0.2x", 0): edf,
+        ("slo", "0.2x", 1): {"x": _outcome(503, False)},
+        ("edf", "0.2x", 1): {"x": _outcome(200, True)},
+        ("slo", "0.8x", 0): slo,  # no edf run at 0.8x
+        ("stock", "0.2x", 0): slo,
+    }
+    assert check_rejections(outcomes) == {"0.2x": {"rejected": 4, "edf_served_in_time": 2}}
 
 
 def _answered(scheduled_ms: float, latency_ms: float, status: int = 200) -> dict:
