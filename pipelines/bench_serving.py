@@ -250,7 +250,6 @@ class Service:
         run["generator_core"] = core
         run.update(backlog(records, duration_s))
         return run, records
-        return run, records
 
 
 def backlog(records: list[dict], duration_s: float) -> dict:

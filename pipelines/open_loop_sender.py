@@ -6,8 +6,8 @@ small machine: a send is a task that runs only after the loop has finished whate
 (response parsing, connection bookkeeping) became ready before it. Here the send is the loop's
 first duty: one thread, keep-alive connections opened before the clock starts, requests
 serialised to bytes in advance, and between sends only ``select`` and ``recv`` into a buffer;
-headers are read just far enough to know where a response ends, bodies are decoded after the
-run. Standard library only (the generator's process starts in well under a second).
+headers are read just far enough to know where a response ends, and JSON is parsed by the
+caller after the run. Standard library only (the generator's process starts in well under a second).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 SPIN_S = 0.002  # wake this long before a send, then spin: epoll's timeout rounds to whole ms
@@ -67,23 +68,43 @@ def split_url(url: str) -> tuple[str, int]:
     return parts.hostname, parts.port or 80
 
 
+class _Head(NamedTuple):
+    status: int
+    fields: dict[str, str]  # header names lower-cased
+    start: int  # where the body starts in the buffer
+    reusable: bool  # HTTP/1.1 without ``Connection: close``: the server keeps the connection
+
+
+def _head(buffer: bytearray) -> _Head | None:
+    """The response's head once ``buffer`` holds all of it, else None."""
+    head_end = buffer.find(b"\r\n\r\n")
+    if head_end < 0:
+        return None
+    lines = bytes(buffer[:head_end]).decode("latin-1").split("\r\n")
+    version, status = lines[0].split(" ", 2)[:2]
+    fields = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip()
+    reusable = version.upper() == "HTTP/1.1" and fields.get("connection", "").lower() != "close"
+    return _Head(int(status), fields, head_end + 4, reusable)
+
+
 def response_end(buffer: bytearray) -> tuple[int, int] | None:
     """(status, length of the complete response) if ``buffer`` holds one, else None. Knows
     Content-Length and chunked bodies; a response with neither ends when the server closes
     (the caller's EOF), which this reports as not yet complete."""
-    head_end = buffer.find(b"\r\n\r\n")
-    if head_end < 0:
-        return None
-    head = bytes(buffer[:head_end]).decode("latin-1").split("\r\n")
-    status = int(head[0].split(" ", 2)[1])
-    fields = {}
-    for line in head[1:]:
-        name, _, value = line.partition(":")
-        fields[name.strip().lower()] = value.strip()
-    start = head_end + 4
+    head = _head(buffer)
+    end = None if head is None else _end(buffer, head)
+    return None if end is None else (head.status, end)
+
+
+def _end(buffer: bytearray, head: _Head) -> int | None:
+    """Where the response whose head is ``head`` ends in ``buffer``; None: not all there."""
+    status, fields, start = head.status, head.fields, head.start
     if "content-length" in fields:
         end = start + int(fields["content-length"])
-        return (status, end) if len(buffer) >= end else None
+        return end if len(buffer) >= end else None
     if fields.get("transfer-encoding", "").lower() == "chunked":
         at = start
         while True:
@@ -94,19 +115,18 @@ def response_end(buffer: bytearray) -> tuple[int, int] | None:
             at = line_end + 2 + size + 2  # past the chunk and its CRLF
             if size == 0:  # the last chunk; trailers, if any, end with an empty line
                 end = buffer.find(b"\r\n\r\n", line_end)
-                return (status, end + 4) if end >= 0 else None
+                return end + 4 if end >= 0 else None
             if len(buffer) < at:
                 return None
     if status in (204, 304) or 100 <= status < 200:
-        return status, start
+        return start
     return None  # the body runs to the connection's close
 
 
-def _body(buffer: bytearray, length: int) -> bytes:
+def _body(buffer: bytearray, head: _Head, length: int) -> bytes:
     """The body of the complete response in ``buffer[:length]`` (chunked bodies joined)."""
-    raw = bytes(buffer[:length])
-    head, _, body = raw.partition(b"\r\n\r\n")
-    if b"transfer-encoding: chunked" not in head.lower():
+    body = bytes(buffer[head.start : length])
+    if head.fields.get("transfer-encoding", "").lower() != "chunked":
         return body
     out, at = bytearray(), 0
     while True:
@@ -196,28 +216,24 @@ def _read(conn: _Connection, answers, busy, idle, close, now_s: float) -> None:
             idle.remove(conn)
             close(conn)
             return
-        end = response_end(conn.buffer)
+        head = _head(conn.buffer)
+        end = None if head is None else _end(conn.buffer, head)
         if end is None:
             return
-        status, length = end
         answer = answers[conn.request]
-        answer.done_s, answer.status, answer.body = now_s, status, _body(conn.buffer, length)
+        answer.done_s, answer.status, answer.body = now_s, head.status, _body(conn.buffer, head, end)
         del busy[conn.request]
-        head = bytes(conn.buffer[: conn.buffer.find(b"\r\n\r\n")]).lower()
-        if head.startswith(b"http/1.0") or b"\r\nconnection: close" in head:
-            close(conn)  # the server closes it next: reusing it would race that close
+        if not head.reusable:  # the server closes it next: reusing it would race that close
+            close(conn)
             return
         conn.request, conn.buffer = -1, bytearray()
         idle.append(conn)
         return
     # The server closed: a response without a length ends here; anything else was cut short.
     if conn.request >= 0:
-        answer = answers[conn.request]
-        head_end = conn.buffer.find(b"\r\n\r\n")
-        if head_end >= 0:
-            answer.done_s = now_s
-            answer.status = int(bytes(conn.buffer[: conn.buffer.find(b"\r\n")]).split(b" ", 2)[1])
-            answer.body = bytes(conn.buffer[head_end + 4 :])
+        answer, head = answers[conn.request], _head(conn.buffer)
+        if head is not None:
+            answer.done_s, answer.status, answer.body = now_s, head.status, bytes(conn.buffer[head.start :])
         else:
             answer.error, answer.done_s = "ServerDisconnected", now_s
         del busy[conn.request]
