@@ -28,7 +28,10 @@ def user(small_lake) -> int:
 def test_a_full_queue_answers_429_with_retry_after_and_the_rest_are_served(strict, user):
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=str(strict.base_url), timeout=30.0) as client:
-            body = {"user_id": user, "candidates": list(range(1, 201)), "slo_class": "loose"}
+            # A deadline no machine misses: the queue bound, not early rejection, is under test.
+            # With the loose class's 500 ms, a suite-loaded machine's latency fit can predict
+            # every request late, and all 24 were answered 503 before one was queued.
+            body = {"user_id": user, "candidates": list(range(1, 201)), "slo_class": "loose", "deadline_ms": 60_000.0}
             return await asyncio.gather(
                 *(client.post("/rank", json={**body, "request_ts": REQUEST_TS + 60 * i}) for i in range(24))
             )
